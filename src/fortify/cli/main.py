@@ -1,0 +1,83 @@
+"""Entry point of the ``fortify`` command.
+
+Each subcommand is a module ``fortify.cli.cmd_<name>`` exposing ``NAME``, ``HELP``,
+``add_arguments(parser)`` and ``run(args) -> int``. Subcommands are imported lazily when invoked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+
+from fortify import __version__
+from fortify.errors import FortifyError
+
+# name -> module; listed here so --help works without importing torch-heavy modules.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("fortify.cli.cmd_demo", "train and evaluate a small model in minutes (the newcomer path)"),
+    "train": ("fortify.cli.cmd_train", "train a model from a config (standard, AT, TRADES, MART, +defences)"),
+    "eval": ("fortify.cli.cmd_eval", "evaluate a run, checkpoint or model with an attack suite"),
+    "report": ("fortify.cli.cmd_report", "put the evaluation tables of several runs side by side"),
+    "rift": ("fortify.cli.cmd_rift", "robust critical fine-tuning: mrc, finetune, interpolate, run"),
+    "import": ("fortify.cli.cmd_import", "import released checkpoints (fsr-release, rift-release)"),
+    "analyze": ("fortify.cli.cmd_analyze", "parameter/FLOP counts and feature analyses of a run"),
+    "replicate": ("fortify.cli.cmd_replicate", "CPU-scale replications of the papers' tables"),
+}
+
+
+def _available_commands() -> dict[str, tuple[str, str]]:
+    out = {}
+    for name, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            out[name] = (module, help_text)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fortify",
+        description="Make image classifiers robust to adversarial examples and measure it honestly.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fortify {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in _available_commands().items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=getattr(mod, "DESCRIPTION", help_text),
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        mod.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    mod = importlib.import_module(args._module)
+    try:
+        return int(mod.run(args) or 0)
+    except FortifyError as exc:
+        print(f"fortify {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

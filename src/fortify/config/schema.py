@@ -1,0 +1,143 @@
+"""The experiment configuration schema. Every field has a default; YAML presets in ``configs/``
+override a subset. ε and step sizes are in [0, 1] pixel units.
+
+Sections are owned by the subsystem that reads them: ``data`` (:mod:`fortify.data`), ``model``
+(:mod:`fortify.models`), ``defenses`` (:mod:`fortify.defenses`), ``train`` (:mod:`fortify.train`),
+``eval`` (:mod:`fortify.evaluate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fortify.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where it lives and how the validation split is carved from training data."""
+
+    name: str = "fashion-mnist"
+    root: str | None = None  # None: the dataset's usual places (see fortify.data)
+    val_size: int = 5000  # images held out of the training split for model selection
+    split_seed: int = 0  # seed of the train/val split (fixed: never changes with `seed`)
+    train_subset: int | None = None  # use only the first N training images (after the split)
+    test_subset: int | None = None  # use only the first N test images
+    augment: Literal["auto", "none", "crop-flip", "crop", "flip"] = "auto"  # auto: per dataset
+    crop_padding: int = 4
+    download: bool = False  # allow downloading where the network permits
+
+    def validate(self) -> None:
+        if self.val_size < 0:
+            raise ConfigError(f"data.val_size must be >= 0, got {self.val_size}")
+
+
+@dataclass
+class ModelConfig:
+    """Backbone from the :func:`fortify.models.create` registry."""
+
+    name: str = "small-cnn"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {width: 16} for narrow ResNets
+    mean: list[float] | None = None  # optional normalisation inside the model
+    std: list[float] | None = None
+
+
+@dataclass
+class DefenseConfig:
+    """One defence attached at one or more positions (empty ``at``: the backbone's default)."""
+
+    kind: Literal["fsr", "fpd"] = "fsr"
+    at: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InnerAttackConfig:
+    """The attack used inside adversarial training (L∞)."""
+
+    kind: Literal["pgd", "fgsm-rs"] = "pgd"
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    steps: int = 10
+    random_start: bool = True
+    bn_mode: Literal["eval", "train"] = "eval"  # model mode while crafting examples
+
+    def validate(self) -> None:
+        if not 0 < self.eps <= 1:
+            raise ConfigError(f"train.attack.eps must be in (0, 1] (pixel units), got {self.eps}")
+        if not 0 < self.step_size <= 1:
+            raise ConfigError(f"train.attack.step_size must be in (0, 1], got {self.step_size}")
+        if self.steps < 1:
+            raise ConfigError(f"train.attack.steps must be >= 1, got {self.steps}")
+
+
+@dataclass
+class TrainConfig:
+    """Objective, optimiser, schedule and run-time options of the shared training loop."""
+
+    objective: str = "at"  # standard | at | trades | mart | fpd (see fortify.train.objectives)
+    beta: float = 6.0  # TRADES / MART trade-off
+    epochs: int = 100
+    batch_size: int = 128
+    optimizer: Literal["sgd", "adam", "adamax"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: Literal["multistep", "cosine", "constant", "plateau"] = "multistep"
+    milestones: list[int] = field(default_factory=lambda: [75, 90])
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    grad_clip: float | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    attack: InnerAttackConfig = field(default_factory=InnerAttackConfig)
+    val_points: int = 1000  # validation images used per epoch for clean + quick-suite accuracy
+    select: Literal["robust", "clean", "last"] = "robust"  # best checkpoint by validation ...
+    sync_bn: bool = False
+    tensorboard: bool = False
+    options: dict[str, Any] = field(default_factory=dict)  # objective-specific extras
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class EvalConfig:
+    """Robustness evaluation (see :mod:`fortify.evaluate`)."""
+
+    suite: str = "paper"  # paper | autoattack | quick | ood | full (see fortify.evaluate.suites)
+    eps: float | None = None  # None: the dataset's standard budget
+    norm: Literal["linf", "l2"] = "linf"
+    n_points: int = 1000
+    batch_size: int = 256
+    seed: int = 0
+    mode: Literal["final", "best", "both"] = "final"
+    checks: bool = True
+    autoattack_points: int | None = None  # None: same as n_points
+
+    def validate(self) -> None:
+        if self.eps is not None and not 0 < self.eps <= 1:
+            raise ConfigError(f"eval.eps must be in (0, 1] (pixel units), got {self.eps}")
+        if self.n_points < 1:
+            raise ConfigError(f"eval.n_points must be >= 1, got {self.n_points}")
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment: data, model, defences, training and evaluation."""
+
+    name: str = "experiment"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    defenses: list[DefenseConfig] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,178 @@
+"""Attach defence modules after any named submodule of any CNN, keeping ``forward(x) → logits``.
+
+A defence module maps a feature map (N, C, H, W) to a feature map of the same shape. ``attach``
+registers it on the model and installs a forward hook on the target module that replaces the
+target's output with ``defence(output)``. The backbone's own parameter names are unchanged
+(``layer2.1.conv2`` still means the same weight); the defence's parameters live under
+``fortify_defenses.<target with dots replaced by '__'>``.
+
+Plain containers (``nn.Sequential``/``nn.ModuleList`` as the *root* model) run every child in
+order, so a defence cannot be registered on them; for such roots ``attach`` returns a
+:class:`Defended` wrapper whose ``net`` is the original model (names gain a ``net.`` prefix).
+
+Defences that need the feature shape are built by a factory ``f(shape) -> nn.Module`` where
+``shape = (C, H, W)`` is inferred with one forward pass of a dummy input.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from fortify.errors import FortifyError
+
+DEFENSES_ATTR = "fortify_defenses"
+
+DefenceFactory = Callable[[tuple[int, int, int]], nn.Module]
+
+
+class Defended(nn.Module):
+    """Wrapper used when the root model is a plain container; ``forward`` is ``net(x)``."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _ReplaceOutput:
+    """Forward hook object (picklable and deep-copyable, unlike a closure)."""
+
+    def __init__(self, defence: nn.Module):
+        self.defence = defence
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            raise FortifyError(
+                f"a defence is attached after a {type(module).__name__} whose output is "
+                f"{_describe(output)}; defences need a 4-D feature map (N, C, H, W)"
+            )
+        return self.defence(output)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def defence_key(name: str) -> str:
+    """The key under ``model.fortify_defenses`` for a defence attached after ``name``."""
+    return _key(name)
+
+
+def find_module(model: nn.Module, name: str) -> nn.Module:
+    """Return the submodule called ``name`` or raise listing close matches."""
+    modules = dict(model.named_modules())
+    if name in modules and name != "":
+        return modules[name]
+    names = [n for n in modules if n]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
+    hint = f"close matches: {', '.join(close)}" if close else f"top-level: {', '.join(n for n in names if '.' not in n)}"
+    raise FortifyError(f"model has no module named {name!r}; {hint}")
+
+
+def infer_feature_shapes(
+    model: nn.Module, names: Sequence[str], input_shape: tuple[int, int, int]
+) -> dict[str, tuple[int, int, int]]:
+    """Run one dummy forward pass (eval mode, no grad) and record each named module's output shape.
+
+    Args:
+        input_shape: (C, H, W) of one input image.
+    Returns: name -> (C, H, W) of that module's output.
+    """
+    shapes: dict[str, tuple[int, int, int]] = {}
+    handles = []
+    for name in names:
+        module = find_module(model, name)
+
+        def hook(_m: nn.Module, _i: tuple, out: object, _name: str = name) -> None:
+            if not isinstance(out, torch.Tensor) or out.dim() != 4:
+                raise FortifyError(
+                    f"cannot attach a defence after {_name!r}: its output is {_describe(out)}, "
+                    "not a 4-D feature map (N, C, H, W)"
+                )
+            shapes[_name] = tuple(out.shape[1:])  # type: ignore[assignment]
+
+        handles.append(module.register_forward_hook(hook))
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def attach(
+    model: nn.Module,
+    defence: nn.Module | DefenceFactory,
+    at: str | Sequence[str],
+    input_shape: tuple[int, int, int] | None = None,
+) -> nn.Module:
+    """Attach a defence after each module named in ``at``; return the defended model.
+
+    Args:
+        model: any ``nn.Module`` mapping (N, C, H, W) images in [0, 1] to logits.
+        defence: a module (only valid for a single position) or a factory
+            ``f((C, H, W)) -> nn.Module`` called once per position with the inferred shape.
+        at: module name(s) as in ``model.named_modules()``, e.g. ``"layer4"``.
+        input_shape: (C, H, W) of the model's input; needed when ``defence`` is a factory.
+    Returns:
+        ``model`` itself (modified in place) or, for a plain-container root, a :class:`Defended`
+        wrapper. Either way ``forward(x)`` returns logits.
+    """
+    names = [at] if isinstance(at, str) else list(at)
+    if not names:
+        raise FortifyError("attach needs at least one module name in `at`")
+    if len(set(names)) != len(names):
+        raise FortifyError(f"the same position is listed twice in at={names}")
+    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        model = Defended(model)
+        names = [f"net.{n}" for n in names]
+    existing = getattr(model, DEFENSES_ATTR, None)
+    if existing is None:
+        existing = nn.ModuleDict()
+        setattr(model, DEFENSES_ATTR, existing)
+    for name in names:
+        find_module(model, name)
+        if _key(name) in existing:
+            raise FortifyError(f"a defence is already attached after {name!r}; attach once per position")
+    if isinstance(defence, nn.Module):
+        if len(names) != 1:
+            raise FortifyError("pass a factory (shape -> module) to attach at several positions")
+        modules = {names[0]: defence}
+    else:
+        if input_shape is None:
+            raise FortifyError("attach(..., input_shape=(C, H, W)) is required with a factory")
+        shapes = infer_feature_shapes(model, names, input_shape)
+        modules = {n: defence(shapes[n]) for n in names}
+    param = next(model.parameters(), None)
+    for name, module in modules.items():
+        if param is not None:
+            module.to(param.device)
+        existing[_key(name)] = module
+        find_module(model, name).register_forward_hook(_ReplaceOutput(module))
+    return model
+
+
+def attached(model: nn.Module) -> dict[str, nn.Module]:
+    """Return {target module name: defence} for every defence attached to ``model``."""
+    found = getattr(model, DEFENSES_ATTR, None)
+    if found is None:
+        return {}
+    return {k.replace("__", "."): m for k, m in found.items()}

@@ -1,0 +1,42 @@
+"""Build a model (backbone + attached defences) from configuration; the one place that does it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from fortify.config.schema import DefenseConfig, ModelConfig
+from fortify.defenses.registry import defence_builder
+from fortify.models import create
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    defenses: Sequence[DefenseConfig],
+    num_classes: int,
+    image_shape: tuple[int, int, int],
+) -> nn.Module:
+    """Create the backbone named in ``model_cfg`` and apply each defence in order.
+
+    Args:
+        image_shape: (C, H, W) of one input image in [0, 1].
+    """
+    model = create(
+        model_cfg.name,
+        num_classes=num_classes,
+        in_channels=image_shape[0],
+        mean=model_cfg.mean,
+        std=model_cfg.std,
+        **model_cfg.kwargs,
+    )
+    for d in defenses:
+        model = defence_builder(d.kind)(
+            model,
+            model_name=model_cfg.name,
+            at=list(d.at),
+            options=dict(d.options),
+            num_classes=num_classes,
+            image_shape=tuple(image_shape),
+        )
+    return model

@@ -1,0 +1,102 @@
+"""A timm-style registry of backbones: ``create(name, num_classes, in_channels, **kwargs)``.
+
+Every backbone maps images in [0, 1] of shape (N, C, H, W) to logits (N, K). Normalisation, if
+any, is the model's own ``normalize`` submodule (identity by default), so ε is always measured
+in pixel units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fortify.errors import unknown_name
+
+Builder = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Registry entry: the builder plus facts the rest of fortify may use."""
+
+    name: str
+    builder: Builder
+    description: str = ""
+    fsr_position: str | None = None  # default module name after which FSR is attached
+    stages: tuple[str, ...] = ()  # names of the residual stages (used by FPD), shallow to deep
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(
+    name: str,
+    *,
+    description: str = "",
+    fsr_position: str | None = None,
+    stages: Sequence[str] = (),
+) -> Callable[[Builder], Builder]:
+    """Decorator registering ``builder(num_classes=..., in_channels=..., **kwargs)``."""
+
+    def deco(builder: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelSpec(name, builder, description, fsr_position, tuple(stages))
+        return builder
+
+    return deco
+
+
+def available() -> list[str]:
+    """Names of all registered backbones."""
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def spec(name: str) -> ModelSpec:
+    """The registry entry for ``name`` (raises listing known names)."""
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise unknown_name("model", name, _REGISTRY)
+    return _REGISTRY[name]
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` inside the model; buffers move with ``.to(device)``."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean)).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std)).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def create(
+    name: str,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **kwargs: object,
+) -> nn.Module:
+    """Build backbone ``name``; with ``mean``/``std`` the model normalises its [0,1] input itself."""
+    entry = spec(name)
+    model = entry.builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std for in-model normalisation, or neither")
+    if mean is not None and std is not None:
+        if len(mean) != in_channels or len(std) != in_channels:
+            raise ValueError(f"mean/std need {in_channels} values (one per input channel)")
+        model.normalize = Normalize(mean, std)
+    return model
+
+
+def _ensure_loaded() -> None:
+    # Importing the package registers every backbone module.
+    import fortify.models  # noqa: F401
