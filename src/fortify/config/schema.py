@@ -97,6 +97,8 @@ class TrainConfig:
     select: Literal["robust", "clean", "last"] = "robust"  # best checkpoint by validation ...
     sync_bn: bool = False
     tensorboard: bool = False
+    trainable: list[str] = field(default_factory=list)  # parameter-name prefixes to train; [] = all
+    freeze_bn: bool = False  # keep BatchNorm statistics and affine parameters fixed (RiFT option)
     options: dict[str, Any] = field(default_factory=dict)  # objective-specific extras
 
     def validate(self) -> None:

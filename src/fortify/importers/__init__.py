@@ -1,0 +1,1 @@
+"""Importers for released checkpoints; each module is a ``fortify import <NAME>`` plugin."""

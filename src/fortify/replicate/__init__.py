@@ -1,0 +1,1 @@
+"""CPU-scale replications; each module is a ``fortify replicate <NAME>`` plugin."""
