@@ -1,9 +1,20 @@
 """Datasets as in-memory uint8 tensors with train / validation / test splits.
 
-``load_dataset(name, root=None, val_size=..., split_seed=0)`` returns :class:`DataSplits`.
+``load_dataset(name, root=None, val_size=..., split_seed=0)`` returns :class:`DataSplits`;
+:class:`TensorLoader` batches an :class:`ImageSet` on a device with batched augmentation.
 """
 
+from fortify.data.augment import augment_batch
 from fortify.data.base import DataSplits, ImageSet, split_validation
+from fortify.data.loader import TensorLoader
 from fortify.data.registry import available, load_dataset
 
-__all__ = ["DataSplits", "ImageSet", "available", "load_dataset", "split_validation"]
+__all__ = [
+    "DataSplits",
+    "ImageSet",
+    "TensorLoader",
+    "augment_batch",
+    "available",
+    "load_dataset",
+    "split_validation",
+]

@@ -7,7 +7,9 @@ training signals (FSR's separation/recalibration losses, FPD's restoration loss)
 
 1. While a :func:`capture_aux` context is active, each provider records whatever it needs from
    its own forward pass (auxiliary predictions, masks, restored images). Outside the context it
-   records nothing, so attacks and evaluation pay nothing for it.
+   records nothing, so attacks and evaluation pay nothing for it. Records live until
+   ``capture.losses(...)`` has used them (or the next capture starts), so ``losses`` may be
+   called inside or after the ``with`` block.
 2. After the forward pass whose terms it wants (for FSR: the pass on adversarial examples), the
    objective calls ``capture.losses(ctx)`` with an :class:`AuxContext`. Every provider returns a
    dict of *already weighted* named loss terms; terms with the same name from several
@@ -60,7 +62,10 @@ class AuxLossProvider(Protocol):
         """Begin recording (called on entering :func:`capture_aux`)."""
 
     def stop_capture(self) -> None:
-        """Stop recording and drop recorded tensors."""
+        """Stop recording (what was recorded stays until :meth:`release`)."""
+
+    def release(self) -> None:
+        """Drop recorded tensors (called once the loss terms have been computed)."""
 
     def aux_losses(self, ctx: AuxContext) -> dict[str, torch.Tensor]:
         """Return weighted scalar loss terms, keyed by a short name such as ``"fsr_sep"``."""
@@ -77,6 +82,8 @@ class CaptureMixin:
 
     def stop_capture(self) -> None:
         self._capturing = False
+
+    def release(self) -> None:
         self.__dict__["_record"] = {}
 
     @property
@@ -112,6 +119,7 @@ class AuxCapture:
             for name, value in p.aux_losses(ctx).items():
                 sums[name] = sums[name] + value if name in sums else value
                 counts[name] = counts.get(name, 0) + 1
+            p.release()
         return {name: sums[name] / counts[name] for name in sums}
 
 

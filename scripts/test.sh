@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, format check, then pytest. Installs first if nothing is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${FORTIFY_VENV:-.venv}
+if ! "$VENV/bin/python" -c "import fortify, torch, pytest" >/dev/null 2>&1; then
+  FORTIFY_SKIP_DEMO=1 bash scripts/setup.sh
+fi
+echo "==> ruff check"; "$VENV/bin/ruff" check src tests bench
+echo "==> ruff format --check"; "$VENV/bin/ruff" format --check src tests bench
+echo "==> pytest"; "$VENV/bin/python" -m pytest -q "$@"

@@ -1,0 +1,57 @@
+"""The config loader: YAML + overrides into the typed schema, with errors naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from fortify.config import ExperimentConfig, load_config, to_dict
+from fortify.errors import ConfigError
+
+
+def test_defaults_round_trip():
+    cfg = load_config(ExperimentConfig)
+    assert cfg.train.attack.steps == 10
+    again = load_config(ExperimentConfig, overrides=[])
+    assert to_dict(cfg) == to_dict(again)
+
+
+def test_file_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: x\ntrain:\n  epochs: 3\n  attack:\n    eps: 0.1\n")
+    cfg = load_config(ExperimentConfig, f, ["train.lr=0.05", "model.kwargs={width: 8}"])
+    assert (cfg.name, cfg.train.epochs, cfg.train.lr) == ("x", 3, 0.05)
+    assert cfg.train.attack.eps == pytest.approx(0.1)
+    assert cfg.model.kwargs == {"width": 8}
+
+
+def test_base_inheritance(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  epochs: 7\n  lr: 0.2\n")
+    (tmp_path / "top.yaml").write_text("base: base.yaml\ntrain:\n  lr: 0.3\n")
+    cfg = load_config(ExperimentConfig, tmp_path / "top.yaml")
+    assert (cfg.train.epochs, cfg.train.lr) == (7, 0.3)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (["train.epoch=3"], "unknown field(s) ['epoch']"),
+        (["train.epochs=three"], "train.epochs: expected an integer"),
+        (["train.optimizer=rmsprop"], "choose one of ['sgd', 'adam', 'adamax']"),
+        (["train.attack.eps=2"], "train.attack.eps must be in (0, 1]"),
+        (["bogus=1"], "allowed fields"),
+        (["train.epochs"], "must look like section.field=value"),
+    ],
+)
+def test_bad_fields_are_named(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(ExperimentConfig, overrides=override)
+    assert needle in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(ExperimentConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n- not a mapping\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(ExperimentConfig, bad)
