@@ -27,6 +27,7 @@ class DataConfig:
     augment: Literal["auto", "none", "crop-flip", "crop", "flip"] = "auto"  # auto: per dataset
     crop_padding: int = 4
     download: bool = False  # allow downloading where the network permits
+    options: dict[str, Any] = field(default_factory=dict)  # reader options, e.g. {image_size: 64}
 
     def validate(self) -> None:
         if self.val_size < 0:
@@ -70,6 +71,12 @@ class InnerAttackConfig:
             raise ConfigError(f"train.attack.step_size must be in (0, 1], got {self.step_size}")
         if self.steps < 1:
             raise ConfigError(f"train.attack.steps must be >= 1, got {self.steps}")
+        if self.step_size > 4 * self.eps:
+            raise ConfigError(
+                f"train.attack.step_size {self.step_size} is more than 4x eps {self.eps}; "
+                "steps that overshoot the ε-ball make no sense (use step_size <= 4*eps, "
+                "typically eps/4 for PGD and 1.25*eps for fgsm-rs)"
+            )
 
 
 @dataclass
@@ -86,19 +93,24 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     schedule: Literal["multistep", "cosine", "constant", "plateau"] = "multistep"
-    milestones: list[int] = field(default_factory=lambda: [75, 90])
-    gamma: float = 0.1
-    warmup_epochs: int = 0
+    milestones: list[int] = field(default_factory=lambda: [75, 90])  # 0-based epoch indices
+    gamma: float = 0.1  # lr factor per milestone (multistep) / per plateau (plateau)
+    warmup_epochs: int = 0  # linear warm-up from lr/steps to lr over these epochs (per step)
+    plateau_patience: int = 10  # plateau: epochs without improvement before lr *= gamma
+    min_lr: float = 0.0  # floor for cosine and plateau
     grad_clip: float | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     attack: InnerAttackConfig = field(default_factory=InnerAttackConfig)
     val_points: int = 1000  # validation images used per epoch for clean + quick-suite accuracy
+    val_attack_steps: int = 20  # PGD steps of the per-epoch validation attack (step eps/8)
+    val_every: int = 1  # validate every N epochs (and always after the last)
     select: Literal["robust", "clean", "last"] = "robust"  # best checkpoint by validation ...
     sync_bn: bool = False
     tensorboard: bool = False
     trainable: list[str] = field(default_factory=list)  # parameter-name prefixes to train; [] = all
     freeze_bn: bool = False  # keep BatchNorm statistics and affine parameters fixed (RiFT option)
+    drop_last: bool = False  # drop each rank's last incomplete batch
     options: dict[str, Any] = field(default_factory=dict)  # objective-specific extras
 
     def validate(self) -> None:
@@ -108,6 +120,41 @@ class TrainConfig:
             raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.beta < 0:
+            raise ConfigError(f"train.beta must be >= 0, got {self.beta}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"train.gamma must be in (0, 1], got {self.gamma}")
+        if any(m < 0 for m in self.milestones) or self.milestones != sorted(self.milestones):
+            raise ConfigError(
+                f"train.milestones must be non-negative epoch indices in increasing order, "
+                f"got {self.milestones}"
+            )
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(
+                f"train.warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}"
+            )
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"train.grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.val_points < 0:
+            raise ConfigError(f"train.val_points must be >= 0, got {self.val_points}")
+        if self.val_attack_steps < 0:
+            raise ConfigError(f"train.val_attack_steps must be >= 0, got {self.val_attack_steps}")
+        if self.val_every < 1:
+            raise ConfigError(f"train.val_every must be >= 1, got {self.val_every}")
+        if self.plateau_patience < 0:
+            raise ConfigError(f"train.plateau_patience must be >= 0, got {self.plateau_patience}")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ConfigError("train.nesterov needs optimizer 'sgd' with momentum > 0")
+        if any(not isinstance(p, str) or not p for p in self.trainable):
+            raise ConfigError(
+                f"train.trainable must list non-empty parameter-name prefixes, got {self.trainable}"
+            )
 
 
 @dataclass

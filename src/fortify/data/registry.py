@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Callable
+from typing import Any
 
 from fortify.data.base import DataSplits, ImageSet, check_labels, split_validation
-from fortify.errors import unknown_name
+from fortify.errors import DataError, unknown_name
+
+log = logging.getLogger("fortify.data.registry")
 
 # A reader returns (train_full, test, num_classes, classes, default_eps, default_augment).
 Reader = Callable[..., tuple[ImageSet, ImageSet, int, list[str], float, str]]
@@ -13,7 +18,11 @@ _READERS: dict[str, Reader] = {}
 
 
 def register_reader(name: str) -> Callable[[Reader], Reader]:
-    """Register ``reader(root: str | None, download: bool) -> (...)`` under ``name``."""
+    """Register ``reader(root: str | None, download: bool, **options) -> (...)`` under ``name``.
+
+    Reader-specific options (e.g. ``image_size``) are keyword parameters with defaults; they are
+    reached through ``load_dataset(name, ..., **options)``.
+    """
 
     def deco(fn: Reader) -> Reader:
         _READERS[name] = fn
@@ -23,6 +32,7 @@ def register_reader(name: str) -> Callable[[Reader], Reader]:
 
 
 def available() -> list[str]:
+    """Names of every registered dataset."""
     _ensure_loaded()
     return sorted(_READERS)
 
@@ -36,18 +46,44 @@ def load_dataset(
     download: bool = False,
     train_subset: int | None = None,
     test_subset: int | None = None,
+    **options: Any,
 ) -> DataSplits:
     """Load dataset ``name`` with a validation split of ``val_size`` training images.
 
     ``val_size`` is capped at a fifth of the training set for small datasets (e.g. digits).
+    ``options`` are passed to the dataset's reader (see :func:`reader_options`), e.g.
+    ``image_size=64`` for ``caltech101``; an option the reader does not know raises
+    :class:`~fortify.errors.DataError`.
     """
     _ensure_loaded()
     if name not in _READERS:
         raise unknown_name("dataset", name, _READERS)
-    train_full, test, num_classes, classes, eps, augment = _READERS[name](root, download)
+    if val_size < 0:
+        raise DataError(f"val_size must be >= 0, got {val_size}")
+    for what, n in (("train_subset", train_subset), ("test_subset", test_subset)):
+        if n is not None and n < 1:
+            raise DataError(f"{what} must be None (all) or >= 1, got {n}")
+    allowed = reader_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        accepted = ", ".join(allowed) if allowed else "none"
+        raise DataError(
+            f"dataset {name!r} does not accept option(s) {', '.join(unknown)}; "
+            f"accepted options: {accepted}"
+        )
+    result = _READERS[name](root, download, **options)
+    train_full, test, num_classes, classes, eps, augment = result
     check_labels(train_full.labels, num_classes, f"{name} training labels")
     check_labels(test.labels, num_classes, f"{name} test labels")
-    val_size = min(val_size, len(train_full) // 5)
+    if val_size > len(train_full) // 5:
+        log.info(
+            "%s: val_size %d capped at %d (a fifth of %d training images)",
+            name,
+            val_size,
+            len(train_full) // 5,
+            len(train_full),
+        )
+        val_size = len(train_full) // 5
     train, val = split_validation(train_full, val_size, split_seed)
     return DataSplits(
         name=name,
@@ -59,6 +95,17 @@ def load_dataset(
         default_eps=eps,
         default_augment=augment,
     )
+
+
+def reader_options(name: str) -> dict[str, Any]:
+    """The reader-specific options of dataset ``name`` and their defaults."""
+    _ensure_loaded()
+    if name not in _READERS:
+        raise unknown_name("dataset", name, _READERS)
+    params = list(inspect.signature(_READERS[name]).parameters.values())[2:]
+    return {
+        p.name: p.default for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
 
 
 def _ensure_loaded() -> None:

@@ -256,7 +256,7 @@ class FSRBlock(CaptureMixin, nn.Module):
             return soft
         if self.training:
             hard = (soft > 0.5).to(soft.dtype)
-            return hard + soft - soft.detach()  # straight-through estimator
+            return hard + (soft - soft.detach())  # straight-through: exact 0/1 values, soft grads
         return (soft > 0.5).to(soft.dtype)
 
     def parts(self, f: torch.Tensor) -> FSRParts:
@@ -283,9 +283,18 @@ class FSRBlock(CaptureMixin, nn.Module):
         """Shared auxiliary head: GAP over H, W then Linear(C → K); (N, C, H, W) → (N, K)."""
         return self.aux(feat.mean(dim=(2, 3)))
 
+    output_part: str = "out"  # analysis only: which FSRParts field forward returns
+
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) → (N, C, H, W); records the auxiliary predictions while capturing."""
         p = self.parts(f)
+        if self.output_part != "out":  # set by fortify.analysis.features.use_part
+            alt = getattr(p, self.output_part)
+            if alt is None:
+                raise FortifyError(
+                    f"FSR part {self.output_part!r} does not exist under ablation {self.ablation!r}"
+                )
+            return alt
         if self.capturing:
             rec: dict[str, torch.Tensor] = {}
             if self.separation is not None:

@@ -7,13 +7,15 @@ in pixel units.
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fortify.errors import unknown_name
+from fortify.errors import ConfigError, unknown_name
 
 Builder = Callable[..., nn.Module]
 
@@ -85,16 +87,58 @@ def create(
     std: Sequence[float] | None = None,
     **kwargs: object,
 ) -> nn.Module:
-    """Build backbone ``name``; with ``mean``/``std`` the model normalises its [0,1] input itself."""
+    """Build backbone ``name``; with ``mean``/``std`` the model normalises its [0,1] input itself.
+
+    Args:
+        name: a registered name (see :func:`available`).
+        num_classes: K, the number of logits.
+        in_channels: C of the (N, C, H, W) input images.
+        mean, std: per-channel statistics in [0, 1] pixel units (``C`` values each); the model's
+            ``normalize`` submodule then computes ``(x - mean) / std`` first in ``forward``.
+        kwargs: backbone options such as ``width`` (see :func:`describe_kwargs`).
+    Raises:
+        FortifyError: unknown name (the message lists the known names).
+        ConfigError: unknown keyword arguments, bad mean/std, bad option values.
+    """
     entry = spec(name)
-    model = entry.builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
     if (mean is None) != (std is None):
-        raise ValueError("give both mean and std for in-model normalisation, or neither")
+        raise ConfigError("give both mean and std for in-model normalisation, or neither")
     if mean is not None and std is not None:
         if len(mean) != in_channels or len(std) != in_channels:
-            raise ValueError(f"mean/std need {in_channels} values (one per input channel)")
+            raise ConfigError(
+                f"mean/std need {in_channels} values each (one per input channel), got "
+                f"mean={list(mean)} std={list(std)}"
+            )
+        if not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in std):
+            raise ConfigError(f"std values must be finite and > 0, got {list(std)}")
+    allowed = describe_kwargs(name)
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"model {name!r} does not accept option(s) {unknown}; allowed options: "
+            f"{', '.join(f'{k}={v!r}' for k, v in allowed.items()) or 'none'}"
+        )
+    try:
+        model = entry.builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    except TypeError as exc:  # e.g. width="wide" reaching arithmetic inside the builder
+        raise ConfigError(f"bad option for model {name!r} ({exc}); options: {allowed}") from exc
+    if mean is not None and std is not None:
         model.normalize = Normalize(mean, std)
     return model
+
+
+def describe_kwargs(name: str) -> dict[str, object]:
+    """Options of backbone ``name`` (beyond num_classes / in_channels) with their defaults."""
+    builder = spec(name).builder
+    out: dict[str, object] = {}
+    for pname, param in inspect.signature(builder).parameters.items():
+        if pname in ("num_classes", "in_channels") or param.kind in (
+            inspect.Parameter.VAR_POSITIONAL,
+            inspect.Parameter.VAR_KEYWORD,
+        ):
+            continue
+        out[pname] = None if param.default is inspect.Parameter.empty else param.default
+    return out
 
 
 def _ensure_loaded() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fortify.models._common import check_input
 from fortify.models.registry import register
 
 
@@ -18,6 +19,7 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32):
         super().__init__()
         w = width
+        self.in_channels = in_channels
         self.normalize: nn.Module = nn.Identity()
 
         def stage(cin: int, cout: int) -> nn.Sequential:
@@ -36,6 +38,7 @@ class SmallCNN(nn.Module):
         self.linear = nn.Linear(2 * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_channels, "small-cnn")
         out = self.features(self.normalize(x))
         return self.linear(torch.flatten(self.pool(out), 1))
 

@@ -1,0 +1,107 @@
+"""Parameter and FLOP counts of a model with and without its attached defences.
+
+FLOPs are counted with :class:`torch.utils.flop_counter.FlopCounterMode`, which counts
+**2 FLOPs per multiply-add** for convolutions and matrix products and ignores BN, activations,
+pooling and other element-wise work. Under this convention a CIFAR ResNet-18 (32×32) is ≈1.11
+GFLOPs, the figure the FSR paper reports (Table 7); tools that count multiply-adds (MACs, e.g.
+``thop``) report half of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from fortify.defenses.attach import DEFENSES_ATTR, attached, infer_feature_shapes
+
+log = logging.getLogger("fortify.analysis.cost")
+
+__all__ = ["CostReport", "cost_report", "count_flops", "count_params"]
+
+
+def count_params(model: nn.Module, *, include_defences: bool = True) -> int:
+    """Number of parameter elements (shared parameters once).
+
+    With ``include_defences=False`` parameters under ``fortify_defenses`` are skipped, giving
+    the backbone's count.
+    """
+    seen: set[int] = set()
+    total = 0
+    for name, p in model.named_parameters():
+        if not include_defences and (
+            name.startswith(DEFENSES_ATTR + ".") or f".{DEFENSES_ATTR}." in name
+        ):
+            continue
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def count_flops(module: nn.Module, inputs: torch.Tensor) -> int:
+    """FLOPs (2 per multiply-add) of one eval-mode forward pass of ``module`` on ``inputs``."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(inputs)
+    finally:
+        module.train(was_training)
+    return int(counter.get_total_flops())
+
+
+@dataclass
+class CostReport:
+    """Per-image cost of a model; ``*_backbone`` excludes every attached defence."""
+
+    input_shape: tuple[int, int, int]
+    params_total: int
+    params_backbone: int
+    flops_total: int
+    flops_backbone: int
+    flops_defences: dict[str, int]
+    convention: str = "FLOPs = 2 x multiply-adds (torch.utils.flop_counter); BN/ReLU not counted"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        """A small Markdown table (millions of parameters, GFLOPs)."""
+        rows = [
+            "| model | params (M) | GFLOPs |",
+            "|---|---|---|",
+            f"| backbone | {self.params_backbone / 1e6:.2f} | {self.flops_backbone / 1e9:.4f} |",
+            f"| + defences | {self.params_total / 1e6:.2f} | {self.flops_total / 1e9:.4f} |",
+        ]
+        return "\n".join(rows) + f"\n\n{self.convention}; input {self.input_shape}, batch 1."
+
+
+def cost_report(model: nn.Module, input_shape: tuple[int, int, int]) -> CostReport:
+    """Parameters and FLOPs of ``model`` for one image of shape ``input_shape`` (C, H, W).
+
+    The defences' FLOPs are measured by running each attached defence on its own feature shape
+    (as in eval mode: FSR's auxiliary head does not run); the backbone's FLOPs are the total
+    minus those.
+    """
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.zeros(1, *input_shape, device=device)
+    total = count_flops(model, x)
+    defences = attached(model)
+    shapes = infer_feature_shapes(model, list(defences), input_shape) if defences else {}
+    per_defence = {}
+    for name, module in defences.items():
+        per_defence[name] = count_flops(module, torch.zeros(1, *shapes[name], device=device))
+    return CostReport(
+        input_shape=tuple(input_shape),
+        params_total=count_params(model),
+        params_backbone=count_params(model, include_defences=False),
+        flops_total=total,
+        flops_backbone=total - sum(per_defence.values()),
+        flops_defences=per_defence,
+    )

@@ -1,0 +1,386 @@
+"""FGSM and PGD (L∞ / L2; CE, C&W margin, DLR), functional API.
+
+All budgets (``eps``, ``step_size``) are in [0, 1] pixel units. Attacks never change the
+model's train/eval mode and never touch parameters' ``.grad``: gradients are taken with
+``torch.autograd.grad`` w.r.t. the input only. They do not enter or leave autocast and keep the
+input's memory format (channels-last stays channels-last).
+
+Two semantics for iterative attacks:
+
+- ``mode="final"``: the adversarial example is the last iterate (training-style; costs exactly
+  ``steps`` forward+backward passes, plus one forward when success masks are requested).
+- ``mode="best"``: a point counts as broken as soon as any iterate fools the model; the iterate
+  whose logits were seen to fool is returned and the point leaves the batch, so later steps run
+  on fewer points.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fortify.attacks.losses import LOSSES, attack_loss
+from fortify.errors import ConfigError, DataError, EvaluationError
+
+log = logging.getLogger("fortify.attacks")
+
+NORMS = ("linf", "l2")
+MODES = ("final", "best", "both")
+_TINY = 1e-12
+
+
+@dataclass
+class AttackResult:
+    """Outcome of an attack on a batch.
+
+    Attributes:
+        x_adv: adversarial examples (N, C, H, W), detached; the last iterate in ``final`` mode,
+            the verified fooling iterate (or last iterate if none fooled) in ``best`` mode.
+        success: bool (N,), True where ``x_adv`` was seen to fool the model (misclassified, or
+            classified as the target when targeted).
+        x_best: in ``mode="both"``: per point the first iterate seen to fool (else the last).
+        success_best: in ``mode="both"``: bool (N,), True where any iterate fooled the model
+            (always a superset of ``success``).
+    """
+
+    x_adv: torch.Tensor
+    success: torch.Tensor
+    x_best: torch.Tensor | None = None
+    success_best: torch.Tensor | None = None
+
+
+def _check_common(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    norm: str,
+    loss: str,
+    targeted: bool,
+    target: torch.Tensor | None,
+) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise DataError(f"x must be a tensor (N, ...) of images in [0, 1], got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        raise DataError(f"x must be a float tensor in [0, 1], got dtype {x.dtype}")
+    if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
+        raise DataError(
+            f"y must be an int64 tensor of shape ({x.shape[0]},), got "
+            f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
+        )
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ConfigError(f"eps must be a positive number (pixel units), got {eps!r}")
+    if norm not in NORMS:
+        raise ConfigError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
+    if loss not in LOSSES:
+        raise ConfigError(f"unknown attack loss {loss!r}; allowed: {', '.join(LOSSES)}")
+    if targeted:
+        if target is None:
+            raise ConfigError("targeted=True needs target= (int64 tensor of target classes, one per point)")
+        if target.shape != y.shape:
+            raise DataError(f"target must have shape {tuple(y.shape)}, got {tuple(target.shape)}")
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if not isinstance(out, torch.Tensor):
+        raise EvaluationError(
+            f"the model returned a {type(out).__name__}, attacks need a tensor of logits (N, K); "
+            "wrap the model so that forward(x) returns logits only"
+        )
+    return out
+
+
+def _fooled(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, targeted: bool) -> torch.Tensor:
+    pred = logits.argmax(dim=1)
+    return pred == target if targeted else pred != y
+
+
+def _per_sample_norm(v: torch.Tensor) -> torch.Tensor:
+    """L2 norm per sample, shaped (N, 1, 1, ...) for broadcasting."""
+    return v.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (v.dim() - 1)))
+
+
+def _project_(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Project ``x_adv`` in place onto the ε-ball around ``x`` intersected with [0, 1]."""
+    delta = x_adv.sub_(x)  # x_adv now holds the perturbation
+    if norm == "linf":
+        delta.clamp_(-eps, eps)
+    else:
+        delta.mul_(torch.clamp(eps / (_per_sample_norm(delta) + _TINY), max=1.0))
+    return delta.add_(x).clamp_(0.0, 1.0)
+
+
+def _random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else x.device
+    if norm == "linf":
+        noise = torch.empty(x.shape, device=gen_device, dtype=x.dtype).uniform_(-eps, eps, generator=generator)
+    else:
+        noise = torch.randn(x.shape, device=gen_device, dtype=x.dtype, generator=generator)
+        radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=gen_device, dtype=x.dtype, generator=generator)
+        noise = noise / (_per_sample_norm(noise) + _TINY) * radius * eps
+    noise = noise.to(x.device)
+    x_adv = torch.empty_like(x).copy_(x).add_(noise)
+    return x_adv.clamp_(0.0, 1.0)
+
+
+def _grad_step_(x_adv: torch.Tensor, grad: torch.Tensor, step: float, norm: str) -> None:
+    if norm == "linf":
+        x_adv.add_(grad.sign_(), alpha=step)
+    else:
+        x_adv.add_(grad.div_(_per_sample_norm(grad) + _TINY), alpha=step)
+
+
+def _input_grad(
+    model: nn.Module,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    target: torch.Tensor | None,
+    loss: str,
+    targeted: bool,
+    kappa: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward + backward: (logits detached, d loss / d x_adv)."""
+    with torch.enable_grad():
+        xa = x_adv.detach().requires_grad_(True)
+        logits = _logits(model, xa)
+        obj = attack_loss(logits, y, target, loss=loss, targeted=targeted, kappa=kappa).sum()
+        (grad,) = torch.autograd.grad(obj, xa)
+    return logits.detach(), grad
+
+
+def _pgd_single(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: torch.Tensor | None,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    norm: str,
+    loss: str,
+    random_start: bool,
+    targeted: bool,
+    kappa: float,
+    mode: str,
+    generator: torch.Generator | None,
+    need_success: bool,
+) -> AttackResult:
+    """One restart of PGD on all of ``x``."""
+    x = x.detach()
+    x_adv = _random_start(x, eps, norm, generator) if random_start else torch.empty_like(x).copy_(x)
+
+    if mode == "best":
+        # Active points shrink as they are broken; results are written back by index.
+        out = x_adv.clone()
+        success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        idx = torch.arange(len(x), device=x.device)
+        xa_x, xa_y, xa_t = x, y, target
+        for _ in range(steps):
+            logits, grad = _input_grad(model, x_adv, xa_y, xa_t, loss, targeted, kappa)
+            fooled = _fooled(logits, xa_y, xa_t, targeted)
+            if bool(fooled.any()):
+                out[idx[fooled]] = x_adv[fooled]  # the iterate whose logits we just saw fool
+                success[idx[fooled]] = True
+                keep = ~fooled
+                idx, x_adv, grad, xa_x, xa_y = idx[keep], x_adv[keep], grad[keep], xa_x[keep], xa_y[keep]
+                xa_t = xa_t[keep] if xa_t is not None else None
+                if len(idx) == 0:
+                    return AttackResult(out, success)
+            _grad_step_(x_adv, grad, step_size, norm)
+            _project_(x_adv, xa_x, eps, norm)
+        # Verify the last iterate of the survivors (it was never evaluated).
+        with torch.no_grad():
+            fooled = _fooled(_logits(model, x_adv), xa_y, xa_t, targeted)
+        out[idx] = x_adv
+        success[idx] = fooled
+        return AttackResult(out, success)
+
+    track = mode == "both"
+    if track:
+        x_best = torch.empty_like(x)
+        success_best = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    for _ in range(steps):
+        logits, grad = _input_grad(model, x_adv, y, target, loss, targeted, kappa)
+        if track:
+            new = _fooled(logits, y, target, targeted) & ~success_best
+            if bool(new.any()):
+                x_best[new] = x_adv[new]
+                success_best |= new
+        _grad_step_(x_adv, grad, step_size, norm)
+        _project_(x_adv, x, eps, norm)
+    if not need_success and not track:
+        return AttackResult(x_adv, torch.zeros(len(x), dtype=torch.bool, device=x.device))
+    with torch.no_grad():
+        success = _fooled(_logits(model, x_adv), y, target, targeted)
+    if not track:
+        return AttackResult(x_adv, success)
+    rest = ~success_best
+    x_best[rest] = x_adv[rest]
+    return AttackResult(x_adv, success, x_best, success_best | success)
+
+
+def pgd_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float | None = None,
+    norm: str = "linf",
+    loss: str = "ce",
+    random_start: bool = True,
+    restarts: int = 1,
+    targeted: bool = False,
+    target: torch.Tensor | None = None,
+    kappa: float = 0.0,
+    mode: str = "final",
+    generator: torch.Generator | None = None,
+    need_success: bool = True,
+) -> AttackResult:
+    """PGD returning adversarial examples *and* per-sample success masks (for evaluators).
+
+    Args:
+        model: maps images in [0, 1] (N, C, H, W) to logits (N, K); its mode is left alone.
+        x: float images in [0, 1], shape (N, C, H, W). y: int64 labels (N,).
+        eps: radius of the threat model in pixel units (L∞: max per-pixel change; L2: norm).
+        steps: number of gradient steps (each one forward + backward).
+        step_size: step length in pixel units; default ``2.5 * eps / steps``.
+        norm: ``"linf"`` (sign steps) or ``"l2"`` (steps normalised per sample).
+        loss: ``"ce"``, ``"cw"`` (margin with confidence ``kappa``) or ``"dlr"``.
+        random_start: start uniformly in the ball (L∞) / at a random point of the ball (L2).
+        restarts: independent runs; each later restart only attacks points not yet broken.
+        targeted, target: make the model predict ``target`` (N,) instead of avoiding ``y``.
+        mode: ``"final"``, ``"best"`` or ``"both"`` (final examples plus, in ``x_best`` /
+            ``success_best``, the first fooling iterate of the same run).
+        generator: RNG for the random start (its device is used to draw the noise).
+        need_success: in final mode with one restart, False skips the verifying forward
+            (``success`` is then all False).
+
+    Returns:
+        :class:`AttackResult` with detached tensors of the same shape as ``x``.
+    """
+    _check_common(x, y, eps, norm, loss, targeted, target)
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
+    if not (isinstance(restarts, int) and restarts >= 1):
+        raise ConfigError(f"restarts must be an integer >= 1, got {restarts!r}")
+    if mode not in MODES:
+        raise ConfigError(f"unknown PGD mode {mode!r}; allowed: {', '.join(MODES)}")
+    if step_size is None:
+        step_size = 2.5 * eps / steps
+    elif not step_size > 0:
+        raise ConfigError(f"step_size must be > 0 (pixel units), got {step_size!r}")
+    y = y.to(x.device)
+    target = target.to(x.device) if target is not None else None
+    kw = dict(
+        eps=float(eps), steps=steps, step_size=float(step_size), norm=norm, loss=loss,
+        random_start=random_start, targeted=targeted, kappa=float(kappa), mode=mode, generator=generator,
+    )  # fmt: skip
+    if restarts == 1:
+        return _pgd_single(model, x, y, target, need_success=need_success, **kw)
+
+    result = _pgd_single(model, x, y, target, need_success=True, **kw)
+    for _ in range(restarts - 1):
+        todo = ~(result.success_best if result.success_best is not None else result.success)
+        if not bool(todo.any()):
+            break
+        t_sub = target[todo] if target is not None else None
+        r = _pgd_single(model, x[todo], y[todo], t_sub, need_success=True, **kw)
+        idx = todo.nonzero().squeeze(1)
+        # Replace the example where this restart fooled (final) or, if it did not, keep the latest.
+        result.x_adv[idx] = r.x_adv
+        result.success[idx] = r.success
+        if result.x_best is not None and r.x_best is not None and r.success_best is not None:
+            result.x_best[idx] = r.x_best
+            result.success_best[idx] = r.success_best
+    return result
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float | None = None,
+    norm: str = "linf",
+    loss: str = "ce",
+    random_start: bool = True,
+    restarts: int = 1,
+    targeted: bool = False,
+    target: torch.Tensor | None = None,
+    kappa: float = 0.0,
+    mode: str = "final",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Projected gradient descent; returns ``x_adv`` (detached, same shape/format as ``x``).
+
+    ``x`` is float (N, C, H, W) in [0, 1]; ``eps`` and ``step_size`` are in pixel units
+    (``step_size`` defaults to ``2.5 * eps / steps``). Each step: ascend the per-sample loss
+    (sign step for L∞, per-sample normalised step for L2), then project onto the ε-ball and
+    [0, 1]. ``mode="final"`` returns the last iterate and costs exactly ``steps``
+    forward+backward passes; ``mode="best"`` returns, for each point, the first iterate whose
+    logits fooled the model (broken points leave the batch). See :func:`pgd_attack` for the
+    arguments and for per-sample success masks.
+    """
+    if mode == "both":
+        raise ConfigError("pgd() returns one set of examples; use mode='final' or 'best' (or pgd_attack for 'both')")
+    return pgd_attack(
+        model, x, y, eps=eps, steps=steps, step_size=step_size, norm=norm, loss=loss,
+        random_start=random_start, restarts=restarts, targeted=targeted, target=target,
+        kappa=kappa, mode=mode, generator=generator, need_success=False,
+    ).x_adv  # fmt: skip
+
+
+def fgsm_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    loss: str = "ce",
+    targeted: bool = False,
+    target: torch.Tensor | None = None,
+    kappa: float = 0.0,
+    need_success: bool = True,
+) -> AttackResult:
+    """FGSM (L∞): ``clamp(x + eps * sign(∇ loss), 0, 1)`` with per-sample success mask."""
+    _check_common(x, y, eps, "linf", loss, targeted, target)
+    x = x.detach()
+    y = y.to(x.device)
+    target = target.to(x.device) if target is not None else None
+    _, grad = _input_grad(model, x, y, target, loss, targeted, kappa)
+    x_adv = torch.empty_like(x).copy_(x)
+    x_adv.add_(grad.sign_(), alpha=float(eps)).clamp_(0.0, 1.0)
+    if not need_success:
+        return AttackResult(x_adv, torch.zeros(len(x), dtype=torch.bool, device=x.device))
+    with torch.no_grad():
+        success = _fooled(_logits(model, x_adv), y, target, targeted)
+    return AttackResult(x_adv, success)
+
+
+def fgsm(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    loss: str = "ce",
+    targeted: bool = False,
+    target: torch.Tensor | None = None,
+    kappa: float = 0.0,
+) -> torch.Tensor:
+    """Fast gradient sign method (L∞, one forward+backward); returns ``x_adv`` detached.
+
+    ``x`` float (N, C, H, W) in [0, 1]; ``eps`` in pixel units. Untargeted it ascends the loss
+    w.r.t. ``y``; targeted it descends towards ``target``.
+    """
+    return fgsm_attack(
+        model, x, y, eps=eps, loss=loss, targeted=targeted, target=target, kappa=kappa, need_success=False
+    ).x_adv

@@ -1,0 +1,150 @@
+"""``fortify rift {mrc,finetune,interpolate,run} RUN``: robust critical fine-tuning of an AT run."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "rift"
+HELP = "robust critical fine-tuning: mrc, finetune, interpolate, run"
+DESCRIPTION = (
+    "RiFT (Zhu et al., ICCV 2023) on an adversarially trained run: score every module's robust "
+    "criticality (MRC) on a fixed adversarial VALIDATION set, fine-tune the least critical "
+    "middle module on clean data, interpolate with the AT weights and pick α on validation; "
+    "the final model is evaluated on TEST (PGD-10, paper suite, AutoAttack, OOD). Outputs go to "
+    "RUN/rift/<step>/; finished steps are skipped on rerun (--force redoes them)."
+)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory of the adversarially trained model")
+    p.add_argument("--config", default=None, help="RiFT options YAML (configs/rift/default.yaml)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override a RiFT option, e.g. --set mrc.passes=5",
+    )  # fmt: skip
+    p.add_argument("--tag", default=None, help="checkpoint tag of the AT run (default best)")
+    p.add_argument("--out", default=None, help="output folder (default RUN/rift)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
+    p.add_argument("--force", action="store_true", help="redo steps even if marked done")
+
+
+def _mrc_opts(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MRC")
+    g.add_argument("--eps", type=float, default=None, help="radius relative to ‖W‖ (0.1)")
+    g.add_argument("--passes", type=int, default=None, help="ascent passes over the set (10)")
+    g.add_argument("--lr", dest="mrc_lr", type=float, default=None, help="ascent step (1.0)")
+    g.add_argument("--batch-size", dest="mrc_batch", type=int, default=None, help="(512)")
+    g.add_argument(
+        "--variant", choices=["max", "first-projection"], default=None,
+        help="max over passes (release, default) or stop at the first projection (paper)",
+    )  # fmt: skip
+    g.add_argument("--points", dest="mrc_points", type=int, default=None,
+                   help="validation images in the adversarial set (10000, capped by the split)")  # fmt: skip
+    g.add_argument("--attack-eps", type=float, default=None,
+                   help="L∞ ε of the PGD-10 set (default: the run's training ε)")  # fmt: skip
+
+
+def _ft_opts(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--module", default=None, help="module to fine-tune, or auto (default auto)")
+    g.add_argument("--bn", choices=["frozen", "adapt"], default=None,
+                   help="BatchNorm statistics frozen (default) or adapting to clean data")  # fmt: skip
+    g.add_argument("--epochs", type=int, default=None, help="(10)")
+    g.add_argument("--ft-lr", type=float, default=None, help="SGD lr (0.001)")
+    g.add_argument("--ft-batch-size", type=int, default=None, help="(128)")
+
+
+def _interp_opts(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("interpolation")
+    g.add_argument("--alpha-step", type=float, default=None, help="α grid step (0.1)")
+    g.add_argument("--tolerance", type=float, default=None,
+                   help="allowed robust-accuracy loss vs AT, points (0.1)")  # fmt: skip
+    g.add_argument("--val-points", type=int, default=None, help="validation images (2000)")
+    g.add_argument("--test-points", type=int, default=None, help="test images (1000)")
+    g.add_argument("--suites", default=None,
+                   help="comma-separated TEST suites (pgd10,paper,autoattack,ood)")  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="step", metavar="STEP", required=True)
+    specs = {
+        "mrc": ("module robust criticality of every Conv2d/Linear weight", [_mrc_opts]),
+        "finetune": ("fine-tune one module's weight on clean data", [_mrc_opts, _ft_opts]),
+        "interpolate": (
+            "α grid on validation, α* by the paper's rule, evaluation on test",
+            [_mrc_opts, _ft_opts, _interp_opts],
+        ),
+        "run": ("all steps, resumable", [_mrc_opts, _ft_opts, _interp_opts]),
+    }
+    for name, (help_text, groups) in specs.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+        _common(p)
+        for g in groups:
+            g(p)
+
+
+_MAP = {
+    "eps": "mrc.eps", "passes": "mrc.passes", "mrc_lr": "mrc.lr", "mrc_batch": "mrc.batch_size",
+    "variant": "mrc.variant", "mrc_points": "mrc.n_points", "attack_eps": "mrc.attack_eps",
+    "module": "module", "bn": "finetune.bn", "epochs": "finetune.epochs", "ft_lr": "finetune.lr",
+    "ft_batch_size": "finetune.batch_size", "alpha_step": "interpolate.step",
+    "tolerance": "interpolate.tolerance", "val_points": "interpolate.n_points",
+    "test_points": "evaluate.n_points", "tag": "tag", "device": "device",
+}  # fmt: skip
+
+
+def build_config(args: argparse.Namespace):  # noqa: ANN201 - RiftConfig, imported lazily
+    """The RiftConfig from --config, --set and the explicit flags (flags win)."""
+    import json
+
+    from fortify.rift.pipeline import load_rift_config
+
+    overrides = list(args.overrides)
+    for attr, key in _MAP.items():
+        v = getattr(args, attr, None)
+        if v is not None:
+            overrides.append(f"{key}={json.dumps(v)}")  # JSON is valid YAML
+    suites = getattr(args, "suites", None)
+    if suites:
+        overrides.append(f"evaluate.suites={json.dumps([s.strip() for s in suites.split(',')])}")
+    return load_rift_config(args.config, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fortify.rift.pipeline import RiftRun, summary_markdown
+
+    cfg = build_config(args)
+    rr = RiftRun(args.run, cfg, out=args.out)
+    if args.step == "mrc":
+        report = rr.mrc(force=args.force)
+        print(report.table())
+        print(f"\nwritten: {rr.step_dir('mrc')}/mrc.json, mrc.md, mrc.png")
+    elif args.step == "finetune":
+        if cfg.module == "auto":
+            name, reason = rr.choose(rr.mrc())
+            print(reason)
+        _, summary = rr.finetune(force=args.force)
+        print(
+            f"fine-tuned {summary['module']}.weight; best validation clean accuracy "
+            f"{summary['best_val_clean']} at epoch {summary['best_epoch']}; changed tensors: "
+            f"{len(summary['changed_tensors'])}"
+        )
+    elif args.step == "interpolate":
+        grid = rr.interpolate(force=args.force)
+        _print_grid(grid)
+        summary = rr.evaluate(force=args.force)
+        print(summary_markdown(summary))
+    else:
+        summary = rr.run_all(force=args.force)
+        _print_grid(rr.interpolate())
+        print(summary_markdown(summary))
+    return 0
+
+
+def _print_grid(grid: dict) -> None:
+    print("| α | clean (val) | PGD-10 (val) |\n|---:|---:|---:|")
+    for p in grid["points"]:
+        mark = " ←" if p["alpha"] == grid["chosen"]["alpha"] else ""
+        print(f"| {p['alpha']:.2f} | {p['clean']:.2f} | {p['robust']:.2f}{mark} |")
+    print(grid["reason"])

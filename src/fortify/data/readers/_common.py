@@ -1,0 +1,178 @@
+"""Helpers shared by the readers: where to look for files, error messages, image decoding."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fortify.data.base import ImageSet
+from fortify.errors import DataError
+
+log = logging.getLogger("fortify.data.readers")
+
+DATA_ENV = "FORTIFY_DATA"
+DEFAULT_ROOT = "data"
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".ppm",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
+
+
+def base_roots(root: str | os.PathLike | None) -> list[Path]:
+    """The base directories searched for a dataset.
+
+    ``root`` when given; otherwise ``$FORTIFY_DATA`` (if set) and ``./data``.
+    """
+    if root is not None:
+        return [Path(root).expanduser()]
+    roots = []
+    if os.environ.get(DATA_ENV):
+        roots.append(Path(os.environ[DATA_ENV]).expanduser())
+    roots.append(Path(DEFAULT_ROOT))
+    return roots
+
+
+def download_root(root: str | os.PathLike | None) -> Path:
+    """Where downloads go: ``root``, else ``$FORTIFY_DATA``, else ``./data``."""
+    return base_roots(root)[0]
+
+
+def candidate_dirs(
+    root: str | os.PathLike | None, subdirs: Sequence[str] = (), extra: Iterable[str] = ()
+) -> list[Path]:
+    """``base`` and ``base/<sub>`` for every base root, then ``extra`` (system locations)."""
+    out: list[Path] = []
+    for base in base_roots(root):
+        out.append(base)
+        out.extend(base / s for s in subdirs)
+    out.extend(Path(e) for e in extra)
+    seen: set[Path] = set()
+    return [d for d in out if not (d in seen or seen.add(d))]
+
+
+def missing(dataset: str, looked: Sequence[Path], need: str, how: str) -> DataError:
+    """A DataError for a dataset whose files were not found anywhere."""
+    where = "\n  ".join(str(d.absolute()) for d in looked) if looked else "(nowhere)"
+    return DataError(
+        f"{dataset}: could not find {need}. Looked in:\n  {where}\n"
+        f"To obtain it: {how} (pass root=... / data.root, or set ${DATA_ENV})."
+    )
+
+
+def first_existing(dirs: Sequence[Path], names: Sequence[str]) -> Path | None:
+    """The first ``dir/name`` (in ``dirs`` order, then ``names`` order) that is a file."""
+    for d in dirs:
+        for n in names:
+            if (d / n).is_file():
+                return d / n
+    return None
+
+
+def check_image_size(image_size: int | None, dataset: str, allow_none: bool = False) -> None:
+    """Raise unless ``image_size`` is a positive int (or None when allowed)."""
+    if image_size is None and allow_none:
+        return
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        allowed = "None or an integer >= 1" if allow_none else "an integer >= 1"
+        raise DataError(f"{dataset}: image_size must be {allowed}, got {image_size!r}")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder`` (by extension, case-insensitive), sorted by name."""
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _decode(path: Path, image_size: int | None, mode: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            if image_size is not None and im.size != (image_size, image_size):
+                # Resize the shorter side to image_size, then centre-crop a square.
+                w, h = im.size
+                s = image_size / min(w, h)
+                nw, nh = max(image_size, round(w * s)), max(image_size, round(h * s))
+                im = im.resize((nw, nh), Image.BILINEAR)
+                left, top = (nw - image_size) // 2, (nh - image_size) // 2
+                im = im.crop((left, top, left + image_size, top + image_size))
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def load_images(
+    paths: Sequence[Path], image_size: int | None, mode: str = "RGB", workers: int | None = None
+) -> torch.Tensor:
+    """Decode image files to one uint8 tensor (N, C, H, W).
+
+    ``mode`` is the PIL mode (``"RGB"`` → C=3, ``"L"`` → C=1). With ``image_size`` each image's
+    shorter side is resized to ``image_size`` and the centre square is kept; with None every
+    image must already have the same size.
+    """
+    if not paths:
+        channels = 1 if mode == "L" else 3
+        size = image_size or 1
+        return torch.zeros(0, channels, size, size, dtype=torch.uint8)
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
+        arrays = list(pool.map(lambda p: _decode(p, image_size, mode), paths))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        examples = {}
+        for p, a in zip(paths, arrays):
+            examples.setdefault(a.shape[:2], p)
+        listing = ", ".join(f"{p.name}: {s[1]}x{s[0]}" for s, p in list(examples.items())[:4])
+        raise DataError(
+            f"images have different sizes ({listing}); pass image_size=N to resize them to NxN"
+        )
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def per_class_split(
+    files_by_class: Sequence[Sequence[Path]], test_fraction: float, seed: int
+) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """Deterministic per-class train/test split of file lists.
+
+    Each class's files are sorted by name, permuted by a generator seeded with ``(seed, class
+    index)``, and the first ``round(test_fraction * n)`` (at least 1 when the class has >= 2
+    files) go to test. Returns (train, test) lists of (path, label), each sorted by label then
+    name.
+    """
+    train: list[tuple[Path, int]] = []
+    test: list[tuple[Path, int]] = []
+    for label, files in enumerate(files_by_class):
+        files = sorted(files, key=lambda p: p.name)
+        n = len(files)
+        n_test = max(1, round(test_fraction * n)) if n >= 2 else 0
+        perm = np.random.default_rng([seed, label]).permutation(n)
+        test_idx = set(perm[:n_test].tolist())
+        for i, f in enumerate(files):
+            (test if i in test_idx else train).append((f, label))
+    return train, test
+
+
+def imageset_from_files(
+    items: Sequence[tuple[Path, int]], image_size: int | None, mode: str = "RGB"
+) -> ImageSet:
+    """Decode ``(path, label)`` items into an :class:`ImageSet`."""
+    images = load_images([p for p, _ in items], image_size, mode)
+    labels = torch.tensor([lab for _, lab in items], dtype=torch.int64)
+    return ImageSet(images, labels)

@@ -1,0 +1,36 @@
+"""Robustness evaluation: attack suites, honest-evaluation checks, reports and plots.
+
+``evaluate(model, x, y, suite="paper", eps=8/255)`` works on any ``nn.Module`` mapping images
+in [0, 1] (N, C, H, W) to logits and returns an :class:`EvalReport`
+(``to_markdown()``, ``to_json()``, ``save(dir)``). Suites live in a registry
+(``register_suite(name, fn)``); built-ins: ``paper``, ``autoattack``, ``quick``, ``full``.
+See docs/evaluation.md for the semantics of ``mode="final"`` / ``"best"`` and of every check.
+"""
+
+from fortify.evaluate.core import (
+    SuiteContext,
+    available_suites,
+    evaluate,
+    evaluate_split,
+    get_suite,
+    register_suite,
+)
+from fortify.evaluate.report import Check, EvalReport, Outcome, ensemble_of, side_by_side
+from fortify.evaluate import suites as _suites  # noqa: F401  registers the built-in suites
+from fortify.evaluate.plot import eps_curve, plot_eps_curve
+
+__all__ = [
+    "Check",
+    "EvalReport",
+    "Outcome",
+    "SuiteContext",
+    "available_suites",
+    "ensemble_of",
+    "eps_curve",
+    "evaluate",
+    "evaluate_split",
+    "get_suite",
+    "plot_eps_curve",
+    "register_suite",
+    "side_by_side",
+]

@@ -1,0 +1,373 @@
+"""The ``adaptive`` suite: an evaluation of bounded-output models (FPD) that cannot be fooled.
+
+A model whose output is bounded (FPD's ``tanh`` on the logits) saturates: in float32 the
+cross-entropy gradient through ``tanh(z)`` is exactly zero once ``|z|`` exceeds ~9, so PGD on
+the bounded output stalls and reports robustness that is not there (gradient masking). This
+suite runs, side by side and **all scored on the real bounded model**:
+
+- the usual attacks on the bounded output: FGSM, PGD-CE;
+- white-box attacks on the pre-bound logits, ``model.unbounded_logits(x)`` wrapped as an
+  ``nn.Module`` (:class:`UnboundedLogits`): PGD on the C&W margin (κ) and on DLR;
+- AutoAttack (standard) on the bounded output and on the pre-bound logits;
+- Square (score-based black box) on the bounded output and on the pre-bound logits;
+- transfer: PGD-CE crafted on a plain surrogate model (a module, or a fortify run directory /
+  checkpoint);
+
+and adds checks (bounded output; zero gradients on the output vs the logits; the gap between
+CE-on-output and the logit attacks; black box beating white box) to the evaluator's own
+gradient-masking checks. Every column enters the Ensemble, the per-sample worst case over
+everything (with Natural, so it never exceeds clean accuracy): that is the headline robust
+accuracy, also stored as ``report.extras["adaptive"]["headline"]``.
+
+Use ``evaluate(model, x, y, suite="adaptive", eps=...)`` for the defaults, or
+:func:`adaptive_evaluate` to pass a surrogate and attack budgets. A model without
+``unbounded_logits`` is attacked on its own output in the logit columns (noted in the report).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fortify.attacks import attack_loss, pgd
+from fortify.errors import ConfigError, FortifyError
+from fortify.evaluate.core import SuiteContext, evaluate, register_suite
+from fortify.evaluate.report import EvalReport, ensemble_of
+
+log = logging.getLogger("fortify.evaluate.adaptive")
+
+SUITE = "adaptive"
+AUTOATTACK_TARGETS = ("both", "bounded", "logits", "none")
+SQUARE_TARGETS = ("bounded", "logits")
+GAP_WARN = 2.0  # percentage points by which CE-on-output may exceed the logit attacks
+
+
+class UnboundedLogits(nn.Module):
+    """``forward(x) = model.unbounded_logits(x)``: the pre-bound logits (N, K) as a model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not callable(getattr(model, "unbounded_logits", None)):
+            raise FortifyError(
+                f"{type(model).__name__} has no unbounded_logits(x) method; only bounded-output "
+                "models such as FPD expose pre-bound logits"
+            )
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.unbounded_logits(x)
+
+
+def logits_model(model: nn.Module) -> nn.Module | None:
+    """The pre-bound-logits view of ``model`` (itself or a DDP ``.module``), or None."""
+    for m in (model, getattr(model, "module", None)):
+        if m is not None and callable(getattr(m, "unbounded_logits", None)):
+            return UnboundedLogits(m)
+    return None
+
+
+def load_surrogate(surrogate: nn.Module | str | Path, device: torch.device) -> nn.Module:
+    """A surrogate model: a module, or a fortify run directory / checkpoint path (tag "best")."""
+    if isinstance(surrogate, nn.Module):
+        return surrogate.to(device)
+    from fortify.runs import load_model
+
+    path = Path(surrogate)
+    if not path.exists():
+        raise FortifyError(f"surrogate {str(path)!r} does not exist; pass a run directory or checkpoint")
+    model, _meta = load_model(path, device=device)
+    return model
+
+
+@dataclass
+class AdaptiveOptions:
+    """Budgets of the adaptive suite (ε and norm come from :func:`evaluate`).
+
+    Attributes:
+        steps: PGD steps of every white-box column (FPD release: 40).
+        step_size: pixel units; None: 2.5·ε/steps.
+        restarts: PGD restarts (later restarts only on points not yet broken).
+        kappa: C&W confidence on the pre-bound logits.
+        autoattack: "both" (bounded output and logits), "bounded", "logits" or "none".
+        autoattack_points: run AutoAttack on the first N points only (None: all); the others
+            keep their clean outcome in those columns.
+        square_queries: Square's query budget per point (0 disables the Square columns).
+        square_on: which outputs Square sees ("bounded", "logits").
+        surrogate: plain model, run directory or checkpoint for the transfer column; None skips.
+        transfer_steps: PGD steps on the surrogate (None: ``steps``).
+    """
+
+    steps: int = 40
+    step_size: float | None = None
+    restarts: int = 1
+    kappa: float = 50.0
+    autoattack: str = "both"
+    autoattack_points: int | None = None
+    square_queries: int = 5000
+    square_on: Sequence[str] = SQUARE_TARGETS
+    surrogate: nn.Module | str | Path | None = None
+    transfer_steps: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"adaptive steps must be an integer >= 1, got {self.steps!r}")
+        if not isinstance(self.restarts, int) or self.restarts < 1:
+            raise ConfigError(f"adaptive restarts must be an integer >= 1, got {self.restarts!r}")
+        if self.step_size is not None and not self.step_size > 0:
+            raise ConfigError(f"adaptive step_size must be > 0 (pixel units), got {self.step_size!r}")
+        if self.autoattack not in AUTOATTACK_TARGETS:
+            raise ConfigError(
+                f"adaptive autoattack={self.autoattack!r} is not allowed; choose one of {list(AUTOATTACK_TARGETS)}"
+            )
+        bad = [s for s in self.square_on if s not in SQUARE_TARGETS]
+        if bad:
+            raise ConfigError(f"adaptive square_on has {bad}; allowed entries: {list(SQUARE_TARGETS)}")
+        if self.square_queries < 0:
+            raise ConfigError(f"adaptive square_queries must be >= 0, got {self.square_queries}")
+        if self.autoattack_points is not None and self.autoattack_points < 1:
+            raise ConfigError(f"adaptive autoattack_points must be >= 1 or None, got {self.autoattack_points}")
+
+
+_OPTIONS: contextvars.ContextVar[AdaptiveOptions] = contextvars.ContextVar(
+    "fortify_adaptive_options", default=AdaptiveOptions()
+)
+
+
+def adaptive_evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    options: AdaptiveOptions | None = None,
+    **kwargs: Any,
+) -> EvalReport:
+    """Run the ``adaptive`` suite with explicit budgets.
+
+    Args:
+        model: maps images (N, C, H, W) in [0, 1] to (bounded) logits (N, K); if it has
+            ``unbounded_logits(x)`` (FPD does) the logit columns attack that.
+        x, y: images in [0, 1] and int64 labels. eps: budget in pixel units.
+        options: :class:`AdaptiveOptions` (surrogate, steps, AutoAttack / Square budgets).
+        **kwargs: passed to :func:`fortify.evaluate.evaluate` (norm, batch_size, seed, mode,
+            checks, check_points, square_queries of the generic Square check, ...).
+            Fields of :class:`AdaptiveOptions` may also be given here directly.
+    Returns:
+        the :class:`EvalReport`; the headline is its Ensemble column.
+    """
+    opts = options or AdaptiveOptions()
+    names = set(AdaptiveOptions.__dataclass_fields__) - {"extra"}
+    own = {k: kwargs.pop(k) for k in list(kwargs) if k in names and k != "square_queries"}
+    if "adaptive_square_queries" in kwargs:
+        own["square_queries"] = kwargs.pop("adaptive_square_queries")
+    opts = replace(opts, **own)
+    opts.validate()
+    token = _OPTIONS.set(opts)
+    try:
+        return evaluate(model, x, y, suite=SUITE, eps=eps, **kwargs)
+    finally:
+        _OPTIONS.reset(token)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _autoattack_batch(
+    net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, eps: float, norm: str, seed: int, k: int
+) -> torch.Tensor:
+    """Standard AutoAttack on one batch; returns x_adv (N, C, H, W)."""
+    from pyautoattack import AutoAttack
+
+    kw: dict[str, Any] = {"version": "standard"}
+    if k < 4:  # targeted DLR needs 4 classes
+        kw = {"version": "custom", "attacks": ["apgd-ce", "apgd-dlr", "square"] if k == 3 else ["apgd-ce", "square"]}
+    aa = AutoAttack(net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, seed=seed, device=xb.device, **kw)
+    aa.verbose = False
+    aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, max(k - 1, 1))
+    aa.fab.n_target_classes = min(aa.fab.n_target_classes, max(k - 1, 1))
+    devices = [xb.device] if xb.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # pyautoattack reseeds the global RNG
+        out = aa.run_standard_evaluation(xb, yb, batch_size=len(xb))
+    return (out[0] if isinstance(out, tuple) else out).detach()
+
+
+def _square_batch(
+    net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, eps: float, norm: str, queries: int, seed: int
+) -> torch.Tensor:
+    from pyautoattack.square import SquareAttack
+
+    sq = SquareAttack(
+        net, norm={"linf": "Linf", "l2": "L2"}[norm], n_queries=queries, eps=eps, p_init=0.8,
+        n_restarts=1, seed=seed, verbose=False, device=xb.device, resc_schedule=queries < 5000,
+    )  # fmt: skip
+    devices = [xb.device] if xb.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        return sq.perturb(xb, yb).detach()
+
+
+def _zero_grad_fraction(net: nn.Module, ctx: SuiteContext, loss: str, kappa: float, m: int) -> float:
+    """Fraction of the first ``m`` points whose input gradient of ``loss`` is exactly zero."""
+    zero = 0
+    for i in range(0, m, ctx.batch_size):
+        xb = ctx.x[i : min(i + ctx.batch_size, m)].to(ctx.device)
+        yb = ctx.y[i : min(i + ctx.batch_size, m)].to(ctx.device)
+        with torch.enable_grad():
+            xa = xb.detach().clone().requires_grad_(True)
+            obj = attack_loss(net(xa), yb, None, loss=loss, targeted=False, kappa=kappa).sum()
+            (g,) = torch.autograd.grad(obj, xa)
+        zero += int((g.flatten(1).abs().amax(1) == 0).sum())
+    return zero / max(m, 1)
+
+
+@register_suite(
+    SUITE,
+    description="FPD-proof: CE on the output, C&W/DLR on pre-bound logits, AutoAttack, Square, "
+    "transfer; Ensemble = worst case over all",
+)
+def adaptive_suite(ctx: SuiteContext) -> None:
+    """Attacks that see through bounded outputs (see the module docstring)."""
+    opts = _OPTIONS.get()
+    opts.validate()
+    eps, norm, k = ctx.eps, ctx.norm, opts.steps
+    step = opts.step_size if opts.step_size is not None else 2.5 * eps / k
+    logit_net = logits_model(ctx.model)
+    has_logits = logit_net is not None
+    target = logit_net if logit_net is not None else ctx.model
+    where = "pre-bound logits" if has_logits else "model output (it has no unbounded_logits)"
+    columns: dict[str, list] = {}
+
+    def pgd_fn(net: nn.Module, loss: str, salt: int, s: float = step, n: int = k):
+        def fn(xb: torch.Tensor, yb: torch.Tensor, sl: slice) -> torch.Tensor:
+            return pgd(
+                net, xb, yb, eps=eps, steps=n, step_size=s, norm=norm, loss=loss, random_start=True,
+                restarts=opts.restarts, kappa=opts.kappa, mode="final",
+                generator=ctx.generator(salt + sl.start),
+            )  # fmt: skip
+
+        return fn
+
+    # -- the usual attacks on the bounded output ---------------------------------------------
+    columns["FGSM"] = ctx.run_fgsm("FGSM")
+    columns["ce"] = ctx.run_pgd(
+        f"PGD-{k} CE", steps=k, step_size=step, loss="ce", random_start=True, restarts=opts.restarts,
+        note="cross-entropy on the model's (bounded) output",
+    )  # fmt: skip
+    # -- white box on the pre-bound logits, scored on the bounded model -----------------------
+    columns["cw"] = ctx.run_attack(
+        f"PGD-{k} C&W", pgd_fn(target, "cw", 11), note=f"margin loss κ={opts.kappa:g} on the {where}"
+    )
+    columns["dlr"] = ctx.run_attack(f"PGD-{k} DLR", pgd_fn(target, "dlr", 13), note=f"DLR loss on the {where}")
+    # -- AutoAttack -------------------------------------------------------------------------
+    limit = ctx.n if opts.autoattack_points is None else min(ctx.n, opts.autoattack_points)
+    aa_nets = []
+    if opts.autoattack in ("both", "bounded"):
+        aa_nets.append(("AutoAttack", ctx.model, "standard AutoAttack on the model's output"))
+    if opts.autoattack in ("both", "logits") and has_logits:
+        aa_nets.append(("AutoAttack (logits)", target, "standard AutoAttack on the pre-bound logits"))
+    for name, net, note in aa_nets:
+
+        def aa_fn(xb: torch.Tensor, yb: torch.Tensor, sl: slice, net: nn.Module = net) -> torch.Tensor:
+            n_in = max(0, min(len(xb), limit - sl.start))
+            if n_in == 0:
+                return xb
+            adv = _autoattack_batch(net, xb[:n_in], yb[:n_in], eps=eps, norm=norm, seed=ctx.seed, k=ctx.num_classes)
+            return torch.cat([adv, xb[n_in:]]) if n_in < len(xb) else adv
+
+        if limit < ctx.n:
+            note += f"; first {limit} of {ctx.n} points (the rest count as not attacked)"
+        columns[name] = ctx.run_attack(name, aa_fn, note=note)
+    # -- black box ----------------------------------------------------------------------------
+    black = []
+    if opts.square_queries > 0:
+        for which in opts.square_on:
+            if which == "logits" and not has_logits:
+                continue
+            net = ctx.model if which == "bounded" else target
+            name = "Square" if which == "bounded" else "Square (logits)"
+
+            def sq_fn(xb: torch.Tensor, yb: torch.Tensor, sl: slice, net: nn.Module = net) -> torch.Tensor:
+                return _square_batch(net, xb, yb, eps=eps, norm=norm, queries=opts.square_queries, seed=ctx.seed)
+
+            seen = "model output" if which == "bounded" else "pre-bound logits"
+            black.append(ctx.run_attack(name, sq_fn, note=f"{opts.square_queries} queries on the {seen}"))
+    if opts.surrogate is not None:
+        sur = load_surrogate(opts.surrogate, ctx.device)
+        was_training = sur.training
+        sur.eval()
+        n = opts.transfer_steps or k
+        try:
+            black.append(ctx.run_attack(
+                "Transfer", pgd_fn(sur, "ce", 17, s=2.5 * eps / n, n=n),
+                note=f"PGD-{n} CE crafted on the surrogate ({type(sur).__name__}), scored on the model",
+            ))  # fmt: skip
+        finally:
+            sur.train(was_training)
+
+    # -- checks of this suite -----------------------------------------------------------------
+    mode = ctx.modes[0]
+
+    def acc(outs: list) -> float:
+        o = next((o for o in outs if o.mode == mode), outs[0] if outs else None)
+        return o.accuracy if o is not None else float("nan")
+
+    m = min(ctx.n, ctx.batch_size)
+    with torch.no_grad():
+        out = ctx.model(ctx.x[:m].to(ctx.device))
+    bounded = bool(out.abs().max() <= 1.0 + 1e-6)
+    ctx.check(
+        "bounded output",
+        "warn" if bounded else "ok",
+        "the model's outputs lie in [-1, 1]: cross-entropy attacks on them are no evidence of "
+        "robustness; the logit attacks, AutoAttack and the Ensemble are the numbers to trust"
+        if bounded
+        else "outputs are not confined to [-1, 1]",
+    )
+    zero_out = _zero_grad_fraction(ctx.model, ctx, "ce", 0.0, m)
+    zero_logit = _zero_grad_fraction(target, ctx, "cw", opts.kappa, m) if has_logits else None
+    msg = f"{100 * zero_out:.1f}% of the first {m} points have an exactly zero CE gradient on the output"
+    if zero_logit is not None:
+        msg += f", {100 * zero_logit:.1f}% a zero C&W gradient on the pre-bound logits"
+    ctx.check("zero gradients (output vs logits)", "warn" if zero_out > 0.05 else "ok", msg)
+    ce_acc, best_logit = acc(columns["ce"]), min(acc(columns["cw"]), acc(columns["dlr"]))
+    gap = ce_acc - best_logit
+    ctx.check(
+        "CE on output vs logit attacks",
+        "warn" if gap > GAP_WARN else "ok",
+        f"PGD-CE on the output {ce_acc:.2f}% vs C&W/DLR on the {where} {best_logit:.2f}%"
+        + (" — CE on the bounded output overestimates robustness (gradient masking)" if gap > GAP_WARN else ""),
+    )
+    white = [acc(v) for key, v in columns.items() if v]
+    if black and white:
+        best_black, best_white = min(acc(b) for b in black), min(white)
+        ctx.check(
+            "black box vs white box",
+            "warn" if best_black < best_white - GAP_WARN else "ok",
+            f"best black-box column {best_black:.2f}% vs best white-box column {best_white:.2f}%"
+            + (" — black box beats white box: white-box gradients are unreliable" if best_black < best_white - GAP_WARN else ""),
+        )  # fmt: skip
+    ens = ensemble_of(ctx.outcomes, mode)
+    headline = 100.0 * float(ens.float().mean()) if ens is not None else float("nan")
+    ctx.extras["adaptive"] = {
+        "headline": headline,
+        "mode": mode,
+        "logits_available": has_logits,
+        "ce_minus_logit_attacks": gap,
+        "zero_grad_fraction_output": zero_out,
+        "zero_grad_fraction_logits": zero_logit,
+        "steps": k,
+        "step_size": step,
+        "kappa": opts.kappa,
+        "autoattack": opts.autoattack,
+        "autoattack_points": limit,
+        "square_queries": opts.square_queries,
+        "surrogate": None if opts.surrogate is None else (str(opts.surrogate) if not isinstance(opts.surrogate, nn.Module) else type(opts.surrogate).__name__),
+    }  # fmt: skip
+    log.info("adaptive: headline (per-sample worst case over every column) %.2f%%", headline)

@@ -1,0 +1,472 @@
+"""Out-of-distribution (common corruption) accuracy: published sets or generated corruptions.
+
+Published sets:
+
+* **CIFAR-10-C / CIFAR-100-C** (Hendrycks & Dietterich 2019): a folder with one
+  ``<corruption>.npy`` per corruption holding 50,000 uint8 HWC images = 5 severities × 10,000
+  test images, severity-major (rows 0–9,999 are severity 1), and ``labels.npy`` (50,000 labels).
+* **Tiny-ImageNet-C**: ``<corruption>/<severity>/<wnid>/*.JPEG`` image folders.
+
+For datasets without a published set (Fashion-MNIST, MNIST, digits, SVHN, your own) the test
+images are corrupted on the fly with :mod:`fortify.evaluate.corruptions` (seeded).
+
+:func:`evaluate_ood` reports accuracy (percent) per corruption × severity, per corruption, per
+severity and the mean over all; the ``ood`` evaluation suite wraps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fortify.data.base import ImageSet
+from fortify.errors import ConfigError, DataError
+from fortify.evaluate import corruptions as C
+
+log = logging.getLogger("fortify.evaluate.ood")
+
+SEVERITIES = (1, 2, 3, 4, 5)
+# The 15 corruptions of the benchmark (the paper's mean is over these).
+BENCHMARK_CORRUPTIONS = (
+    "gaussian_noise", "shot_noise", "impulse_noise",
+    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness",
+    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)  # fmt: skip
+EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+PUBLISHED = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C", "tiny-imagenet": "Tiny-ImageNet-C"}
+
+
+# ----------------------------------------------------------------------------------------------
+# readers
+
+
+def list_cifar_c(root: str | os.PathLike) -> list[str]:
+    """Corruption names available in a CIFAR-10-C / CIFAR-100-C folder (benchmark ones first)."""
+    d = Path(root)
+    if not d.is_dir():
+        raise DataError(f"corrupted-set folder {str(d)!r} does not exist")
+    names = sorted(p.stem for p in d.glob("*.npy") if p.stem != "labels")
+    return [n for n in BENCHMARK_CORRUPTIONS + EXTRA_CORRUPTIONS if n in names] + [
+        n for n in names if n not in BENCHMARK_CORRUPTIONS + EXTRA_CORRUPTIONS
+    ]
+
+
+def read_cifar_c(
+    root: str | os.PathLike,
+    corruption: str,
+    *,
+    per_severity: int = 10_000,
+    severities: Sequence[int] = SEVERITIES,
+    limit: int | None = None,
+) -> dict[int, ImageSet]:
+    """Read ``<root>/<corruption>.npy`` and ``<root>/labels.npy`` → {severity: ImageSet}.
+
+    Args:
+        per_severity: images per severity (10,000 for the published sets); the files must hold
+            exactly ``5 × per_severity`` rows.
+        limit: keep only the first ``limit`` images of each severity.
+
+    Returns:
+        uint8 images (n, C, H, W) and int64 labels per requested severity.
+    """
+    d = Path(root)
+    path, lpath = d / f"{corruption}.npy", d / "labels.npy"
+    if not path.is_file():
+        have = list_cifar_c(d) if d.is_dir() else []
+        raise DataError(
+            f"corruption file {str(path)!r} not found; available in {str(d)!r}: "
+            f"{', '.join(have) or 'none'}"
+        )
+    if not lpath.is_file():
+        raise DataError(f"labels file {str(lpath)!r} not found next to the corruption files")
+    expected = len(SEVERITIES) * per_severity
+    images = np.load(path, mmap_mode="r")
+    labels = np.load(lpath, mmap_mode="r")
+    for what, arr in ((path, images), (lpath, labels)):
+        if arr.shape[0] != expected:
+            raise DataError(
+                f"{str(what)!r} has {arr.shape[0]} rows; expected {expected} "
+                f"(5 severities × {per_severity} images, severity-major)"
+            )
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DataError(
+            f"{str(path)!r} must hold uint8 images (N, H, W, C) with C = 1 or 3, got shape "
+            f"{tuple(images.shape)}"
+        )
+    out = {}
+    n = per_severity if limit is None else min(limit, per_severity)
+    for s in severities:
+        if s not in SEVERITIES:
+            raise ConfigError(f"severity must be one of {list(SEVERITIES)}, got {s!r}")
+        lo = (s - 1) * per_severity
+        x = torch.from_numpy(np.ascontiguousarray(images[lo : lo + n])).permute(0, 3, 1, 2)
+        y = torch.from_numpy(np.asarray(labels[lo : lo + n]).astype(np.int64))
+        out[s] = ImageSet(x.to(torch.uint8).contiguous(), y)
+    return out
+
+
+def read_tiny_imagenet_c(
+    root: str | os.PathLike,
+    corruption: str,
+    severity: int,
+    classes: Sequence[str],
+    *,
+    limit: int | None = None,
+) -> ImageSet:
+    """Read ``<root>/<corruption>/<severity>/<wnid>/*`` images; labels follow ``classes`` order."""
+    from PIL import Image
+
+    d = Path(root) / corruption / str(severity)
+    if not d.is_dir():
+        raise DataError(
+            f"Tiny-ImageNet-C folder {str(d)!r} not found (expected <root>/<corruption>/<1..5>/<wnid>/)"
+        )
+    index = {w: i for i, w in enumerate(classes)}
+    xs, ys = [], []
+    for cls_dir in sorted(p for p in d.iterdir() if p.is_dir()):
+        if cls_dir.name not in index:
+            raise DataError(f"{str(cls_dir)!r}: class {cls_dir.name!r} is not one of the model's classes")
+        for f in sorted(cls_dir.iterdir()):
+            if f.suffix.lower() not in (".jpeg", ".jpg", ".png"):
+                continue
+            with Image.open(f) as im:
+                xs.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+            ys.append(index[cls_dir.name])
+    if not xs:
+        raise DataError(f"no images found under {str(d)!r}")
+    order = np.arange(len(xs))
+    if limit is not None and limit < len(xs):  # a fixed, class-balanced-ish subset
+        order = np.random.default_rng(0).permutation(len(xs))[:limit]
+        order.sort()
+    x = torch.from_numpy(np.stack([xs[i] for i in order])).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(x, torch.tensor([ys[i] for i in order], dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class OODResult:
+    """Accuracy (percent) under corruptions.
+
+    Attributes:
+        table: {corruption: {severity: accuracy}}.
+        source: "generated (seed S)" or the published set's folder.
+        n_points: images per corruption and severity.
+        clean: accuracy on the uncorrupted images (generated sets only; else None).
+    """
+
+    table: dict[str, dict[int, float]]
+    source: str
+    n_points: int
+    clean: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def per_corruption(self) -> dict[str, float]:
+        return {c: float(np.mean(list(v.values()))) for c, v in self.table.items()}
+
+    @property
+    def per_severity(self) -> dict[int, float]:
+        sev = sorted({s for v in self.table.values() for s in v})
+        return {s: float(np.mean([v[s] for v in self.table.values() if s in v])) for s in sev}
+
+    @property
+    def mean(self) -> float:
+        """Mean accuracy over every corruption and severity (the paper's OOD number)."""
+        return float(np.mean(list(self.per_corruption.values()))) if self.table else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["table"] = {c: {str(s): a for s, a in v.items()} for c, v in self.table.items()}
+        d["per_corruption"] = self.per_corruption
+        d["per_severity"] = {str(s): a for s, a in self.per_severity.items()}
+        d["mean"] = self.mean
+        return d
+
+    def markdown(self) -> str:
+        sev = list(self.per_severity)
+        lines = [
+            f"OOD accuracy (%) — {self.source}, {self.n_points} images per cell; mean {self.mean:.2f}"
+            + (f", clean {self.clean:.2f}" if self.clean is not None else ""),
+            "",
+            "| corruption | " + " | ".join(f"s{s}" for s in sev) + " | mean |",
+            "|---|" + "---:|" * (len(sev) + 1),
+        ]
+        for c, v in self.table.items():
+            cells = " | ".join(f"{v[s]:.2f}" if s in v else "–" for s in sev)
+            lines.append(f"| {c} | {cells} | {self.per_corruption[c]:.2f} |")
+        cells = " | ".join(f"{a:.2f}" for a in self.per_severity.values())
+        lines.append(f"| **mean** | {cells} | **{self.mean:.2f}** |")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+    return 100.0 * correct / max(len(x), 1)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def generated_ood(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    corruptions: Sequence[str] | None = None,
+    severities: Sequence[int] = SEVERITIES,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: Callable[[str], None] | None = None,
+) -> OODResult:
+    """Accuracy of ``model`` (eval mode) on generated corruptions of (x, y).
+
+    Args:
+        x: float test images (N, C, H, W) in [0, 1]; y: int64 labels (N,).
+        corruptions: names from :func:`fortify.evaluate.corruptions.available` (default: all
+            that fit the channel count).
+        seed: every (corruption, severity) cell uses generators seeded from ``seed`` and the
+            batch index, so results are reproducible and severities share their noise draws.
+    """
+    names = list(corruptions) if corruptions is not None else C.available(x.shape[1])
+    for s in severities:
+        if s not in SEVERITIES:
+            raise ConfigError(f"severity must be one of {list(SEVERITIES)}, got {s!r}")
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    table: dict[str, dict[int, float]] = {}
+    try:
+        x, y = x.to(device), y.to(device)
+        clean = _accuracy(model, x, y, batch_size)
+        for name in names:
+            if progress is not None:
+                progress(name)
+            row = {}
+            for s in severities:
+                correct = 0
+                for b, i in enumerate(range(0, len(x), batch_size)):
+                    xb = C.corrupt(x[i : i + batch_size], name, s, seed=seed * 100_003 + b)
+                    with torch.no_grad():
+                        correct += int((model(xb).argmax(1) == y[i : i + batch_size]).sum())
+                row[s] = 100.0 * correct / max(len(x), 1)
+            table[name] = row
+            log.info("OOD %-18s %s", name, " ".join(f"{a:.1f}" for a in row.values()))
+    finally:
+        model.train(was_training)
+    return OODResult(table, f"generated corruptions (seed {seed})", len(x), clean)
+
+
+def published_ood(
+    model: nn.Module,
+    root: str | os.PathLike,
+    *,
+    kind: str = "cifar-c",
+    corruptions: Sequence[str] | None = None,
+    severities: Sequence[int] = SEVERITIES,
+    n_points: int | None = None,
+    classes: Sequence[str] | None = None,
+    batch_size: int = 256,
+    progress: Callable[[str], None] | None = None,
+) -> OODResult:
+    """Accuracy of ``model`` on a published corrupted set at ``root``.
+
+    Args:
+        kind: ``"cifar-c"`` (CIFAR-10-C / CIFAR-100-C .npy files) or ``"tiny-imagenet-c"``.
+        n_points: first images per severity (all when None).
+        classes: Tiny-ImageNet class ids (wnids) in the model's label order.
+    """
+    if kind == "cifar-c":
+        names = list(corruptions) if corruptions is not None else [
+            n for n in list_cifar_c(root) if n in BENCHMARK_CORRUPTIONS
+        ] or list_cifar_c(root)
+    elif kind == "tiny-imagenet-c":
+        if classes is None:
+            raise ConfigError("Tiny-ImageNet-C needs the model's class ids (wnids) in label order")
+        d = Path(root)
+        names = list(corruptions) if corruptions is not None else sorted(
+            p.name for p in d.iterdir() if p.is_dir()
+        )
+    else:
+        raise ConfigError(f"unknown corrupted-set kind {kind!r}; allowed: cifar-c, tiny-imagenet-c")
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    table: dict[str, dict[int, float]] = {}
+    count = 0
+    try:
+        for name in names:
+            if progress is not None:
+                progress(name)
+            if kind == "cifar-c":
+                sets = read_cifar_c(root, name, severities=severities, limit=n_points)
+            else:
+                sets = {
+                    s: read_tiny_imagenet_c(root, name, s, classes, limit=n_points)  # type: ignore[arg-type]
+                    for s in severities
+                }
+            row = {}
+            for s, iset in sets.items():
+                x, y = iset.floats(device)
+                row[s] = _accuracy(model, x, y, batch_size)
+                count = len(iset)
+            table[name] = row
+            log.info("OOD %-18s %s", name, " ".join(f"{a:.1f}" for a in row.values()))
+    finally:
+        model.train(was_training)
+    return OODResult(table, str(root), count)
+
+
+def find_published(dataset: str | None, root: str | os.PathLike | None = None) -> Path | None:
+    """Folder of the published corrupted set for ``dataset`` (``<root or $FORTIFY_DATA or ./data>/
+    CIFAR-10-C`` …), or None when the dataset has none or it is not on disk."""
+    if dataset not in PUBLISHED:
+        return None
+    folder = PUBLISHED[dataset]
+    cands = []
+    if root is not None:
+        cands += [Path(root) / folder, Path(root)]
+    if os.environ.get("FORTIFY_DATA"):
+        cands.append(Path(os.environ["FORTIFY_DATA"]) / folder)
+    cands.append(Path("data") / folder)
+    for cand in cands:
+        if (cand / "labels.npy").is_file() or (cand / "gaussian_noise").is_dir():
+            return cand
+    return None
+
+
+def evaluate_ood(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    dataset: str | None = None,
+    root: str | os.PathLike | None = None,
+    classes: Sequence[str] | None = None,
+    source: str = "auto",
+    corruptions: Sequence[str] | None = None,
+    severities: Sequence[int] = SEVERITIES,
+    seed: int = 0,
+    batch_size: int = 256,
+    n_points: int | None = None,
+) -> OODResult:
+    """OOD accuracy: the published set for CIFAR-10/100 and Tiny-ImageNet when found on disk
+    (``source="auto"`` or ``"published"``), otherwise generated corruptions of (x, y).
+
+    x: float test images (N, C, H, W) in [0, 1] (used for generated corruptions and to size the
+    published subset: the first ``n_points or len(x)`` images per severity).
+    """
+    if source not in ("auto", "published", "generated"):
+        raise ConfigError(f"OOD source must be auto, published or generated, got {source!r}")
+    found = find_published(dataset, root) if source != "generated" else None
+    if source == "published" and found is None:
+        raise DataError(
+            f"no published corrupted set for dataset {dataset!r} found"
+            + (f" (looked for {PUBLISHED[dataset]} under {root or '$FORTIFY_DATA or ./data'})"
+               if dataset in PUBLISHED else f"; published sets exist only for {sorted(PUBLISHED)}")
+        )  # fmt: skip
+    if found is not None:
+        kind = "tiny-imagenet-c" if dataset == "tiny-imagenet" else "cifar-c"
+        log.info("OOD: using the published set at %s", found)
+        return published_ood(
+            model, found, kind=kind, corruptions=corruptions, severities=severities,
+            n_points=n_points or len(x), classes=classes, batch_size=batch_size,
+        )  # fmt: skip
+    if dataset in PUBLISHED:
+        log.warning(
+            "OOD: %s not found for %s; falling back to generated corruptions (not comparable "
+            "with published numbers)", PUBLISHED[dataset], dataset,
+        )  # fmt: skip
+    if n_points is not None:
+        x, y = x[:n_points], y[:n_points]
+    return generated_ood(
+        model, x, y, corruptions=corruptions, severities=severities, seed=seed,
+        batch_size=batch_size,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# the ``ood`` evaluation suite
+
+_OOD_DEFAULTS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
+    "fortify_ood_defaults", default={}
+)
+
+
+@contextlib.contextmanager
+def ood_dataset(
+    dataset: str | None,
+    root: str | os.PathLike | None = None,
+    classes: Sequence[str] | None = None,
+    **options: Any,
+) -> Iterator[None]:
+    """Tell the ``ood`` suite which dataset the points come from (to find CIFAR-10-C & co.).
+
+    ``fortify eval --suite ood`` and ``fortify rift`` wrap :func:`fortify.evaluate.evaluate` in
+    this; other options (``corruptions``, ``severities``, ``source``) are passed through.
+    """
+    token = _OOD_DEFAULTS.set({"dataset": dataset, "root": root, "classes": classes, **options})
+    try:
+        yield
+    finally:
+        _OOD_DEFAULTS.reset(token)
+
+
+def _ood_suite(ctx: Any) -> None:
+    """OOD: accuracy under common corruptions (published CIFAR-C sets or generated), 5 severities"""
+    opts = dict(_OOD_DEFAULTS.get())
+    result = evaluate_ood(
+        ctx.model,
+        ctx.x,
+        ctx.y,
+        dataset=opts.pop("dataset", None),
+        root=opts.pop("root", None),
+        classes=opts.pop("classes", None),
+        seed=ctx.seed,
+        batch_size=ctx.batch_size,
+        **opts,
+    )
+    ctx.extras["ood"] = result.to_dict()
+    ctx.extras["ood_markdown"] = result.markdown()
+    ctx.check(
+        "OOD",
+        "ok",
+        f"mean corruption accuracy {result.mean:.2f}% over {len(result.table)} corruptions × "
+        f"{len(result.per_severity)} severities ({result.source}); per severity: "
+        + ", ".join(f"s{s} {a:.2f}" for s, a in result.per_severity.items())
+        + "; per corruption: "
+        + ", ".join(f"{c} {a:.2f}" for c, a in result.per_corruption.items()),
+    )
+
+
+def _register_suite() -> None:
+    try:
+        from fortify.evaluate.core import register_suite
+    except ImportError:  # evaluator not available: the readers still work
+        return
+    register_suite("ood", _ood_suite)
+
+
+_register_suite()

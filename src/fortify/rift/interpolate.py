@@ -1,0 +1,217 @@
+"""Weight interpolation between the AT model and the fine-tuned model, step 3 of RiFT.
+
+``θ_α = (1 − α)·θ_AT + α·θ_FT`` over the whole state dict: parameters and floating-point
+buffers (BatchNorm running statistics) are interpolated; integer buffers (BatchNorm's
+``num_batches_tracked``) are copied from θ_FT when α ≥ 0.5, else from θ_AT. α = 0 and α = 1
+return exact copies of the endpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fortify.errors import CheckpointError, ConfigError
+from fortify.utils.atomic import atomic_write_text, atomic_write_with
+
+log = logging.getLogger("fortify.rift")
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def alpha_grid(step: float = 0.1) -> list[float]:
+    """α values 0.0, step, …, 1.0 (rounded to 10 decimals; ``1/step`` must be an integer)."""
+    if not 0 < step <= 1:
+        raise ConfigError(f"α grid step must be in (0, 1], got {step!r}")
+    n = round(1 / step)
+    if abs(n * step - 1) > 1e-9:
+        raise ConfigError(f"α grid step must divide 1 evenly (e.g. 0.1, 0.05, 0.25), got {step!r}")
+    return [round(i / n, 10) for i in range(n + 1)]
+
+
+def check_compatible(sd_at: StateDict, sd_ft: StateDict) -> None:
+    """Raise :class:`CheckpointError` unless both state dicts have the same keys and shapes."""
+    only_at = sorted(set(sd_at) - set(sd_ft))
+    only_ft = sorted(set(sd_ft) - set(sd_at))
+    if only_at or only_ft:
+        raise CheckpointError(
+            "the AT and fine-tuned checkpoints are different architectures: keys only in AT: "
+            f"{only_at[:8]}{' …' if len(only_at) > 8 else ''}; keys only in fine-tuned: "
+            f"{only_ft[:8]}{' …' if len(only_ft) > 8 else ''}"
+        )
+    bad = [k for k in sd_at if tuple(sd_at[k].shape) != tuple(sd_ft[k].shape)]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(
+            f"the AT and fine-tuned checkpoints are different architectures: {len(bad)} tensor(s) "
+            f"differ in shape, e.g. {k!r}: {tuple(sd_at[k].shape)} vs {tuple(sd_ft[k].shape)}"
+        )
+    bad_dtype = [k for k in sd_at if sd_at[k].dtype != sd_ft[k].dtype]
+    if bad_dtype:
+        k = bad_dtype[0]
+        raise CheckpointError(
+            f"tensor {k!r} has dtype {sd_at[k].dtype} in the AT checkpoint but "
+            f"{sd_ft[k].dtype} in the fine-tuned one"
+        )
+
+
+def interpolate_state(sd_at: StateDict, sd_ft: StateDict, alpha: float) -> dict[str, torch.Tensor]:
+    """``(1 − α)·sd_at + α·sd_ft`` for floating tensors; integer tensors copied (see module doc).
+
+    Args:
+        alpha: in [0, 1]; 0 returns a copy of ``sd_at``, 1 a copy of ``sd_ft``.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"interpolation α must be a number in [0, 1], got {alpha!r}")
+    check_compatible(sd_at, sd_ft)
+    out: dict[str, torch.Tensor] = {}
+    for k, a in sd_at.items():
+        b = sd_ft[k].to(a.device)
+        if alpha == 0.0:
+            out[k] = a.detach().clone()
+        elif alpha == 1.0:
+            out[k] = b.detach().clone()
+        elif a.is_floating_point() or a.is_complex():
+            out[k] = torch.lerp(a.detach(), b.detach(), float(alpha))
+        else:
+            out[k] = (b if alpha >= 0.5 else a).detach().clone()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# grid evaluation and the selection rule
+
+
+@dataclass
+class GridPoint:
+    """Validation accuracies (percent) of θ_α."""
+
+    alpha: float
+    clean: float
+    robust: float
+
+
+def select_alpha(points: Sequence[GridPoint], tolerance: float = 0.1) -> tuple[GridPoint, str]:
+    """The paper's rule: the largest clean-accuracy gain over θ_AT (α = 0) among the α whose
+    robust accuracy is at least ``robust(θ_AT) − tolerance`` (percentage points).
+
+    Ties are broken by higher robust accuracy, then by smaller α. Returns the chosen point and a
+    one-line reason. α = 0 is always admissible, so a point is always chosen.
+    """
+    if tolerance < 0:
+        raise ConfigError(f"robust-accuracy tolerance must be >= 0 points, got {tolerance!r}")
+    base = [p for p in points if p.alpha == 0.0]
+    if not base:
+        raise ConfigError("the α grid must contain α = 0 (the AT model) as the reference")
+    ref = base[0]
+    floor = ref.robust - tolerance - 1e-9
+    admissible = [p for p in points if p.robust >= floor]
+    best = max(admissible, key=lambda p: (p.clean - ref.clean, p.robust, -p.alpha))
+    rejected = [p.alpha for p in points if p.robust < floor]
+    reason = (
+        f"α* = {best.alpha:g}: clean {best.clean:.2f}% ({best.clean - ref.clean:+.2f} vs AT), "
+        f"robust {best.robust:.2f}% (AT {ref.robust:.2f}%, floor {ref.robust - tolerance:.2f}%)"
+        + (f"; α rejected for robustness: {rejected}" if rejected else "")
+    )
+    return best, reason
+
+
+def evaluate_grid(
+    model: nn.Module,
+    sd_at: StateDict,
+    sd_ft: StateDict,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    alphas: Sequence[float] | None = None,
+    steps: int = 10,
+    step_size: float | None = None,
+    batch_size: int = 512,
+    seed: int = 0,
+    progress: Callable[[float], None] | None = None,
+) -> list[GridPoint]:
+    """Clean and PGD-``steps`` (L∞, random start) accuracy of θ_α on (x, y) for each α.
+
+    ``model`` is a module of the right architecture; its state is overwritten by each θ_α and
+    restored to ``sd_at`` at the end. x: float (N, C, H, W) in [0, 1] from the VALIDATION split.
+    Each α is attacked with the same random-start seed.
+    """
+    from fortify.attacks import pgd
+    from fortify.rift.mrc import loss_and_accuracy
+
+    alphas = list(alphas) if alphas is not None else alpha_grid()
+    for a in alphas:
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+            raise ConfigError(f"interpolation α must be in [0, 1], got {a!r}")
+    if step_size is None:
+        step_size = eps / 4
+    was_training = model.training
+    model.eval()
+    points = []
+    try:
+        for a in alphas:
+            if progress is not None:
+                progress(a)
+            model.load_state_dict(interpolate_state(sd_at, sd_ft, a))
+            _, clean = loss_and_accuracy(model, x, y, batch_size)
+            gen = torch.Generator(device=x.device).manual_seed(seed)
+            correct = 0
+            for i in range(0, len(x), batch_size):
+                xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+                xa = pgd(model, xb, yb, eps=eps, steps=steps, step_size=step_size, norm="linf",
+                         random_start=True, generator=gen)  # fmt: skip
+                with torch.no_grad():
+                    correct += int((model(xa).argmax(1) == yb).sum())
+            robust = 100.0 * correct / max(len(x), 1)
+            log.info("α=%.2f clean %.2f%% PGD-%d %.2f%%", a, clean, steps, robust)
+            points.append(GridPoint(float(a), clean, robust))
+    finally:
+        model.load_state_dict(dict(sd_at))
+        model.train(was_training)
+    return points
+
+
+def save_grid(
+    points: Sequence[GridPoint], chosen: GridPoint, reason: str, out_dir: str | Path
+) -> None:
+    """Write ``grid.json`` and the trade-off plot ``tradeoff.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    data: dict[str, Any] = {
+        "points": [asdict(p) for p in points],
+        "chosen": asdict(chosen),
+        "reason": reason,
+    }
+    atomic_write_text(out / "grid.json", json.dumps(data, indent=2))
+    plot_tradeoff(points, chosen, out / "tradeoff.png")
+
+
+def plot_tradeoff(points: Sequence[GridPoint], chosen: GridPoint, path: str | Path) -> None:
+    """Clean vs robust validation accuracy along α, α annotated, α* highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    ax.plot([p.clean for p in points], [p.robust for p in points], "o-", color="tab:blue")
+    for p in points:
+        ax.annotate(f"{p.alpha:g}", (p.clean, p.robust), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")  # fmt: skip
+    ax.plot([chosen.clean], [chosen.robust], "*", ms=14, color="tab:red", label=f"α*={chosen.alpha:g}")
+    ax.set_xlabel("clean accuracy (%, validation)")
+    ax.set_ylabel("PGD-10 accuracy (%, validation)")
+    ax.set_title("RiFT interpolation θ_α = (1−α)θ_AT + αθ_FT")
+    ax.legend()
+    fig.tight_layout()
+    try:
+        atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)

@@ -1,0 +1,469 @@
+"""Module robust criticality (MRC), step 1 of RiFT.
+
+For module *i* with weight ``W₀``::
+
+    MRC_i = max_{‖ΔW‖₂ ≤ ε‖W₀‖₂}  R(W₀ + ΔW) − R(W₀)
+
+where ``R`` is the mean cross-entropy over a FIXED set of adversarial examples (crafted once
+against the unperturbed model; see :func:`build_adversarial_set`). The maximum is approximated
+by gradient ascent on that weight only (``torch.autograd.grad`` w.r.t. the weight; every other
+parameter, bias and buffer is untouched), ``passes`` passes over the set in mini-batches, with a
+projection after each pass that rescales ΔW to exactly ``ε‖W₀‖`` when it left the ball.
+
+Two variants (``variant=``):
+
+* ``"max"`` (default, the authors' release): always run all passes; MRC is the largest loss
+  measured after any pass (and at W₀ itself, so MRC ≥ 0) minus the baseline loss.
+* ``"first-projection"`` (the paper's Algorithm 1): stop after the first pass that needed a
+  projection; MRC is the largest loss measured up to and including that point.
+
+The model is put in eval mode (BatchNorm uses its running statistics; nothing is updated) and
+the weight is restored bit-for-bit afterwards (checked).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fortify.errors import ConfigError, DataError, EvaluationError, FortifyError
+from fortify.utils.atomic import atomic_write_text, atomic_write_with
+
+log = logging.getLogger("fortify.rift")
+
+VARIANTS = ("max", "first-projection")
+DEFENCES_PREFIX = "fortify_defenses"
+_NORM_TOL = 1e-5  # relative tolerance on ‖ΔW‖ ≤ ε‖W₀‖ (float32 rounding of the rescale)
+
+
+# ----------------------------------------------------------------------------------------------
+# which modules
+
+
+def weight_modules(model: nn.Module, *, include_defences: bool = False) -> list[str]:
+    """Names of every Conv2d / Linear with a weight parameter, in module (≈ depth) order.
+
+    Modules of attached defences (under ``fortify_defenses.``) are skipped unless
+    ``include_defences``; RiFT is about the backbone.
+    """
+    names = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            continue
+        if not isinstance(getattr(mod, "weight", None), nn.Parameter):
+            continue
+        if not include_defences and name.split(".")[0] == DEFENCES_PREFIX:
+            continue
+        names.append(name)
+    return names
+
+
+def get_weight(model: nn.Module, name: str) -> nn.Parameter:
+    """The ``weight`` parameter of submodule ``name`` (raises listing valid names)."""
+    modules = dict(model.named_modules())
+    candidates = weight_modules(model, include_defences=True)
+    if name not in modules or name == "":
+        close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"module {name!r} does not exist in the model.{hint} Modules with a weight: "
+            f"{', '.join(candidates)}"
+        )
+    weight = getattr(modules[name], "weight", None)
+    if not isinstance(weight, nn.Parameter):
+        raise ConfigError(
+            f"module {name!r} ({type(modules[name]).__name__}) has no weight parameter; choose "
+            f"one of: {', '.join(candidates)}"
+        )
+    return weight
+
+
+# ----------------------------------------------------------------------------------------------
+# the fixed adversarial set
+
+
+def build_adversarial_set(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    steps: int = 10,
+    step_size: float | None = None,
+    batch_size: int = 512,
+    seed: int = 0,
+) -> torch.Tensor:
+    """PGD-``steps`` L∞ examples (random start) against ``model`` in eval mode, crafted once.
+
+    Args:
+        x: float images (N, C, H, W) in [0, 1] — take them from the VALIDATION split.
+        y: int64 labels (N,).
+        eps: L∞ radius in pixel units; step_size defaults to ``eps / 4`` (2/255 at 8/255).
+        seed: seeds the random start (a generator on ``x.device``).
+
+    Returns:
+        Adversarial images (N, C, H, W), detached, same device as ``x``.
+    """
+    from fortify.attacks import pgd
+
+    if step_size is None:
+        step_size = eps / 4
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    out = []
+    try:
+        for i in range(0, len(x), batch_size):
+            out.append(
+                pgd(
+                    model,
+                    x[i : i + batch_size],
+                    y[i : i + batch_size],
+                    eps=eps,
+                    steps=steps,
+                    step_size=step_size,
+                    norm="linf",
+                    loss="ce",
+                    random_start=True,
+                    mode="final",
+                    generator=gen,
+                )
+            )
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else x[:0].clone()
+
+
+@torch.no_grad()
+def loss_and_accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (percent) of ``model`` on (x, y), in the model's mode."""
+    total_loss, correct = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i : i + batch_size])
+        yb = y[i : i + batch_size]
+        total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    n = max(len(x), 1)
+    return total_loss / n, 100.0 * correct / n
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class ModuleMRC:
+    """MRC of one module.
+
+    Attributes:
+        name: module name (``layer2.1.conv2``); index: position in module order (depth).
+        mrc: max robust loss found − baseline loss (nats, ≥ 0).
+        baseline_loss / max_loss: robust CE at W₀ / at the maximiser.
+        baseline_acc / acc_at_max: accuracy (percent) on the adversarial set at W₀ / maximiser.
+        acc_drop: baseline_acc − acc_at_max (percentage points).
+        rel_norm: ‖ΔW‖/‖W₀‖ of the maximiser (verified ≤ ε within 1e-5 relative).
+        best_pass: pass after which the maximum was seen (0 = W₀ itself).
+        passes_run: passes executed; projected_at: first pass that needed a projection (or None).
+        numel: number of weight entries.
+    """
+
+    name: str
+    index: int
+    mrc: float
+    baseline_loss: float
+    max_loss: float
+    baseline_acc: float
+    acc_at_max: float
+    acc_drop: float
+    rel_norm: float
+    best_pass: int
+    passes_run: int
+    projected_at: int | None
+    numel: int
+
+
+@dataclass
+class MRCReport:
+    """MRC of every module plus the settings used; ``modules`` are in depth order."""
+
+    modules: list[ModuleMRC]
+    eps: float
+    passes: int
+    lr: float
+    batch_size: int
+    variant: str
+    n_points: int
+    baseline_loss: float
+    baseline_acc: float
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def sorted(self) -> list[ModuleMRC]:
+        """Modules from least to most robust-critical."""
+        return sorted(self.modules, key=lambda m: (m.mrc, m.index))
+
+    def get(self, name: str) -> ModuleMRC:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise ConfigError(
+            f"module {name!r} has no MRC in this report; known: "
+            f"{', '.join(m.name for m in self.modules)}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ranking"] = [m.name for m in self.sorted()]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MRCReport:
+        d = dict(d)
+        d.pop("ranking", None)
+        d["modules"] = [ModuleMRC(**m) for m in d["modules"]]
+        return cls(**d)
+
+    def table(self) -> str:
+        """Markdown table sorted by MRC (least critical first)."""
+        lines = [
+            f"MRC (ε = {self.eps} relative, {self.passes} passes, lr {self.lr}, variant "
+            f"{self.variant}) on {self.n_points} fixed adversarial validation points; baseline "
+            f"robust loss {self.baseline_loss:.4f}, robust acc {self.baseline_acc:.2f}%",
+            "",
+            "| rank | module | depth | MRC | robust-acc drop (pts) | ‖ΔW‖/‖W‖ | best pass |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for rank, m in enumerate(self.sorted(), 1):
+            lines.append(
+                f"| {rank} | {m.name} | {m.index} | {m.mrc:.4f} | {m.acc_drop:.2f} | "
+                f"{m.rel_norm:.4f} | {m.best_pass} |"
+            )
+        return "\n".join(lines)
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write ``mrc.json``, ``mrc.md`` and the bar chart ``mrc.png`` into ``out_dir``."""
+        out = Path(out_dir)
+        atomic_write_text(out / "mrc.json", json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(out / "mrc.md", self.table() + "\n")
+        plot_mrc(self, out / "mrc.png")
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> MRCReport:
+        path = Path(out_dir) / "mrc.json"
+        if not path.is_file():
+            raise FortifyError(f"no MRC report at {str(path)!r}; run `fortify rift mrc` first")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def plot_mrc(report: MRCReport, path: str | Path) -> None:
+    """Bar chart of MRC over network depth (module order), robust-acc drop on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mods = report.modules
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(mods) + 2), 4.0))
+    pos = list(range(len(mods)))
+    ax.bar(pos, [m.mrc for m in mods], color="tab:blue", label="MRC")
+    ax.set_ylabel("MRC (Δ robust CE)")
+    ax.set_xticks(pos)
+    ax.set_xticklabels([m.name for m in mods], rotation=90, fontsize=7)
+    ax2 = ax.twinx()
+    ax2.plot(pos, [m.acc_drop for m in mods], "o-", color="tab:red", ms=3, label="acc drop")
+    ax2.set_ylabel("robust-acc drop (points)")
+    ax.set_title(f"Module robust criticality (ε={report.eps}, {report.variant})")
+    fig.tight_layout()
+
+    def write(tmp: Path) -> None:
+        fig.savefig(tmp, format="png", dpi=120)
+
+    try:
+        atomic_write_with(path, write)
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# the computation
+
+
+def _check_options(eps: float, passes: int, lr: float, batch_size: int, variant: str) -> None:
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ConfigError(f"MRC radius eps must be > 0 (relative to ‖W‖), got {eps!r}")
+    if not (isinstance(passes, int) and passes >= 1):
+        raise ConfigError(f"MRC passes must be an integer >= 1, got {passes!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ConfigError(f"MRC lr must be > 0, got {lr!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ConfigError(f"MRC batch size must be an integer >= 1, got {batch_size!r}")
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown MRC variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+
+
+def module_mrc(
+    model: nn.Module,
+    name: str,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float = 0.1,
+    passes: int = 10,
+    lr: float = 1.0,
+    batch_size: int = 512,
+    variant: str = "max",
+    baseline: tuple[float, float] | None = None,
+    index: int = 0,
+) -> ModuleMRC:
+    """MRC of module ``name`` on the fixed adversarial set (x_adv (N, C, H, W) in [0,1], y (N,)).
+
+    ``baseline`` = (loss, acc%) of the unperturbed model on the set, computed when omitted.
+    The model is evaluated in eval mode; its weight is restored exactly before returning.
+    """
+    _check_options(eps, passes, lr, batch_size, variant)
+    if len(x_adv) == 0 or len(x_adv) != len(y):
+        raise DataError(
+            f"MRC needs a non-empty adversarial set with one label per image; got "
+            f"{len(x_adv)} images and {len(y)} labels"
+        )
+    weight = get_weight(model, name)
+    was_training = model.training
+    model.eval()
+    flags = {p: p.requires_grad for p in model.parameters()}
+    w0 = weight.detach().clone()
+    w0_norm = float(w0.norm())
+    radius = eps * w0_norm
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        weight.requires_grad_(True)
+        if baseline is None:
+            baseline = loss_and_accuracy(model, x_adv, y, batch_size)
+        base_loss, base_acc = baseline
+        best_loss, best_acc, best_pass, best_rel = base_loss, base_acc, 0, 0.0
+        projected_at: int | None = None
+        passes_run = 0
+        for p_idx in range(1, passes + 1):
+            for i in range(0, len(x_adv), batch_size):
+                loss = F.cross_entropy(model(x_adv[i : i + batch_size]), y[i : i + batch_size])
+                (grad,) = torch.autograd.grad(loss, weight)
+                with torch.no_grad():
+                    weight.add_(grad, alpha=lr)  # ascent on the robust loss
+            passes_run = p_idx
+            with torch.no_grad():
+                delta = weight - w0
+                dnorm = float(delta.norm())
+                projected = dnorm > radius
+                if projected:
+                    weight.copy_(w0 + delta * (radius / dnorm))
+                    if projected_at is None:
+                        projected_at = p_idx
+                rel = float((weight - w0).norm()) / max(w0_norm, 1e-30)
+            loss_p, acc_p = loss_and_accuracy(model, x_adv, y, batch_size)
+            if loss_p > best_loss:
+                best_loss, best_acc, best_pass, best_rel = loss_p, acc_p, p_idx, rel
+            if variant == "first-projection" and projected:
+                break
+        if best_rel > eps * (1 + _NORM_TOL) + 1e-12:
+            raise EvaluationError(
+                f"MRC of {name}: the maximiser has ‖ΔW‖/‖W‖ = {best_rel:.6g} > ε = {eps}; "
+                "the projection failed"
+            )
+    finally:
+        with torch.no_grad():
+            weight.copy_(w0)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if not torch.equal(weight.detach(), w0):
+        raise EvaluationError(f"weight of {name} was not restored exactly after MRC")
+    return ModuleMRC(
+        name=name,
+        index=index,
+        mrc=max(best_loss - base_loss, 0.0),
+        baseline_loss=base_loss,
+        max_loss=best_loss,
+        baseline_acc=base_acc,
+        acc_at_max=best_acc,
+        acc_drop=base_acc - best_acc,
+        rel_norm=best_rel,
+        best_pass=best_pass,
+        passes_run=passes_run,
+        projected_at=projected_at,
+        numel=weight.numel(),
+    )
+
+
+def compute_mrc(
+    model: nn.Module,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    modules: Sequence[str] | None = None,
+    eps: float = 0.1,
+    passes: int = 10,
+    lr: float = 1.0,
+    batch_size: int = 512,
+    variant: str = "max",
+    progress: Callable[[str], None] | None = None,
+) -> MRCReport:
+    """MRC of every Conv2d/Linear weight (or of ``modules``) on a fixed adversarial set.
+
+    Args:
+        model: classifier mapping [0,1] images to logits; evaluated in eval mode.
+        x_adv: fixed adversarial images (N, C, H, W) in [0, 1]; y: labels (N,).
+        modules: module names (default: :func:`weight_modules` in depth order).
+        eps: radius relative to each weight's L2 norm (0.1).
+        passes, lr, batch_size: ascent passes over the set, step size, mini-batch size.
+        variant: ``"max"`` (release) or ``"first-projection"`` (paper).
+        progress: called with each module name before it is processed (for progress bars).
+    """
+    _check_options(eps, passes, lr, batch_size, variant)
+    names = list(modules) if modules is not None else weight_modules(model)
+    if not names:
+        raise ConfigError("the model has no Conv2d/Linear weights to score")
+    order = {n: i for i, n in enumerate(weight_modules(model, include_defences=True))}
+    for n in names:
+        get_weight(model, n)
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        baseline = loss_and_accuracy(model, x_adv, y, batch_size)
+    finally:
+        model.train(was_training)
+    results = []
+    for n in names:
+        if progress is not None:
+            progress(n)
+        r = module_mrc(
+            model, n, x_adv, y, eps=eps, passes=passes, lr=lr, batch_size=batch_size,
+            variant=variant, baseline=baseline, index=order.get(n, len(order)),
+        )  # fmt: skip
+        log.info("MRC %-28s %.4f (robust-acc drop %.2f pts)", n, r.mrc, r.acc_drop)
+        results.append(r)
+    results.sort(key=lambda m: m.index)
+    return MRCReport(
+        modules=results,
+        eps=float(eps),
+        passes=passes,
+        lr=float(lr),
+        batch_size=batch_size,
+        variant=variant,
+        n_points=len(x_adv),
+        baseline_loss=baseline[0],
+        baseline_acc=baseline[1],
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,383 @@
+"""The RiFT workflow on a run directory, step by step and resumable.
+
+``RUN/rift/<step>/`` holds each step's output and a ``done.json`` marker written last; a rerun
+skips finished steps (``force=True`` redoes them). Steps:
+
+1. ``mrc``: fixed PGD-10 set from the VALIDATION split → MRC of every Conv2d/Linear weight.
+2. ``finetune``: the chosen module's weight on clean training data (a fit run in the folder).
+3. ``interpolate``: θ_α grid on VALIDATION (clean + PGD-10), α* by the paper's rule, the chosen
+   model saved as ``rift.safetensors`` (a fortify checkpoint).
+4. ``evaluate``: θ_AT and θ_α* on TEST with the paper suite, AutoAttack and OOD.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fortify.config.loader import from_dict, load_config
+from fortify.config.schema import ExperimentConfig
+from fortify.data.base import DataSplits
+from fortify.errors import ConfigError, FortifyError
+from fortify.rift.finetune import FinetuneOptions
+from fortify.utils.atomic import atomic_write_text
+
+log = logging.getLogger("fortify.rift")
+
+STEPS = ("mrc", "finetune", "interpolate", "evaluate")
+
+
+@dataclass
+class MRCOptions:
+    """Step 1 options (see :mod:`fortify.rift.mrc`)."""
+
+    eps: float = 0.1  # radius relative to ‖W‖
+    passes: int = 10
+    lr: float = 1.0
+    batch_size: int = 512
+    variant: str = "max"  # max (release) | first-projection (paper)
+    n_points: int = 10_000  # validation images in the fixed adversarial set (capped by the split)
+    attack_eps: float | None = None  # None: the run's training ε (or the dataset default)
+    attack_steps: int = 10
+
+
+@dataclass
+class InterpolateOptions:
+    """Step 3 options."""
+
+    step: float = 0.1  # α grid step
+    tolerance: float = 0.1  # allowed robust-accuracy loss in points vs θ_AT
+    n_points: int = 2000  # validation images for the α grid
+    attack_steps: int = 10
+    batch_size: int = 512
+
+
+@dataclass
+class EvalOptions:
+    """Step 4 options (TEST split)."""
+
+    suites: list[str] = field(default_factory=lambda: ["pgd10", "paper", "autoattack", "ood"])
+    n_points: int = 1000
+    autoattack_points: int | None = None  # None: n_points
+    ood_points: int | None = None  # None: n_points
+    batch_size: int = 256
+    checks: bool = True
+
+
+@dataclass
+class RiftConfig:
+    """All RiFT options (YAML: ``configs/rift/default.yaml``)."""
+
+    mrc: MRCOptions = field(default_factory=MRCOptions)
+    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+    module: str = "auto"  # module to fine-tune, or auto (lowest MRC among middle stages)
+    interpolate: InterpolateOptions = field(default_factory=InterpolateOptions)
+    evaluate: EvalOptions = field(default_factory=EvalOptions)
+    tag: str = "best"  # checkpoint of the AT run
+    seed: int = 0
+    device: str = "auto"
+
+
+def load_rift_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RiftConfig:
+    """Load a :class:`RiftConfig` from YAML plus ``section.field=value`` overrides."""
+    return load_config(RiftConfig, path, overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class RiftRun:
+    """A RiFT workflow attached to an AT run directory ``run`` (outputs in ``run/rift``)."""
+
+    def __init__(self, run: str | Path, cfg: RiftConfig | None = None, out: str | Path | None = None):
+        from fortify.runs import load_model
+        from fortify.utils.runtime import resolve_device
+
+        self.run = Path(run)
+        self.cfg = cfg or RiftConfig()
+        self.out = Path(out) if out is not None else self.run / "rift"
+        self.device = resolve_device(self.cfg.device)
+        self.model, self.meta = load_model(self.run, tag=self.cfg.tag, device=self.device)
+        self.exp = from_dict(ExperimentConfig, self.meta["config"])
+        self._splits: DataSplits | None = None
+        if self.exp.train.objective == "standard":
+            log.warning(
+                "the run %s was trained with the 'standard' objective (not adversarially); RiFT "
+                "assumes an adversarially trained model, MRC and α* will not mean much",
+                self.run,
+            )
+
+    # -- shared facts ------------------------------------------------------------------------
+    @property
+    def splits(self) -> DataSplits:
+        if self._splits is None:
+            from fortify.data import load_dataset
+
+            d = self.exp.data
+            self._splits = load_dataset(
+                d.name, d.root, val_size=d.val_size, split_seed=d.split_seed, download=d.download,
+                train_subset=d.train_subset, test_subset=d.test_subset,
+            )  # fmt: skip
+        return self._splits
+
+    @property
+    def eps(self) -> float:
+        """L∞ budget of the attacks: option, else the run's training ε, else the dataset's."""
+        if self.cfg.mrc.attack_eps is not None:
+            return float(self.cfg.mrc.attack_eps)
+        if self.exp.train.objective != "standard":
+            return float(self.exp.train.attack.eps)
+        return float(self.splits.default_eps)
+
+    def step_dir(self, step: str) -> Path:
+        return self.out / step
+
+    def done(self, step: str) -> bool:
+        return (self.step_dir(step) / "done.json").is_file()
+
+    def _mark_done(self, step: str, info: dict[str, Any]) -> None:
+        info = {**info, "step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_text(self.step_dir(step) / "done.json", json.dumps(info, indent=2, default=str))
+
+    def _val(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.splits.val.head(n).floats(self.device)
+
+    # -- step 1 ------------------------------------------------------------------------------
+    def mrc(self, force: bool = False) -> Any:
+        """Compute (or load) the MRC report."""
+        from fortify.rift.mrc import MRCReport, build_adversarial_set, compute_mrc
+
+        d = self.step_dir("mrc")
+        if self.done("mrc") and not force:
+            log.info("mrc: done already (%s); skipping", d)
+            return MRCReport.load(d)
+        o = self.cfg.mrc
+        x, y = self._val(o.n_points)
+        if len(x) == 0:
+            raise ConfigError("the run's dataset has an empty validation split; MRC needs one")
+        log.info("mrc: PGD-%d (ε=%.4g) on %d validation images", o.attack_steps, self.eps, len(x))
+        x_adv = build_adversarial_set(
+            self.model, x, y, eps=self.eps, steps=o.attack_steps, batch_size=o.batch_size,
+            seed=self.cfg.seed,
+        )  # fmt: skip
+        report = compute_mrc(
+            self.model, x_adv, y, eps=o.eps, passes=o.passes, lr=o.lr, batch_size=o.batch_size,
+            variant=o.variant,
+        )  # fmt: skip
+        report.extra.update(attack_eps=self.eps, attack_steps=o.attack_steps, split="validation")
+        report.save(d)
+        self._mark_done("mrc", {"options": asdict(o)})
+        return report
+
+    # -- step 2 ------------------------------------------------------------------------------
+    def choose(self, report: Any) -> tuple[str, str]:
+        from fortify.rift.mrc import get_weight
+        from fortify.rift.select import choose_module
+
+        if self.cfg.module == "auto":
+            return choose_module(report, self.exp.model.name)
+        get_weight(self.model, self.cfg.module)
+        return self.cfg.module, f"module {self.cfg.module} given by the user"
+
+    def finetune(self, force: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+        from fortify.rift.finetune import finetune, save_summary
+        from fortify.runs import load_model
+
+        d = self.step_dir("finetune")
+        if self.done("finetune") and not force:
+            log.info("finetune: done already (%s); skipping", d)
+            model, _ = load_model(d, tag="best", device=self.device)
+            return model, json.loads((d / "finetune.json").read_text())
+        if self.cfg.module == "auto":
+            name, reason = self.choose(self.mrc())
+        else:
+            name, reason = self.choose(None)
+        log.info("finetune: %s", reason)
+        mode = "new"
+        if d.is_dir() and any(d.iterdir()):
+            last = d / "checkpoints" / "last.safetensors"
+            mode = "resume" if last.is_file() and not force else "overwrite"
+        model, summary = finetune(
+            self.model, self.exp, name, d, self.cfg.finetune, splits=self.splits, mode=mode
+        )
+        summary["reason"] = reason
+        save_summary(summary, d / "finetune.json")
+        self._mark_done("finetune", {"module": name})
+        return model, summary
+
+    # -- step 3 ------------------------------------------------------------------------------
+    def interpolate(self, force: bool = False) -> dict[str, Any]:
+        from fortify.rift.interpolate import (
+            alpha_grid,
+            evaluate_grid,
+            interpolate_state,
+            save_grid,
+            select_alpha,
+        )
+        from fortify.runs import save_checkpoint
+
+        d = self.step_dir("interpolate")
+        if self.done("interpolate") and not force:
+            log.info("interpolate: done already (%s); skipping", d)
+            return json.loads((d / "grid.json").read_text())
+        ft_model, summary = self.finetune()
+        o = self.cfg.interpolate
+        sd_at = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        sd_ft = ft_model.state_dict()
+        x, y = self._val(o.n_points)
+        points = evaluate_grid(
+            self.model, sd_at, sd_ft, x, y, eps=self.eps, alphas=alpha_grid(o.step),
+            steps=o.attack_steps, batch_size=o.batch_size, seed=self.cfg.seed,
+        )  # fmt: skip
+        chosen, reason = select_alpha(points, o.tolerance)
+        log.info("interpolate: %s", reason)
+        save_grid(points, chosen, reason, d)
+        model = self._copy_with(interpolate_state(sd_at, sd_ft, chosen.alpha))
+        meta = {
+            "config": self.meta["config"],
+            "num_classes": self.meta["num_classes"],
+            "image_shape": self.meta["image_shape"],
+            "rift": {"alpha": chosen.alpha, "module": summary["module"], "reason": reason},
+        }
+        save_checkpoint(d / "rift.safetensors", model, meta)
+        self._mark_done("interpolate", {"alpha": chosen.alpha})
+        return json.loads((d / "grid.json").read_text())
+
+    def _copy_with(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        import copy
+
+        m = copy.deepcopy(self.model)
+        m.load_state_dict(state)
+        return m.eval()
+
+    def rift_model(self) -> nn.Module:
+        """The interpolated model chosen by step 3."""
+        from fortify.runs import load_checkpoint
+
+        m = self._copy_with(self.model.state_dict())
+        load_checkpoint(self.step_dir("interpolate") / "rift.safetensors", m)
+        return m.eval()
+
+    # -- step 4 ------------------------------------------------------------------------------
+    def evaluate(self, force: bool = False) -> dict[str, Any]:
+        d = self.step_dir("evaluate")
+        if self.done("evaluate") and not force:
+            log.info("evaluate: done already (%s); skipping", d)
+            return json.loads((d / "summary.json").read_text())
+        self.interpolate()
+        models = {"AT": self.model, "RiFT": self.rift_model()}
+        summary = evaluate_models(
+            models, self.splits, eps=self.eps, opts=self.cfg.evaluate, seed=self.cfg.seed, out_dir=d
+        )
+        grid = json.loads((self.step_dir("interpolate") / "grid.json").read_text())
+        summary["alpha"] = grid["chosen"]["alpha"]
+        summary["module"] = json.loads((self.step_dir("finetune") / "finetune.json").read_text())["module"]
+        atomic_write_text(d / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(d / "summary.md", summary_markdown(summary))
+        self._mark_done("evaluate", {})
+        return summary
+
+    def run_all(self, force: bool = False) -> dict[str, Any]:
+        """Every step; finished steps are skipped unless ``force``."""
+        self.mrc(force=force)
+        self.finetune(force=force)
+        self.interpolate(force=force)
+        return self.evaluate(force=force)
+
+
+def evaluate_models(
+    models: dict[str, nn.Module],
+    splits: DataSplits,
+    *,
+    eps: float,
+    opts: EvalOptions,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Std / PGD / AutoAttack / OOD on the TEST split for each model; reports saved per suite.
+
+    Returns ``{"models": {name: {"std", "pgd10"?, "paper": table, "autoattack", "ood"}}, ...}``.
+    """
+    from fortify.evaluate.core import evaluate
+    from fortify.evaluate.ood import ood_dataset
+
+    _register_pgd10()
+
+    out: dict[str, Any] = {"eps": eps, "n_points": opts.n_points, "seed": seed, "models": {}}
+    for name, model in models.items():
+        res: dict[str, Any] = {}
+        for suite in opts.suites:
+            n = opts.n_points
+            if suite == "autoattack" and opts.autoattack_points is not None:
+                n = opts.autoattack_points
+            if suite == "ood" and opts.ood_points is not None:
+                n = opts.ood_points
+            x, y = splits.test.head(n).floats()
+            t0 = time.perf_counter()
+            with ood_dataset(splits.name, classes=splits.classes):
+                report = evaluate(
+                    model, x, y, suite=suite, eps=eps, batch_size=opts.batch_size, seed=seed,
+                    checks=opts.checks and suite != "ood",
+                )  # fmt: skip
+            if out_dir is not None:
+                report.save(out_dir, stem=f"{name.lower()}-{suite}")
+            table = report.table()
+            row = table.get("final") or next(iter(table.values()))
+            res[suite] = row
+            res.setdefault("std", row.get("Natural"))
+            if suite == "ood":
+                res["ood_mean"] = report.extras.get("ood", {}).get("mean")
+            res[f"seconds_{suite}"] = round(time.perf_counter() - t0, 1)
+        out["models"][name] = res
+    return out
+
+
+def _pgd10_suite(ctx: Any) -> None:
+    """PGD-10 (L∞, step ε/4, random start): RiFT's robustness number"""
+    ctx.run_pgd("PGD-10", steps=10, step_size=ctx.eps / 4, random_start=True)
+
+
+def _register_pgd10() -> None:
+    from fortify.evaluate.core import _SUITES, register_suite
+
+    if "pgd10" not in _SUITES:
+        register_suite("pgd10", _pgd10_suite)
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """A Std / OOD / PGD / AutoAttack table of :func:`evaluate_models` output."""
+    lines = [
+        "| model | Std | OOD | PGD-10 | PGD-20 | PGD-100 | AutoAttack |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def f(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, (int, float)) else "–"
+
+    for name, r in summary["models"].items():
+        paper = r.get("paper", {})
+        aa = r.get("autoattack", {})
+        aa_val = next((v for k, v in aa.items() if k.lower().startswith("autoattack")), None)
+        lines.append(
+            f"| {name} | {f(r.get('std'))} | {f(r.get('ood_mean'))} | "
+            f"{f(r.get('pgd10', {}).get('PGD-10'))} | {f(paper.get('PGD-20'))} | "
+            f"{f(paper.get('PGD-100'))} | {f(aa_val)} |"
+        )
+    extra = []
+    if "alpha" in summary:
+        extra.append(f"α* = {summary['alpha']}, module {summary.get('module')}")
+    extra.append(f"TEST split, {summary['n_points']} points, L∞ ε = {summary['eps']:.4g}")
+    return "\n".join(lines) + "\n\n" + "; ".join(extra) + "\n"
+
+
+def check_step(step: str) -> str:
+    if step not in STEPS:
+        raise FortifyError(f"unknown RiFT step {step!r}; steps: {', '.join(STEPS)}")
+    return step

@@ -1,0 +1,532 @@
+"""The one training loop: ``fit(cfg, run_dir)`` for every objective, defence and precision.
+
+Per epoch: reseed from ``(seed, epoch, rank)``, iterate the sharded :class:`TensorLoader`, let the
+objective take its steps, validate on the validation split, then (rank 0) write the training
+state, the ``last`` model checkpoint, the ``best`` one when the selection metric improved, and a
+line of ``metrics.jsonl``. Because every epoch's randomness is a pure function of
+``(seed, epoch, rank)`` and the optimiser/schedule/scaler state is checkpointed, resuming from
+``last`` reproduces an uninterrupted run bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from fortify.config.loader import to_dict
+from fortify.config.schema import ExperimentConfig
+from fortify.data.base import DataSplits
+from fortify.errors import CheckpointError, ConfigError, FortifyError, RunDirError
+from fortify.train import distributed as D
+from fortify.train.objectives.base import StepContext, get_objective, set_train_mode
+from fortify.train.optim import LRSchedule, build_optimizer
+from fortify.train.state import capture_rng, load_state, prune_states, restore_rng, save_state
+from fortify.train.validate import validate
+
+log = logging.getLogger("fortify.train")
+
+EpochCallback = Callable[[int, dict[str, Any]], None]
+# Config fields that may differ on resume without --force (they do not change the result).
+RESUME_IGNORED = ("device", "train.tensorboard", "eval")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        run_dir: the run directory.
+        model: the trained model (unwrapped, last epoch's weights, eval mode).
+        epochs_run: epochs trained by this call (0 if the run was already complete).
+        last_epoch: 0-based index of the final epoch.
+        best_epoch: epoch of the ``best`` checkpoint (None if never selected).
+        best_metric: its selection metric.
+        history: one metrics dict per epoch (including epochs from before a resume).
+    """
+
+    run_dir: Path
+    model: nn.Module
+    epochs_run: int
+    last_epoch: int
+    best_epoch: int | None
+    best_metric: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    ss = np.random.SeedSequence([seed % 2**63, epoch, rank, 0x7EA1])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+def _reseed(seed: int, device: torch.device) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed ^ 0x5DEECE66D)
+
+
+def apply_trainable(
+    model: nn.Module, prefixes: Sequence[str], freeze_bn: bool
+) -> list[nn.Parameter]:
+    """Set ``requires_grad`` from ``train.trainable`` / ``train.freeze_bn``; return trainables.
+
+    A parameter is trainable when ``prefixes`` is empty or its name equals a prefix or starts
+    with ``prefix + "."`` (so ``layer2.1.conv2`` selects ``layer2.1.conv2.weight``). With
+    ``freeze_bn`` BatchNorm affine parameters are frozen too.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    for p in prefixes:
+        stem = p.rstrip(".")
+        if not any(n == stem or n.startswith(stem + ".") for n in names):
+            import difflib
+
+            close = difflib.get_close_matches(p, names, n=5, cutoff=0.4)
+            raise ConfigError(
+                f"train.trainable: prefix {p!r} matches no parameter of the model"
+                + (f"; close matches: {', '.join(close)}" if close else "")
+            )
+    bn_params = set()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                bn_params.update(id(q) for q in m.parameters(recurse=False))
+    out = []
+    for name, param in model.named_parameters():
+        stems = [p.rstrip(".") for p in prefixes]
+        on = not prefixes or any(name == s or name.startswith(s + ".") for s in stems)
+        on = on and id(param) not in bn_params
+        param.requires_grad_(on)
+        if on:
+            out.append(param)
+    return out
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two config dicts differ, as ``path: old -> new``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old or k not in new:
+                out.append(f"{path}: {old.get(k, '<missing>')!r} -> {new.get(k, '<missing>')!r}")
+            else:
+                out.extend(config_diff(old[k], new[k], path))
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def _ignored(path: str) -> bool:
+    return any(path == f or path.startswith(f + ".") for f in RESUME_IGNORED)
+
+
+def _progress(iterable: Any, enabled: bool, desc: str, total: int) -> Any:
+    if not enabled or not sys.stderr.isatty():
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+class _Checkpointer:
+    """Rank-0 writer of ``last``/``best`` checkpoints, training state and metrics."""
+
+    def __init__(self, run: Any, cfg: ExperimentConfig, splits: DataSplits):
+        self.run = run
+        self.cfg = cfg
+        self.base_meta = {
+            "config": to_dict(cfg),
+            "num_classes": splits.num_classes,
+            "image_shape": list(splits.image_shape),
+            "seed": cfg.seed,
+            "dataset": splits.name,
+            "objective": cfg.train.objective,
+        }
+        self.last = Path(run.checkpoint_path("last"))
+        self.best = Path(run.checkpoint_path("best"))
+
+    def meta(self, epoch: int, metrics: dict[str, Any], tag: str) -> dict[str, Any]:
+        return {**self.base_meta, "epoch": epoch, "metrics": metrics, "tag": tag}
+
+    def save(
+        self, module: nn.Module, epoch: int, metrics: dict[str, Any], state: dict, best: bool
+    ) -> None:
+        from fortify.runs import save_checkpoint
+
+        try:
+            save_state(self.last, epoch, state)
+            save_checkpoint(self.last, module, self.meta(epoch, metrics, "last"))
+            prune_states(self.last, epoch)
+            if best:
+                save_checkpoint(self.best, module, self.meta(epoch, metrics, "best"))
+        except OSError as exc:
+            raise RunDirError(
+                f"could not write a checkpoint in {str(self.last.parent)!r} ({exc}); the previous "
+                "'last' checkpoint is intact — free disk space / fix permissions and resume"
+            ) from exc
+
+
+def _open_run(run_dir: Path, mode: str, cfg: ExperimentConfig, force: bool) -> Any:
+    from fortify.runs import RunDir
+
+    if mode == "resume":
+        stored = RunDir(run_dir).read_config() if run_dir.is_dir() else None
+        if stored is None:
+            raise RunDirError(
+                f"nothing to resume in {str(run_dir)!r}: no config.yaml from an earlier run"
+            )
+        _check_resume_config(stored, cfg, force)  # before RunDir.open replaces config.yaml
+    return RunDir.open(run_dir, mode=mode, config=to_dict(cfg))
+
+
+def _check_resume_config(stored: dict[str, Any], cfg: ExperimentConfig, force: bool) -> None:
+    diffs = [d for d in config_diff(stored, to_dict(cfg)) if not _ignored(d.split(":")[0])]
+    if not diffs:
+        return
+    listing = "; ".join(diffs)
+    if not force:
+        raise ConfigError(
+            f"cannot resume: the config differs from the run's in {listing}. Resume with the "
+            "run's own config, or pass --force (force=True) to continue with the new values"
+        )
+    log.warning("resuming with a changed config (forced): %s", listing)
+
+
+def fit(
+    cfg: ExperimentConfig,
+    run_dir: str | Path,
+    *,
+    mode: Literal["new", "resume", "overwrite"] = "new",
+    splits: DataSplits | None = None,
+    model: nn.Module | None = None,
+    progress: bool = True,
+    force: bool = False,
+    callbacks: Sequence[EpochCallback] = (),
+) -> FitResult:
+    """Train ``cfg`` into ``run_dir``.
+
+    Args:
+        cfg: the experiment (``data``, ``model``, ``defenses``, ``train`` sections are used).
+        run_dir: run directory (created for ``new``; must hold a ``last`` checkpoint for
+            ``resume``; wiped for ``overwrite``).
+        mode: ``new``, ``resume`` or ``overwrite``.
+        splits: data to use instead of ``fortify.data.load_dataset(cfg.data...)``.
+        model: a model to train instead of ``fortify.factory.build_model(...)`` (its checkpoint
+            can then only be reloaded by passing the same architecture).
+        progress: show a tqdm bar per epoch (only on a TTY, only on rank 0).
+        force: resume even if ``cfg`` differs from the run's stored config.
+        callbacks: ``cb(epoch, record)`` called after each epoch's checkpoint (rank 0 and
+            others alike); an exception aborts training, leaving the checkpoints as written.
+    Returns:
+        :class:`FitResult`.
+    Raises:
+        ConfigError: bad or changed (on resume) configuration.
+        NonFiniteLossError: the loss became NaN/Inf (checkpoints keep the last good epoch).
+        RunDirError / CheckpointError: unusable run directory or checkpoint.
+    """
+    if mode not in ("new", "resume", "overwrite"):
+        raise FortifyError(f"fit: mode must be 'new', 'resume' or 'overwrite', got {mode!r}")
+    tc = cfg.train
+    objective = get_objective(tc.objective, tc)
+    info = D.setup(cfg.device)
+    try:
+        return _fit(
+            cfg, Path(run_dir), mode, splits, model, progress, force, callbacks, objective, info
+        )
+    finally:
+        D.teardown(info)
+
+
+def _fit(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    mode: str,
+    splits: DataSplits | None,
+    model: nn.Module | None,
+    progress: bool,
+    force: bool,
+    callbacks: Sequence[EpochCallback],
+    objective: Any,
+    info: D.DistInfo,
+) -> FitResult:
+    from fortify.data import TensorLoader, load_dataset
+
+    tc = cfg.train
+    device = info.device
+    if splits is None:
+        d = cfg.data
+        splits = load_dataset(
+            d.name, d.root, val_size=d.val_size, split_seed=d.split_seed, download=d.download,
+            train_subset=d.train_subset, test_subset=d.test_subset,
+        )  # fmt: skip
+    if tc.batch_size % info.world_size:
+        log.warning(
+            "train.batch_size %d is not divisible by %d processes; each uses %d",
+            tc.batch_size, info.world_size, tc.batch_size // info.world_size,
+        )  # fmt: skip
+    per_rank = tc.batch_size // info.world_size
+    if per_rank < 1:
+        raise ConfigError(
+            f"train.batch_size {tc.batch_size} is smaller than the number of processes "
+            f"({info.world_size}); it is the global batch size"
+        )
+
+    # -- the run directory (rank 0 decides; others follow or fail with the same message) ---
+    run = None
+    err: str | None = None
+    ckpt: _Checkpointer | None = None
+    paths: tuple[str, str] | None = None
+    if info.is_main:
+        try:
+            run = _open_run(run_dir, mode, cfg, force)
+            ckpt = _Checkpointer(run, cfg, splits)
+            paths = (str(ckpt.last), str(ckpt.best))
+        except FortifyError as exc:
+            err = f"{type(exc).__name__}: {exc}"
+            if not info.distributed:
+                raise
+        except OSError as exc:
+            err = f"RunDirError: cannot use run directory {str(run_dir)!r}: {exc}"
+            if not info.distributed:
+                raise RunDirError(err.split(": ", 1)[1]) from exc
+    err, paths = D.broadcast_object(info, (err, paths))
+    if err is not None:
+        raise RunDirError(err)
+    last_path = Path(paths[0])
+
+    # -- model, parameters, optimiser ------------------------------------------------------
+    if model is None:
+        from fortify.factory import build_model
+
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        model = build_model(cfg.model, cfg.defenses, splits.num_classes, splits.image_shape)
+    module = model.to(device)
+    if tc.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    params = apply_trainable(module, tc.trainable, tc.freeze_bn)
+    optimizer = build_optimizer(params, tc)
+    augment = cfg.data.augment if cfg.data.augment != "auto" else splits.default_augment
+    loader = TensorLoader(
+        splits.train, per_rank, shuffle=True, drop_last=tc.drop_last, augment=augment,
+        crop_padding=cfg.data.crop_padding, device=device, seed=cfg.seed,
+        rank=info.rank, world_size=info.world_size,
+    )  # fmt: skip
+    if len(loader) == 0:
+        raise ConfigError(
+            f"no training batches: {len(splits.train)} images, batch {per_rank} per process, "
+            f"drop_last={tc.drop_last}"
+        )
+    schedule = LRSchedule(optimizer, tc, len(loader))
+    scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
+
+    # -- resume ----------------------------------------------------------------------------
+    start_epoch, best_metric, best_epoch, history = 0, None, None, []
+    if mode == "resume":
+        from fortify.runs import load_checkpoint
+
+        if not last_path.is_file():
+            raise RunDirError(
+                f"nothing to resume in {str(run_dir)!r}: no 'last' checkpoint ({last_path.name})"
+            )
+        meta = load_checkpoint(last_path, module)
+        if not isinstance(meta, dict) or "epoch" not in meta:
+            raise CheckpointError(f"{str(last_path)!r} has no 'epoch' in its metadata")
+        epoch_done = int(meta["epoch"])
+        state = load_state(last_path, epoch_done)
+        if int(state["epoch"]) != epoch_done:
+            raise CheckpointError(
+                f"training state epoch {state['epoch']} does not match the checkpoint's "
+                f"epoch {epoch_done}"
+            )
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"])
+        start_epoch = epoch_done + 1
+        best_metric, best_epoch = state["best_metric"], state["best_epoch"]
+        history = list(state.get("history", []))
+        log.info("resuming %s after epoch %d", run_dir, epoch_done)
+
+    if tc.sync_bn and info.distributed:
+        if device.type == "cuda":
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        elif info.is_main:
+            log.warning("train.sync_bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); "
+                        "ignored on %s: BatchNorm statistics stay per process", device.type)
+    net: nn.Module = module
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=objective.ddp_find_unused_parameters,
+        )
+    writer = _tensorboard(run_dir) if tc.tensorboard and info.is_main else None
+    if info.is_main and run is not None and hasattr(run, "set_state"):
+        run.set_state("running")
+
+    ctx = StepContext(
+        cfg=tc, optimizer=optimizer, device=device, params=params, module=module,
+        scaler=scaler, global_step=start_epoch * len(loader), rank=info.rank,
+        world_size=info.world_size,
+    )  # fmt: skip
+    epochs_run = 0
+    try:
+        for epoch in range(start_epoch, tc.epochs):
+            record = _train_epoch(
+                objective, net, module, loader, schedule, ctx, cfg, epoch, info, progress
+            )
+            if (epoch + 1) % tc.val_every == 0 or epoch == tc.epochs - 1:
+                t0 = time.perf_counter()
+                record.update(
+                    validate(
+                        module, splits.val, tc, info, batch_size=max(per_rank, 64),
+                        channels_last=tc.channels_last,
+                    )  # fmt: skip
+                )
+                record["time/val"] = time.perf_counter() - t0
+            sel = _selection_metric(tc.select, record)
+            schedule.end_epoch(sel)
+            improved = tc.select == "last" or (
+                sel is not None and (best_metric is None or sel > best_metric)
+            )
+            if improved:
+                best_metric = sel
+                best_epoch = epoch
+            record["best_epoch"] = best_epoch
+            history.append(record)
+            if info.is_main and ckpt is not None:
+                state = {
+                    "epoch": epoch,
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "rng": capture_rng(),
+                    "best_metric": best_metric,
+                    "best_epoch": best_epoch,
+                    "history": history,
+                }
+                ckpt.save(module, epoch, record, state, best=improved)
+                run.log_metrics(record)
+                if writer is not None:
+                    for k, v in record.items():
+                        if isinstance(v, (int, float)) and k != "epoch":
+                            writer.add_scalar(k, v, epoch)
+            if info.is_main:
+                _log_epoch(record, tc.epochs)
+            epochs_run += 1
+            for cb in callbacks:
+                cb(epoch, record)
+    except BaseException:
+        if info.is_main and run is not None and hasattr(run, "set_state"):
+            try:
+                run.set_state("failed")
+            except Exception:  # noqa: BLE001 - never mask the original error
+                log.debug("could not mark the run failed", exc_info=True)
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    if info.is_main and run is not None and hasattr(run, "set_state"):
+        run.set_state("finished")
+    module.eval()
+    return FitResult(
+        run_dir=run_dir,
+        model=module,
+        epochs_run=epochs_run,
+        last_epoch=tc.epochs - 1,
+        best_epoch=best_epoch,
+        best_metric=best_metric,
+        history=history,
+    )
+
+
+def _train_epoch(
+    objective: Any,
+    net: nn.Module,
+    module: nn.Module,
+    loader: Any,
+    schedule: LRSchedule,
+    ctx: StepContext,
+    cfg: ExperimentConfig,
+    epoch: int,
+    info: D.DistInfo,
+    progress: bool,
+) -> dict[str, Any]:
+    tc = cfg.train
+    ctx.generator = _reseed(_epoch_seed(cfg.seed, epoch, info.rank), info.device)
+    ctx.epoch = epoch
+    loader.set_epoch(epoch)
+    set_train_mode(net, tc.freeze_bn)
+    sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    t0 = time.perf_counter()
+    lr = schedule.apply(epoch, 0)
+    desc = f"epoch {epoch + 1}/{tc.epochs}"
+    batches = _progress(loader, progress and info.is_main, desc, len(loader))
+    for i, (x, y) in enumerate(batches):
+        if tc.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        lr = schedule.apply(epoch, i)
+        metrics = objective.train_step(net, x, y, ctx)
+        ctx.global_step += 1
+        n = len(y)
+        seen += n
+        for k, v in metrics.items():
+            v = v.detach().double() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v.cpu() * n
+    elapsed = time.perf_counter() - t0
+    keys = sorted(sums)
+    flat = torch.stack([sums[k] for k in keys] + [torch.tensor(float(seen), dtype=torch.float64)])
+    flat = D.all_reduce_sum(info, flat.to(info.device)).cpu()
+    total = float(flat[-1])
+    record: dict[str, Any] = {"epoch": epoch, "lr": lr}
+    for k, v in zip(keys, flat[:-1]):
+        record[f"train/{k}"] = float(v) / max(total, 1.0)
+    record["time/train"] = elapsed
+    record["train/images_per_s"] = total / max(elapsed, 1e-9)
+    return record
+
+
+def _selection_metric(select: str, record: dict[str, Any]) -> float | None:
+    if select == "robust":
+        return record.get("val/robust", record.get("val/clean"))
+    if select == "clean":
+        return record.get("val/clean")
+    return None
+
+
+def _log_epoch(record: dict[str, Any], epochs: int) -> None:
+    parts = [f"epoch {record['epoch'] + 1}/{epochs}", f"lr {record['lr']:.4g}"]
+    for k in ("train/loss", "val/clean", "val/robust"):
+        if k in record and math.isfinite(record[k]):
+            parts.append(f"{k} {record[k]:.4f}")
+    parts.append(f"{record['train/images_per_s']:.0f} img/s")
+    log.info(" | ".join(parts))
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an optional extra
+        log.warning("train.tensorboard is on but tensorboard is not installed; "
+                    "pip install 'fortify[tensorboard]'. Continuing without it.")
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+__all__ = ["FitResult", "apply_trainable", "config_diff", "fit"]

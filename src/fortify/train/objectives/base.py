@@ -1,0 +1,308 @@
+"""The objective interface shared by every training method, and its registry.
+
+An :class:`Objective` turns one batch into a loss (:meth:`Objective.loss`) or, if it needs more
+control, performs the whole optimisation step itself (:meth:`Objective.train_step`). Everything
+an objective needs from the loop (optimiser, precision, the inner attack, the step counter, the
+RNG for random starts, distributed facts) comes in a :class:`StepContext`. See
+``docs/training.md`` for the contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fortify.config.schema import TrainConfig
+from fortify.defenses.contract import AuxContext, capture_aux
+from fortify.errors import FortifyError, unknown_name
+
+Metrics = dict[str, torch.Tensor | float]
+
+
+class NonFiniteLossError(FortifyError, RuntimeError):
+    """The training loss became NaN or infinite; training stops, checkpoints stay as they were."""
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool = False) -> None:
+    """Put ``model`` in training mode; with ``freeze_bn`` BatchNorm layers stay in eval mode."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+@dataclass
+class StepContext:
+    """What the loop hands an objective for each step.
+
+    Attributes:
+        cfg: the ``train`` section of the experiment config.
+        optimizer: the optimiser over the trainable parameters.
+        device: where the batch lives.
+        params: the trainable parameters (``requires_grad``), in optimiser order.
+        module: the model without any DistributedDataParallel wrapper. Attacks craft examples on
+            it (no gradient synchronisation needed for input gradients).
+        scaler: a ``GradScaler`` for fp16, else None.
+        generator: RNG for attack random starts (seeded per epoch and rank by the loop).
+        epoch: 0-based epoch.
+        global_step: batches processed so far in the run (0-based; advanced by the loop after
+            each :meth:`Objective.train_step`).
+        rank, world_size: distributed facts (1 process: 0, 1).
+        extra: free-form per-run state an objective may keep (e.g. a phase flag).
+    """
+
+    cfg: TrainConfig
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    params: list[nn.Parameter]
+    module: nn.Module
+    scaler: torch.amp.GradScaler | None = None
+    generator: torch.Generator | None = None
+    epoch: int = 0
+    global_step: int = 0
+    rank: int = 0
+    world_size: int = 1
+    extra: dict = field(default_factory=dict)
+
+    # -- precision -------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of ``train.precision`` (a no-op for fp32)."""
+        precision = self.cfg.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    # -- model modes -----------------------------------------------------------------------
+    def train_mode(self, model: nn.Module) -> None:
+        """Training mode for the update passes (honours ``train.freeze_bn``)."""
+        set_train_mode(model, self.cfg.freeze_bn)
+
+    @contextlib.contextmanager
+    def crafting(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Switch to the mode of ``train.attack.bn_mode`` while crafting; restore on exit."""
+        if self.cfg.attack.bn_mode == "eval":
+            model.eval()
+        else:
+            self.train_mode(model)
+        try:
+            yield model
+        finally:
+            self.train_mode(model)
+
+    # -- the inner attack ------------------------------------------------------------------
+    def attack(
+        self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None
+    ) -> torch.Tensor:
+        """Adversarial examples for ``(x, y)`` from ``train.attack`` (PGD or FGSM-RS), detached."""
+        from fortify.attacks import pgd
+
+        a = self.cfg.attack
+        net = self.module if model is None else model
+        steps = 1 if a.kind == "fgsm-rs" else a.steps
+        random_start = True if a.kind == "fgsm-rs" else a.random_start
+        with self.crafting(net), self.autocast():
+            x_adv = pgd(
+                net,
+                x,
+                y,
+                eps=a.eps,
+                steps=steps,
+                step_size=a.step_size,
+                random_start=random_start,
+                generator=self.generator,
+            )
+        return x_adv.detach()
+
+    # -- the update ------------------------------------------------------------------------
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Raise :class:`NonFiniteLossError` if ``loss`` is NaN/Inf on any rank."""
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            raise NonFiniteLossError(
+                f"training loss is {float(loss.detach().float().mean())} at epoch {self.epoch}, "
+                f"step {self.global_step}; stopping (the last good checkpoint is kept). Try a "
+                "lower train.lr, train.grad_clip, or train.precision=fp32."
+            )
+
+    def step(
+        self,
+        loss: torch.Tensor,
+        params: Iterable[nn.Parameter] | None = None,
+        *,
+        zero_grad: bool = True,
+    ) -> None:
+        """Backward ``loss`` and take one optimiser step.
+
+        Args:
+            loss: scalar loss (checked for NaN/Inf first).
+            params: update only these parameters (others get no gradient and are skipped by
+                the optimiser this step); None = all trainable parameters.
+            zero_grad: clear gradients first (False to accumulate into existing ones).
+        """
+        self.check_finite(loss)
+        if zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+        scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+        subset = None if params is None else list(params)
+        if subset is None or self.world_size > 1:
+            scaled.backward()  # DDP's reducer expects gradients for all parameters
+        else:
+            scaled.backward(inputs=subset)
+        if subset is not None and self.world_size > 1:
+            keep = {id(p) for p in subset}
+            for p in self.params:
+                if id(p) not in keep:
+                    p.grad = None
+        clip_params = self.params if subset is None else subset
+        if self.cfg.grad_clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(clip_params, self.cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+
+def forward_aux(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    y: torch.Tensor,
+    x_clean: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward ``inputs`` while capturing auxiliary losses of attached defences.
+
+    Returns ``(logits, terms)``; ``terms`` is empty for models without loss providers.
+    """
+    with capture_aux(model) as cap:
+        logits = model(inputs)
+        terms: dict[str, torch.Tensor] = {}
+        if cap.providers:
+            terms = cap.losses(AuxContext(y=y, logits=logits, x=inputs, x_clean=x_clean))
+    return logits, terms
+
+
+def with_aux(
+    loss: torch.Tensor, terms: dict[str, torch.Tensor], metrics: Metrics
+) -> tuple[torch.Tensor, Metrics]:
+    """Add auxiliary ``terms`` to ``loss``; record each term and the total in ``metrics``."""
+    for name, value in terms.items():
+        loss = loss + value
+        metrics[name] = value.detach().float()
+    metrics["loss"] = loss.detach().float()
+    return loss, metrics
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction of correct top-1 predictions (a detached scalar tensor)."""
+    return (logits.detach().argmax(1) == y).float().mean()
+
+
+def kl_clean_adv(logits_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(p(x) ‖ p(x_adv)) of softmax distributions, shape (N,)."""
+    log_p = F.log_softmax(logits_clean.float(), dim=1)
+    return (log_p.exp() * (log_p - F.log_softmax(logits_adv.float(), dim=1))).sum(1)
+
+
+class Objective:
+    """Base class: override :meth:`compute` (and :meth:`perturb` if the inner attack differs).
+
+    Class attributes:
+        name: registry name.
+        adversarial: whether :meth:`loss` crafts adversarial examples (False: ``x_adv = x``).
+        ddp_find_unused_parameters: set True if some steps leave parameters without gradient
+            (e.g. partial updates under DistributedDataParallel).
+    """
+
+    name: str = "base"
+    adversarial: bool = True
+    ddp_find_unused_parameters: bool = False
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def perturb(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext
+    ) -> torch.Tensor:
+        """The inner maximisation; by default ``train.attack`` on the unwrapped model."""
+        return ctx.attack(x, y)
+
+    def compute(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_adv: torch.Tensor,
+        ctx: StepContext,
+    ) -> tuple[torch.Tensor, Metrics]:
+        """The outer loss on a batch given its adversarial examples: ``(loss, metrics)``."""
+        raise NotImplementedError
+
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext
+    ) -> tuple[torch.Tensor, Metrics]:
+        """Craft ``x_adv`` (if adversarial) and return :meth:`compute`'s ``(loss, metrics)``."""
+        x_adv = self.perturb(model, x, y, ctx) if self.adversarial else x
+        return self.compute(model, x, y, x_adv, ctx)
+
+    def train_step(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext
+    ) -> Metrics:
+        """One optimisation step on a batch; returns metrics (scalars) to average per epoch.
+
+        The model is in training mode on entry. The default computes :meth:`loss` under the
+        precision's autocast and calls :meth:`StepContext.step`. Override to take several
+        steps, update parameter subsets or run extra forward passes.
+        """
+        with ctx.autocast():
+            loss, metrics = self.loss(model, x, y, ctx)
+        ctx.step(loss)
+        return metrics
+
+
+ObjectiveFactory = Callable[[TrainConfig], Objective]
+_OBJECTIVES: dict[str, ObjectiveFactory] = {}
+
+
+def register_objective(name: str) -> Callable[[ObjectiveFactory], ObjectiveFactory]:
+    """Class decorator registering an :class:`Objective` subclass (or factory) as ``name``."""
+
+    def deco(factory: ObjectiveFactory) -> ObjectiveFactory:
+        if name in _OBJECTIVES and _OBJECTIVES[name] is not factory:
+            raise ValueError(f"objective {name!r} registered twice")
+        _OBJECTIVES[name] = factory
+        if isinstance(factory, type):
+            factory.name = name
+        return factory
+
+    return deco
+
+
+def available_objectives() -> list[str]:
+    """Names of every registered objective."""
+    _ensure_loaded()
+    return sorted(_OBJECTIVES)
+
+
+def get_objective(name: str, cfg: TrainConfig | None = None) -> Objective:
+    """Instantiate objective ``name`` for ``cfg`` (default TrainConfig); unknown names raise."""
+    _ensure_loaded()
+    if name not in _OBJECTIVES:
+        raise unknown_name("objective", name, _OBJECTIVES)
+    return _OBJECTIVES[name](cfg if cfg is not None else TrainConfig())
+
+
+def _ensure_loaded() -> None:
+    import fortify.train.objectives  # noqa: F401  (registers the built-in objectives)

@@ -1,0 +1,256 @@
+"""Attacks: closed-form optimum on linear models, torchattacks cross-check, semantics, hygiene."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fortify.attacks as A
+from fortify.errors import ConfigError, DataError, EvaluationError, FortifyError
+
+
+def _train_small(x: torch.Tensor, y: torch.Tensor, epochs: int = 30) -> nn.Module:
+    import fortify.models
+
+    torch.manual_seed(0)
+    model = fortify.models.create("small-cnn", 10, 1, width=4)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 128):
+            b = perm[i : i + 128]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[b]), y[b]).backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    import fortify.data
+
+    splits = fortify.data.load_dataset("digits")
+    xtr, ytr = splits.train.floats()
+    xte, yte = splits.test.floats()
+    return xtr, ytr, xte[:128], yte[:128]
+
+
+@pytest.fixture(scope="module")
+def small_model(digits):
+    xtr, ytr, xte, yte = digits
+    model = _train_small(xtr, ytr)
+    with torch.no_grad():
+        acc = (model(xte).argmax(1) == yte).float().mean().item()
+    assert acc > 0.7, f"fixture model did not train (acc {acc:.2f})"
+    return model
+
+
+def _linear(k: int, d: int = 16, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, k))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(k, d, generator=g))
+        model[1].bias.copy_(torch.randn(k, generator=g) * 0.1)
+    return model.eval()
+
+
+def _optimal_margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor, j: torch.Tensor, eps: float) -> torch.Tensor:
+    """min over the L∞ ball ∩ [0,1] of (w_y − w_j)·x' + b_y − b_j, in closed form."""
+    w, b = model[1].weight.double(), model[1].bias.double()
+    d = w[y] - w[j]  # (N, D)
+    xf = x.flatten(1).double()
+    x_opt = (xf - eps * torch.sign(d)).clamp(0, 1)
+    return (d * x_opt).sum(1) + b[y] - b[j]
+
+
+def _margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    w, b = model[1].weight.double(), model[1].bias.double()
+    xf = x.flatten(1).double()
+    return ((w[y] - w[j]) * xf).sum(1) + b[y] - b[j]
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw"])
+def test_pgd_reaches_closed_form_optimum_binary_linear(loss):
+    model = _linear(2)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(64, 1, 4, 4, generator=g)
+    y = torch.randint(0, 2, (64,), generator=g)
+    eps = 0.05
+    # Large κ keeps the C&W gradient alive past misclassification, so PGD walks to the corner.
+    x_adv = A.pgd(model, x, y, eps=eps, steps=20, step_size=eps / 4, loss=loss, kappa=1e6, random_start=True,
+                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+    j = 1 - y
+    achieved = _margin(model, x_adv, y, j)
+    optimum = _optimal_margin(model, x, y, j, eps)
+    assert torch.allclose(achieved, optimum, atol=1e-5), (achieved - optimum).abs().max()
+    # the clean margin is clearly larger, so this is not vacuous
+    assert (_margin(model, x, y, j) - optimum).min() > 1e-3
+
+
+def test_fgsm_is_exact_on_binary_linear():
+    model = _linear(2, seed=3)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(64, 1, 4, 4, generator=g)
+    y = torch.randint(0, 2, (64,), generator=g)
+    for eps in (0.01, 0.2):
+        x_adv = A.fgsm(model, x, y, eps=eps)
+        achieved = _margin(model, x_adv, y, 1 - y)
+        optimum = _optimal_margin(model, x, y, 1 - y, eps)
+        assert torch.allclose(achieved, optimum, atol=1e-5)
+
+
+def test_targeted_pgd_reaches_pairwise_optimum_multiclass():
+    """Targeted C&W with huge κ on a 5-class linear model where only classes y and t differ."""
+    model = _linear(5, seed=4)
+    with torch.no_grad():  # make class t dominate all others except y, so the margin is pairwise
+        model[1].weight[2:] = 0.0
+        model[1].bias[2:] = -1e3
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(32, 1, 4, 4, generator=g)
+    y = torch.zeros(32, dtype=torch.long)
+    t = torch.ones(32, dtype=torch.long)
+    x_adv = A.pgd(model, x, y, eps=0.1, steps=30, step_size=0.02, loss="cw", kappa=1e6, targeted=True, target=t)
+    assert torch.allclose(_margin(model, x_adv, y, t), _optimal_margin(model, x, y, t, 0.1), atol=1e-5)
+
+
+def test_l2_pgd_stays_in_ball_and_beats_random():
+    model = _linear(3, seed=6)
+    x = torch.rand(32, 1, 4, 4, generator=torch.Generator().manual_seed(7))
+    y = model(x).argmax(1)
+    eps = 0.5
+    x_adv = A.pgd(model, x, y, eps=eps, steps=20, norm="l2")
+    assert ((x_adv - x).flatten(1).norm(dim=1) <= eps + 1e-5).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    noise = torch.randn_like(x)
+    x_rand = (x + eps * noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1)).clamp(0, 1)
+    loss = nn.functional.cross_entropy
+    assert loss(model(x_adv), y) > loss(model(x_rand), y) + 1e-3
+
+
+def test_matches_torchattacks_exactly(small_model, digits):
+    torchattacks = pytest.importorskip("torchattacks")
+    _, _, x, y = digits
+    eps = 0.1
+    ref_fgsm = torchattacks.FGSM(small_model, eps=eps)(x, y)
+    ours_fgsm = A.fgsm(small_model, x, y, eps=eps)
+    with torch.no_grad():
+        acc_ref = (small_model(ref_fgsm).argmax(1) == y).sum().item()
+        acc_ours = (small_model(ours_fgsm).argmax(1) == y).sum().item()
+    assert acc_ours == acc_ref
+    for steps in (10, 20):
+        ref = torchattacks.PGD(small_model, eps=eps, alpha=eps / 10, steps=steps, random_start=False)(x, y)
+        ours = A.pgd(small_model, x, y, eps=eps, steps=steps, step_size=eps / 10, random_start=False)
+        with torch.no_grad():
+            acc_ref = (small_model(ref).argmax(1) == y).sum().item()
+            acc_ours = (small_model(ours).argmax(1) == y).sum().item()
+        assert acc_ours == acc_ref, (steps, acc_ours, acc_ref)
+        assert acc_ours < len(y)  # the attack does something
+
+
+def test_best_never_above_final_and_best_examples_fool(small_model, digits):
+    _, _, x, y = digits
+    eps = 0.05
+    kw = dict(eps=eps, steps=10, step_size=eps / 4, random_start=False)
+    both = A.pgd_attack(small_model, x, y, mode="both", **kw)
+    assert both.success_best is not None and both.x_best is not None
+    assert (both.success_best | ~both.success).all()  # best ⊇ final on the same run
+    best = A.pgd_attack(small_model, x, y, mode="best", **kw)
+    final = A.pgd_attack(small_model, x, y, mode="final", **kw)
+    with torch.no_grad():
+        for xa, succ in ((best.x_adv, best.success), (both.x_best, both.success_best), (final.x_adv, final.success)):
+            assert (small_model(xa).argmax(1) != y)[succ].all()  # the returned examples really fool
+            assert ((xa - x).abs().amax(dim=(1, 2, 3)) <= eps + 1e-6).all()
+    assert best.success.sum() >= final.success.sum()
+    assert both.success_best.sum() >= both.success.sum()
+
+
+def test_mode_and_grads_untouched(small_model, digits):
+    _, _, x, y = digits
+    small_model.train()
+    try:
+        bn_mean = small_model.features[0][1].running_mean.clone()
+        A.pgd(small_model, x[:16], y[:16], eps=0.1, steps=2)
+        assert small_model.training
+        # train mode BN updates running stats as a side effect of forward; that's the caller's choice
+        assert not torch.equal(bn_mean, small_model.features[0][1].running_mean)
+    finally:
+        small_model.eval()
+    params = list(small_model.parameters())
+    for i, p in enumerate(params):  # existing .grad (e.g. mid-training) must survive unchanged
+        p.grad = torch.full_like(p, float(i)) if i % 2 else None
+    try:
+        A.pgd(small_model, x[:16], y[:16], eps=0.1, steps=2)
+        A.pgd(small_model, x[:16], y[:16], eps=0.1, steps=2, mode="best")
+        A.fgsm(small_model, x[:16], y[:16], eps=0.1)
+        assert not small_model.training
+        for i, p in enumerate(params):
+            assert (p.grad is None) if i % 2 == 0 else torch.equal(p.grad, torch.full_like(p, float(i)))
+    finally:
+        for p in params:
+            p.grad = None
+
+
+def test_channels_last_and_classes(small_model, digits):
+    _, _, x, y = digits
+    xc = x[:8].contiguous(memory_format=torch.channels_last)
+    out = A.PGD(small_model, eps=0.1, steps=3, random_start=False)(xc, y[:8])
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    ref = A.pgd(small_model, x[:8], y[:8], eps=0.1, steps=3, random_start=False)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert A.FGSM(small_model, eps=0.1)(x[:8], y[:8]).shape == x[:8].shape
+
+
+def test_random_start_reproducible_with_generator(small_model, digits):
+    _, _, x, y = digits
+    a = A.pgd(small_model, x[:8], y[:8], eps=0.1, steps=2, generator=torch.Generator().manual_seed(3))
+    b = A.pgd(small_model, x[:8], y[:8], eps=0.1, steps=2, generator=torch.Generator().manual_seed(3))
+    c = A.pgd(small_model, x[:8], y[:8], eps=0.1, steps=2, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_targeted_success(small_model, digits):
+    _, _, x, y = digits
+    t = (y + 1) % 10
+    r = A.pgd_attack(small_model, x, y, eps=0.3, steps=20, targeted=True, target=t, loss="cw")
+    with torch.no_grad():
+        pred = small_model(r.x_adv).argmax(1)
+    assert torch.equal(pred == t, r.success)
+    assert r.success.float().mean() > 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(eps=0.0, steps=1), ConfigError, "eps"),
+        (dict(eps=0.1, steps=0), ConfigError, "steps"),
+        (dict(eps=0.1, steps=1, norm="l1"), ConfigError, "linf"),
+        (dict(eps=0.1, steps=1, loss="hinge"), ConfigError, "dlr"),
+        (dict(eps=0.1, steps=1, mode="worst"), ConfigError, "best"),
+        (dict(eps=0.1, steps=1, targeted=True), ConfigError, "target"),
+        (dict(eps=0.1, steps=1, step_size=-1.0), ConfigError, "step_size"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, words):
+    model = _linear(3)
+    x, y = torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(exc, match=words):
+        A.pgd(model, x, y, **kwargs)
+
+
+def test_bad_tensors_and_models():
+    model = _linear(3)
+    with pytest.raises(DataError, match="shape"):
+        A.pgd(model, torch.rand(4, 1, 4, 4), torch.zeros(5, dtype=torch.long), eps=0.1, steps=1)
+    with pytest.raises(DataError, match="float"):
+        A.fgsm(model, torch.zeros(4, 1, 4, 4, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), eps=0.1)
+
+    class Tuple(nn.Module):
+        def forward(self, x):
+            return model(x), x
+
+    with pytest.raises(EvaluationError, match="logits"):
+        A.fgsm(Tuple(), torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long), eps=0.1)
+    with pytest.raises(FortifyError, match="classes"):
+        A.pgd(_linear(2), torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long), eps=0.1, steps=1, loss="dlr")
