@@ -336,6 +336,24 @@ def adaptive_suite(ctx: SuiteContext) -> None:
     if zero_logit is not None:
         msg += f", {100 * zero_logit:.1f}% a zero C&W gradient on the pre-bound logits"
     ctx.check("zero gradients (output vs logits)", "warn" if zero_out > 0.05 else "ok", msg)
+    if has_logits:
+        big = min(1.0, max(0.5, 4 * eps)) if norm == "linf" else 4 * eps
+        broken = 0
+        for i in range(0, m, ctx.batch_size):
+            xb = ctx.x[i : min(i + ctx.batch_size, m)].to(ctx.device)
+            yb = ctx.y[i : min(i + ctx.batch_size, m)].to(ctx.device)
+            xa = pgd(target, xb, yb, eps=big, steps=k, step_size=2.5 * big / k, norm=norm, loss="dlr",
+                     random_start=True, generator=ctx.generator(19 + i))  # fmt: skip
+            ctx.verify_ball("large-ε DLR on logits", xa, xb, big)
+            broken += int((ctx.predict(xa) != yb).sum())
+        acc_big = 100.0 * (1 - broken / max(m, 1))
+        ctx.extras.setdefault("large_eps_logits", {"eps": big, "accuracy": acc_big, "points": m})
+        ctx.check(
+            "large ε → 0 (logits)",
+            "warn" if acc_big > 5.0 else "ok",
+            f"DLR on the pre-bound logits at ε={big:.3g} leaves {acc_big:.1f}% accuracy (first {m} points)"
+            + ("; should be near 0" if acc_big > 5.0 else ""),
+        )
     ce_acc, best_logit = acc(columns["ce"]), min(acc(columns["cw"]), acc(columns["dlr"]))
     gap = ce_acc - best_logit
     ctx.check(

@@ -287,12 +287,16 @@ def saturate(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor
     "to the input's device).",
 )
 def jpeg_compression(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
-    from torchvision.io import decode_jpeg, encode_jpeg
+    import warnings
 
-    quality = [80, 65, 58, 50, 40][severity - 1]
-    u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    encoded = encode_jpeg(list(u8), quality=quality)
-    decoded = decode_jpeg(encoded)
+    with warnings.catch_warnings():  # torchvision >= 0.29 deprecates its codecs
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import decode_jpeg, encode_jpeg
+
+        quality = [80, 65, 58, 50, 40][severity - 1]
+        u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        encoded = encode_jpeg(list(u8), quality=quality)
+        decoded = decode_jpeg(encoded)
     out = torch.stack(list(decoded)).to(x.device, x.dtype) / 255.0
     return out
 

@@ -110,7 +110,7 @@ def read_cifar_c(
         if s not in SEVERITIES:
             raise ConfigError(f"severity must be one of {list(SEVERITIES)}, got {s!r}")
         lo = (s - 1) * per_severity
-        x = torch.from_numpy(np.ascontiguousarray(images[lo : lo + n])).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.array(images[lo : lo + n])).permute(0, 3, 1, 2)
         y = torch.from_numpy(np.asarray(labels[lo : lo + n]).astype(np.int64))
         out[s] = ImageSet(x.to(torch.uint8).contiguous(), y)
     return out

@@ -112,7 +112,11 @@ def create(
         if not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in std):
             raise ConfigError(f"std values must be finite and > 0, got {list(std)}")
     allowed = describe_kwargs(name)
-    unknown = sorted(set(kwargs) - set(allowed))
+    takes_any = any(
+        prm.kind is inspect.Parameter.VAR_KEYWORD
+        for prm in inspect.signature(entry.builder).parameters.values()
+    )
+    unknown = [] if takes_any else sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ConfigError(
             f"model {name!r} does not accept option(s) {unknown}; allowed options: "
