@@ -88,7 +88,8 @@ def main() -> None:
     for _ in range(args.steps):  # interleave to share machine-load drift between both
         t_base += time_steps(step_base, x, y, 0, 1)
         t_fsr += time_steps(step_fsr, x, y, 0, 1)
-    mb, mf = statistics.median(t_base), statistics.median(t_fsr)
+    # the machine is shared: the minimum is the least-disturbed measurement of each step
+    mb, mf = min(t_base), min(t_fsr)
     result = {
         "backbone": f"resnet18 width {args.width} (paper: 64)",
         "fsr_hidden": hidden,
@@ -96,9 +97,10 @@ def main() -> None:
         "objective": args.objective,
         "attack_steps": args.attack_steps,
         "threads": torch.get_num_threads(),
-        "step_s_at": round(mb, 4),
-        "step_s_at_fsr": round(mf, 4),
+        "step_s_at_min": round(mb, 4),
+        "step_s_at_fsr_min": round(mf, 4),
         "ratio": round(mf / mb, 4),
+        "ratio_of_medians": round(statistics.median(t_fsr) / statistics.median(t_base), 4),
         "target": 1.15,
         "all_at": [round(t, 4) for t in t_base],
         "all_at_fsr": [round(t, 4) for t in t_fsr],

@@ -56,7 +56,9 @@ def _linear(k: int, d: int = 16, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def _optimal_margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor, j: torch.Tensor, eps: float) -> torch.Tensor:
+def _optimal_margin(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, j: torch.Tensor, eps: float
+) -> torch.Tensor:
     """min over the L∞ ball ∩ [0,1] of (w_y − w_j)·x' + b_y − b_j, in closed form."""
     w, b = model[1].weight.double(), model[1].bias.double()
     d = w[y] - w[j]  # (N, D)
@@ -79,8 +81,18 @@ def test_pgd_reaches_closed_form_optimum_binary_linear(loss):
     y = torch.randint(0, 2, (64,), generator=g)
     eps = 0.05
     # Large κ keeps the C&W gradient alive past misclassification, so PGD walks to the corner.
-    x_adv = A.pgd(model, x, y, eps=eps, steps=20, step_size=eps / 4, loss=loss, kappa=1e6, random_start=True,
-                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+    x_adv = A.pgd(
+        model,
+        x,
+        y,
+        eps=eps,
+        steps=20,
+        step_size=eps / 4,
+        loss=loss,
+        kappa=1e6,
+        random_start=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     j = 1 - y
     achieved = _margin(model, x_adv, y, j)
     optimum = _optimal_margin(model, x, y, j, eps)
@@ -111,8 +123,21 @@ def test_targeted_pgd_reaches_pairwise_optimum_multiclass():
     x = torch.rand(32, 1, 4, 4, generator=g)
     y = torch.zeros(32, dtype=torch.long)
     t = torch.ones(32, dtype=torch.long)
-    x_adv = A.pgd(model, x, y, eps=0.1, steps=30, step_size=0.02, loss="cw", kappa=1e6, targeted=True, target=t)
-    assert torch.allclose(_margin(model, x_adv, y, t), _optimal_margin(model, x, y, t, 0.1), atol=1e-5)
+    x_adv = A.pgd(
+        model,
+        x,
+        y,
+        eps=0.1,
+        steps=30,
+        step_size=0.02,
+        loss="cw",
+        kappa=1e6,
+        targeted=True,
+        target=t,
+    )
+    assert torch.allclose(
+        _margin(model, x_adv, y, t), _optimal_margin(model, x, y, t, 0.1), atol=1e-5
+    )
 
 
 def test_l2_pgd_stays_in_ball_and_beats_random():
@@ -140,8 +165,12 @@ def test_matches_torchattacks_exactly(small_model, digits):
         acc_ours = (small_model(ours_fgsm).argmax(1) == y).sum().item()
     assert acc_ours == acc_ref
     for steps in (10, 20):
-        ref = torchattacks.PGD(small_model, eps=eps, alpha=eps / 10, steps=steps, random_start=False)(x, y)
-        ours = A.pgd(small_model, x, y, eps=eps, steps=steps, step_size=eps / 10, random_start=False)
+        ref = torchattacks.PGD(
+            small_model, eps=eps, alpha=eps / 10, steps=steps, random_start=False
+        )(x, y)
+        ours = A.pgd(
+            small_model, x, y, eps=eps, steps=steps, step_size=eps / 10, random_start=False
+        )
         with torch.no_grad():
             acc_ref = (small_model(ref).argmax(1) == y).sum().item()
             acc_ours = (small_model(ours).argmax(1) == y).sum().item()
@@ -159,7 +188,11 @@ def test_best_never_above_final_and_best_examples_fool(small_model, digits):
     best = A.pgd_attack(small_model, x, y, mode="best", **kw)
     final = A.pgd_attack(small_model, x, y, mode="final", **kw)
     with torch.no_grad():
-        for xa, succ in ((best.x_adv, best.success), (both.x_best, both.success_best), (final.x_adv, final.success)):
+        for xa, succ in (
+            (best.x_adv, best.success),
+            (both.x_best, both.success_best),
+            (final.x_adv, final.success),
+        ):
             assert (small_model(xa).argmax(1) != y)[succ].all()  # the returned examples really fool
             assert ((xa - x).abs().amax(dim=(1, 2, 3)) <= eps + 1e-6).all()
     assert best.success.sum() >= final.success.sum()
@@ -173,7 +206,7 @@ def test_mode_and_grads_untouched(small_model, digits):
         bn_mean = small_model.features[0][1].running_mean.clone()
         A.pgd(small_model, x[:16], y[:16], eps=0.1, steps=2)
         assert small_model.training
-        # train mode BN updates running stats as a side effect of forward; that's the caller's choice
+        # train-mode BN updates running stats during forward: the caller chose train mode
         assert not torch.equal(bn_mean, small_model.features[0][1].running_mean)
     finally:
         small_model.eval()
@@ -186,7 +219,11 @@ def test_mode_and_grads_untouched(small_model, digits):
         A.fgsm(small_model, x[:16], y[:16], eps=0.1)
         assert not small_model.training
         for i, p in enumerate(params):
-            assert (p.grad is None) if i % 2 == 0 else torch.equal(p.grad, torch.full_like(p, float(i)))
+            assert (
+                (p.grad is None)
+                if i % 2 == 0
+                else torch.equal(p.grad, torch.full_like(p, float(i)))
+            )
     finally:
         for p in params:
             p.grad = None
@@ -204,9 +241,15 @@ def test_channels_last_and_classes(small_model, digits):
 
 def test_random_start_reproducible_with_generator(small_model, digits):
     _, _, x, y = digits
-    a = A.pgd(small_model, x[:8], y[:8], eps=0.1, steps=2, generator=torch.Generator().manual_seed(3))
-    b = A.pgd(small_model, x[:8], y[:8], eps=0.1, steps=2, generator=torch.Generator().manual_seed(3))
-    c = A.pgd(small_model, x[:8], y[:8], eps=0.1, steps=2, generator=torch.Generator().manual_seed(4))
+    a = A.pgd(
+        small_model, x[:8], y[:8], eps=0.1, steps=2, generator=torch.Generator().manual_seed(3)
+    )
+    b = A.pgd(
+        small_model, x[:8], y[:8], eps=0.1, steps=2, generator=torch.Generator().manual_seed(3)
+    )
+    c = A.pgd(
+        small_model, x[:8], y[:8], eps=0.1, steps=2, generator=torch.Generator().manual_seed(4)
+    )
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -244,7 +287,12 @@ def test_bad_tensors_and_models():
     with pytest.raises(DataError, match="shape"):
         A.pgd(model, torch.rand(4, 1, 4, 4), torch.zeros(5, dtype=torch.long), eps=0.1, steps=1)
     with pytest.raises(DataError, match="float"):
-        A.fgsm(model, torch.zeros(4, 1, 4, 4, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), eps=0.1)
+        A.fgsm(
+            model,
+            torch.zeros(4, 1, 4, 4, dtype=torch.uint8),
+            torch.zeros(4, dtype=torch.long),
+            eps=0.1,
+        )
 
     class Tuple(nn.Module):
         def forward(self, x):
@@ -253,4 +301,11 @@ def test_bad_tensors_and_models():
     with pytest.raises(EvaluationError, match="logits"):
         A.fgsm(Tuple(), torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long), eps=0.1)
     with pytest.raises(FortifyError, match="classes"):
-        A.pgd(_linear(2), torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long), eps=0.1, steps=1, loss="dlr")
+        A.pgd(
+            _linear(2),
+            torch.rand(4, 1, 4, 4),
+            torch.zeros(4, dtype=torch.long),
+            eps=0.1,
+            steps=1,
+            loss="dlr",
+        )

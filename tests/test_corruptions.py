@@ -56,7 +56,9 @@ def test_seed_changes_random_corruptions(images):
 
 def test_families_cover_cifar_c_groups():
     assert set(C.FAMILIES) >= {"noise", "blur", "digital"}
-    assert {"gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"} <= set(C.FAMILIES["noise"])
+    assert {"gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"} <= set(
+        C.FAMILIES["noise"]
+    )
     assert {"gaussian_blur", "defocus_blur", "motion_blur", "zoom_blur"} <= set(C.FAMILIES["blur"])
     assert {"contrast", "brightness", "jpeg_compression", "pixelate", "saturate"} <= set(
         C.FAMILIES["digital"]

@@ -50,7 +50,17 @@ def data(splits):
 @pytest.fixture(scope="module")
 def both_report(model, data):
     x, y = data
-    return evaluate(model, x, y, suite="paper", eps=EPS, mode="both", batch_size=48, check_points=64, square_queries=100)
+    return evaluate(
+        model,
+        x,
+        y,
+        suite="paper",
+        eps=EPS,
+        mode="both",
+        batch_size=48,
+        check_points=64,
+        square_queries=100,
+    )
 
 
 def test_paper_suite_layout_and_semantics(both_report, model, data):
@@ -74,16 +84,29 @@ def test_paper_suite_layout_and_semantics(both_report, model, data):
         assert t[mode]["Ensemble"] == pytest.approx(100 * ens.float().mean().item())
         assert t[mode]["Ensemble"] <= min(v for k, v in t[mode].items() if k != "Ensemble")
     statuses = {c.name: c.status for c in r.checks}
-    for name in ("robust ≤ clean", "best ≤ final", "zero gradients", "monotone in ε", "large ε → 0", "Square vs white-box"):
+    for name in (
+        "robust ≤ clean",
+        "best ≤ final",
+        "zero gradients",
+        "monotone in ε",
+        "large ε → 0",
+        "Square vs white-box",
+    ):
         assert statuses[name] == "ok", (name, r.to_markdown())
 
 
 def test_report_json_roundtrip_and_save(both_report, tmp_path):
     md, js = both_report.save(tmp_path)
     d = json.loads(js.read_text())
-    assert d["settings"]["eps"] == EPS and d["settings"]["mode"] == "both" and "torch" in d["settings"]["versions"]
+    assert (
+        d["settings"]["eps"] == EPS
+        and d["settings"]["mode"] == "both"
+        and "torch" in d["settings"]["versions"]
+    )
     per = {(o["name"], o["mode"]): o["correct"] for o in d["outcomes"]}
-    assert len(per[("PGD-20", "final")]) == 96 and all(isinstance(v, bool) for v in per[("PGD-20", "final")])
+    assert len(per[("PGD-20", "final")]) == 96 and all(
+        isinstance(v, bool) for v in per[("PGD-20", "final")]
+    )
     # recompute Ensemble from the per-sample outcomes
     ens = [all(per[(c, m)][i] for c, m in per if m in ("final", "-")) for i in range(96)]
     assert d["table"]["final"]["Ensemble"] == pytest.approx(100 * sum(ens) / 96)
@@ -129,15 +152,21 @@ class _Masked(nn.Module):
 
 def test_autoattack_warnings_are_captured(model, data):
     x, y = data
-    r = evaluate(_Masked(model), x[:8], y[:8], suite="autoattack", eps=0.1, checks=False, batch_size=8)
-    msgs = [c.message for c in r.checks if c.name == "AutoAttack's own checks" and c.status == "warn"]
+    r = evaluate(
+        _Masked(model), x[:8], y[:8], suite="autoattack", eps=0.1, checks=False, batch_size=8
+    )
+    msgs = [
+        c.message for c in r.checks if c.name == "AutoAttack's own checks" and c.status == "warn"
+    ]
     assert any("zero gradient" in m for m in msgs), r.to_markdown()
     assert "zero gradient" in r.to_markdown()
 
 
 def test_checks_flag_gradient_masking(model, data):
     x, y = data
-    r = evaluate(_Masked(model), x[:64], y[:64], suite="quick", eps=0.1, check_points=64, square_queries=200)
+    r = evaluate(
+        _Masked(model), x[:64], y[:64], suite="quick", eps=0.1, check_points=64, square_queries=200
+    )
     st = {c.name: c.status for c in r.checks}
     assert st["zero gradients"] == "warn"
     assert st["large ε → 0"] == "warn"
@@ -175,9 +204,14 @@ def test_train_mode_model_is_evaluated_in_eval_and_restored(model, data):
     try:
         mean = model.features[0][1].running_mean.clone()
         r = evaluate(model, x[:16], y[:16], suite="quick", eps=EPS, checks=False)
-        assert model.training and not model.features[0][1].training and model.features[1][1].training
+        assert (
+            model.training and not model.features[0][1].training and model.features[1][1].training
+        )
         assert torch.equal(mean, model.features[0][1].running_mean)
-        assert any(c.name == "model mode" and c.status == "warn" and "eval mode" in c.message for c in r.checks)
+        assert any(
+            c.name == "model mode" and c.status == "warn" and "eval mode" in c.message
+            for c in r.checks
+        )
     finally:
         model.eval()
 
@@ -203,7 +237,11 @@ def _lin(k=10, d=64):
         (lambda x, y: ((x * 255).to(torch.uint8), y), DataError, "float"),
         (lambda x, y: (x, y + 10), DataError, r"labels must lie in \[0, 9\]"),
         (lambda x, y: (x, y[:-1]), DataError, "1-D tensor"),
-        (lambda x, y: (x.clone().index_fill_(0, torch.tensor([0]), float("nan")), y), DataError, "NaN"),
+        (
+            lambda x, y: (x.clone().index_fill_(0, torch.tensor([0]), float("nan")), y),
+            DataError,
+            "NaN",
+        ),
     ],
 )
 def test_bad_data(make, exc, words, data):
@@ -214,9 +252,14 @@ def test_bad_data(make, exc, words, data):
 
 @pytest.mark.parametrize(
     "eps, norm, words",
-    [(0.0, "linf", "positive"), (-0.1, "linf", "positive"), (8.0, "linf", "pixel units"), (9.0, "l2", "sqrt"),
-     (0.1, "l1", "linf, l2")],
-)  # fmt: skip
+    [
+        (0.0, "linf", "positive"),
+        (-0.1, "linf", "positive"),
+        (8.0, "linf", "pixel units"),
+        (9.0, "l2", "sqrt"),
+        (0.1, "l1", "linf, l2"),
+    ],
+)
 def test_bad_eps(eps, norm, words, data):
     with pytest.raises(ConfigError, match=words):
         evaluate(_lin(), *[t[:8] for t in data], suite="quick", eps=eps, norm=norm)
@@ -251,7 +294,9 @@ def test_bad_models(data):
 def test_evaluate_split_and_plot(model, splits, tmp_path):
     r = evaluate_split(model, splits.test, 16, eps=EPS, suite="quick", checks=False)
     assert r.settings["n_points"] == 16
-    png = plot_eps_curve({"small-cnn": [(0.0, 90.0), (0.03, 40.0), (0.1, 1.0)]}, tmp_path / "c.png", mark_eps=0.03)
+    png = plot_eps_curve(
+        {"small-cnn": [(0.0, 90.0), (0.03, 40.0), (0.1, 1.0)]}, tmp_path / "c.png", mark_eps=0.03
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -269,12 +314,30 @@ def test_cli_eval_and_report(model, tmp_path, capsys):
         (tmp_path / name / "checkpoints").mkdir(parents=True)
         save_checkpoint(tmp_path / name / "checkpoints" / "best.safetensors", model, meta)
         runs.append(tmp_path / name)
-    rc = main(["eval", str(runs[0]), "--suite", "quick", "--n-points", "24", "--eps", str(EPS), "--mode", "both",
-               "--no-checks", "--plot", "--device", "cpu"])  # fmt: skip
+    rc = main(
+        [
+            "eval",
+            str(runs[0]),
+            "--suite",
+            "quick",
+            "--n-points",
+            "24",
+            "--eps",
+            str(EPS),
+            "--mode",
+            "both",
+            "--no-checks",
+            "--plot",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "PGD-20" in out and (runs[0] / "reports" / "eval.json").is_file()
-    assert (runs[0] / "reports" / "eval-quick.md").is_file() and (runs[0] / "reports" / "eps_curve.png").is_file()
+    assert (runs[0] / "reports" / "eval-quick.md").is_file() and (
+        runs[0] / "reports" / "eps_curve.png"
+    ).is_file()
     ckpt = runs[1] / "checkpoints" / "best.safetensors"
     assert main(["eval", str(ckpt), "--suite", "quick", "--n-points", "24", "--no-checks"]) == 0
     capsys.readouterr()

@@ -31,7 +31,10 @@ def test_read_cifar_c_severity_major(tmp_path):
         assert iset.images.shape == (20, 3, 8, 8) and iset.images.dtype == torch.uint8
         assert int(iset.images[0, 0, 0, 0]) == s
         assert iset.labels.tolist() == [i % 10 for i in range(20)]
-    assert ood.read_cifar_c(tmp_path, "gaussian_noise", per_severity=20, limit=5)[3].images.shape[0] == 5
+    assert (
+        ood.read_cifar_c(tmp_path, "gaussian_noise", per_severity=20, limit=5)[3].images.shape[0]
+        == 5
+    )
     assert ood.list_cifar_c(tmp_path) == ["gaussian_noise"]
 
 
@@ -80,8 +83,13 @@ class Const(nn.Module):
 def test_published_and_generated_results(tmp_path):
     _write_cifar_c(tmp_path / "CIFAR-10-C", per=20)
     # per_severity is 10,000 in the published layout; use the reader directly with a small set
-    res = ood.generated_ood(Const(), torch.rand(30, 1, 8, 8), torch.zeros(30, dtype=torch.long),
-                            corruptions=["contrast", "gaussian_noise"], severities=(1, 3))  # fmt: skip
+    res = ood.generated_ood(
+        Const(),
+        torch.rand(30, 1, 8, 8),
+        torch.zeros(30, dtype=torch.long),
+        corruptions=["contrast", "gaussian_noise"],
+        severities=(1, 3),
+    )
     assert res.table == {"contrast": {1: 100.0, 3: 100.0}, "gaussian_noise": {1: 100.0, 3: 100.0}}
     assert res.mean == 100.0 and res.per_severity == {1: 100.0, 3: 100.0}
     assert "| contrast |" in res.markdown()

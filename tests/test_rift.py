@@ -210,9 +210,12 @@ def test_finetune_changes_only_the_chosen_weight(tmp_path, digits, bn):
 
     cfg = from_dict(
         ExperimentConfig,
-        {"data": {"name": "digits"}, "model": {"name": "small-cnn", "kwargs": {"width": 4}},
-         "device": "cpu"},
-    )  # fmt: skip
+        {
+            "data": {"name": "digits"},
+            "model": {"name": "small-cnn", "kwargs": {"width": 4}},
+            "device": "cpu",
+        },
+    )
     at = _tiny()
     before = copy.deepcopy(at.state_dict())
     opts = FinetuneOptions(epochs=1, lr=0.05, bn=bn)
@@ -237,3 +240,13 @@ def test_finetune_unknown_module_errors(tmp_path, digits):
     with pytest.raises(FortifyError, match="does not exist"):
         finetune(_tiny(), ExperimentConfig(), "layer9.conv", tmp_path / "x", splits=digits)
     assert not (tmp_path / "x").exists()
+
+
+def test_unused_release_modules_are_never_scored():
+    from fortify.models import create
+    from fortify.rift.mrc import weight_modules
+
+    model = create("wide-resnet", num_classes=10, in_channels=3, depth=10, widen=1, sub_block1=True)
+    names = weight_modules(model)
+    assert names and not any(n.startswith("sub_block1") for n in names)
+    assert any(n.startswith("block1.") for n in names)

@@ -280,8 +280,7 @@ def test_adversarial_training_raises_robust_accuracy_over_clean_training(tmp_pat
     at = fit(_cfg(*common, "train.objective=at"), tmp_path / "at", splits=splits)
     rob_std = _robust_accuracy(std.model, splits, 0.1)
     rob_at = _robust_accuracy(at.model, splits, 0.1)
-    print("ROBUST", rob_std, rob_at)
-    assert rob_at > rob_std + 0.15, (rob_std, rob_at)
+    assert rob_at > rob_std + 0.3, (rob_std, rob_at)
 
 
 def test_objective_may_own_the_whole_step(tmp_path, splits):

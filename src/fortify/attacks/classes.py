@@ -1,4 +1,4 @@
-"""torchattacks-style wrappers: ``attack = PGD(model, eps=8/255, steps=10); x_adv = attack(x, y)``."""
+"""torchattacks-style wrappers: ``x_adv = PGD(model, eps=8/255, steps=10)(x, y)``."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ class Attack:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.forward(x, y, target)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -49,13 +53,26 @@ class PGD(Attack):
         self.norm, self.loss, self.random_start, self.restarts = norm, loss, random_start, restarts
         self.targeted, self.kappa, self.mode, self.generator = targeted, kappa, mode, generator
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return pgd(
-            self.model, x, y, eps=self.eps, steps=self.steps, step_size=self.step_size,
-            norm=self.norm, loss=self.loss, random_start=self.random_start, restarts=self.restarts,
-            targeted=self.targeted, target=target, kappa=self.kappa, mode=self.mode,
+            self.model,
+            x,
+            y,
+            eps=self.eps,
+            steps=self.steps,
+            step_size=self.step_size,
+            norm=self.norm,
+            loss=self.loss,
+            random_start=self.random_start,
+            restarts=self.restarts,
+            targeted=self.targeted,
+            target=target,
+            kappa=self.kappa,
+            mode=self.mode,
             generator=self.generator,
-        )  # fmt: skip
+        )
 
 
 class FGSM(Attack):
@@ -73,7 +90,16 @@ class FGSM(Attack):
         super().__init__(model)
         self.eps, self.loss, self.targeted, self.kappa = eps, loss, targeted, kappa
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return fgsm(
-            self.model, x, y, eps=self.eps, loss=self.loss, targeted=self.targeted, target=target, kappa=self.kappa
+            self.model,
+            x,
+            y,
+            eps=self.eps,
+            loss=self.loss,
+            targeted=self.targeted,
+            target=target,
+            kappa=self.kappa,
         )

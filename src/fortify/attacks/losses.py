@@ -38,7 +38,9 @@ def cw_loss(logits: torch.Tensor, y: torch.Tensor, targeted: bool, kappa: float)
     return -torch.clamp(margin + kappa, min=0.0)
 
 
-def dlr_loss(logits: torch.Tensor, y: torch.Tensor, targeted: bool, true_y: torch.Tensor) -> torch.Tensor:
+def dlr_loss(
+    logits: torch.Tensor, y: torch.Tensor, targeted: bool, true_y: torch.Tensor
+) -> torch.Tensor:
     """Difference-of-logits-ratio loss (Croce & Hein 2020), shape (N,).
 
     Untargeted: ``−(z_y − max_{j≠y} z_j) / (z_π1 − z_π3 + 1e-12)``; targeted:
@@ -48,7 +50,8 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor, targeted: bool, true_y: torc
     if k < (4 if targeted else 3):
         raise ConfigError(
             f"the DLR loss needs at least {4 if targeted else 3} classes "
-            f"({'targeted' if targeted else 'untargeted'}), the model has {k}; use loss='ce' or 'cw'"
+            f"({'targeted' if targeted else 'untargeted'}), the model has {k}; use loss='ce' or "
+            "'cw'"
         )
     srt = logits.sort(dim=1, descending=True).values
     z_true = logits.gather(1, true_y.view(-1, 1)).squeeze(1)

@@ -78,7 +78,9 @@ def _check_common(
         raise ConfigError(f"unknown attack loss {loss!r}; allowed: {', '.join(LOSSES)}")
     if targeted:
         if target is None:
-            raise ConfigError("targeted=True needs target= (int64 tensor of target classes, one per point)")
+            raise ConfigError(
+                "targeted=True needs target= (int64 tensor of target classes, one per point)"
+            )
         if target.shape != y.shape:
             raise DataError(f"target must have shape {tuple(y.shape)}, got {tuple(target.shape)}")
 
@@ -93,7 +95,9 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _fooled(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, targeted: bool) -> torch.Tensor:
+def _fooled(
+    logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, targeted: bool
+) -> torch.Tensor:
     pred = logits.argmax(dim=1)
     return pred == target if targeted else pred != y
 
@@ -113,13 +117,22 @@ def _project_(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> to
     return delta.add_(x).clamp_(0.0, 1.0)
 
 
-def _random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+def _random_start(
+    x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None
+) -> torch.Tensor:
     gen_device = generator.device if generator is not None else x.device
     if norm == "linf":
-        noise = torch.empty(x.shape, device=gen_device, dtype=x.dtype).uniform_(-eps, eps, generator=generator)
+        noise = torch.empty(x.shape, device=gen_device, dtype=x.dtype).uniform_(
+            -eps, eps, generator=generator
+        )
     else:
         noise = torch.randn(x.shape, device=gen_device, dtype=x.dtype, generator=generator)
-        radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=gen_device, dtype=x.dtype, generator=generator)
+        radius = torch.rand(
+            (x.shape[0],) + (1,) * (x.dim() - 1),
+            device=gen_device,
+            dtype=x.dtype,
+            generator=generator,
+        )
         noise = noise / (_per_sample_norm(noise) + _TINY) * radius * eps
     noise = noise.to(x.device)
     x_adv = torch.empty_like(x).copy_(x).add_(noise)
@@ -186,7 +199,13 @@ def _pgd_single(
                 out[idx[fooled]] = x_adv[fooled]  # the iterate whose logits we just saw fool
                 success[idx[fooled]] = True
                 keep = ~fooled
-                idx, x_adv, grad, xa_x, xa_y = idx[keep], x_adv[keep], grad[keep], xa_x[keep], xa_y[keep]
+                idx, x_adv, grad, xa_x, xa_y = (
+                    idx[keep],
+                    x_adv[keep],
+                    grad[keep],
+                    xa_x[keep],
+                    xa_y[keep],
+                )
                 xa_t = xa_t[keep] if xa_t is not None else None
                 if len(idx) == 0:
                     return AttackResult(out, success)
@@ -278,9 +297,17 @@ def pgd_attack(
     y = y.to(x.device)
     target = target.to(x.device) if target is not None else None
     kw = dict(
-        eps=float(eps), steps=steps, step_size=float(step_size), norm=norm, loss=loss,
-        random_start=random_start, targeted=targeted, kappa=float(kappa), mode=mode, generator=generator,
-    )  # fmt: skip
+        eps=float(eps),
+        steps=steps,
+        step_size=float(step_size),
+        norm=norm,
+        loss=loss,
+        random_start=random_start,
+        targeted=targeted,
+        kappa=float(kappa),
+        mode=mode,
+        generator=generator,
+    )
     if restarts == 1:
         return _pgd_single(model, x, y, target, need_success=need_success, **kw)
 
@@ -330,12 +357,28 @@ def pgd(
     arguments and for per-sample success masks.
     """
     if mode == "both":
-        raise ConfigError("pgd() returns one set of examples; use mode='final' or 'best' (or pgd_attack for 'both')")
+        raise ConfigError(
+            "pgd() returns one set of examples; use mode='final' or 'best' (or pgd_attack for "
+            "'both')"
+        )
     return pgd_attack(
-        model, x, y, eps=eps, steps=steps, step_size=step_size, norm=norm, loss=loss,
-        random_start=random_start, restarts=restarts, targeted=targeted, target=target,
-        kappa=kappa, mode=mode, generator=generator, need_success=False,
-    ).x_adv  # fmt: skip
+        model,
+        x,
+        y,
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
+        norm=norm,
+        loss=loss,
+        random_start=random_start,
+        restarts=restarts,
+        targeted=targeted,
+        target=target,
+        kappa=kappa,
+        mode=mode,
+        generator=generator,
+        need_success=False,
+    ).x_adv
 
 
 def fgsm_attack(
@@ -382,5 +425,13 @@ def fgsm(
     w.r.t. ``y``; targeted it descends towards ``target``.
     """
     return fgsm_attack(
-        model, x, y, eps=eps, loss=loss, targeted=targeted, target=target, kappa=kappa, need_success=False
+        model,
+        x,
+        y,
+        eps=eps,
+        loss=loss,
+        targeted=targeted,
+        target=target,
+        kappa=kappa,
+        need_success=False,
     ).x_adv

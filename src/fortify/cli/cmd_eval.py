@@ -15,22 +15,45 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", metavar="TARGET", help="run directory or checkpoint file (.safetensors)")
-    parser.add_argument("--tag", default="best", help="checkpoint tag when TARGET is a run directory")
-    parser.add_argument("--suite", default="paper", help="paper | autoattack | quick | full | a registered suite")
-    parser.add_argument("--eps", type=float, default=None, help="budget in pixel units; default: the dataset's (e.g. 8/255)")
+    parser.add_argument(
+        "target", metavar="TARGET", help="run directory or checkpoint file (.safetensors)"
+    )
+    parser.add_argument(
+        "--tag", default="best", help="checkpoint tag when TARGET is a run directory"
+    )
+    parser.add_argument(
+        "--suite", default="paper", help="paper | autoattack | quick | full | a registered suite"
+    )
+    parser.add_argument(
+        "--eps",
+        type=float,
+        default=None,
+        help="budget in pixel units; default: the dataset's (e.g. 8/255)",
+    )
     parser.add_argument("--norm", choices=("linf", "l2"), default="linf", help="threat model")
-    parser.add_argument("--n-points", type=int, default=1000, help="evaluate the first N points of the split")
+    parser.add_argument(
+        "--n-points", type=int, default=1000, help="evaluate the first N points of the split"
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="points per attack batch")
-    parser.add_argument("--seed", type=int, default=0, help="seed for random starts, Square and AutoAttack")
-    parser.add_argument("--mode", choices=("final", "best", "both"), default="final",
-                        help="final: last PGD iterate; best: broken once any iterate fools; both: two rows")  # fmt: skip
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for random starts, Square and AutoAttack"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("final", "best", "both"),
+        default="final",
+        help="final: last PGD iterate; best: broken once any iterate fools; both: two rows",
+    )
     parser.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
-    parser.add_argument("--split", choices=("test", "val"), default="test", help="which split to evaluate on")
+    parser.add_argument(
+        "--split", choices=("test", "val"), default="test", help="which split to evaluate on"
+    )
     parser.add_argument("--plot", action="store_true", help="also write robust accuracy vs ε (PNG)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--out", default=None, help="report folder (default: <run>/reports)")
-    parser.add_argument("--data-root", default=None, help="override the dataset root stored in the run's config")
+    parser.add_argument(
+        "--data-root", default=None, help="override the dataset root stored in the run's config"
+    )
 
 
 def _report_dir(target: Path, out: str | None) -> Path:
@@ -53,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     if not target.exists():
-        raise RunDirError(f"{target} does not exist; TARGET must be a run directory or a checkpoint file")
+        raise RunDirError(
+            f"{target} does not exist; TARGET must be a run directory or a checkpoint file"
+        )
     if args.n_points < 1:
         raise ConfigError(f"--n-points must be >= 1, got {args.n_points}")
     device = resolve_device(args.device)
@@ -61,22 +86,40 @@ def run(args: argparse.Namespace) -> int:
     data_cfg = (meta.get("config") or {}).get("data") or {}
     name = data_cfg.get("name")
     if not name:
-        raise ConfigError(f"checkpoint {target} has no data.name in its config; cannot tell which dataset to load")
+        raise ConfigError(
+            f"checkpoint {target} has no data.name in its config; cannot tell which dataset to load"
+        )
     splits = load_dataset(
-        name, args.data_root or data_cfg.get("root"), val_size=data_cfg.get("val_size", 5000),
+        name,
+        args.data_root or data_cfg.get("root"),
+        val_size=data_cfg.get("val_size", 5000),
         split_seed=data_cfg.get("split_seed", 0),
-    )  # fmt: skip
+    )
     imageset = splits.test if args.split == "test" else splits.val
     eps = args.eps if args.eps is not None else splits.default_eps
     if args.eps is None and args.norm == "l2":
         raise ConfigError("--norm l2 needs an explicit --eps (the dataset default is an L∞ budget)")
     x, y = imageset.head(args.n_points).floats()
     report = evaluate(
-        model, x, y, suite=args.suite, eps=eps, norm=args.norm, batch_size=args.batch_size, seed=args.seed,
-        mode=args.mode, checks=not args.no_checks, device=device,
-        settings={"target": str(target), "tag": args.tag, "dataset": name, "split": args.split,
-                  "eps_source": "--eps" if args.eps is not None else "dataset default"},
-    )  # fmt: skip
+        model,
+        x,
+        y,
+        suite=args.suite,
+        eps=eps,
+        norm=args.norm,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        mode=args.mode,
+        checks=not args.no_checks,
+        device=device,
+        settings={
+            "target": str(target),
+            "tag": args.tag,
+            "dataset": name,
+            "split": args.split,
+            "eps_source": "--eps" if args.eps is not None else "dataset default",
+        },
+    )
     out_dir = _report_dir(target, args.out)
     md, js = report.save(out_dir, stem=f"eval-{args.suite}")
     report.save(out_dir, stem="eval")  # the latest evaluation, read by `fortify report`
@@ -84,10 +127,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {md} and {js}")
     if args.plot:
         m = min(len(x), 200)
-        curve = eps_curve(model, x[:m], y[:m], default_eps_values(eps, args.norm, x[0].numel()),
-                          norm=args.norm, batch_size=args.batch_size)  # fmt: skip
-        png = plot_eps_curve({str(target.name): [(0.0, report.table()[report.modes[0]]["Natural"]), *curve]},
-                             out_dir / "eps_curve.png", norm=args.norm, mark_eps=eps,
-                             title=f"PGD-20 robust accuracy vs ε ({m} points)")  # fmt: skip
+        curve = eps_curve(
+            model,
+            x[:m],
+            y[:m],
+            default_eps_values(eps, args.norm, x[0].numel()),
+            norm=args.norm,
+            batch_size=args.batch_size,
+        )
+        png = plot_eps_curve(
+            {str(target.name): [(0.0, report.table()[report.modes[0]]["Natural"]), *curve]},
+            out_dir / "eps_curve.png",
+            norm=args.norm,
+            mark_eps=eps,
+            title=f"PGD-20 robust accuracy vs ε ({m} points)",
+        )
         print(f"wrote {png}")
     return 0 if report.ok else 1

@@ -6,8 +6,10 @@ import argparse
 from pathlib import Path
 
 DESCRIPTION = (
-    "Put the evaluation tables of several runs side by side (markdown). Reads <run>/reports/eval.json "
-    "(the latest `fortify eval`), or eval-<suite>.json with --suite; a path to an eval.json works too."
+    "Put the evaluation tables of several runs side by side (markdown). Reads "
+    "<run>/reports/eval.json "
+    "(the latest `fortify eval`), or eval-<suite>.json with --suite; a path to an eval.json "
+    "works too."
 )
 
 
@@ -15,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories or eval.json files")
     parser.add_argument("--suite", default=None, help="read eval-<suite>.json instead of eval.json")
     parser.add_argument("--out", default=None, help="also write the markdown to this file")
-    parser.add_argument("--checks", action="store_true", help="list each run's non-ok checks below the table")
+    parser.add_argument(
+        "--checks", action="store_true", help="list each run's non-ok checks below the table"
+    )
 
 
 def _find(run: Path, suite: str | None) -> Path:
@@ -37,7 +41,11 @@ def run(args: argparse.Namespace) -> int:
     reports = {}
     for r in args.runs:
         p = Path(r)
-        label = p.name if p.is_dir() else (p.parent.parent.name if p.parent.name == "reports" else p.stem)
+        label = (
+            p.name
+            if p.is_dir()
+            else (p.parent.parent.name if p.parent.name == "reports" else p.stem)
+        )
         while label in reports:
             label += "'"
         reports[label] = EvalReport.load(_find(p, args.suite))

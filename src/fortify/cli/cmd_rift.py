@@ -19,9 +19,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory of the adversarially trained model")
     p.add_argument("--config", default=None, help="RiFT options YAML (configs/rift/default.yaml)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
         help="override a RiFT option, e.g. --set mrc.passes=5",
-    )  # fmt: skip
+    )
     p.add_argument("--tag", default=None, help="checkpoint tag of the AT run (default best)")
     p.add_argument("--out", default=None, help="output folder (default RUN/rift)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
@@ -35,20 +39,35 @@ def _mrc_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", dest="mrc_lr", type=float, default=None, help="ascent step (1.0)")
     g.add_argument("--batch-size", dest="mrc_batch", type=int, default=None, help="(512)")
     g.add_argument(
-        "--variant", choices=["max", "first-projection"], default=None,
+        "--variant",
+        choices=["max", "first-projection"],
+        default=None,
         help="max over passes (release, default) or stop at the first projection (paper)",
-    )  # fmt: skip
-    g.add_argument("--points", dest="mrc_points", type=int, default=None,
-                   help="validation images in the adversarial set (10000, capped by the split)")  # fmt: skip
-    g.add_argument("--attack-eps", type=float, default=None,
-                   help="L∞ ε of the PGD-10 set (default: the run's training ε)")  # fmt: skip
+    )
+    g.add_argument(
+        "--points",
+        dest="mrc_points",
+        type=int,
+        default=None,
+        help="validation images in the adversarial set (10000, capped by the split)",
+    )
+    g.add_argument(
+        "--attack-eps",
+        type=float,
+        default=None,
+        help="L∞ ε of the PGD-10 set (default: the run's training ε)",
+    )
 
 
 def _ft_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--module", default=None, help="module to fine-tune, or auto (default auto)")
-    g.add_argument("--bn", choices=["frozen", "adapt"], default=None,
-                   help="BatchNorm statistics frozen (default) or adapting to clean data")  # fmt: skip
+    g.add_argument(
+        "--bn",
+        choices=["frozen", "adapt"],
+        default=None,
+        help="BatchNorm statistics frozen (default) or adapting to clean data",
+    )
     g.add_argument("--epochs", type=int, default=None, help="(10)")
     g.add_argument("--ft-lr", type=float, default=None, help="SGD lr (0.001)")
     g.add_argument("--ft-batch-size", type=int, default=None, help="(128)")
@@ -57,12 +76,17 @@ def _ft_opts(p: argparse.ArgumentParser) -> None:
 def _interp_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("interpolation")
     g.add_argument("--alpha-step", type=float, default=None, help="α grid step (0.1)")
-    g.add_argument("--tolerance", type=float, default=None,
-                   help="allowed robust-accuracy loss vs AT, points (0.1)")  # fmt: skip
+    g.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="allowed robust-accuracy loss vs AT, points (0.1)",
+    )
     g.add_argument("--val-points", type=int, default=None, help="validation images (2000)")
     g.add_argument("--test-points", type=int, default=None, help="test images (1000)")
-    g.add_argument("--suites", default=None,
-                   help="comma-separated TEST suites (pgd10,paper,autoattack,ood)")  # fmt: skip
+    g.add_argument(
+        "--suites", default=None, help="comma-separated TEST suites (pgd10,paper,autoattack,ood)"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,21 +101,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "run": ("all steps, resumable", [_mrc_opts, _ft_opts, _interp_opts]),
     }
     for name, (help_text, groups) in specs.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
         _common(p)
         for g in groups:
             g(p)
 
 
 _MAP = {
-    "eps": "mrc.eps", "passes": "mrc.passes", "mrc_lr": "mrc.lr", "mrc_batch": "mrc.batch_size",
-    "variant": "mrc.variant", "mrc_points": "mrc.n_points", "attack_eps": "mrc.attack_eps",
-    "module": "module", "bn": "finetune.bn", "epochs": "finetune.epochs", "ft_lr": "finetune.lr",
-    "ft_batch_size": "finetune.batch_size", "alpha_step": "interpolate.step",
-    "tolerance": "interpolate.tolerance", "val_points": "interpolate.n_points",
-    "test_points": "evaluate.n_points", "tag": "tag", "device": "device",
-}  # fmt: skip
+    "eps": "mrc.eps",
+    "passes": "mrc.passes",
+    "mrc_lr": "mrc.lr",
+    "mrc_batch": "mrc.batch_size",
+    "variant": "mrc.variant",
+    "mrc_points": "mrc.n_points",
+    "attack_eps": "mrc.attack_eps",
+    "module": "module",
+    "bn": "finetune.bn",
+    "epochs": "finetune.epochs",
+    "ft_lr": "finetune.lr",
+    "ft_batch_size": "finetune.batch_size",
+    "alpha_step": "interpolate.step",
+    "tolerance": "interpolate.tolerance",
+    "val_points": "interpolate.n_points",
+    "test_points": "evaluate.n_points",
+    "tag": "tag",
+    "device": "device",
+}
 
 
 def build_config(args: argparse.Namespace):  # noqa: ANN201 - RiftConfig, imported lazily

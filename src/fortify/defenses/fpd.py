@@ -315,7 +315,7 @@ class FPD(nn.Module):
 
         if activation == "elu":
             n_relu = _replace_relu(backbone)
-            if n_relu == 0:
+            if n_relu == 0 and not any(isinstance(m, nn.ELU) for m in backbone.modules()):
                 raise ConfigError(
                     "FPD option activation='elu' replaces the backbone's nn.ReLU modules, but this "
                     "backbone has none (it uses functional ReLU); use activation='relu'"

@@ -7,6 +7,7 @@ in [0, 1] (N, C, H, W) to logits and returns an :class:`EvalReport`
 See docs/evaluation.md for the semantics of ``mode="final"`` / ``"best"`` and of every check.
 """
 
+from fortify.evaluate import suites as _suites  # noqa: F401  registers the built-in suites
 from fortify.evaluate.core import (
     SuiteContext,
     available_suites,
@@ -15,9 +16,8 @@ from fortify.evaluate.core import (
     get_suite,
     register_suite,
 )
-from fortify.evaluate.report import Check, EvalReport, Outcome, ensemble_of, side_by_side
-from fortify.evaluate import suites as _suites  # noqa: F401  registers the built-in suites
 from fortify.evaluate.plot import eps_curve, plot_eps_curve
+from fortify.evaluate.report import Check, EvalReport, Outcome, ensemble_of, side_by_side
 
 __all__ = [
     "Check",

@@ -330,6 +330,17 @@ def adaptive_suite(ctx: SuiteContext) -> None:
         if bounded
         else "outputs are not confined to [-1, 1]",
     )
+    top2 = out.float().topk(min(2, out.shape[1]), dim=1).values
+    ties = int((top2[:, 0] == top2[:, -1]).sum()) if out.shape[1] > 1 else 0
+    ctx.extras.setdefault("adaptive_ties", ties)
+    ctx.check(
+        "saturated ties",
+        "warn" if ties else "ok",
+        f"{ties}/{m} clean points have two or more classes tied at the maximal output: their "
+        "prediction is decided by argmax tie-breaking (class order), not by the model"
+        if ties
+        else f"no ties at the maximal output on the first {m} points",
+    )
     zero_out = _zero_grad_fraction(ctx.model, ctx, "ce", 0.0, m)
     zero_logit = _zero_grad_fraction(target, ctx, "cw", opts.kappa, m) if has_logits else None
     msg = f"{100 * zero_out:.1f}% of the first {m} points have an exactly zero CE gradient on the output"

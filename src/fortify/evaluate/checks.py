@@ -8,7 +8,6 @@ zero input gradients, an ε sweep (monotonicity, loss increase), robust accuracy
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from typing import Any
@@ -37,7 +36,9 @@ def result_checks(ctx: Any) -> None:
         if o.name != NATURAL and len(o.correct) == n and o.accuracy > clean + tol:
             bad.append(f"{o.name} [{o.mode}] {o.accuracy:.2f}% > clean {clean:.2f}%")
     if bad:
-        ctx.check("robust ≤ clean", "warn", "robust accuracy above clean accuracy: " + "; ".join(bad))
+        ctx.check(
+            "robust ≤ clean", "warn", "robust accuracy above clean accuracy: " + "; ".join(bad)
+        )
     else:
         ctx.check("robust ≤ clean", "ok", f"every attack's accuracy ≤ clean ({clean:.2f}%)")
     for m in ctx.modes:
@@ -48,11 +49,14 @@ def result_checks(ctx: Any) -> None:
                 ctx.check(
                     f"more iterations [{m}]",
                     "warn",
-                    f"PGD-100 ({a100:.2f}%) is weaker than PGD-20 ({a20:.2f}%): a sign of gradient masking "
+                    f"PGD-100 ({a100:.2f}%) is weaker than PGD-20 ({a20:.2f}%): a sign of "
+                    "gradient masking "
                     "or an unsuitable step size",
                 )
             else:
-                ctx.check(f"more iterations [{m}]", "ok", f"PGD-100 {a100:.2f}% ≤ PGD-20 {a20:.2f}%")
+                ctx.check(
+                    f"more iterations [{m}]", "ok", f"PGD-100 {a100:.2f}% ≤ PGD-20 {a20:.2f}%"
+                )
     if ctx.mode == "both":
         worse = []
         for o in ctx.outcomes:
@@ -63,23 +67,38 @@ def result_checks(ctx: Any) -> None:
         ctx.check(
             "best ≤ final",
             "fail" if worse else "ok",
-            f"best-mode accuracy exceeds final for {worse}" if worse else "best-mode accuracy ≤ final per point",
+            f"best-mode accuracy exceeds final for {worse}"
+            if worse
+            else "best-mode accuracy ≤ final per point",
         )
 
 
-def _sweep(ctx: Any, xs: torch.Tensor, ys: torch.Tensor, eps: float, steps: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
-    """PGD-``steps`` (CE, no random start, step 2.5ε/steps) on a subset: (correct, loss increased)."""
+def _sweep(
+    ctx: Any, xs: torch.Tensor, ys: torch.Tensor, eps: float, steps: int = 20
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PGD-``steps`` (CE, no random start, step 2.5ε/steps): (correct, loss increased)."""
     correct = torch.zeros(len(xs), dtype=torch.bool)
     increased = torch.zeros(len(xs), dtype=torch.bool)
     for i in range(0, len(xs), ctx.batch_size):
         xb = xs[i : i + ctx.batch_size].to(ctx.device)
         yb = ys[i : i + ctx.batch_size].to(ctx.device)
-        r = pgd_attack(ctx.model, xb, yb, eps=eps, steps=steps, norm=ctx.norm, random_start=False, need_success=False)
+        r = pgd_attack(
+            ctx.model,
+            xb,
+            yb,
+            eps=eps,
+            steps=steps,
+            norm=ctx.norm,
+            random_start=False,
+            need_success=False,
+        )
         ctx.verify_ball(f"ε-sweep PGD-{steps} at ε={eps:.4g}", r.x_adv, xb, eps)
         with torch.no_grad():
             la, lc = ctx.model(r.x_adv), ctx.model(xb)
             correct[i : i + len(xb)] = (la.argmax(1) == yb).cpu()
-            gain = F.cross_entropy(la.float(), yb, reduction="none") - F.cross_entropy(lc.float(), yb, reduction="none")
+            gain = F.cross_entropy(la.float(), yb, reduction="none") - F.cross_entropy(
+                lc.float(), yb, reduction="none"
+            )
             increased[i : i + len(xb)] = (gain > 0).cpu()
     return correct, increased
 
@@ -96,13 +115,16 @@ def masking_checks(ctx: Any, *, check_points: int = 200, square_queries: int = 1
     for i in range(0, m, ctx.batch_size):
         xb = xs[i : i + ctx.batch_size].to(ctx.device).requires_grad_(True)
         with torch.enable_grad():
-            loss = F.cross_entropy(ctx.model(xb).float(), ys[i : i + ctx.batch_size].to(ctx.device), reduction="sum")
+            loss = F.cross_entropy(
+                ctx.model(xb).float(), ys[i : i + ctx.batch_size].to(ctx.device), reduction="sum"
+            )
             (g,) = torch.autograd.grad(loss, xb)
         zero += int((g.flatten(1).abs().sum(1) == 0).sum())
     ctx.check(
         "zero gradients",
         "warn" if zero else "ok",
-        f"{zero}/{m} points have an all-zero input gradient ({sub}); gradient-based attacks cannot move them"
+        f"{zero}/{m} points have an all-zero input gradient ({sub}); gradient-based attacks "
+        "cannot move them"
         if zero
         else f"no point has an all-zero input gradient ({sub})",
     )
@@ -118,7 +140,12 @@ def masking_checks(ctx: Any, *, check_points: int = 200, square_queries: int = 1
         curve.append((e, 100.0 * float(c.float().mean())))
         if math.isclose(e, ctx.eps):
             loss_up = inc
-    ctx.extras["eps_sweep"] = {"norm": ctx.norm, "points": m, "attack": "PGD-20 CE, step 2.5ε/20", "curve": curve}
+    ctx.extras["eps_sweep"] = {
+        "norm": ctx.norm,
+        "points": m,
+        "attack": "PGD-20 CE, step 2.5ε/20",
+        "curve": curve,
+    }
     tol = 1.0 + 100.0 / m
     rises = [(a, b) for a, b in zip(curve, curve[1:], strict=False) if b[1] > a[1] + tol]
     ctx.check(
@@ -126,11 +153,17 @@ def masking_checks(ctx: Any, *, check_points: int = 200, square_queries: int = 1
         "warn" if rises else "ok",
         (
             "robust accuracy rises with ε: "
-            + ", ".join(f"{a[1]:.1f}% at ε={a[0]:.4g} → {b[1]:.1f}% at ε={b[0]:.4g}" for a, b in rises)
+            + ", ".join(
+                f"{a[1]:.1f}% at ε={a[0]:.4g} → {b[1]:.1f}% at ε={b[0]:.4g}" for a, b in rises
+            )
             + f" ({sub})"
         )
         if rises
-        else "robust accuracy non-increasing over ε ∈ {" + ", ".join(f"{e:.4g}" for e, _ in curve) + "} (" + sub + ")",
+        else "robust accuracy non-increasing over ε ∈ {"
+        + ", ".join(f"{e:.4g}" for e, _ in curve)
+        + "} ("
+        + sub
+        + ")",
     )
     if loss_up is not None:
         stuck = int((~loss_up).sum())
@@ -148,7 +181,11 @@ def masking_checks(ctx: Any, *, check_points: int = 200, square_queries: int = 1
         "large ε → 0",
         "warn" if acc_big > LARGE_EPS_MAX_ACC else "ok",
         f"robust accuracy {acc_big:.1f}% at ε={big:.3g} ({ctx.norm}, PGD-20, {sub}); "
-        + ("should be near 0 — a sign of gradient masking" if acc_big > LARGE_EPS_MAX_ACC else "near 0 as expected"),
+        + (
+            "should be near 0 — a sign of gradient masking"
+            if acc_big > LARGE_EPS_MAX_ACC
+            else "near 0 as expected"
+        ),
     )
 
     # 4. black-box Square vs white-box attacks
@@ -158,13 +195,25 @@ def masking_checks(ctx: Any, *, check_points: int = 200, square_queries: int = 1
         ctx.check("Square vs white-box", "warn", "pyautoattack not installed; Square check skipped")
         return
     mode = ctx.modes[0]
-    wb = ensemble_of([o for o in ctx.outcomes if o.name not in (NATURAL, ENSEMBLE) and o.mode != MODE_FREE], mode)
+    wb = ensemble_of(
+        [o for o in ctx.outcomes if o.name not in (NATURAL, ENSEMBLE) and o.mode != MODE_FREE], mode
+    )
     norm = {"linf": "Linf", "l2": "L2"}[ctx.norm]
-    sq = SquareAttack(ctx.model, norm=norm, n_queries=square_queries, eps=ctx.eps, p_init=0.8, n_restarts=1,
-                      seed=ctx.seed, verbose=False, device=ctx.device, resc_schedule=True)  # fmt: skip
+    sq = SquareAttack(
+        ctx.model,
+        norm=norm,
+        n_queries=square_queries,
+        eps=ctx.eps,
+        p_init=0.8,
+        n_restarts=1,
+        seed=ctx.seed,
+        verbose=False,
+        device=ctx.device,
+        resc_schedule=True,
+    )
     sq_correct = torch.zeros(m, dtype=torch.bool)
     devices = [ctx.device] if ctx.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices), contextlib.suppress():
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
         for i in range(0, m, ctx.batch_size):
             xb = xs[i : i + ctx.batch_size].to(ctx.device)
             yb = ys[i : i + ctx.batch_size].to(ctx.device)
@@ -175,17 +224,27 @@ def masking_checks(ctx: Any, *, check_points: int = 200, square_queries: int = 1
     acc_sq = 100.0 * float(sq_correct.float().mean())
     ctx.extras["square"] = {"queries": square_queries, "points": m, "accuracy": acc_sq}
     if wb is None:
-        ctx.check("Square vs white-box", "ok", f"Square ({square_queries} queries): {acc_sq:.1f}% ({sub}); no white-box attack to compare")
+        ctx.check(
+            "Square vs white-box",
+            "ok",
+            f"Square ({square_queries} queries): {acc_sq:.1f}% ({sub}); no white-box attack to "
+            "compare",
+        )
         return
     wb_sub = wb[:m]
     acc_wb = 100.0 * float(wb_sub.float().mean())
     only_sq = int((wb_sub & ~sq_correct).sum())
     ctx.extras["square"].update(whitebox_accuracy=acc_wb, broken_only_by_square=only_sq)
     msg = (
-        f"Square ({square_queries} queries) {acc_sq:.1f}% vs white-box worst case {acc_wb:.1f}% [{mode}] ({sub}); "
+        f"Square ({square_queries} queries) {acc_sq:.1f}% vs white-box worst case {acc_wb:.1f}% "
+        f"[{mode}] ({sub}); "
         f"{only_sq} point(s) broken only by Square"
     )
     if acc_sq < acc_wb - SQUARE_MARGIN:
-        ctx.check("Square vs white-box", "warn", msg + " — a black-box attack beating white-box ones suggests gradient masking")
+        ctx.check(
+            "Square vs white-box",
+            "warn",
+            msg + " — a black-box attack beating white-box ones suggests gradient masking",
+        )
     else:
         ctx.check("Square vs white-box", "ok", msg)

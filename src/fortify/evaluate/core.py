@@ -45,7 +45,12 @@ class SuiteSpec:
 
 _SUITES: dict[str, SuiteSpec] = {}
 # Modules of other engineers that register suites when imported (optional).
-_PLUGIN_MODULES = ("fortify.evaluate.suites", "fortify.evaluate.ood", "fortify.evaluate.adaptive", "fortify.evaluate.corruptions")
+_PLUGIN_MODULES = (
+    "fortify.evaluate.suites",
+    "fortify.evaluate.ood",
+    "fortify.evaluate.adaptive",
+    "fortify.evaluate.corruptions",
+)
 
 
 def register_suite(name: str, fn: SuiteFn | None = None, *, description: str = "") -> Any:
@@ -145,11 +150,16 @@ class SuiteContext:
         self.outcomes.append(outcome)
         return outcome
 
-    def verify_ball(self, name: str, x_adv: torch.Tensor, xb: torch.Tensor, eps: float | None = None) -> None:
-        """Hard check: every example within ε (+1e-6) of ``xb`` in ``self.norm`` and inside [0, 1]."""
+    def verify_ball(
+        self, name: str, x_adv: torch.Tensor, xb: torch.Tensor, eps: float | None = None
+    ) -> None:
+        """Hard check: every example within ε (+1e-6) of ``xb`` (``self.norm``) and in [0, 1]."""
         eps = self.eps if eps is None else eps
         if x_adv.shape != xb.shape:
-            raise EvaluationError(f"{name}: adversarial batch has shape {tuple(x_adv.shape)}, expected {tuple(xb.shape)}")
+            raise EvaluationError(
+                f"{name}: adversarial batch has shape {tuple(x_adv.shape)}, expected "
+                f"{tuple(xb.shape)}"
+            )
         d = (x_adv.float() - xb.float()).flatten(1)
         dist = d.abs().amax(1) if self.norm == "linf" else d.norm(dim=1)
         if not bool(torch.isfinite(x_adv).all()):
@@ -157,12 +167,15 @@ class SuiteContext:
         worst = float(dist.max())
         if worst > eps + BALL_TOL:
             raise EvaluationError(
-                f"{name}: an adversarial example lies outside the {self.norm} ball: distance {worst:.8g} > "
+                f"{name}: an adversarial example lies outside the {self.norm} ball: distance "
+                f"{worst:.8g} > "
                 f"eps {eps:.8g} (+{BALL_TOL}); the result would be invalid"
             )
         lo, hi = float(x_adv.min()), float(x_adv.max())
         if lo < 0.0 or hi > 1.0:
-            raise EvaluationError(f"{name}: adversarial examples leave [0, 1] (range [{lo:.6g}, {hi:.6g}])")
+            raise EvaluationError(
+                f"{name}: adversarial examples leave [0, 1] (range [{lo:.6g}, {hi:.6g}])"
+            )
 
     @torch.no_grad()
     def predict(self, xb: torch.Tensor) -> torch.Tensor:
@@ -206,11 +219,15 @@ class SuiteContext:
             return []
         return self.run_attack(
             name,
-            lambda xb, yb, sl: fgsm_attack(self.model, xb, yb, eps=self.eps, need_success=False, **kw).x_adv,
+            lambda xb, yb, sl: (
+                fgsm_attack(self.model, xb, yb, eps=self.eps, need_success=False, **kw).x_adv
+            ),
             ensemble=ensemble,
         )
 
-    def run_pgd(self, name: str, *, ensemble: bool = True, note: str = "", **kw: Any) -> list[Outcome]:
+    def run_pgd(
+        self, name: str, *, ensemble: bool = True, note: str = "", **kw: Any
+    ) -> list[Outcome]:
         """PGD column(s) for the context's mode(s); ``kw`` go to :func:`fortify.attacks.pgd_attack`.
 
         ``final``: last iterate. ``best``: a point is broken once any iterate fooled the model
@@ -228,7 +245,9 @@ class SuiteContext:
         for sl, xb, yb in self.batches():
             gen = self.generator(salt + sl.start) if kw.get("random_start", True) else None
             if self.mode == "final":
-                r = pgd_attack(self.model, xb, yb, mode="final", generator=gen, need_success=False, **kw)
+                r = pgd_attack(
+                    self.model, xb, yb, mode="final", generator=gen, need_success=False, **kw
+                )
                 self.verify_ball(name, r.x_adv, xb, kw["eps"])
                 final[sl] = (self.predict(r.x_adv) == yb).cpu()
             elif self.mode == "best":
@@ -250,7 +269,8 @@ class SuiteContext:
             self.check(
                 f"{name} re-verification",
                 "warn",
-                f"{mismatches} point(s) fooled the model inside the attack's batch but not when re-classified "
+                f"{mismatches} point(s) fooled the model inside the attack's batch but not when "
+                "re-classified "
                 "(batch-size dependent numerics); they are counted as robust",
             )
         dt = time.perf_counter() - t0
@@ -258,14 +278,20 @@ class SuiteContext:
         if "final" in self.modes:
             out.append(self.add(Outcome(name, final, "final", ensemble, dt, note)))
         if "best" in self.modes:
-            out.append(self.add(Outcome(name, best & self.clean_correct, "best", ensemble, dt, note)))
+            out.append(
+                self.add(Outcome(name, best & self.clean_correct, "best", ensemble, dt, note))
+            )
         return out
 
 
 def _versions() -> dict[str, str]:
     import fortify
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "fortify": fortify.__version__}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fortify": fortify.__version__,
+    }
     for mod in ("numpy", "pyautoattack", "torchvision"):
         try:
             from importlib.metadata import version
@@ -364,18 +390,30 @@ def evaluate(
                 check_deterministic(model, xb, logits)
             else:
                 check_logits(out, len(xb))
-            correct[i : i + len(xb)] = (out.argmax(1).cpu() == y[i : i + len(xb)].cpu())
+            correct[i : i + len(xb)] = out.argmax(1).cpu() == y[i : i + len(xb)].cpu()
         check_labels_range(y, num_classes)
 
         ctx = SuiteContext(
-            model=model, x=x, y=y, eps=float(eps), norm=norm, batch_size=batch_size, seed=seed, mode=mode,
-            device=dev, num_classes=num_classes, clean_correct=correct, run_checks=checks, progress=progress,
-        )  # fmt: skip
+            model=model,
+            x=x,
+            y=y,
+            eps=float(eps),
+            norm=norm,
+            batch_size=batch_size,
+            seed=seed,
+            mode=mode,
+            device=dev,
+            num_classes=num_classes,
+            clean_correct=correct,
+            run_checks=checks,
+            progress=progress,
+        )
         if was_training:
             ctx.check(
                 "model mode",
                 "warn",
-                "the model was in train mode; it was evaluated in eval mode and its mode restored afterwards",
+                "the model was in train mode; it was evaluated in eval mode and its mode "
+                "restored afterwards",
             )
         ctx.add(Outcome(NATURAL, correct, MODE_FREE, True))
         spec.fn(ctx)
@@ -419,7 +457,9 @@ def evaluate_split(
     from fortify.data.base import ImageSet
 
     if not isinstance(imageset, ImageSet):
-        raise ConfigError(f"imageset must be a fortify.data.ImageSet, got {type(imageset).__name__}")
+        raise ConfigError(
+            f"imageset must be a fortify.data.ImageSet, got {type(imageset).__name__}"
+        )
     if n_points is not None and n_points < 1:
         raise ConfigError(f"n_points must be >= 1, got {n_points}")
     x, y = imageset.head(n_points).floats()

@@ -201,7 +201,9 @@ def motion_blur(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Ten
             idx = (yi.clamp(0, size - 1) * size + xi.clamp(0, size - 1)).long()
             kernel.scatter_add_(1, idx, torch.where(ok, wgt, torch.zeros_like(wgt)))
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    kernel = kernel.view(n, 1, 1, size, size).expand(n, c, 1, size, size).reshape(n * c, 1, size, size)
+    kernel = (
+        kernel.view(n, 1, 1, size, size).expand(n, c, 1, size, size).reshape(n * c, 1, size, size)
+    )
     mode = "reflect" if length < h and length < w else "replicate"
     xp = F.pad(x.reshape(1, n * c, h, w), (length,) * 4, mode=mode)
     return F.conv2d(xp, kernel.to(x.dtype), groups=n * c).view(n, c, h, w)
@@ -224,7 +226,9 @@ def zoom_blur(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tenso
         theta[:, 0, 0] = 1.0 / z
         theta[:, 1, 1] = 1.0 / z
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        out = out + F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out = out + F.grid_sample(
+            x, grid, mode="bilinear", padding_mode="border", align_corners=False
+        )
     return out / (len(factors) + 1)
 
 
@@ -312,7 +316,7 @@ def _pixelate_sizes(size: int) -> list[int]:
 
 
 def _box_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
-    """(n_out, n_in) PIL-BOX resampling matrix: each output pixel averages the input area it covers."""
+    """(n_out, n_in) PIL-BOX resampling matrix: output pixels average the input area they cover."""
     scale = n_in / n_out
     lo = torch.arange(n_out, device=device, dtype=torch.float64)[:, None] * scale
     hi = lo + scale
@@ -409,7 +413,9 @@ def corrupt(
             f"usable here: {', '.join(available(x.shape[1]))}"
         )
     if min(x.shape[-2:]) < 4:
-        raise DataError(f"corruptions need images of at least 4×4 pixels, got {tuple(x.shape[-2:])}")
+        raise DataError(
+            f"corruptions need images of at least 4×4 pixels, got {tuple(x.shape[-2:])}"
+        )
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(int(seed))
     with torch.no_grad():

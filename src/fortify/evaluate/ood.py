@@ -38,11 +38,22 @@ log = logging.getLogger("fortify.evaluate.ood")
 SEVERITIES = (1, 2, 3, 4, 5)
 # The 15 corruptions of the benchmark (the paper's mean is over these).
 BENCHMARK_CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise",
-    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness",
-    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
-)  # fmt: skip
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
+)
 EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 PUBLISHED = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C", "tiny-imagenet": "Tiny-ImageNet-C"}
 
@@ -130,13 +141,16 @@ def read_tiny_imagenet_c(
     d = Path(root) / corruption / str(severity)
     if not d.is_dir():
         raise DataError(
-            f"Tiny-ImageNet-C folder {str(d)!r} not found (expected <root>/<corruption>/<1..5>/<wnid>/)"
+            f"Tiny-ImageNet-C folder {str(d)!r} not found "
+            "(expected <root>/<corruption>/<1..5>/<wnid>/)"
         )
     index = {w: i for i, w in enumerate(classes)}
     xs, ys = [], []
     for cls_dir in sorted(p for p in d.iterdir() if p.is_dir()):
         if cls_dir.name not in index:
-            raise DataError(f"{str(cls_dir)!r}: class {cls_dir.name!r} is not one of the model's classes")
+            raise DataError(
+                f"{str(cls_dir)!r}: class {cls_dir.name!r} is not one of the model's classes"
+            )
         for f in sorted(cls_dir.iterdir()):
             if f.suffix.lower() not in (".jpeg", ".jpg", ".png"):
                 continue
@@ -199,7 +213,8 @@ class OODResult:
     def markdown(self) -> str:
         sev = list(self.per_severity)
         lines = [
-            f"OOD accuracy (%) — {self.source}, {self.n_points} images per cell; mean {self.mean:.2f}"
+            f"OOD accuracy (%) — {self.source}, {self.n_points} images per cell; "
+            f"mean {self.mean:.2f}"
             + (f", clean {self.clean:.2f}" if self.clean is not None else ""),
             "",
             "| corruption | " + " | ".join(f"s{s}" for s in sev) + " | mean |",
@@ -299,15 +314,19 @@ def published_ood(
         classes: Tiny-ImageNet class ids (wnids) in the model's label order.
     """
     if kind == "cifar-c":
-        names = list(corruptions) if corruptions is not None else [
-            n for n in list_cifar_c(root) if n in BENCHMARK_CORRUPTIONS
-        ] or list_cifar_c(root)
+        names = (
+            list(corruptions)
+            if corruptions is not None
+            else [n for n in list_cifar_c(root) if n in BENCHMARK_CORRUPTIONS] or list_cifar_c(root)
+        )
     elif kind == "tiny-imagenet-c":
         if classes is None:
             raise ConfigError("Tiny-ImageNet-C needs the model's class ids (wnids) in label order")
         d = Path(root)
-        names = list(corruptions) if corruptions is not None else sorted(
-            p.name for p in d.iterdir() if p.is_dir()
+        names = (
+            list(corruptions)
+            if corruptions is not None
+            else sorted(p.name for p in d.iterdir() if p.is_dir())
         )
     else:
         raise ConfigError(f"unknown corrupted-set kind {kind!r}; allowed: cifar-c, tiny-imagenet-c")
@@ -384,34 +403,50 @@ def evaluate_ood(
     if source == "published" and found is None:
         raise DataError(
             f"no published corrupted set for dataset {dataset!r} found"
-            + (f" (looked for {PUBLISHED[dataset]} under {root or '$FORTIFY_DATA or ./data'})"
-               if dataset in PUBLISHED else f"; published sets exist only for {sorted(PUBLISHED)}")
-        )  # fmt: skip
+            + (
+                f" (looked for {PUBLISHED[dataset]} under {root or '$FORTIFY_DATA or ./data'})"
+                if dataset in PUBLISHED
+                else f"; published sets exist only for {sorted(PUBLISHED)}"
+            )
+        )
     if found is not None:
         kind = "tiny-imagenet-c" if dataset == "tiny-imagenet" else "cifar-c"
         log.info("OOD: using the published set at %s", found)
         return published_ood(
-            model, found, kind=kind, corruptions=corruptions, severities=severities,
-            n_points=n_points or len(x), classes=classes, batch_size=batch_size,
-        )  # fmt: skip
+            model,
+            found,
+            kind=kind,
+            corruptions=corruptions,
+            severities=severities,
+            n_points=n_points or len(x),
+            classes=classes,
+            batch_size=batch_size,
+        )
     if dataset in PUBLISHED:
         log.warning(
             "OOD: %s not found for %s; falling back to generated corruptions (not comparable "
-            "with published numbers)", PUBLISHED[dataset], dataset,
-        )  # fmt: skip
+            "with published numbers)",
+            PUBLISHED[dataset],
+            dataset,
+        )
     if n_points is not None:
         x, y = x[:n_points], y[:n_points]
     return generated_ood(
-        model, x, y, corruptions=corruptions, severities=severities, seed=seed,
+        model,
+        x,
+        y,
+        corruptions=corruptions,
+        severities=severities,
+        seed=seed,
         batch_size=batch_size,
-    )  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # the ``ood`` evaluation suite
 
-_OOD_DEFAULTS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
-    "fortify_ood_defaults", default={}
+_OOD_DEFAULTS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "fortify_ood_defaults", default=None
 )
 
 
@@ -436,7 +471,7 @@ def ood_dataset(
 
 def _ood_suite(ctx: Any) -> None:
     """OOD: accuracy under common corruptions (published CIFAR-C sets or generated), 5 severities"""
-    opts = dict(_OOD_DEFAULTS.get())
+    opts = dict(_OOD_DEFAULTS.get() or {})
     result = evaluate_ood(
         ctx.model,
         ctx.x,

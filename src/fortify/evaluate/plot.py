@@ -47,7 +47,9 @@ def eps_curve(
             correct = 0
             for i in range(0, len(x), batch_size):
                 xb, yb = x[i : i + batch_size].to(dev), y[i : i + batch_size].to(dev)
-                r = pgd_attack(model, xb, yb, eps=e, steps=steps, norm=norm, random_start=False, mode=mode)
+                r = pgd_attack(
+                    model, xb, yb, eps=e, steps=steps, norm=norm, random_start=False, mode=mode
+                )
                 correct += int((~r.success).sum())
             out.append((float(e), 100.0 * correct / len(x)))
             log.info("ε=%.4g: %.2f%%", e, out[-1][1])
@@ -76,9 +78,16 @@ def plot_eps_curve(
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for label, pts in curves.items():
         pts = sorted(pts)
-        ax.plot([p[0] * (255 if norm == "linf" else 1) for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.plot(
+            [p[0] * (255 if norm == "linf" else 1) for p in pts],
+            [p[1] for p in pts],
+            marker="o",
+            label=label,
+        )
     if mark_eps is not None:
-        ax.axvline(mark_eps * (255 if norm == "linf" else 1), color="grey", linestyle=":", linewidth=1)
+        ax.axvline(
+            mark_eps * (255 if norm == "linf" else 1), color="grey", linestyle=":", linewidth=1
+        )
     ax.set_xlabel("ε (×1/255, L∞)" if norm == "linf" else "ε (L2)")
     ax.set_ylabel("robust accuracy (%)")
     ax.set_ylim(-2, 102)

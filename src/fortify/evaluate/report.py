@@ -85,7 +85,9 @@ class EvalReport:
     def modes(self) -> list[str]:
         """Row labels: the modes present (``final``/``best``), or ``["final"]`` if none."""
         present = [m for m in ("final", "best") if any(o.mode == m for o in self.outcomes)]
-        return present or [self.settings.get("mode", "final") if self.settings.get("mode") != "both" else "final"]
+        return present or [
+            self.settings.get("mode", "final") if self.settings.get("mode") != "both" else "final"
+        ]
 
     @property
     def columns(self) -> list[str]:
@@ -139,7 +141,8 @@ class EvalReport:
         lines = [
             f"## Robustness evaluation — suite `{s.get('suite')}`",
             "",
-            f"Accuracy (%) on {s.get('n_points')} points, {s.get('norm')} ε = {_fmt_eps(s.get('eps'))}, "
+            f"Accuracy (%) on {s.get('n_points')} points, {s.get('norm')} ε = "
+            f"{_fmt_eps(s.get('eps'))}, "
             f"seed {s.get('seed')}, mode `{s.get('mode')}`.",
             "",
             "| mode | " + " | ".join(cols) + " |",
@@ -148,7 +151,11 @@ class EvalReport:
         for mode, row in table.items():
             cells = [f"{row[c]:.2f}" if c in row else "" for c in cols]
             lines.append(f"| {MODE_LABELS.get(mode, mode)} | " + " | ".join(cells) + " |")
-        notes = [f"- {o.name}: {o.note}" for o in self.outcomes if o.note and o.mode in (MODE_FREE, self.modes[0])]
+        notes = [
+            f"- {o.name}: {o.note}"
+            for o in self.outcomes
+            if o.note and o.mode in (MODE_FREE, self.modes[0])
+        ]
         if notes:
             lines += ["", *notes]
         lines += ["", "### Checks", ""]
@@ -193,7 +200,9 @@ class EvalReport:
     def from_dict(cls, d: dict[str, Any]) -> EvalReport:
         """Rebuild a report from :meth:`to_dict` output (e.g. to recompute Ensemble)."""
         if d.get("format") != "fortify-eval/1":
-            raise DataError(f"not a fortify eval.json (format {d.get('format')!r}, expected 'fortify-eval/1')")
+            raise DataError(
+                f"not a fortify eval.json (format {d.get('format')!r}, expected 'fortify-eval/1')"
+            )
         outcomes = [
             Outcome(
                 o["name"],
@@ -256,8 +265,7 @@ def side_by_side(reports: dict[str, EvalReport]) -> str:
         for mode, row in r.table().items():
             cells = [f"{row[c]:.2f}" if c in row else "–" for c in cols]
             lines.append(
-                f"| {name} | {s.get('suite')} | {_fmt_eps(s.get('eps'))} | {s.get('n_points')} | {mode} | "
-                + " | ".join(cells)
-                + f" | {status} |"
+                f"| {name} | {s.get('suite')} | {_fmt_eps(s.get('eps'))} | {s.get('n_points')} | "
+                f"{mode} | " + " | ".join(cells) + f" | {status} |"
             )
     return "\n".join(lines) + "\n"

@@ -17,7 +17,9 @@ log = logging.getLogger("fortify.evaluate.suites")
 CW_KAPPA = 50.0
 
 
-@register_suite("paper", description="FSR release: Natural, FGSM, PGD-20, PGD-100, C&W (κ=50), Ensemble")
+@register_suite(
+    "paper", description="FSR release: Natural, FGSM, PGD-20, PGD-100, C&W (κ=50), Ensemble"
+)
 def paper_suite(ctx: SuiteContext) -> None:
     """FSR release settings: FGSM; PGD-20/100 step 0.1ε no random start; C&W = PGD-30 κ=50."""
     step = 0.1 * ctx.eps
@@ -27,7 +29,9 @@ def paper_suite(ctx: SuiteContext) -> None:
     ctx.run_pgd("C&W", steps=30, step_size=step, random_start=False, loss="cw", kappa=CW_KAPPA)
 
 
-@register_suite("quick", description="PGD-20 (step 0.1ε, no random start) + Ensemble, for training/validation")
+@register_suite(
+    "quick", description="PGD-20 (step 0.1ε, no random start) + Ensemble, for training/validation"
+)
 def quick_suite(ctx: SuiteContext) -> None:
     """PGD-20 only (the cheap validation-time estimate)."""
     ctx.run_pgd("PGD-20", steps=20, step_size=0.1 * ctx.eps, random_start=False, loss="ce")
@@ -42,20 +46,27 @@ class _CaptureLog(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def run_autoattack(ctx: SuiteContext, *, version: str = "standard", name: str = "AutoAttack") -> Outcome:
+def run_autoattack(
+    ctx: SuiteContext, *, version: str = "standard", name: str = "AutoAttack"
+) -> Outcome:
     """Run pyautoattack's standard version on all points; its own checks' warnings become checks."""
     try:
         from pyautoattack import AutoAttack
     except ImportError as exc:  # pragma: no cover - pyautoattack is a dependency
-        raise EvaluationError("the autoattack suite needs the 'pyautoattack' package (pip install pyautoattack)") from exc
+        raise EvaluationError(
+            "the autoattack suite needs the 'pyautoattack' package (pip install pyautoattack)"
+        ) from exc
     k = ctx.num_classes
     if k < 4:
         raise ConfigError(
-            f"AutoAttack's standard version needs at least 4 classes (targeted DLR), the model has {k}; "
+            f"AutoAttack's standard version needs at least 4 classes (targeted DLR), the model "
+            f"has {k}; "
             "use suite 'paper' or 'quick'"
         )
     norm = {"linf": "Linf", "l2": "L2"}[ctx.norm]
-    adversary = AutoAttack(ctx.model, norm=norm, eps=ctx.eps, version=version, device=ctx.device, seed=ctx.seed)
+    adversary = AutoAttack(
+        ctx.model, norm=norm, eps=ctx.eps, version=version, device=ctx.device, seed=ctx.seed
+    )
     note = ""
     if k - 1 < 9:  # fewer than 10 classes: one target per other class
         adversary.apgd_targeted.n_target_classes = k - 1
@@ -70,7 +81,9 @@ def run_autoattack(ctx: SuiteContext, *, version: str = "standard", name: str = 
         devices = [ctx.device] if ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            x_adv, _ = adversary.run_standard_evaluation(ctx.x.to(ctx.device), ctx.y.to(ctx.device), batch_size=ctx.batch_size)
+            x_adv, _ = adversary.run_standard_evaluation(
+                ctx.x.to(ctx.device), ctx.y.to(ctx.device), batch_size=ctx.batch_size
+            )
     finally:
         aa_log.removeHandler(handler)
     found = handler.messages + [str(w.message) for w in caught]
@@ -87,12 +100,16 @@ def run_autoattack(ctx: SuiteContext, *, version: str = "standard", name: str = 
         ctx.check(
             "AutoAttack's own checks",
             "ok",
-            "no warnings (randomness, probability outputs, dynamic defence, classes, zero gradients, Square vs APGD)",
+            "no warnings (randomness, probability outputs, dynamic defence, classes, zero "
+            "gradients, Square vs APGD)",
         )
     return ctx.add(Outcome(name, correct, MODE_FREE, ensemble=False, seconds=dt, note=note))
 
 
-@register_suite("autoattack", description="AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) via pyautoattack")
+@register_suite(
+    "autoattack",
+    description="AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) via pyautoattack",
+)
 def autoattack_suite(ctx: SuiteContext) -> None:
     """AutoAttack standard version through the reference package ``pyautoattack``."""
     run_autoattack(ctx)

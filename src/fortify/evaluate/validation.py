@@ -16,25 +16,32 @@ log = logging.getLogger("fortify.evaluate.validation")
 def check_images_labels(x: torch.Tensor, y: torch.Tensor) -> None:
     """Raise :class:`DataError` unless ``x`` is float (N, C, H, W) in [0, 1] and ``y`` int (N,)."""
     if not isinstance(x, torch.Tensor):
-        raise DataError(f"x must be a torch.Tensor of images (N, C, H, W) in [0, 1], got {type(x).__name__}")
+        raise DataError(
+            f"x must be a torch.Tensor of images (N, C, H, W) in [0, 1], got {type(x).__name__}"
+        )
     if x.dim() != 4:
         raise DataError(
             f"x must have 4 dims (N, C, H, W), got shape {tuple(x.shape)}; "
-            "add a channel dim with x.unsqueeze(1) for grey images or a batch dim with x.unsqueeze(0)"
+            "add a channel dim with x.unsqueeze(1) for grey images or a batch dim with "
+            "x.unsqueeze(0)"
         )
     if not torch.is_floating_point(x):
         raise DataError(
-            f"x must be a float tensor in [0, 1], got dtype {x.dtype}; convert uint8 images with x.float() / 255"
+            f"x must be a float tensor in [0, 1], got dtype {x.dtype}; convert uint8 images with "
+            "x.float() / 255"
         )
     if len(x) == 0:
         raise DataError("x is empty: need at least one image")
     if not bool(torch.isfinite(x).all()):
         n = int((~torch.isfinite(x)).flatten(1).any(1).sum())
-        raise DataError(f"x contains NaN or Inf values in {n} image(s); images must be finite in [0, 1]")
+        raise DataError(
+            f"x contains NaN or Inf values in {n} image(s); images must be finite in [0, 1]"
+        )
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
         raise DataError(
-            f"images must lie in [0, 1] (normalisation belongs inside the model), got range [{lo:.4g}, {hi:.4g}]"
+            f"images must lie in [0, 1] (normalisation belongs inside the model), got range "
+            f"[{lo:.4g}, {hi:.4g}]"
         )
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or len(y) != len(x):
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -47,8 +54,15 @@ def check_eps(eps: float, norm: str, image_shape: tuple[int, ...]) -> None:
     """Raise :class:`ConfigError` for ε ≤ 0 or absurd budgets (> 1 for L∞, > sqrt(d) for L2)."""
     if norm not in ("linf", "l2"):
         raise ConfigError(f"unknown norm {norm!r}; allowed: linf, l2")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
-        raise ConfigError(f"eps must be a positive number in pixel units ([0, 1] scale), got {eps!r}")
+    if (
+        not isinstance(eps, (int, float))
+        or isinstance(eps, bool)
+        or not math.isfinite(eps)
+        or eps <= 0
+    ):
+        raise ConfigError(
+            f"eps must be a positive number in pixel units ([0, 1] scale), got {eps!r}"
+        )
     d = math.prod(image_shape)
     if norm == "linf" and eps > 1:
         raise ConfigError(
@@ -57,27 +71,34 @@ def check_eps(eps: float, norm: str, image_shape: tuple[int, ...]) -> None:
         )
     if norm == "l2" and eps > math.sqrt(d):
         raise ConfigError(
-            f"L2 eps={eps} exceeds sqrt(d) = {math.sqrt(d):.3g}, the diameter of the [0, 1] image cube "
+            f"L2 eps={eps} exceeds sqrt(d) = {math.sqrt(d):.3g}, the diameter of the [0, 1] "
+            "image cube "
             f"for {d} values; eps is in pixel units (e.g. 0.5 for CIFAR)"
         )
 
 
 def check_logits(out: object, n: int, what: str = "the model") -> torch.Tensor:
-    """Raise :class:`EvaluationError` unless ``out`` is a finite logits tensor (n, K), not probabilities."""
+    """Raise :class:`EvaluationError` unless ``out`` is finite logits (n, K), not probabilities."""
     if isinstance(out, (tuple, list, dict)):
         raise EvaluationError(
-            f"{what} returned a {type(out).__name__}; fortify evaluates models whose forward(x) returns "
+            f"{what} returned a {type(out).__name__}; fortify evaluates models whose forward(x) "
+            "returns "
             "logits (N, K) only. Wrap it, e.g. forward = lambda x: model(x)[0]"
         )
     if not isinstance(out, torch.Tensor):
-        raise EvaluationError(f"{what} returned {type(out).__name__}; expected a logits tensor (N, K)")
+        raise EvaluationError(
+            f"{what} returned {type(out).__name__}; expected a logits tensor (N, K)"
+        )
     if out.dim() != 2 or out.shape[0] != n:
         raise EvaluationError(f"{what} returned shape {tuple(out.shape)}; expected logits ({n}, K)")
     if out.shape[1] < 2:
-        raise EvaluationError(f"{what} returned {out.shape[1]} logit per image; need K >= 2 classes")
+        raise EvaluationError(
+            f"{what} returned {out.shape[1]} logit per image; need K >= 2 classes"
+        )
     if not bool(torch.isfinite(out).all()):
         raise EvaluationError(
-            f"{what} returned NaN or Inf logits for {int((~torch.isfinite(out)).any(1).sum())} of {n} "
+            f"{what} returned NaN or Inf logits for {int((~torch.isfinite(out)).any(1).sum())} "
+            f"of {n} "
             "images; an evaluation on non-finite outputs is meaningless"
         )
     o = out.detach().float()
@@ -93,7 +114,8 @@ def check_logits(out: object, n: int, what: str = "the model") -> torch.Tensor:
 def check_labels_range(y: torch.Tensor, k: int) -> None:
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= k):
         raise DataError(
-            f"labels must lie in [0, {k - 1}] for a model with {k} outputs, found range [{int(y.min())}, {int(y.max())}]"
+            f"labels must lie in [0, {k - 1}] for a model with {k} outputs, found range "
+            f"[{int(y.min())}, {int(y.max())}]"
         )
 
 
@@ -106,7 +128,9 @@ def check_deterministic(model: nn.Module, xb: torch.Tensor, first: torch.Tensor)
     if not torch.allclose(first.float(), second.float(), rtol=1e-4, atol=1e-5):
         diff = float((first.float() - second.float()).abs().max())
         raise EvaluationError(
-            f"the model is stochastic: two forward passes on the same batch (eval mode) differ by up "
-            f"to {diff:.3g}. fortify requires a deterministic mode for evaluation (e.g. fix the noise "
+            f"the model is stochastic: two forward passes on the same batch (eval mode) differ "
+            "by up "
+            f"to {diff:.3g}. fortify requires a deterministic mode for evaluation (e.g. fix the "
+            "noise "
             "or the mask at test time), or an attack with expectation over transformation (EOT)"
         )

@@ -14,8 +14,8 @@ from fortify.rift.interpolate import (
     select_alpha,
 )
 from fortify.rift.mrc import (
-    MRCReport,
     ModuleMRC,
+    MRCReport,
     build_adversarial_set,
     compute_mrc,
     get_weight,

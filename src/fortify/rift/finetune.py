@@ -139,8 +139,12 @@ def finetune(
     before = {k: v.detach().clone() for k, v in at_model.state_dict().items()}
     log.info(
         "fine-tuning %s.weight (%d values) for %d epochs, lr %g, BN %s",
-        module, get_weight(model, module).numel(), opts.epochs, opts.lr, opts.bn,
-    )  # fmt: skip
+        module,
+        get_weight(model, module).numel(),
+        opts.epochs,
+        opts.lr,
+        opts.bn,
+    )
     result = fit(cfg, out_dir, mode=mode, splits=splits, model=model, progress=progress)
     best = Path(out_dir) / "checkpoints" / "best.safetensors"
     if best.is_file():
@@ -154,7 +158,9 @@ def finetune(
         if isinstance(m, nn.modules.batchnorm._BatchNorm)
         for b, _ in m.named_buffers(recurse=False)
     }
-    unexpected = [k for k in changed if k not in allowed and not (opts.bn == "adapt" and k in bn_keys)]
+    unexpected = [
+        k for k in changed if k not in allowed and not (opts.bn == "adapt" and k in bn_keys)
+    ]
     if unexpected:
         raise ConfigError(
             f"fine-tuning changed tensors other than {module}.weight: {unexpected[:8]}; "

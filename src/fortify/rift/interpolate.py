@@ -166,8 +166,17 @@ def evaluate_grid(
             correct = 0
             for i in range(0, len(x), batch_size):
                 xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-                xa = pgd(model, xb, yb, eps=eps, steps=steps, step_size=step_size, norm="linf",
-                         random_start=True, generator=gen)  # fmt: skip
+                xa = pgd(
+                    model,
+                    xb,
+                    yb,
+                    eps=eps,
+                    steps=steps,
+                    step_size=step_size,
+                    norm="linf",
+                    random_start=True,
+                    generator=gen,
+                )
                 with torch.no_grad():
                     correct += int((model(xa).argmax(1) == yb).sum())
             robust = 100.0 * correct / max(len(x), 1)
@@ -203,9 +212,16 @@ def plot_tradeoff(points: Sequence[GridPoint], chosen: GridPoint, path: str | Pa
     fig, ax = plt.subplots(figsize=(5.5, 4.0))
     ax.plot([p.clean for p in points], [p.robust for p in points], "o-", color="tab:blue")
     for p in points:
-        ax.annotate(f"{p.alpha:g}", (p.clean, p.robust), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")  # fmt: skip
-    ax.plot([chosen.clean], [chosen.robust], "*", ms=14, color="tab:red", label=f"α*={chosen.alpha:g}")
+        ax.annotate(
+            f"{p.alpha:g}",
+            (p.clean, p.robust),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.plot(
+        [chosen.clean], [chosen.robust], "*", ms=14, color="tab:red", label=f"α*={chosen.alpha:g}"
+    )
     ax.set_xlabel("clean accuracy (%, validation)")
     ax.set_ylabel("PGD-10 accuracy (%, validation)")
     ax.set_title("RiFT interpolation θ_α = (1−α)θ_AT + αθ_FT")

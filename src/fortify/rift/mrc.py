@@ -54,10 +54,15 @@ def weight_modules(model: nn.Module, *, include_defences: bool = False) -> list[
     """Names of every Conv2d / Linear with a weight parameter, in module (≈ depth) order.
 
     Modules of attached defences (under ``fortify_defenses.``) are skipped unless
-    ``include_defences``; RiFT is about the backbone.
+    ``include_defences``; RiFT is about the backbone. Modules the model lists in its
+    ``unused_modules`` (e.g. the WRN release's ``sub_block1``, never run in forward) are skipped:
+    their MRC is trivially 0 and they must never be chosen for fine-tuning.
     """
+    unused = tuple(getattr(model, "unused_modules", ()))
     names = []
     for name, mod in model.named_modules():
+        if any(name == u or name.startswith(u + ".") for u in unused):
+            continue
         if not isinstance(mod, (nn.Conv2d, nn.Linear)):
             continue
         if not isinstance(getattr(mod, "weight", None), nn.Parameter):
@@ -449,9 +454,18 @@ def compute_mrc(
         if progress is not None:
             progress(n)
         r = module_mrc(
-            model, n, x_adv, y, eps=eps, passes=passes, lr=lr, batch_size=batch_size,
-            variant=variant, baseline=baseline, index=order.get(n, len(order)),
-        )  # fmt: skip
+            model,
+            n,
+            x_adv,
+            y,
+            eps=eps,
+            passes=passes,
+            lr=lr,
+            batch_size=batch_size,
+            variant=variant,
+            baseline=baseline,
+            index=order.get(n, len(order)),
+        )
         log.info("MRC %-28s %.4f (robust-acc drop %.2f pts)", n, r.mrc, r.acc_drop)
         results.append(r)
     results.sort(key=lambda m: m.index)

@@ -85,7 +85,9 @@ class RiftConfig:
     device: str = "auto"
 
 
-def load_rift_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RiftConfig:
+def load_rift_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> RiftConfig:
     """Load a :class:`RiftConfig` from YAML plus ``section.field=value`` overrides."""
     return load_config(RiftConfig, path, overrides)
 
@@ -96,7 +98,9 @@ def load_rift_config(path: str | Path | None = None, overrides: list[str] | None
 class RiftRun:
     """A RiFT workflow attached to an AT run directory ``run`` (outputs in ``run/rift``)."""
 
-    def __init__(self, run: str | Path, cfg: RiftConfig | None = None, out: str | Path | None = None):
+    def __init__(
+        self, run: str | Path, cfg: RiftConfig | None = None, out: str | Path | None = None
+    ):
         from fortify.runs import load_model
         from fortify.utils.runtime import resolve_device
 
@@ -122,9 +126,14 @@ class RiftRun:
 
             d = self.exp.data
             self._splits = load_dataset(
-                d.name, d.root, val_size=d.val_size, split_seed=d.split_seed, download=d.download,
-                train_subset=d.train_subset, test_subset=d.test_subset,
-            )  # fmt: skip
+                d.name,
+                d.root,
+                val_size=d.val_size,
+                split_seed=d.split_seed,
+                download=d.download,
+                train_subset=d.train_subset,
+                test_subset=d.test_subset,
+            )
         return self._splits
 
     @property
@@ -144,7 +153,9 @@ class RiftRun:
 
     def _mark_done(self, step: str, info: dict[str, Any]) -> None:
         info = {**info, "step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        atomic_write_text(self.step_dir(step) / "done.json", json.dumps(info, indent=2, default=str))
+        atomic_write_text(
+            self.step_dir(step) / "done.json", json.dumps(info, indent=2, default=str)
+        )
 
     def _val(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.splits.val.head(n).floats(self.device)
@@ -164,13 +175,24 @@ class RiftRun:
             raise ConfigError("the run's dataset has an empty validation split; MRC needs one")
         log.info("mrc: PGD-%d (ε=%.4g) on %d validation images", o.attack_steps, self.eps, len(x))
         x_adv = build_adversarial_set(
-            self.model, x, y, eps=self.eps, steps=o.attack_steps, batch_size=o.batch_size,
+            self.model,
+            x,
+            y,
+            eps=self.eps,
+            steps=o.attack_steps,
+            batch_size=o.batch_size,
             seed=self.cfg.seed,
-        )  # fmt: skip
+        )
         report = compute_mrc(
-            self.model, x_adv, y, eps=o.eps, passes=o.passes, lr=o.lr, batch_size=o.batch_size,
+            self.model,
+            x_adv,
+            y,
+            eps=o.eps,
+            passes=o.passes,
+            lr=o.lr,
+            batch_size=o.batch_size,
             variant=o.variant,
-        )  # fmt: skip
+        )
         report.extra.update(attack_eps=self.eps, attack_steps=o.attack_steps, split="validation")
         report.save(d)
         self._mark_done("mrc", {"options": asdict(o)})
@@ -233,9 +255,17 @@ class RiftRun:
         sd_ft = ft_model.state_dict()
         x, y = self._val(o.n_points)
         points = evaluate_grid(
-            self.model, sd_at, sd_ft, x, y, eps=self.eps, alphas=alpha_grid(o.step),
-            steps=o.attack_steps, batch_size=o.batch_size, seed=self.cfg.seed,
-        )  # fmt: skip
+            self.model,
+            sd_at,
+            sd_ft,
+            x,
+            y,
+            eps=self.eps,
+            alphas=alpha_grid(o.step),
+            steps=o.attack_steps,
+            batch_size=o.batch_size,
+            seed=self.cfg.seed,
+        )
         chosen, reason = select_alpha(points, o.tolerance)
         log.info("interpolate: %s", reason)
         save_grid(points, chosen, reason, d)
@@ -278,7 +308,9 @@ class RiftRun:
         )
         grid = json.loads((self.step_dir("interpolate") / "grid.json").read_text())
         summary["alpha"] = grid["chosen"]["alpha"]
-        summary["module"] = json.loads((self.step_dir("finetune") / "finetune.json").read_text())["module"]
+        summary["module"] = json.loads((self.step_dir("finetune") / "finetune.json").read_text())[
+            "module"
+        ]
         atomic_write_text(d / "summary.json", json.dumps(summary, indent=2))
         atomic_write_text(d / "summary.md", summary_markdown(summary))
         self._mark_done("evaluate", {})
@@ -323,9 +355,15 @@ def evaluate_models(
             t0 = time.perf_counter()
             with ood_dataset(splits.name, classes=splits.classes):
                 report = evaluate(
-                    model, x, y, suite=suite, eps=eps, batch_size=opts.batch_size, seed=seed,
+                    model,
+                    x,
+                    y,
+                    suite=suite,
+                    eps=eps,
+                    batch_size=opts.batch_size,
+                    seed=seed,
                     checks=opts.checks and suite != "ood",
-                )  # fmt: skip
+                )
             if out_dir is not None:
                 report.save(out_dir, stem=f"{name.lower()}-{suite}")
             table = report.table()

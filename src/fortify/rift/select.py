@@ -56,7 +56,9 @@ def _stage_of(name: str, stages: Sequence[str]) -> str | None:
     return None
 
 
-def middle_modules(module_names: Sequence[str], model_name: str | None = None) -> tuple[list[str], str]:
+def middle_modules(
+    module_names: Sequence[str], model_name: str | None = None
+) -> tuple[list[str], str]:
     """Candidate modules for ``auto`` (in depth order) and a description of the rule applied."""
     names = list(module_names)
     stages = detect_stages(names, model_name)

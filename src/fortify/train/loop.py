@@ -141,7 +141,7 @@ def _progress(iterable: Any, enabled: bool, desc: str, total: int) -> Any:
 class _Checkpointer:
     """Rank-0 writer of ``last``/``best`` checkpoints, training state and metrics."""
 
-    def __init__(self, run: Any, cfg: ExperimentConfig, splits: DataSplits):
+    def __init__(self, run: Any, cfg: ExperimentConfig, splits: DataSplits, world_size: int):
         self.run = run
         self.cfg = cfg
         self.base_meta = {
@@ -151,6 +151,7 @@ class _Checkpointer:
             "seed": cfg.seed,
             "dataset": splits.name,
             "objective": cfg.train.objective,
+            "world_size": world_size,
         }
         self.last = Path(run.checkpoint_path("last"))
         self.best = Path(run.checkpoint_path("best"))
@@ -289,7 +290,7 @@ def _fit(
     if info.is_main:
         try:
             run = _open_run(run_dir, mode, cfg, force)
-            ckpt = _Checkpointer(run, cfg, splits)
+            ckpt = _Checkpointer(run, cfg, splits, info.world_size)
             paths = (str(ckpt.last), str(ckpt.best))
         except FortifyError as exc:
             err = f"{type(exc).__name__}: {exc}"
@@ -497,6 +498,7 @@ def _train_epoch(
     record: dict[str, Any] = {"epoch": epoch, "lr": lr}
     for k, v in zip(keys, flat[:-1]):
         record[f"train/{k}"] = float(v) / max(total, 1.0)
+    record["train/samples"] = int(total)
     record["time/train"] = elapsed
     record["train/images_per_s"] = total / max(elapsed, 1e-9)
     return record

@@ -132,7 +132,7 @@ class FPDTwoPhase(Objective):
         if l2_value > self.threshold:
             trainable = {id(p) for p in ctx.params}
             subset = [p for p in fpd.phase1_parameters(self.phase1_params) if id(p) in trainable]
-            _update(ctx, l2, params=subset)
+            ctx.step(l2, params=subset)
             return {
                 "fpd_phase2": 0.0,
                 "fpd_l2": l2.detach(),
@@ -143,7 +143,7 @@ class FPDTwoPhase(Objective):
         self.phase2_steps += 1
         ce = F.cross_entropy(bounded.float(), y)
         loss = ce + l2
-        _update(ctx, loss)
+        ctx.step(loss)
         metrics: Metrics = {
             "fpd_phase2": 1.0,
             "fpd_l2": l2.detach(),
@@ -161,15 +161,9 @@ class FPDTwoPhase(Objective):
             ce2 = F.cross_entropy(bounded2.float(), y)
             l2_2 = F.mse_loss(restored2.float(), x.float())
             loss2 = ce2 + self.second_weight * l2_2
-        _update(ctx, loss2)
+        ctx.step(loss2)
         metrics.update(ce2=ce2.detach(), fpd_l2_2=l2_2.detach(), loss2=loss2.detach())
         return metrics
-
-
-def _update(ctx: StepContext, loss: torch.Tensor, params: list[nn.Parameter] | None = None) -> None:
-    """``ctx.step(loss, params)`` via the class, so an int ``step`` counter field on the
-    instance cannot shadow the method."""
-    type(ctx).step(ctx, loss, params)
 
 
 def _positive(value: object, name: str, *, strict: bool) -> float:

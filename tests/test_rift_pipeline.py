@@ -1,0 +1,163 @@
+"""The whole RiFT workflow on a tiny AT run (digits 8×8, small-cnn width 4): files, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fortify.config import ExperimentConfig
+from fortify.config.loader import from_dict
+
+
+@pytest.fixture(scope="module")
+def at_run(tmp_path_factory):
+    from fortify.train import fit
+
+    d = tmp_path_factory.mktemp("at") / "run"
+    cfg = from_dict(
+        ExperimentConfig,
+        {
+            "name": "tiny-at",
+            "device": "cpu",
+            "data": {"name": "digits", "val_size": 200},
+            "model": {"name": "small-cnn", "kwargs": {"width": 4}},
+            "train": {
+                "objective": "at",
+                "epochs": 2,
+                "lr": 0.05,
+                "milestones": [],
+                "attack": {"eps": 0.1, "step_size": 0.025, "steps": 3},
+                "val_points": 100,
+                "val_attack_steps": 2,
+            },
+        },
+    )
+    fit(cfg, d, progress=False)
+    return d
+
+
+def _opts(extra: list[str] | None = None):
+    from fortify.rift.pipeline import load_rift_config
+
+    return load_rift_config(
+        None,
+        [
+            "device=cpu",
+            "mrc.passes=2",
+            "mrc.n_points=64",
+            "mrc.batch_size=64",
+            "finetune.epochs=1",
+            "finetune.lr=0.01",
+            "interpolate.step=0.5",
+            "interpolate.n_points=64",
+            "evaluate.suites=[pgd10, ood]",
+            "evaluate.n_points=32",
+            "evaluate.checks=false",
+            *(extra or []),
+        ],
+    )
+
+
+def test_full_workflow_and_resume(at_run, caplog):
+    from fortify.rift.pipeline import RiftRun
+
+    rr = RiftRun(at_run, _opts())
+    summary = rr.run_all()
+    out = at_run / "rift"
+    for step in ("mrc", "finetune", "interpolate", "evaluate"):
+        assert (out / step / "done.json").is_file()
+    for f in (
+        "mrc/mrc.json",
+        "mrc/mrc.png",
+        "interpolate/grid.json",
+        "interpolate/tradeoff.png",
+        "interpolate/rift.safetensors",
+        "evaluate/summary.md",
+        "finetune/finetune.json",
+    ):
+        assert (out / f).stat().st_size > 0, f
+    mrc = json.loads((out / "mrc/mrc.json").read_text())
+    assert mrc["extra"]["split"] == "validation" and mrc["n_points"] == 64
+    grid = json.loads((out / "interpolate/grid.json").read_text())
+    assert [p["alpha"] for p in grid["points"]] == [0.0, 0.5, 1.0]
+    ft = json.loads((out / "finetune/finetune.json").read_text())
+    assert ft["changed_tensors"] == [ft["module"] + ".weight"]
+    assert "auto: chose" in ft["reason"]
+    assert set(summary["models"]) == {"AT", "RiFT"}
+    assert summary["models"]["AT"]["ood_mean"] is not None
+    # α = 0 grid point equals the AT model's validation accuracy: the endpoint is the AT model
+    stamp = (out / "mrc/done.json").stat().st_mtime_ns
+    caplog.set_level("INFO")
+    RiftRun(at_run, _opts()).run_all()  # everything is skipped
+    assert (out / "mrc/done.json").stat().st_mtime_ns == stamp
+    assert "done already" in caplog.text
+
+
+def test_cli_mrc_with_given_module_error(at_run, tmp_path, capsys):
+    from fortify.cli.main import main
+
+    code = main(
+        [
+            "rift",
+            "mrc",
+            str(at_run),
+            "--out",
+            str(tmp_path / "r"),
+            "--passes",
+            "1",
+            "--points",
+            "32",
+            "--device",
+            "cpu",
+            "--variant",
+            "first-projection",
+        ]
+    )
+    assert code == 0
+    assert "| 1 |" in capsys.readouterr().out
+    rep = json.loads((tmp_path / "r/mrc/mrc.json").read_text())
+    assert rep["variant"] == "first-projection" and rep["passes"] == 1
+    code = main(
+        [
+            "rift",
+            "finetune",
+            str(at_run),
+            "--out",
+            str(tmp_path / "r"),
+            "--module",
+            "features.9",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_standard_run_warns(tmp_path, caplog):
+    from fortify.config.loader import to_dict
+    from fortify.models import create
+    from fortify.rift.pipeline import RiftRun
+    from fortify.runs import RunDir, save_checkpoint
+
+    cfg = from_dict(
+        ExperimentConfig,
+        {
+            "data": {"name": "digits"},
+            "train": {"objective": "standard"},
+            "model": {"name": "small-cnn", "kwargs": {"width": 4}},
+        },
+    )
+    run = RunDir.open(tmp_path / "std", "new", to_dict(cfg))
+    save_checkpoint(
+        run.checkpoint_path("best"),
+        create("small-cnn", 10, 1, width=4),
+        {"config": to_dict(cfg), "num_classes": 10, "image_shape": [1, 8, 8]},
+    )
+    caplog.set_level("WARNING")
+    rr = RiftRun(tmp_path / "std", _opts())
+    assert "not adversarially" in caplog.text
+    assert rr.eps == pytest.approx(0.1)  # dataset default for a standard run
+    torch.manual_seed(0)

@@ -1,0 +1,100 @@
+"""Presets in configs/ and the ``fortify train`` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fortify.cli.main import main
+from fortify.config import ExperimentConfig, load_config
+from fortify.factory import build_model
+from fortify.runs import RunDir, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+# configs/rift/ holds options of `fortify rift` (its own schema, tested with fortify.rift);
+# every other YAML under configs/ is an experiment preset.
+OTHER_SCHEMAS = ("rift",)
+CONFIGS = sorted(
+    p for p in (ROOT / "configs").rglob("*.yaml")
+    if p.relative_to(ROOT / "configs").parts[0] not in OTHER_SCHEMAS
+)
+TRAIN = sorted((ROOT / "configs" / "train").rglob("*.yaml"))
+
+
+def test_train_presets_exist():
+    names = {p.relative_to(ROOT / "configs" / "train").as_posix() for p in TRAIN}
+    for ds in ("cifar10", "svhn"):
+        for arch in ("resnet18", "vgg16", "wrn-34-10"):
+            for obj in ("at", "trades", "mart"):
+                assert f"{ds}/{arch}-{obj}.yaml" in names
+                assert f"{ds}/{arch}-{obj}-fsr.yaml" in names
+    assert "rift/cifar10-resnet18-at.yaml" in names
+    assert any(n.startswith("cpu/fmnist") for n in names)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_yaml_in_configs_loads(path):
+    cfg = load_config(ExperimentConfig, path)
+    assert isinstance(cfg, ExperimentConfig)
+
+
+def test_paper_recipes_carry_the_papers_numbers():
+    fsr = load_config(ExperimentConfig, ROOT / "configs/train/cifar10/resnet18-trades-fsr.yaml")
+    assert fsr.train.objective == "trades" and fsr.train.beta == 6.0
+    assert fsr.train.attack.eps == pytest.approx(8 / 255)
+    assert fsr.train.attack.step_size == pytest.approx(2 / 255)
+    assert fsr.train.milestones == [75, 90] and fsr.train.epochs == 100
+    assert [d.kind for d in fsr.defenses] == ["fsr"]
+    svhn = load_config(ExperimentConfig, ROOT / "configs/train/svhn/vgg16-at.yaml")
+    assert svhn.train.lr == 0.01 and svhn.train.attack.step_size == pytest.approx(1 / 255)
+    assert svhn.defenses == []
+    rift = load_config(ExperimentConfig, ROOT / "configs/train/rift/cifar10-resnet18-at.yaml")
+    assert rift.train.epochs == 110 and rift.train.milestones == [100, 105]
+
+
+@pytest.mark.parametrize("preset", ["cifar10/resnet18-at-fsr.yaml", "svhn/vgg16-mart-fsr.yaml"])
+def test_paper_presets_build_their_model(preset):
+    cfg = load_config(ExperimentConfig, ROOT / "configs/train" / preset)
+    model = build_model(cfg.model, cfg.defenses, 10, (3, 32, 32)).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+TINY = [
+    "data.name=digits", "data.val_size=300", "data.train_subset=256", "device=cpu",
+    "model.kwargs={width: 4}", "train.batch_size=64", "train.attack.eps=0.1",
+    "train.attack.step_size=0.05", "train.attack.steps=1", "train.val_points=32",
+    "train.val_attack_steps=1",
+]  # fmt: skip
+
+
+def test_cli_trains_resumes_and_reports_errors(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--no-progress", "--set", "train.epochs=1",
+                 *TINY]) == 0  # fmt: skip
+    assert "best checkpoint: epoch 1" in capsys.readouterr().out
+    load_model(run, tag="best")
+    # a changed config is refused on resume, naming the field; --force accepts it
+    assert main(["train", "--resume", str(run), "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs: 1 -> 2" in err and "--force" in err
+    assert main(["train", "--resume", str(run), "--force", "--no-progress", "train.epochs=2"]) == 0
+    assert [r["epoch"] for r in RunDir(run).read_metrics()] == [0, 1]
+    # a new run into the same folder is refused; bad values name the field and the choices
+    assert main(["train", "--run-dir", str(run), *TINY]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--run-dir", str(tmp_path / "x"), "train.optimizer=adagrad"]) == 2
+    assert "train.optimizer" in (err := capsys.readouterr().err) and "'adamax'" in err
+    assert main(["train", "--run-dir", str(tmp_path / "y"), "train.objective=madry"]) == 2
+    assert "unknown objective 'madry'" in capsys.readouterr().err
+
+
+def test_cli_help_shows_options_with_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for opt in ("--config", "--run-dir", "--resume", "--overwrite", "--force", "--set"):
+        assert opt in out
+    assert "default" in out
