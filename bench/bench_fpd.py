@@ -48,12 +48,17 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(0)
     shape = (a.channels, a.size, a.size)
-    plain = create(a.model, num_classes=10, in_channels=a.channels, width=a.width, stem=a.stem).train()
+    plain = create(
+        a.model, num_classes=10, in_channels=a.channels, width=a.width, stem=a.stem
+    ).train()
     fpd = build_fpd(
         create(a.model, num_classes=10, in_channels=a.channels, width=a.width, stem=a.stem),
-        model_name=a.model, at=[], options={"width": a.decoder_width}, num_classes=10,
+        model_name=a.model,
+        at=[],
+        options={"width": a.decoder_width},
+        num_classes=10,
         image_shape=shape,
-    ).train()  # fmt: skip
+    ).train()
     x = torch.rand(a.batch, *shape)
     y = torch.randint(0, 10, (a.batch,))
 
@@ -69,18 +74,29 @@ def main() -> None:
     cfg = TrainConfig(objective="fpd", optimizer="adam", lr=1e-4, options={"threshold": 1e9})
     obj = get_objective("fpd", cfg)
     params = list(fpd.parameters())
-    ctx = StepContext(cfg=cfg, optimizer=torch.optim.Adam(params, lr=1e-4), device=torch.device("cpu"),
-                      params=params, module=fpd)  # fmt: skip
+    ctx = StepContext(
+        cfg=cfg,
+        optimizer=torch.optim.Adam(params, lr=1e-4),
+        device=torch.device("cpu"),
+        params=params,
+        module=fpd,
+    )
     t_obj = _best_of(lambda: obj.train_step(fpd, x, y, ctx), a.repeats)
     n_plain = sum(p.numel() for p in plain.parameters())
     n_fpd = sum(p.numel() for p in fpd.parameters())
-    print(f"{a.model} width {a.width} ({a.stem} stem), FPD decoder width {a.decoder_width}, "
-          f"batch {a.batch}×{shape}, threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"{a.model} width {a.width} ({a.stem} stem), FPD decoder width {a.decoder_width}, "
+        f"batch {a.batch}×{shape}, threads {torch.get_num_threads()}"
+    )
     print(f"parameters: plain {n_plain:,}  FPD {n_fpd:,} (+{n_fpd - n_plain:,} decoder)")
-    print(f"forward+backward  plain {1000 * t_plain:8.1f} ms   FPD {1000 * t_fpd:8.1f} ms   "
-          f"ratio {t_fpd / t_plain:.2f}x  (expected ≈ 2x)")  # fmt: skip
-    print(f"fpd objective phase-2 step (2 updates + fresh restore) {1000 * t_obj:8.1f} ms "
-          f"= {t_obj / t_plain:.2f}x a plain step")  # fmt: skip
+    print(
+        f"forward+backward  plain {1000 * t_plain:8.1f} ms   FPD {1000 * t_fpd:8.1f} ms   "
+        f"ratio {t_fpd / t_plain:.2f}x  (expected ≈ 2x)"
+    )
+    print(
+        f"fpd objective phase-2 step (2 updates + fresh restore) {1000 * t_obj:8.1f} ms "
+        f"= {t_obj / t_plain:.2f}x a plain step"
+    )
 
 
 if __name__ == "__main__":

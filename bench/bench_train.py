@@ -85,8 +85,9 @@ def main() -> None:
             bare.append(bare_epoch(splits, cfg, args.steps))
             loop.append(fit_epoch(splits, cfg))
         b, f = min(bare), min(loop)
-        print(f"{precision}{'+channels_last' if cl else ''}: bare {b:.3f}s, fit epoch {f:.3f}s, "
-              f"ratio {f / b:.3f} (target <= 1.10); {args.batches * batch / f:.0f} img/s")  # fmt: skip
+        label = precision + ("+channels_last" if cl else "")
+        print(f"{label}: bare {b:.3f}s, fit epoch {f:.3f}s, ratio {f / b:.3f} (target <= 1.10); "
+              f"{args.batches * batch / f:.0f} img/s")  # fmt: skip
 
 
 if __name__ == "__main__":

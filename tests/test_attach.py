@@ -119,3 +119,14 @@ def test_bad_positions():
     once = attach(Net(), lambda s: Scale(), at="body.0", input_shape=(1, 8, 8))
     with pytest.raises(FortifyError, match="already attached"):
         attach(once, lambda s: Scale(), at="body.0", input_shape=(1, 8, 8))
+
+
+def test_deepcopy_between_forward_and_losses():
+    model = attach(Net(), lambda shape: Scale(), at="body.0", input_shape=(1, 8, 8))
+    x = torch.rand(2, 1, 8, 8)
+    with capture_aux(model) as cap:
+        logits = model(x)
+        clone = copy.deepcopy(model)  # records hold graph tensors; copies must not see them
+    assert clone.fortify_defenses["body__0"].recorded == {}
+    terms = cap.losses(AuxContext(y=torch.zeros(2, dtype=torch.long), logits=logits))
+    assert terms["toy"] > 0

@@ -1,4 +1,4 @@
-"""FPD: the denoising operation, the wrapper's shapes/options/errors, the contract, two-phase training."""
+"""FPD: the denoising operation, the wrapper (shapes, options, errors), the contract, training."""
 
 from __future__ import annotations
 
@@ -157,9 +157,13 @@ def test_dropout_only_in_training():
 def test_stages_option_on_a_non_resnet():
     m = create("small-cnn", num_classes=10, in_channels=1, width=4)
     f = build_fpd(
-        m, model_name="small-cnn", at=["features.0", "features.1"], options={"width": 8},
-        num_classes=10, image_shape=(1, 28, 28),
-    )  # fmt: skip
+        m,
+        model_name="small-cnn",
+        at=["features.0", "features.1"],
+        options={"width": 8},
+        num_classes=10,
+        image_shape=(1, 28, 28),
+    )
     assert f(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
@@ -181,11 +185,17 @@ def test_missing_stages_are_named():
     m = create("small-cnn", num_classes=10, in_channels=1, width=4)
     with pytest.raises(ConfigError, match=r"layer1.*not found.*features"):
         build_fpd(
-            m, model_name="small-cnn", at=[], options={"stages": ["layer1", "layer2"]},
-            num_classes=10, image_shape=(1, 28, 28),
-        )  # fmt: skip
+            m,
+            model_name="small-cnn",
+            at=[],
+            options={"stages": ["layer1", "layer2"]},
+            num_classes=10,
+            image_shape=(1, 28, 28),
+        )
     with pytest.raises(ConfigError, match="stage names"):
-        build_fpd(m, model_name="small-cnn", at=[], options={}, num_classes=10, image_shape=(1, 28, 28))
+        build_fpd(
+            m, model_name="small-cnn", at=[], options={}, num_classes=10, image_shape=(1, 28, 28)
+        )
 
 
 def test_too_small_input_names_the_minimum():
@@ -235,8 +245,15 @@ def _ctx(model: nn.Module, lr: float = 1e-2, epoch: int = 0) -> StepContext:
     cfg = TrainConfig(objective="fpd", optimizer="adam", lr=lr, grad_clip=5.0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=1e-5)
-    return StepContext(cfg=cfg, optimizer=opt, device=torch.device("cpu"), params=params,
-                       module=model, generator=torch.Generator().manual_seed(0), epoch=epoch)  # fmt: skip
+    return StepContext(
+        cfg=cfg,
+        optimizer=opt,
+        device=torch.device("cpu"),
+        params=params,
+        module=model,
+        generator=torch.Generator().manual_seed(0),
+        epoch=epoch,
+    )
 
 
 def _changed(model: nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
@@ -248,7 +265,9 @@ def _step(threshold: float, **opts):
     f = _fpd()
     f.train()
     before = {n: p.detach().clone() for n, p in f.named_parameters()}
-    obj = get_objective("fpd", TrainConfig(objective="fpd", options={"threshold": threshold, **opts}))
+    obj = get_objective(
+        "fpd", TrainConfig(objective="fpd", options={"threshold": threshold, **opts})
+    )
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     metrics = obj.train_step(f, x, y, _ctx(f))
     return f, _changed(f, before), metrics
@@ -298,7 +317,9 @@ def test_second_step_is_a_fresh_forward():
     torch.manual_seed(0)
     f = _fpd()
     f.train()
-    obj = get_objective("fpd", TrainConfig(objective="fpd", options={"threshold": 1e9, "noise": 0.0}))
+    obj = get_objective(
+        "fpd", TrainConfig(objective="fpd", options={"threshold": 1e9, "noise": 0.0})
+    )
     inputs = []
     f.net.conv1.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()))
     restored = []

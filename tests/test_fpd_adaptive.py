@@ -71,20 +71,40 @@ def test_adaptive_beats_ce_on_a_saturated_model():
 def test_fpd_model_with_transfer_and_square():
     torch.manual_seed(0)
     fpd = build_fpd(
-        create("small-resnet", num_classes=10, in_channels=1, width=4), model_name="small-resnet",
-        at=[], options={"width": 8}, num_classes=10, image_shape=(1, 16, 16),
-    )  # fmt: skip
+        create("small-resnet", num_classes=10, in_channels=1, width=4),
+        model_name="small-resnet",
+        at=[],
+        options={"width": 8},
+        num_classes=10,
+        image_shape=(1, 16, 16),
+    )
     surrogate = create("small-resnet", num_classes=10, in_channels=1, width=4)
     x = torch.rand(6, 1, 16, 16)
     with torch.no_grad():
         y = fpd.eval()(x).argmax(1)
     report = adaptive_evaluate(
-        fpd, x, y, eps=0.1, steps=2, autoattack="none", adaptive_square_queries=20,
-        surrogate=surrogate, checks=False,
-    )  # fmt: skip
+        fpd,
+        x,
+        y,
+        eps=0.1,
+        steps=2,
+        autoattack="none",
+        adaptive_square_queries=20,
+        surrogate=surrogate,
+        checks=False,
+    )
     row = report.table()["final"]
-    expected = {"Natural", "FGSM", "PGD-2 CE", "PGD-2 C&W", "PGD-2 DLR", "Square", "Square (logits)",
-                "Transfer", "Ensemble"}  # fmt: skip
+    expected = {
+        "Natural",
+        "FGSM",
+        "PGD-2 CE",
+        "PGD-2 C&W",
+        "PGD-2 DLR",
+        "Square",
+        "Square (logits)",
+        "Transfer",
+        "Ensemble",
+    }
     assert set(row) == expected
     assert all(row["Ensemble"] <= v for v in row.values())
     assert report.extras["adaptive"]["logits_available"] is True
@@ -99,8 +119,13 @@ def test_plain_model_falls_back_to_its_output():
 
 def test_bad_options():
     with pytest.raises(ConfigError, match="autoattack"):
-        adaptive_evaluate(SaturatedLinear(), torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long),
-                          eps=0.1, autoattack="sometimes")  # fmt: skip
+        adaptive_evaluate(
+            SaturatedLinear(),
+            torch.rand(2, 1, 4, 4),
+            torch.zeros(2, dtype=torch.long),
+            eps=0.1,
+            autoattack="sometimes",
+        )
     with pytest.raises(ConfigError, match="steps"):
         AdaptiveOptions(steps=0).validate()
     with pytest.raises(FortifyError, match="unbounded_logits"):

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # every other YAML under configs/ is an experiment preset.
 OTHER_SCHEMAS = ("rift",)
 CONFIGS = sorted(
-    p for p in (ROOT / "configs").rglob("*.yaml")
+    p
+    for p in (ROOT / "configs").rglob("*.yaml")
     if p.relative_to(ROOT / "configs").parts[0] not in OTHER_SCHEMAS
 )
 TRAIN = sorted((ROOT / "configs" / "train").rglob("*.yaml"))

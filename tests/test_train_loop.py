@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from test_train_objectives import ToyDefence
 from torch import nn
 
 from fortify.attacks import pgd
@@ -24,8 +25,6 @@ from fortify.train import (
     register_objective,
 )
 from fortify.train.objectives.at import AdversarialTraining
-
-from test_train_objectives import ToyDefence
 
 BASE = [
     "data.name=digits",
@@ -126,7 +125,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
     model = create("small-cnn", 10, 1, width=4)
     meta = load_checkpoint(last, model)
     assert meta["epoch"] == 0
-    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()
+    )
     assert RunDir(tmp_path / "run").state == "failed"
 
 
@@ -244,7 +245,14 @@ def test_schedules():
 
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     fsr = LRSchedule(opt, from_dict(TrainConfig, {"epochs": 100}), steps_per_epoch=10)
-    assert [round(fsr.factor(e), 6) for e in (0, 74, 75, 89, 90, 99)] == [1, 1, 0.1, 0.1, 0.01, 0.01]
+    assert [round(fsr.factor(e), 6) for e in (0, 74, 75, 89, 90, 99)] == [
+        1,
+        1,
+        0.1,
+        0.1,
+        0.01,
+        0.01,
+    ]
     rift = from_dict(TrainConfig, {"epochs": 110, "milestones": [100, 105]})
     assert LRSchedule(opt, rift, 10).factor(104) == pytest.approx(0.1)
     warm = LRSchedule(opt, from_dict(TrainConfig, {"epochs": 10, "warmup_epochs": 2}), 10)

@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -71,20 +72,25 @@ class AuxLossProvider(Protocol):
         """Return weighted scalar loss terms, keyed by a short name such as ``"fsr_sep"``."""
 
 
+# Recorded tensors live outside the modules (keyed weakly by module) so that deep copies,
+# pickling and state dicts never see them, even between a forward pass and ``losses()``.
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class CaptureMixin:
-    """Default ``start_capture``/``stop_capture`` for providers: a flag plus a record dict."""
+    """Default ``start_capture``/``stop_capture``/``release`` for providers: a flag plus records."""
 
     _capturing: bool = False
 
     def start_capture(self) -> None:
         self._capturing = True
-        self.__dict__["_record"] = {}
+        _RECORDS[self] = {}
 
     def stop_capture(self) -> None:
         self._capturing = False
 
     def release(self) -> None:
-        self.__dict__["_record"] = {}
+        _RECORDS.pop(self, None)
 
     @property
     def capturing(self) -> bool:
@@ -93,11 +99,11 @@ class CaptureMixin:
     def record(self, **values: torch.Tensor) -> None:
         """Store tensors from the current forward pass (only while capturing)."""
         if self._capturing:
-            self.__dict__.setdefault("_record", {}).update(values)
+            _RECORDS.setdefault(self, {}).update(values)
 
     @property
     def recorded(self) -> dict[str, torch.Tensor]:
-        return self.__dict__.get("_record", {})
+        return _RECORDS.get(self, {})
 
 
 def aux_providers(model: nn.Module) -> list[nn.Module]:

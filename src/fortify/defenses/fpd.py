@@ -5,7 +5,7 @@ FPD turns a block-based CNN into a two-pass network::
     x ──► backbone front pass (D after the stem and after the first stage) ──► c2..c5
           c2..c5 ──► FPN-style decoder ──► x′  (restored image, same shape as x)
     x_mid = x′ + (x xᵀ x) / (H·W)                      ("middle denoise")
-    x_mid ──► the SAME backbone again (shared weights and BN, same D) ──► pool ─► [dropout] ─► linear
+    x_mid ──► the SAME backbone again (shared weights and BN, same D) ─► pool ─► [dropout] ─► linear
           ──► bounded output: tanh(logits)  (release)  or a spectrally normalised linear layer
 
 ``FPD.forward(x)`` returns the bounded logits (N, K) only, like every fortify model. The
@@ -71,7 +71,9 @@ def denoise(feat: torch.Tensor) -> torch.Tensor:
         tensor of the same shape and dtype.
     """
     if feat.dim() != 4:
-        raise DataError(f"denoise expects a 4-D feature map (N, C, H, W), got shape {tuple(feat.shape)}")
+        raise DataError(
+            f"denoise expects a 4-D feature map (N, C, H, W), got shape {tuple(feat.shape)}"
+        )
     n, c, h, w = feat.shape
     flat = feat.reshape(n, c, h * w)
     gram = torch.bmm(flat, flat.transpose(1, 2))  # (N, C, C)
@@ -262,9 +264,13 @@ class FPD(nn.Module):
     ):
         super().__init__()
         if bound not in _BOUNDS:
-            raise ConfigError(f"FPD option bound={bound!r} is not allowed; choose one of {list(_BOUNDS)}")
+            raise ConfigError(
+                f"FPD option bound={bound!r} is not allowed; choose one of {list(_BOUNDS)}"
+            )
         if middle not in _MIDDLE:
-            raise ConfigError(f"FPD option middle={middle!r} is not allowed; choose one of {list(_MIDDLE)}")
+            raise ConfigError(
+                f"FPD option middle={middle!r} is not allowed; choose one of {list(_MIDDLE)}"
+            )
         if activation not in _ACTS:
             raise ConfigError(
                 f"FPD option activation={activation!r} is not allowed; choose one of {list(_ACTS)}"
@@ -365,7 +371,9 @@ class FPD(nn.Module):
             for pos in self.denoise_at:
                 if pos == "stem":
                     handles.append(
-                        modules[self.stages[0]].register_forward_pre_hook(_Hooks(self, "pre_denoise"))
+                        modules[self.stages[0]].register_forward_pre_hook(
+                            _Hooks(self, "pre_denoise")
+                        )
                     )
                 else:
                     handles.append(modules[pos].register_forward_hook(_Hooks(self, "post_denoise")))
@@ -457,7 +465,9 @@ class FPD(nn.Module):
         if which == "decoder":
             return list(self.decoder.parameters())
         if which != "front":
-            raise ConfigError(f"phase-1 parameter set {which!r} is not allowed; choose 'front' or 'decoder'")
+            raise ConfigError(
+                f"phase-1 parameter set {which!r} is not allowed; choose 'front' or 'decoder'"
+            )
         head = {id(p) for p in dict(self.net.named_modules())[self.classifier].parameters()}
         backbone = [p for p in self.net.parameters() if id(p) not in head]
         return list(self.decoder.parameters()) + backbone

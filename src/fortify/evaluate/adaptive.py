@@ -81,7 +81,9 @@ def load_surrogate(surrogate: nn.Module | str | Path, device: torch.device) -> n
 
     path = Path(surrogate)
     if not path.exists():
-        raise FortifyError(f"surrogate {str(path)!r} does not exist; pass a run directory or checkpoint")
+        raise FortifyError(
+            f"surrogate {str(path)!r} does not exist; pass a run directory or checkpoint"
+        )
     model, _meta = load_model(path, device=device)
     return model
 
@@ -122,22 +124,29 @@ class AdaptiveOptions:
         if not isinstance(self.restarts, int) or self.restarts < 1:
             raise ConfigError(f"adaptive restarts must be an integer >= 1, got {self.restarts!r}")
         if self.step_size is not None and not self.step_size > 0:
-            raise ConfigError(f"adaptive step_size must be > 0 (pixel units), got {self.step_size!r}")
+            raise ConfigError(
+                f"adaptive step_size must be > 0 (pixel units), got {self.step_size!r}"
+            )
         if self.autoattack not in AUTOATTACK_TARGETS:
             raise ConfigError(
-                f"adaptive autoattack={self.autoattack!r} is not allowed; choose one of {list(AUTOATTACK_TARGETS)}"
+                f"adaptive autoattack={self.autoattack!r} is not allowed; "
+                f"choose one of {list(AUTOATTACK_TARGETS)}"
             )
         bad = [s for s in self.square_on if s not in SQUARE_TARGETS]
         if bad:
-            raise ConfigError(f"adaptive square_on has {bad}; allowed entries: {list(SQUARE_TARGETS)}")
+            raise ConfigError(
+                f"adaptive square_on has {bad}; allowed entries: {list(SQUARE_TARGETS)}"
+            )
         if self.square_queries < 0:
             raise ConfigError(f"adaptive square_queries must be >= 0, got {self.square_queries}")
         if self.autoattack_points is not None and self.autoattack_points < 1:
-            raise ConfigError(f"adaptive autoattack_points must be >= 1 or None, got {self.autoattack_points}")
+            raise ConfigError(
+                f"adaptive autoattack_points must be >= 1 or None, got {self.autoattack_points}"
+            )
 
 
-_OPTIONS: contextvars.ContextVar[AdaptiveOptions] = contextvars.ContextVar(
-    "fortify_adaptive_options", default=AdaptiveOptions()
+_OPTIONS: contextvars.ContextVar[AdaptiveOptions | None] = contextvars.ContextVar(
+    "fortify_adaptive_options", default=None
 )
 
 
@@ -188,8 +197,13 @@ def _autoattack_batch(
 
     kw: dict[str, Any] = {"version": "standard"}
     if k < 4:  # targeted DLR needs 4 classes
-        kw = {"version": "custom", "attacks": ["apgd-ce", "apgd-dlr", "square"] if k == 3 else ["apgd-ce", "square"]}
-    aa = AutoAttack(net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, seed=seed, device=xb.device, **kw)
+        kw = {
+            "version": "custom",
+            "attacks": ["apgd-ce", "apgd-dlr", "square"] if k == 3 else ["apgd-ce", "square"],
+        }
+    aa = AutoAttack(
+        net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, seed=seed, device=xb.device, **kw
+    )
     aa.verbose = False
     aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, max(k - 1, 1))
     aa.fab.n_target_classes = min(aa.fab.n_target_classes, max(k - 1, 1))
@@ -200,20 +214,37 @@ def _autoattack_batch(
 
 
 def _square_batch(
-    net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, eps: float, norm: str, queries: int, seed: int
+    net: nn.Module,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    *,
+    eps: float,
+    norm: str,
+    queries: int,
+    seed: int,
 ) -> torch.Tensor:
     from pyautoattack.square import SquareAttack
 
     sq = SquareAttack(
-        net, norm={"linf": "Linf", "l2": "L2"}[norm], n_queries=queries, eps=eps, p_init=0.8,
-        n_restarts=1, seed=seed, verbose=False, device=xb.device, resc_schedule=queries < 5000,
-    )  # fmt: skip
+        net,
+        norm={"linf": "Linf", "l2": "L2"}[norm],
+        n_queries=queries,
+        eps=eps,
+        p_init=0.8,
+        n_restarts=1,
+        seed=seed,
+        verbose=False,
+        device=xb.device,
+        resc_schedule=queries < 5000,
+    )
     devices = [xb.device] if xb.device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         return sq.perturb(xb, yb).detach()
 
 
-def _zero_grad_fraction(net: nn.Module, ctx: SuiteContext, loss: str, kappa: float, m: int) -> float:
+def _zero_grad_fraction(
+    net: nn.Module, ctx: SuiteContext, loss: str, kappa: float, m: int
+) -> float:
     """Fraction of the first ``m`` points whose input gradient of ``loss`` is exactly zero."""
     zero = 0
     for i in range(0, m, ctx.batch_size):
@@ -227,6 +258,12 @@ def _zero_grad_fraction(net: nn.Module, ctx: SuiteContext, loss: str, kappa: flo
     return zero / max(m, 1)
 
 
+def _describe(surrogate: object) -> str | None:
+    if surrogate is None:
+        return None
+    return type(surrogate).__name__ if isinstance(surrogate, nn.Module) else str(surrogate)
+
+
 @register_suite(
     SUITE,
     description="FPD-proof: CE on the output, C&W/DLR on pre-bound logits, AutoAttack, Square, "
@@ -234,7 +271,7 @@ def _zero_grad_fraction(net: nn.Module, ctx: SuiteContext, loss: str, kappa: flo
 )
 def adaptive_suite(ctx: SuiteContext) -> None:
     """Attacks that see through bounded outputs (see the module docstring)."""
-    opts = _OPTIONS.get()
+    opts = _OPTIONS.get() or AdaptiveOptions()
     opts.validate()
     eps, norm, k = ctx.eps, ctx.norm, opts.steps
     step = opts.step_size if opts.step_size is not None else 2.5 * eps / k
@@ -247,38 +284,63 @@ def adaptive_suite(ctx: SuiteContext) -> None:
     def pgd_fn(net: nn.Module, loss: str, salt: int, s: float = step, n: int = k):
         def fn(xb: torch.Tensor, yb: torch.Tensor, sl: slice) -> torch.Tensor:
             return pgd(
-                net, xb, yb, eps=eps, steps=n, step_size=s, norm=norm, loss=loss, random_start=True,
-                restarts=opts.restarts, kappa=opts.kappa, mode="final",
+                net,
+                xb,
+                yb,
+                eps=eps,
+                steps=n,
+                step_size=s,
+                norm=norm,
+                loss=loss,
+                random_start=True,
+                restarts=opts.restarts,
+                kappa=opts.kappa,
+                mode="final",
                 generator=ctx.generator(salt + sl.start),
-            )  # fmt: skip
+            )
 
         return fn
 
     # -- the usual attacks on the bounded output ---------------------------------------------
     columns["FGSM"] = ctx.run_fgsm("FGSM")
     columns["ce"] = ctx.run_pgd(
-        f"PGD-{k} CE", steps=k, step_size=step, loss="ce", random_start=True, restarts=opts.restarts,
+        f"PGD-{k} CE",
+        steps=k,
+        step_size=step,
+        loss="ce",
+        random_start=True,
+        restarts=opts.restarts,
         note="cross-entropy on the model's (bounded) output",
-    )  # fmt: skip
+    )
     # -- white box on the pre-bound logits, scored on the bounded model -----------------------
     columns["cw"] = ctx.run_attack(
-        f"PGD-{k} C&W", pgd_fn(target, "cw", 11), note=f"margin loss κ={opts.kappa:g} on the {where}"
+        f"PGD-{k} C&W",
+        pgd_fn(target, "cw", 11),
+        note=f"margin loss κ={opts.kappa:g} on the {where}",
     )
-    columns["dlr"] = ctx.run_attack(f"PGD-{k} DLR", pgd_fn(target, "dlr", 13), note=f"DLR loss on the {where}")
+    columns["dlr"] = ctx.run_attack(
+        f"PGD-{k} DLR", pgd_fn(target, "dlr", 13), note=f"DLR loss on the {where}"
+    )
     # -- AutoAttack -------------------------------------------------------------------------
     limit = ctx.n if opts.autoattack_points is None else min(ctx.n, opts.autoattack_points)
     aa_nets = []
     if opts.autoattack in ("both", "bounded"):
         aa_nets.append(("AutoAttack", ctx.model, "standard AutoAttack on the model's output"))
     if opts.autoattack in ("both", "logits") and has_logits:
-        aa_nets.append(("AutoAttack (logits)", target, "standard AutoAttack on the pre-bound logits"))
+        aa_nets.append(
+            ("AutoAttack (logits)", target, "standard AutoAttack on the pre-bound logits")
+        )
     for name, net, note in aa_nets:
 
-        def aa_fn(xb: torch.Tensor, yb: torch.Tensor, sl: slice, net: nn.Module = net) -> torch.Tensor:
+        def aa_fn(
+            xb: torch.Tensor, yb: torch.Tensor, sl: slice, net: nn.Module = net
+        ) -> torch.Tensor:
             n_in = max(0, min(len(xb), limit - sl.start))
             if n_in == 0:
                 return xb
-            adv = _autoattack_batch(net, xb[:n_in], yb[:n_in], eps=eps, norm=norm, seed=ctx.seed, k=ctx.num_classes)
+            adv = _autoattack_batch(
+                net, xb[:n_in], yb[:n_in], eps=eps, norm=norm, seed=ctx.seed, k=ctx.num_classes
+            )
             return torch.cat([adv, xb[n_in:]]) if n_in < len(xb) else adv
 
         if limit < ctx.n:
@@ -293,21 +355,31 @@ def adaptive_suite(ctx: SuiteContext) -> None:
             net = ctx.model if which == "bounded" else target
             name = "Square" if which == "bounded" else "Square (logits)"
 
-            def sq_fn(xb: torch.Tensor, yb: torch.Tensor, sl: slice, net: nn.Module = net) -> torch.Tensor:
-                return _square_batch(net, xb, yb, eps=eps, norm=norm, queries=opts.square_queries, seed=ctx.seed)
+            def sq_fn(
+                xb: torch.Tensor, yb: torch.Tensor, sl: slice, net: nn.Module = net
+            ) -> torch.Tensor:
+                return _square_batch(
+                    net, xb, yb, eps=eps, norm=norm, queries=opts.square_queries, seed=ctx.seed
+                )
 
             seen = "model output" if which == "bounded" else "pre-bound logits"
-            black.append(ctx.run_attack(name, sq_fn, note=f"{opts.square_queries} queries on the {seen}"))
+            black.append(
+                ctx.run_attack(name, sq_fn, note=f"{opts.square_queries} queries on the {seen}")
+            )
     if opts.surrogate is not None:
         sur = load_surrogate(opts.surrogate, ctx.device)
         was_training = sur.training
         sur.eval()
         n = opts.transfer_steps or k
         try:
-            black.append(ctx.run_attack(
-                "Transfer", pgd_fn(sur, "ce", 17, s=2.5 * eps / n, n=n),
-                note=f"PGD-{n} CE crafted on the surrogate ({type(sur).__name__}), scored on the model",
-            ))  # fmt: skip
+            black.append(
+                ctx.run_attack(
+                    "Transfer",
+                    pgd_fn(sur, "ce", 17, s=2.5 * eps / n, n=n),
+                    note=f"PGD-{n} CE crafted on the surrogate ({type(sur).__name__}), "
+                    "scored on the model",
+                )
+            )
         finally:
             sur.train(was_training)
 
@@ -343,7 +415,10 @@ def adaptive_suite(ctx: SuiteContext) -> None:
     )
     zero_out = _zero_grad_fraction(ctx.model, ctx, "ce", 0.0, m)
     zero_logit = _zero_grad_fraction(target, ctx, "cw", opts.kappa, m) if has_logits else None
-    msg = f"{100 * zero_out:.1f}% of the first {m} points have an exactly zero CE gradient on the output"
+    msg = (
+        f"{100 * zero_out:.1f}% of the first {m} points have an exactly zero CE gradient "
+        "on the output"
+    )
     if zero_logit is not None:
         msg += f", {100 * zero_logit:.1f}% a zero C&W gradient on the pre-bound logits"
     ctx.check("zero gradients (output vs logits)", "warn" if zero_out > 0.05 else "ok", msg)
@@ -353,8 +428,18 @@ def adaptive_suite(ctx: SuiteContext) -> None:
         for i in range(0, m, ctx.batch_size):
             xb = ctx.x[i : min(i + ctx.batch_size, m)].to(ctx.device)
             yb = ctx.y[i : min(i + ctx.batch_size, m)].to(ctx.device)
-            xa = pgd(target, xb, yb, eps=big, steps=k, step_size=2.5 * big / k, norm=norm, loss="dlr",
-                     random_start=True, generator=ctx.generator(19 + i))  # fmt: skip
+            xa = pgd(
+                target,
+                xb,
+                yb,
+                eps=big,
+                steps=k,
+                step_size=2.5 * big / k,
+                norm=norm,
+                loss="dlr",
+                random_start=True,
+                generator=ctx.generator(19 + i),
+            )
             ctx.verify_ball("large-ε DLR on logits", xa, xb, big)
             broken += int((ctx.predict(xa) != yb).sum())
         acc_big = 100.0 * (1 - broken / max(m, 1))
@@ -362,8 +447,8 @@ def adaptive_suite(ctx: SuiteContext) -> None:
         ctx.check(
             "large ε → 0 (logits)",
             "warn" if acc_big > 5.0 else "ok",
-            f"DLR on the pre-bound logits at ε={big:.3g} leaves {acc_big:.1f}% accuracy (first {m} points)"
-            + ("; should be near 0" if acc_big > 5.0 else ""),
+            f"DLR on the pre-bound logits at ε={big:.3g} leaves {acc_big:.1f}% accuracy "
+            f"(first {m} points)" + ("; should be near 0" if acc_big > 5.0 else ""),
         )
     ce_acc, best_logit = acc(columns["ce"]), min(acc(columns["cw"]), acc(columns["dlr"]))
     gap = ce_acc - best_logit
@@ -371,7 +456,11 @@ def adaptive_suite(ctx: SuiteContext) -> None:
         "CE on output vs logit attacks",
         "warn" if gap > GAP_WARN else "ok",
         f"PGD-CE on the output {ce_acc:.2f}% vs C&W/DLR on the {where} {best_logit:.2f}%"
-        + (" — CE on the bounded output overestimates robustness (gradient masking)" if gap > GAP_WARN else ""),
+        + (
+            " — CE on the bounded output overestimates robustness (gradient masking)"
+            if gap > GAP_WARN
+            else ""
+        ),
     )
     white = [acc(v) for key, v in columns.items() if v]
     if black and white:
@@ -380,8 +469,12 @@ def adaptive_suite(ctx: SuiteContext) -> None:
             "black box vs white box",
             "warn" if best_black < best_white - GAP_WARN else "ok",
             f"best black-box column {best_black:.2f}% vs best white-box column {best_white:.2f}%"
-            + (" — black box beats white box: white-box gradients are unreliable" if best_black < best_white - GAP_WARN else ""),
-        )  # fmt: skip
+            + (
+                " — black box beats white box: white-box gradients are unreliable"
+                if best_black < best_white - GAP_WARN
+                else ""
+            ),
+        )
     ens = ensemble_of(ctx.outcomes, mode)
     headline = 100.0 * float(ens.float().mean()) if ens is not None else float("nan")
     ctx.extras["adaptive"] = {
@@ -397,6 +490,6 @@ def adaptive_suite(ctx: SuiteContext) -> None:
         "autoattack": opts.autoattack,
         "autoattack_points": limit,
         "square_queries": opts.square_queries,
-        "surrogate": None if opts.surrogate is None else (str(opts.surrogate) if not isinstance(opts.surrogate, nn.Module) else type(opts.surrogate).__name__),
-    }  # fmt: skip
+        "surrogate": _describe(opts.surrogate),
+    }
     log.info("adaptive: headline (per-sample worst case over every column) %.2f%%", headline)

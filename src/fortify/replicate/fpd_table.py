@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 NAME = "fpd-table"
-HELP = "FPD on Fashion-MNIST: plain vs FPD vs FPD+AT, with adaptive, black-box and AutoAttack columns"
+HELP = (
+    "FPD on Fashion-MNIST: plain vs FPD vs FPD+AT, with adaptive, black-box and AutoAttack columns"
+)
 DESCRIPTION = __doc__
 
 log = logging.getLogger("fortify.replicate.fpd_table")
@@ -49,7 +51,9 @@ COLUMNS = [
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/fpd-table", help="root of the three run directories")
     p.add_argument("--results", default="docs/results/fpd_table.md", help="markdown table to write")
-    p.add_argument("--data-root", default=None, help="where Fashion-MNIST lives (default: usual places)")
+    p.add_argument(
+        "--data-root", default=None, help="where Fashion-MNIST lives (default: usual places)"
+    )
     p.add_argument("--train-subset", type=int, default=10000, help="training images used")
     p.add_argument("--width", type=int, default=8, help="small-resnet width")
     p.add_argument("--decoder-width", type=int, default=32, help="FPD decoder width")
@@ -65,7 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--square-queries", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run (minutes): checks the pipeline only")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny smoke run (minutes): checks the pipeline only"
+    )
 
 
 def _configs(a: argparse.Namespace) -> dict[str, Any]:
@@ -79,32 +85,87 @@ def _configs(a: argparse.Namespace) -> dict[str, Any]:
         TrainConfig,
     )
 
-    data = DataConfig(name="fashion-mnist", root=a.data_root, val_size=5000, train_subset=a.train_subset, augment="none")
+    data = DataConfig(
+        name="fashion-mnist",
+        root=a.data_root,
+        val_size=5000,
+        train_subset=a.train_subset,
+        augment="none",
+    )
     model = ModelConfig(name="small-resnet", kwargs={"width": a.width})
-    fpd = DefenseConfig(kind="fpd", options={"width": a.decoder_width, "bound": "tanh", "middle": "input"})
+    fpd = DefenseConfig(
+        kind="fpd", options={"width": a.decoder_width, "bound": "tanh", "middle": "input"}
+    )
     ev = EvalConfig(suite="adaptive", eps=a.eps, n_points=a.n_points)
-    common = dict(batch_size=128, val_points=500, val_attack_steps=0, select="clean", grad_clip=10.0)
+    common = dict(
+        batch_size=128, val_points=500, val_attack_steps=0, select="clean", grad_clip=10.0
+    )
     plain = ExperimentConfig(
-        name="fpd-table-plain", seed=a.seed, device=a.device, data=data, model=model, eval=ev,
-        train=TrainConfig(objective="standard", optimizer="adam", lr=1e-3, weight_decay=0.0,
-                          epochs=a.epochs_plain, schedule="cosine", **common),
-    )  # fmt: skip
+        name="fpd-table-plain",
+        seed=a.seed,
+        device=a.device,
+        data=data,
+        model=model,
+        eval=ev,
+        train=TrainConfig(
+            objective="standard",
+            optimizer="adam",
+            lr=1e-3,
+            weight_decay=0.0,
+            epochs=a.epochs_plain,
+            schedule="cosine",
+            **common,
+        ),
+    )
     fpd_cfg = ExperimentConfig(
-        name="fpd-table-fpd", seed=a.seed, device=a.device, data=data, model=model, defenses=[fpd], eval=ev,
-        train=TrainConfig(objective="fpd", optimizer="adamax", lr=1e-3, weight_decay=1e-5,
-                          epochs=a.epochs_fpd, schedule="plateau", gamma=0.1, plateau_patience=2,
-                          options={"threshold": a.threshold, "noise": 0.01, "second_weight": 1.0,
-                                   "warn_after_epochs": 2}, **common),
-    )  # fmt: skip
+        name="fpd-table-fpd",
+        seed=a.seed,
+        device=a.device,
+        data=data,
+        model=model,
+        defenses=[fpd],
+        eval=ev,
+        train=TrainConfig(
+            objective="fpd",
+            optimizer="adamax",
+            lr=1e-3,
+            weight_decay=1e-5,
+            epochs=a.epochs_fpd,
+            schedule="plateau",
+            gamma=0.1,
+            plateau_patience=2,
+            options={
+                "threshold": a.threshold,
+                "noise": 0.01,
+                "second_weight": 1.0,
+                "warn_after_epochs": 2,
+            },
+            **common,
+        ),
+    )
     if a.ft_attack == "pgd":
         attack = InnerAttackConfig(kind="pgd", eps=a.eps, step_size=a.eps / 4, steps=10)
     else:
         attack = InnerAttackConfig(kind="fgsm-rs", eps=a.eps, step_size=1.25 * a.eps)
     ft = ExperimentConfig(
-        name="fpd-table-fpd-at", seed=a.seed, device=a.device, data=data, model=model, defenses=[fpd], eval=ev,
-        train=TrainConfig(objective="at", optimizer="adam", lr=1e-4, weight_decay=0.0,
-                          epochs=a.epochs_ft, schedule="constant", attack=attack, **common),
-    )  # fmt: skip
+        name="fpd-table-fpd-at",
+        seed=a.seed,
+        device=a.device,
+        data=data,
+        model=model,
+        defenses=[fpd],
+        eval=ev,
+        train=TrainConfig(
+            objective="at",
+            optimizer="adam",
+            lr=1e-4,
+            weight_decay=0.0,
+            epochs=a.epochs_ft,
+            schedule="constant",
+            attack=attack,
+            **common,
+        ),
+    )
     return {"plain": plain, "fpd": fpd_cfg, "fpd+at": ft}
 
 
@@ -113,8 +174,8 @@ def run(a: argparse.Namespace) -> int:
 
     from fortify.data import load_dataset
     from fortify.evaluate.adaptive import AdaptiveOptions, adaptive_evaluate
-    from fortify.utils.atomic import atomic_write_text as write_text_atomic
     from fortify.train import fit
+    from fortify.utils.atomic import atomic_write_text as write_text_atomic
     from fortify.utils.runtime import seed_everything
 
     if a.quick:
@@ -126,21 +187,35 @@ def run(a: argparse.Namespace) -> int:
     cfgs = _configs(a)
     out = Path(a.out)
     splits = load_dataset(
-        "fashion-mnist", a.data_root, val_size=5000, split_seed=0, train_subset=a.train_subset,
+        "fashion-mnist",
+        a.data_root,
+        val_size=5000,
+        split_seed=0,
+        train_subset=a.train_subset,
         test_subset=a.n_points,
-    )  # fmt: skip
+    )
     times: dict[str, float] = {}
     models = {}
     for key, src in (("plain", None), ("fpd", None), ("fpd+at", "fpd")):
         t0 = time.perf_counter()
         init = copy.deepcopy(models[src]) if src else None
-        res = fit(cfgs[key], out / key.replace("+", "-"), mode="overwrite", splits=splits, model=init, progress=False)
+        res = fit(
+            cfgs[key],
+            out / key.replace("+", "-"),
+            mode="overwrite",
+            splits=splits,
+            model=init,
+            progress=False,
+        )
         models[key] = res.model.eval()
         times[f"train {key}"] = time.perf_counter() - t0
         last = res.history[-1] if res.history else {}
         log.info("trained %s in %.0fs: %s", key, times[f"train {key}"], last)
         if key == "fpd" and last.get("train/fpd_phase2", 1.0) == 0.0:
-            log.warning("FPD never reached phase 2 in its last epoch; the table reflects restoration-only training")
+            log.warning(
+                "FPD never reached phase 2 in its last epoch; "
+                "the table reflects restoration-only training"
+            )
 
     x, y = splits.test.floats(torch.device(a.device))
     x, y = x[: a.n_points], y[: a.n_points]
@@ -148,11 +223,23 @@ def run(a: argparse.Namespace) -> int:
     for key, model in models.items():
         t0 = time.perf_counter()
         opts = AdaptiveOptions(
-            steps=a.steps, autoattack="both", autoattack_points=a.aa_points, square_queries=a.square_queries,
+            steps=a.steps,
+            autoattack="both",
+            autoattack_points=a.aa_points,
+            square_queries=a.square_queries,
             surrogate=None if key == "plain" else models["plain"],
-        )  # fmt: skip
-        rep = adaptive_evaluate(model, x, y, eps=a.eps, options=opts, seed=a.seed, batch_size=250,
-                                check_points=min(200, a.n_points), square_queries=a.square_queries)  # fmt: skip
+        )
+        rep = adaptive_evaluate(
+            model,
+            x,
+            y,
+            eps=a.eps,
+            options=opts,
+            seed=a.seed,
+            batch_size=250,
+            check_points=min(200, a.n_points),
+            square_queries=a.square_queries,
+        )
         times[f"eval {key}"] = time.perf_counter() - t0
         rep_dir = out / key.replace("+", "-") / "reports"
         rep_dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +258,8 @@ def _markdown(a: argparse.Namespace, reports: dict, times: dict[str, float], wal
     cmd = "fortify replicate fpd-table " + " ".join(shlex.quote(s) for s in sys.argv[3:])
     head = [label for _, label in COLUMNS]
     lines = [
-        "# FPD on Fashion-MNIST (CPU scale)" + (" — QUICK SMOKE RUN, numbers meaningless" if a.quick else ""),
+        "# FPD on Fashion-MNIST (CPU scale)"
+        + (" — QUICK SMOKE RUN, numbers meaningless" if a.quick else ""),
         "",
         f"Command: `{cmd.strip()}`  ",
         f"Seed {a.seed}; small-resnet width {a.width}, FPD decoder width {a.decoder_width}; "
@@ -197,6 +285,9 @@ def _markdown(a: argparse.Namespace, reports: dict, times: dict[str, float], wal
     lines += ["", "## Checks (warnings only)", ""]
     for key, rep in reports.items():
         warns = [c for c in rep.checks if c.status != "ok"]
-        lines.append(f"- **{key}**: " + ("none" if not warns else "; ".join(f"{c.name}: {c.message}" for c in warns)))
+        lines.append(
+            f"- **{key}**: "
+            + ("none" if not warns else "; ".join(f"{c.name}: {c.message}" for c in warns))
+        )
     lines += ["", "## Time", ""] + [f"- {k}: {v / 60:.1f} min" for k, v in times.items()]
     return "\n".join(lines) + "\n"

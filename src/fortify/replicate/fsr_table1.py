@@ -129,13 +129,10 @@ def row_config(row: str, args: argparse.Namespace) -> Any:
 
 def _train(cfg: Any, run_dir: Path) -> tuple[Any, float]:
     """Train (or resume / reuse) one row; returns (model in eval mode, seconds spent now)."""
-    from fortify.runs import RunDir
     from fortify.train import fit
 
-    run = RunDir(run_dir)
     t0 = time.perf_counter()
-    last = run.checkpoint_path("last")
-    if Path(last).is_file():
+    if (run_dir / "checkpoints" / "last.safetensors").is_file():
         mode = "resume"
     elif run_dir.exists() and any(run_dir.iterdir()):
         mode = "overwrite"  # an aborted start without a checkpoint: moved aside, not deleted
@@ -178,7 +175,7 @@ def _evaluate(model: Any, row_dir: Path, args: argparse.Namespace, splits: Any) 
     paper = evaluate(model, x, y, suite="paper", eps=EPS, seed=args.seed, checks=not args.no_checks)
     t_paper = time.perf_counter() - t0
     row = dict(paper.table()["final"])
-    checks = [{"name": c.name, "status": c.status, "detail": c.detail} for c in paper.checks]
+    checks = [{"name": c.name, "status": c.status, "message": c.message} for c in paper.checks]
     t_aa = 0.0
     if args.aa_points > 0:
         t0 = time.perf_counter()
@@ -187,7 +184,7 @@ def _evaluate(model: Any, row_dir: Path, args: argparse.Namespace, splits: Any) 
         t_aa = time.perf_counter() - t0
         row["AutoAttack"] = aa.table()["final"]["AutoAttack"]
         row["Natural (AA points)"] = aa.table()["final"].get("Natural", float("nan"))
-        checks += [{"name": c.name, "status": c.status, "detail": c.detail} for c in aa.checks]
+        checks += [{"name": c.name, "status": c.status, "message": c.message} for c in aa.checks]
     out = {
         "settings": settings,
         "checkpoint_mtime": stamp,

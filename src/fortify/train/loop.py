@@ -339,7 +339,8 @@ def _fit(
 
         if not last_path.is_file():
             raise RunDirError(
-                f"nothing to resume in {str(run_dir)!r}: no 'last' checkpoint ({last_path.name})"
+                f"nothing to resume in {str(run_dir)!r}: no 'last' checkpoint ({last_path.name}; "
+                "the run stopped before its first epoch ended) — start over with --overwrite"
             )
         meta = load_checkpoint(last_path, module)
         if not isinstance(meta, dict) or "epoch" not in meta:
@@ -365,8 +366,11 @@ def _fit(
         if device.type == "cuda":
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         elif info.is_main:
-            log.warning("train.sync_bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); "
-                        "ignored on %s: BatchNorm statistics stay per process", device.type)
+            log.warning(
+                "train.sync_bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only); "
+                "ignored on %s: BatchNorm statistics stay per process",
+                device.type,
+            )
     net: nn.Module = module
     if info.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -395,7 +399,11 @@ def _fit(
                 t0 = time.perf_counter()
                 record.update(
                     validate(
-                        module, splits.val, tc, info, batch_size=max(per_rank, 64),
+                        module,
+                        splits.val,
+                        tc,
+                        info,
+                        batch_size=max(per_rank, 64),
                         channels_last=tc.channels_last,
                     )  # fmt: skip
                 )
@@ -525,8 +533,10 @@ def _tensorboard(run_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is an optional extra
-        log.warning("train.tensorboard is on but tensorboard is not installed; "
-                    "pip install 'fortify[tensorboard]'. Continuing without it.")
+        log.warning(
+            "train.tensorboard is on but tensorboard is not installed; "
+            "pip install 'fortify[tensorboard]'. Continuing without it."
+        )
         return None
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 

@@ -9,7 +9,8 @@ restored image x′ and the bounded output ŷ:
   and is skipped by the optimiser (no momentum or weight-decay drift either).
 - **phase 2** (``L2 ≤ T``): one step on ``CE(ŷ, y) + L2`` over every trainable parameter, then
   a second step on the restored image: x′ is recomputed by a fresh (no-grad) front pass with the
-  *updated* weights, clamped to [0, 1] and fed back in as a plain input: ``CE(ŷ₂, y) + w·MSE(x′₂, x)``.
+  *updated* weights, clamped to [0, 1] and fed back in as a plain input:
+  ``CE(ŷ₂, y) + w·MSE(x′₂, x)``.
 
 Options (``train.options``): ``threshold`` (T, > 0, default 3.0 as the release), ``noise`` (δ in
 pixel units, default 0.01), ``second_weight`` (w, default 1.0), ``second_step`` (default true),
@@ -56,7 +57,8 @@ def _forward(model: nn.Module, fpd: FPD, x: torch.Tensor) -> tuple[torch.Tensor,
     """Forward ``x`` through ``model`` (possibly DDP-wrapped); return (bounded logits, x′)."""
     with capture_aux(model):
         bounded = model(x)
-        restored = fpd.aux.recorded["restored"]
+    restored = fpd.aux.recorded["restored"]
+    fpd.aux.release()  # records live until used; drop them so no graph outlives the step
     return bounded, restored
 
 
