@@ -45,6 +45,7 @@ __all__ = [
     "FeatureReport",
     "block_features",
     "feature_analysis",
+    "pgd_batches",
     "pick_block",
     "use_part",
     "weighted_knn",
@@ -178,7 +179,16 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     return 100.0 * correct / max(1, len(x))
 
 
-def _pgd(model, x, y, eps, steps, batch_size, seed):
+def pgd_batches(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> torch.Tensor:
+    """L∞ PGD (random start, step max(ε/4, 2.5ε/steps)) in batches; returns x_adv on CPU."""
     from fortify.attacks import pgd
 
     device = next(model.parameters()).device
@@ -234,7 +244,7 @@ def feature_analysis(
         ks=list(ks),
     )
     try:
-        x_adv_full = _pgd(model, x_test, y_test, eps, steps, batch_size, seed)
+        x_adv_full = pgd_batches(model, x_test, y_test, eps, steps, batch_size, seed)
         memory = block_features(model, blk, x_memory, batch_size)
         queries = block_features(model, blk, x_adv_full, batch_size)
         for variant, attr in VARIANTS.items():
@@ -242,7 +252,7 @@ def feature_analysis(
                 continue
             with use_part(blk, attr):
                 report.clean_acc[variant] = _accuracy(model, x_test, y_test, batch_size)
-                x_adv = x_adv_full if attr == "out" else _pgd(
+                x_adv = x_adv_full if attr == "out" else pgd_batches(
                     model, x_test, y_test, eps, steps, batch_size, seed
                 )
                 report.adv_acc[variant] = _accuracy(model, x_adv, y_test, batch_size)

@@ -103,7 +103,7 @@ class TrainConfig:
     channels_last: bool = False
     attack: InnerAttackConfig = field(default_factory=InnerAttackConfig)
     val_points: int = 1000  # validation images used per epoch for clean + quick-suite accuracy
-    val_attack_steps: int = 20  # PGD steps of the per-epoch validation attack (step eps/8)
+    val_attack_steps: int = 20  # per-epoch validation PGD steps (step 0.1 eps, as suite quick)
     val_every: int = 1  # validate every N epochs (and always after the last)
     select: Literal["robust", "clean", "last"] = "robust"  # best checkpoint by validation ...
     sync_bn: bool = False
@@ -135,7 +135,8 @@ class TrainConfig:
             )
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(
-                f"train.warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}"
+                f"train.warmup_epochs must be in [0, epochs={self.epochs}), "
+                f"got {self.warmup_epochs}"
             )
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip must be > 0 or null, got {self.grad_clip}")

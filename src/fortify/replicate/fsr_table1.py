@@ -48,7 +48,7 @@ DEFAULTS = {
     "aa_points": 500,
     "batch_size": 128,
     "attack_steps": 7,
-    "fsr_hidden": 64,
+    "fsr_hidden": 16,
 }
 
 log = logging.getLogger("fortify.replicate.fsr_table1")
@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
     parser.add_argument("--estimate", action="store_true", help="time a short epoch + small eval, print the estimate, stop")
+    parser.add_argument(
+        "--assume-robust", type=float, default=0.7, help="--estimate: robust fraction for AutoAttack's cost"
+    )
 
 
 # --------------------------------------------------------------------------- configs
@@ -231,47 +234,69 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def _estimate(args: argparse.Namespace, rows: list[str]) -> int:
-    """Time one short epoch per objective (with FSR) and a small evaluation; print the total."""
+    """Measure the building blocks and print the estimated wall time of the whole command.
+
+    Training: one epoch on ``PROBE`` images per objective (with FSR, and AT without) through
+    ``fit``. Evaluation: the time of one fp32 input-gradient and one forward per image (batch
+    256), times the attack budgets — paper suite 151 gradients per point (+ checks on 200 points:
+    6 × PGD-20 and 1,000 Square queries), AutoAttack 100 APGD-CE gradients per clean-correct point
+    plus, on the ``--assume-robust`` fraction, 9×100 APGD-T and ~9×150 FAB-T gradients and 5,000
+    Square forwards.
+    """
     import copy
     import tempfile
 
-    from fortify.data import load_dataset
-    from fortify.evaluate import evaluate
+    import torch
+
     from fortify.train import fit
 
-    probe_n = 1024
-    splits = load_dataset("fashion-mnist", val_size=1000)
+    probe = 512
     per_img: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for row in ("at", "at-fsr", "trades-fsr", "mart-fsr"):
             a = copy.copy(args)
-            a.epochs, a.train_subset = 1, probe_n
+            a.epochs, a.train_subset = 1, probe
             cfg = row_config(row, a)
-            cfg.train.val_points = 100
+            cfg.train.val_points = 64
             t0 = time.perf_counter()
             res = fit(cfg, Path(tmp) / row, mode="new", progress=False)
-            per_img[row] = (time.perf_counter() - t0) / probe_n
-        model = res.model.eval()
-        x, y = splits.test.head(100).floats()
+            per_img[row] = (time.perf_counter() - t0) / probe
+    model = res.model.eval()
+    x = torch.rand(256, 1, 28, 28)
+    c_grad, c_fwd = [], []
+    for _ in range(4):
+        xg = x.clone().requires_grad_(True)
         t0 = time.perf_counter()
-        evaluate(model, x, y, suite="paper", eps=EPS, checks=False)
-        t_paper = (time.perf_counter() - t0) / 100
-        t0 = time.perf_counter()
-        evaluate(model, x[:50], y[:50], suite="autoattack", eps=EPS, checks=False)
-        t_aa = (time.perf_counter() - t0) / 50
+        (g,) = torch.autograd.grad(model(xg).logsumexp(1).sum(), xg)
+        c_grad.append((time.perf_counter() - t0) / 256)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            model(x)
+            c_fwd.append((time.perf_counter() - t0) / 256)
+    cg, cf = min(c_grad[1:]), min(c_fwd[1:])
+    r = args.assume_robust
+    t_paper = args.test_points * 151 * cg
+    t_checks = 0.0 if args.no_checks else min(200, args.test_points) * (120 * cg + 1000 * cf)
+    t_aa = args.aa_points * 0.9 * (100 * cg + r * (900 * cg + 1350 * cg + 5000 * cf))
     total = 0.0
     lines = []
     for row in rows:
-        key = row if row in per_img else f"{row.split('-')[0]}-fsr" if row.endswith("fsr") else "at"
-        t_train = per_img[key] * args.train_subset * args.epochs * (1.15 if "trades" in row else 1.0)
-        t_eval = t_paper * args.test_points + t_aa * args.aa_points + (30 if not args.no_checks else 0)
+        key = row if row in per_img else "at-fsr"
+        t_train = per_img[key] * args.train_subset * args.epochs
+        t_eval = t_paper + t_checks + t_aa
         total += t_train + t_eval
-        lines.append(f"{row:12s} train ~{t_train / 60:5.1f} min  eval ~{t_eval / 60:5.1f} min")
+        lines.append(
+            f"{row:11s} train ~{t_train / 60:5.1f} min   paper ~{(t_paper + t_checks) / 60:5.1f} min"
+            f"   AutoAttack ~{t_aa / 60:5.1f} min"
+        )
     print("\n".join(lines))
     print(
-        f"measured: {1e3 * per_img['at']:.2f} ms/img AT, {1e3 * per_img['at-fsr']:.2f} ms/img AT+FSR "
-        f"(per epoch image incl. PGD-{args.attack_steps}), paper suite {1e3 * t_paper:.1f} ms/pt, "
-        f"AutoAttack {1e3 * t_aa:.1f} ms/pt (on a barely trained model: AA is costlier on robust ones)"
+        f"measured: training {1e3 * per_img['at']:.2f} ms/img (AT), {1e3 * per_img['at-fsr']:.2f} "
+        f"(AT+FSR), {1e3 * per_img['trades-fsr']:.2f} (TRADES+FSR), {1e3 * per_img['mart-fsr']:.2f} "
+        f"(MART+FSR) per image per epoch incl. PGD-{args.attack_steps} and validation; eval "
+        f"{1e3 * cg:.2f} ms per input gradient, {1e3 * cf:.2f} ms per forward (fp32, per image); "
+        f"AutoAttack assumes {100 * r:.0f}% of points survive APGD-CE; "
+        f"{torch.get_num_threads()} threads"
     )
     print(f"estimated total: {total / 60:.0f} min")
     return 0

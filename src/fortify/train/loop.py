@@ -483,7 +483,7 @@ def _train_epoch(
     set_train_mode(net, tc.freeze_bn)
     sums: dict[str, torch.Tensor] = {}
     seen = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     lr = schedule.apply(epoch, 0)
     desc = f"epoch {epoch + 1}/{tc.epochs}"
     batches = _progress(loader, progress and info.is_main, desc, len(loader))
@@ -498,7 +498,7 @@ def _train_epoch(
         for k, v in metrics.items():
             v = v.detach().double() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
             sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v.cpu() * n
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     keys = sorted(sums)
     flat = torch.stack([sums[k] for k in keys] + [torch.tensor(float(seen), dtype=torch.float64)])
     flat = D.all_reduce_sum(info, flat.to(info.device)).cpu()
@@ -508,6 +508,7 @@ def _train_epoch(
         record[f"train/{k}"] = float(v) / max(total, 1.0)
     record["train/samples"] = int(total)
     record["time/train"] = elapsed
+    record["time/train_cpu"] = cpu  # this process's CPU seconds (all its threads)
     record["train/images_per_s"] = total / max(elapsed, 1e-9)
     return record
 

@@ -21,7 +21,7 @@ def validate(
 ) -> dict[str, float]:
     """Clean and robust accuracy on the first ``cfg.val_points`` validation images.
 
-    Robust accuracy uses L∞ PGD with ``cfg.val_attack_steps`` steps of ``eps/8`` at
+    Robust accuracy uses L∞ PGD with ``cfg.val_attack_steps`` steps of ``0.1·eps`` at
     ``eps = cfg.attack.eps``, no random start, and counts a point as broken if any iterate fools
     the model (``mode="best"``). Runs in fp32 with the model in eval mode; under DDP each rank
     scores a disjoint shard and counts are summed. Returns ``{}`` when there is nothing to score.
@@ -45,7 +45,7 @@ def validate(
                 counts[1] += (model(x).argmax(1) == y).sum()
             if cfg.val_attack_steps > 0:
                 x_adv = pgd(
-                    model, x, y, eps=eps, steps=cfg.val_attack_steps, step_size=eps / 8,
+                    model, x, y, eps=eps, steps=cfg.val_attack_steps, step_size=0.1 * eps,
                     random_start=False, mode="best",
                 )  # fmt: skip
                 with torch.no_grad():

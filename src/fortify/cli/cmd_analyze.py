@@ -1,0 +1,112 @@
+"""``fortify analyze RUN --what params|flops|features|masks``: cost and FSR feature analyses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+NAME = "analyze"
+HELP = "parameter/FLOP counts and feature analyses of a run"
+DESCRIPTION = (
+    "Analyse a trained run or checkpoint. params/flops: cost with and without the attached "
+    "defences (FLOPs = 2 x multiply-adds, torch.utils.flop_counter). features: accuracy and "
+    "weighted k-NN accuracy of FSR's f+, f-, recalibrated f- and f+ + recalibrated f- under PGD. "
+    "masks: PNG of FSR masks / robustness maps for a few test images. Results go to "
+    "RUN/reports/ (or --out)."
+)
+WHATS = ("params", "flops", "features", "masks")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run directory or checkpoint (.safetensors with JSON sidecar)")
+    parser.add_argument("--what", choices=WHATS, action="append", help="analysis (repeatable); default params+flops")
+    parser.add_argument("--tag", default=None, help="checkpoint tag in a run dir (default: best, else last/final)")
+    parser.add_argument("--block", default=None, help="FSR block (module it follows); default the deepest")
+    parser.add_argument("--eps", type=float, default=None, help="L-inf radius (default: the config's / dataset's)")
+    parser.add_argument("--steps", type=int, default=20, help="PGD steps for features/masks")
+    parser.add_argument("--points", type=int, default=1000, help="test images for features")
+    parser.add_argument("--memory", type=int, default=5000, help="training images in the k-NN memory")
+    parser.add_argument("--k", type=int, action="append", help="k of weighted k-NN (repeatable; default 5 and 20)")
+    parser.add_argument("--images", type=int, default=6, help="images in the mask figure")
+    parser.add_argument("--data-root", default=None, help="dataset folder (default: the config's)")
+    parser.add_argument("--out", default=None, help="folder for reports (default RUN/reports)")
+    parser.add_argument("--device", default="cpu")
+
+
+def _resolve(run: str, tag: str | None) -> tuple[Path, str | None]:
+    from fortify.errors import FortifyError
+
+    p = Path(run)
+    if not p.exists():
+        raise FortifyError(f"{run!r} does not exist; pass a run directory or a .safetensors checkpoint")
+    if p.is_file():
+        return p, None
+    if tag is not None:
+        return p, tag
+    for t in ("best", "last", "final"):
+        if (p / "checkpoints" / f"{t}.safetensors").is_file():
+            return p, t
+    raise FortifyError(f"run {run!r} has no best/last/final checkpoint; pass --tag")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fortify.config import ExperimentConfig, from_dict
+    from fortify.errors import FortifyError
+    from fortify.runs import load_model, write_json_atomic, write_text_atomic
+
+    whats = args.what or ["params", "flops"]
+    path, tag = _resolve(args.run, args.tag)
+    model, meta = load_model(path, tag=tag or "best", device=args.device)
+    shape = tuple(meta["image_shape"])
+    cfg = from_dict(ExperimentConfig, meta["config"])
+    out = Path(args.out) if args.out else (path / "reports" if path.is_dir() else path.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+
+    if "params" in whats or "flops" in whats:
+        from fortify.analysis.cost import cost_report
+
+        rep = cost_report(model, shape)
+        results["cost"] = rep.as_dict()
+        print(rep.table())
+        write_text_atomic(out / "cost.md", rep.table() + "\n")
+
+    if "features" in whats or "masks" in whats:
+        from fortify.data import load_dataset
+
+        splits = load_dataset(
+            cfg.data.name,
+            args.data_root or cfg.data.root,
+            val_size=cfg.data.val_size,
+            split_seed=cfg.data.split_seed,
+        )
+        eps = args.eps or cfg.eval.eps or splits.default_eps
+        if "features" in whats:
+            from fortify.analysis.features import feature_analysis
+
+            x, y = splits.test.head(args.points).floats()
+            xm, ym = splits.train.head(args.memory).floats()
+            rep = feature_analysis(
+                model, x, y, xm, ym, num_classes=int(meta["num_classes"]), eps=eps,
+                steps=args.steps, ks=tuple(args.k or (5, 20)), block=args.block, seed=cfg.eval.seed,
+            )  # fmt: skip
+            results["features"] = rep.as_dict()
+            print(rep.table())
+            write_text_atomic(out / "fsr_features.md", rep.table() + "\n")
+        if "masks" in whats:
+            from fortify.analysis.features import pgd_batches
+            from fortify.analysis.masks import plot_masks
+
+            if args.images < 1:
+                raise FortifyError(f"--images must be >= 1, got {args.images}")
+            x, y = splits.test.head(args.images).floats()
+            x_adv = pgd_batches(model, x, y, eps, args.steps, 256, cfg.eval.seed)
+            png = out / "fsr_masks.png"
+            results["masks"] = plot_masks(
+                model, x, x_adv, y, png, block=args.block, class_names=splits.classes or None
+            )
+            print(f"wrote {png}")
+            print(json.dumps(results["masks"], indent=1))
+    write_json_atomic(out / "analysis.json", results)
+    return 0
