@@ -130,10 +130,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n[{label}] training into {run_dir} ...")
         seed_everything(cfg.seed)
         result = fit(cfg, run_dir, mode=mode, splits=splits)
-        print(
-            f"[{label}] best epoch {result.best_epoch} by validation robust accuracy "
-            f"({result.best_metric:.2f}%)"
-        )
+        if result.best_epoch is not None and result.best_metric is not None:
+            print(
+                f"[{label}] best epoch: {result.best_epoch + 1} of {cfg.train.epochs}, chosen on "
+                f"validation robust accuracy ({100 * result.best_metric:.1f}%), never on test"
+            )
         model, _meta = load_model(run_dir, tag="best")
         report = evaluate_split(
             model,
@@ -160,8 +161,12 @@ def run(args: argparse.Namespace) -> int:
     print("\n## Side by side (test split, accuracy %)\n" + table)
     (root / "demo.md").write_text(table)
     plot = plot_eps_curve(
-        curves, root / "robust_vs_eps.png", title=f"{splits.name}: robust accuracy vs ε",
+        curves,
+        root / "robust_vs_eps.png",
+        title=f"{splits.name}: robust accuracy vs ε",
         mark_eps=eps,
     )
-    print(f"plot: {plot}\nreports: {root}/*/reports/eval.md\ntime: {time.perf_counter() - t0:.0f} s")
+    print(
+        f"plot: {plot}\nreports: {root}/*/reports/eval.md\ntime: {time.perf_counter() - t0:.0f} s"
+    )
     return 0

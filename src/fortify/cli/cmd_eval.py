@@ -67,7 +67,7 @@ def _report_dir(target: Path, out: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fortify.data import load_dataset
+    from fortify.data import load_from_config
     from fortify.errors import ConfigError, RunDirError
     from fortify.evaluate import eps_curve, evaluate, plot_eps_curve
     from fortify.evaluate.plot import default_eps_values
@@ -89,12 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"checkpoint {target} has no data.name in its config; cannot tell which dataset to load"
         )
-    splits = load_dataset(
-        name,
-        args.data_root or data_cfg.get("root"),
-        val_size=data_cfg.get("val_size", 5000),
-        split_seed=data_cfg.get("split_seed", 0),
-    )
+    splits = load_from_config(data_cfg, args.data_root, subsets=False)
     imageset = splits.test if args.split == "test" else splits.val
     eps = args.eps if args.eps is not None else splits.default_eps
     if args.eps is None and args.norm == "l2":

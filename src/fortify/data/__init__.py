@@ -7,7 +7,7 @@
 from fortify.data.augment import augment_batch
 from fortify.data.base import DataSplits, ImageSet, split_validation
 from fortify.data.loader import TensorLoader
-from fortify.data.registry import available, load_dataset
+from fortify.data.registry import available, load_dataset, load_from_config
 
 __all__ = [
     "DataSplits",
@@ -16,5 +16,6 @@ __all__ = [
     "augment_batch",
     "available",
     "load_dataset",
+    "load_from_config",
     "split_validation",
 ]

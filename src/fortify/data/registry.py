@@ -110,3 +110,29 @@ def reader_options(name: str) -> dict[str, Any]:
 
 def _ensure_loaded() -> None:
     from fortify.data import readers  # noqa: F401  (registers every reader)
+
+
+def load_from_config(
+    data_cfg: object, root: str | None = None, *, subsets: bool = True
+) -> DataSplits:
+    """Load the dataset described by a :class:`fortify.config.DataConfig` (or its dict form).
+
+    Args:
+        data_cfg: the ``data`` section (dataclass or the dict stored in a checkpoint sidecar).
+        root: overrides ``data_cfg.root`` when given (e.g. ``--data-root``).
+        subsets: apply ``train_subset``/``test_subset`` (evaluation of a saved run passes False
+            to see the whole test split).
+    """
+    from fortify.config import DataConfig, from_dict
+
+    cfg = data_cfg if isinstance(data_cfg, DataConfig) else from_dict(DataConfig, dict(data_cfg))
+    return load_dataset(
+        cfg.name,
+        root or cfg.root,
+        val_size=cfg.val_size,
+        split_seed=cfg.split_seed,
+        download=cfg.download,
+        train_subset=cfg.train_subset if subsets else None,
+        test_subset=cfg.test_subset if subsets else None,
+        **cfg.options,
+    )

@@ -183,7 +183,10 @@ def _evaluate(model: Any, row_dir: Path, args: argparse.Namespace, splits: Any) 
     if args.aa_points > 0:
         t0 = time.perf_counter()
         n = min(args.aa_points, len(x))
-        aa = evaluate(model, x[:n], y[:n], suite="autoattack", eps=EPS, seed=args.seed, checks=False)
+        aa = evaluate(
+            model, x[:n], y[:n], suite="autoattack", eps=EPS, seed=args.seed, checks=False,
+            batch_size=max(256, n),
+        )
         t_aa = time.perf_counter() - t0
         row["AutoAttack"] = aa.table()["final"]["AutoAttack"]
         row["Natural (AA points)"] = aa.table()["final"].get("Natural", float("nan"))
@@ -250,17 +253,19 @@ def _estimate(args: argparse.Namespace, rows: list[str]) -> int:
 
     from fortify.train import fit
 
-    probe = 512
+    probe = 1024
     per_img: dict[str, float] = {}
+    val_s = 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        for row in ("at", "at-fsr", "trades-fsr", "mart-fsr"):
+        for row in ("at", "at", "at-fsr", "trades-fsr", "mart-fsr"):  # first "at" = warm-up
             a = copy.copy(args)
             a.epochs, a.train_subset = 1, probe
             cfg = row_config(row, a)
-            cfg.train.val_points = 64
-            t0 = time.perf_counter()
-            res = fit(cfg, Path(tmp) / row, mode="new", progress=False)
-            per_img[row] = (time.perf_counter() - t0) / probe
+            out_dir = Path(tmp) / f"{row}-{len(per_img)}"
+            res = fit(cfg, out_dir, mode="new", progress=False)
+            rec = res.history[-1]
+            per_img[row] = float(rec["time/train"]) / probe
+            val_s = max(val_s, float(rec.get("time/val", 0.0)))
     model = res.model.eval()
     x = torch.rand(256, 1, 28, 28)
     c_grad, c_fwd = [], []
@@ -282,7 +287,7 @@ def _estimate(args: argparse.Namespace, rows: list[str]) -> int:
     lines = []
     for row in rows:
         key = row if row in per_img else "at-fsr"
-        t_train = per_img[key] * args.train_subset * args.epochs
+        t_train = (per_img[key] * args.train_subset + val_s) * args.epochs
         t_eval = t_paper + t_checks + t_aa
         total += t_train + t_eval
         lines.append(
@@ -293,7 +298,8 @@ def _estimate(args: argparse.Namespace, rows: list[str]) -> int:
     print(
         f"measured: training {1e3 * per_img['at']:.2f} ms/img (AT), {1e3 * per_img['at-fsr']:.2f} "
         f"(AT+FSR), {1e3 * per_img['trades-fsr']:.2f} (TRADES+FSR), {1e3 * per_img['mart-fsr']:.2f} "
-        f"(MART+FSR) per image per epoch incl. PGD-{args.attack_steps} and validation; eval "
+        f"(MART+FSR) per image per epoch incl. PGD-{args.attack_steps}, + {val_s:.0f} s "
+        f"validation per epoch; eval "
         f"{1e3 * cg:.2f} ms per input gradient, {1e3 * cf:.2f} ms per forward (fp32, per image); "
         f"AutoAttack assumes {100 * r:.0f}% of points survive APGD-CE; "
         f"{torch.get_num_threads()} threads"

@@ -122,18 +122,9 @@ class RiftRun:
     @property
     def splits(self) -> DataSplits:
         if self._splits is None:
-            from fortify.data import load_dataset
+            from fortify.data import load_from_config
 
-            d = self.exp.data
-            self._splits = load_dataset(
-                d.name,
-                d.root,
-                val_size=d.val_size,
-                split_seed=d.split_seed,
-                download=d.download,
-                train_subset=d.train_subset,
-                test_subset=d.test_subset,
-            )
+            self._splits = load_from_config(self.exp.data)
         return self._splits
 
     @property

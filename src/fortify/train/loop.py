@@ -260,16 +260,12 @@ def _fit(
     objective: Any,
     info: D.DistInfo,
 ) -> FitResult:
-    from fortify.data import TensorLoader, load_dataset
+    from fortify.data import TensorLoader, load_from_config
 
     tc = cfg.train
     device = info.device
     if splits is None:
-        d = cfg.data
-        splits = load_dataset(
-            d.name, d.root, val_size=d.val_size, split_seed=d.split_seed, download=d.download,
-            train_subset=d.train_subset, test_subset=d.test_subset,
-        )  # fmt: skip
+        splits = load_from_config(cfg.data)
     if tc.batch_size % info.world_size:
         log.warning(
             "train.batch_size %d is not divisible by %d processes; each uses %d",
