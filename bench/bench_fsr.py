@@ -55,11 +55,15 @@ def time_steps(step, x, y, warmup: int, steps: int) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--width", type=int, default=16, help="ResNet-18 width (paper: 64)")
     ap.add_argument("--hidden", type=int, default=None, help="FSR hidden width (default: width)")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per model (interleaved rounds)")
+    ap.add_argument(
+        "--steps", type=int, default=5, help="timed steps per model (interleaved rounds)"
+    )
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--attack-steps", type=int, default=10)
     ap.add_argument("--objective", default="at")
@@ -78,7 +82,13 @@ def main() -> None:
     torch.manual_seed(0)
     base = create("resnet18", num_classes=10, width=args.width)
     torch.manual_seed(0)
-    fsr = attach_fsr(create("resnet18", num_classes=10, width=args.width), "layer4", 10, (3, 32, 32), hidden=hidden)
+    fsr = attach_fsr(
+        create("resnet18", num_classes=10, width=args.width),
+        "layer4",
+        10,
+        (3, 32, 32),
+        hidden=hidden,
+    )
     x = torch.rand(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
     step_base, step_fsr = make_step(base, tc, device), make_step(fsr, tc, device)

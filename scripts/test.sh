@@ -3,9 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${FORTIFY_VENV:-.venv}
-if ! "$VENV/bin/python" -c "import fortify, torch, pytest" >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -c "import fortify, torch, pytest, xdist, torchattacks" >/dev/null 2>&1; then
   FORTIFY_SKIP_DEMO=1 bash scripts/setup.sh
 fi
 echo "==> ruff check"; "$VENV/bin/ruff" check src tests bench
 echo "==> ruff format --check"; "$VENV/bin/ruff" format --check src tests bench
-echo "==> pytest"; "$VENV/bin/python" -m pytest -q "$@"
+echo "==> pytest"; OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest -q -n "${FORTIFY_TEST_WORKERS:-2}" "$@"

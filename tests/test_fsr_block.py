@@ -54,7 +54,9 @@ def test_eval_mask_release_eps_matches_softmax_formula():
     g = -torch.log(-torch.log(torch.tensor(0.5) + eps) + eps)
     logits = torch.stack([torch.log(p + eps) + g, torch.log(1 - p + eps) + g], dim=0) / (tau + eps)
     expected = torch.softmax(logits, dim=0)[0]
-    torch.testing.assert_close(gumbel_mask(r, tau, sample=False, eps=eps), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        gumbel_mask(r, tau, sample=False, eps=eps), expected, atol=1e-6, rtol=0
+    )
 
 
 def test_block_eval_mask_equals_sigmoid_and_is_deterministic():

@@ -101,7 +101,8 @@ def synth_wrn(depth: int, widen: int, hidden: int, k: int, seed: int = 2) -> dic
     ch = (16, 16 * widen, 32 * widen, 64 * widen)
     s.conv("conv1", 3, 16)
     for group, (cin0, cout) in zip(
-        ("block1", "sub_block1", "block2", "block3"), ((16, ch[1]), (16, ch[1]), (ch[1], ch[2]), (ch[2], ch[3]))
+        ("block1", "sub_block1", "block2", "block3"),
+        ((16, ch[1]), (16, ch[1]), (ch[1], ch[2]), (ch[2], ch[3])),
     ):
         for i in range(n):
             cin = cin0 if i == 0 else cout
@@ -123,8 +124,13 @@ def synth_wrn(depth: int, widen: int, hidden: int, k: int, seed: int = 2) -> dic
 
 def _bn(sd, p, x):
     return F.batch_norm(
-        x, sd[f"{p}.running_mean"], sd[f"{p}.running_var"], sd[f"{p}.weight"], sd[f"{p}.bias"],
-        training=False, eps=1e-5,
+        x,
+        sd[f"{p}.running_mean"],
+        sd[f"{p}.running_var"],
+        sd[f"{p}.weight"],
+        sd[f"{p}.bias"],
+        training=False,
+        eps=1e-5,
     )
 
 
@@ -191,7 +197,11 @@ def ref_wrn(sd, x, depth):
             act = F.relu(_bn(sd, f"{p}.bn1", out))
             o = F.relu(_bn(sd, f"{p}.bn2", _conv(sd, f"{p}.conv1", act, s)))
             o = _conv(sd, f"{p}.conv2", o)
-            short = _conv(sd, f"{p}.convShortcut", act, s, 0) if f"{p}.convShortcut.weight" in sd else out
+            short = (
+                _conv(sd, f"{p}.convShortcut", act, s, 0)
+                if f"{p}.convShortcut.weight" in sd
+                else out
+            )
             out = o + short
     out = F.relu(_bn(sd, "bn1", out))
     out = ref_fsr(sd, out)
@@ -268,7 +278,17 @@ def test_cli_import_writes_loadable_run(tmp_path):
     sd = synth_resnet18(width=4, hidden=8, k=10)
     torch.save(sd, tmp_path / "release.pth")
     out = tmp_path / "imported"
-    rc = main(["import", "fsr-release", str(tmp_path / "release.pth"), "--arch", "resnet18", "--out", str(out)])
+    rc = main(
+        [
+            "import",
+            "fsr-release",
+            str(tmp_path / "release.pth"),
+            "--arch",
+            "resnet18",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     model, meta = load_model(out, tag="final")
     assert meta["source"]["kind"] == "fsr-release"
@@ -276,4 +296,17 @@ def test_cli_import_writes_loadable_run(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref_resnet18(sd, x), atol=1e-5, rtol=1e-5)
     # a wrong --arch is a clean CLI error (exit code 2), not a traceback
-    assert main(["import", "fsr-release", str(tmp_path / "release.pth"), "--arch", "vgg16", "--out", str(tmp_path / "o2")]) == 2
+    assert (
+        main(
+            [
+                "import",
+                "fsr-release",
+                str(tmp_path / "release.pth"),
+                "--arch",
+                "vgg16",
+                "--out",
+                str(tmp_path / "o2"),
+            ]
+        )
+        == 2
+    )

@@ -54,7 +54,9 @@ def test_report_and_verdict(tmp_path):
     assert "| AT + FSR | 51.00 |" in text
     assert "yes, in every pair" in text and "+1.00 points (AutoAttack)" in text
     assert "fortify replicate fsr-table1 --out" in text
-    assert json.loads((tmp_path / "t.json").read_text())["rows"]["mart"]["accuracy"]["Natural"] == 54.0
+    assert (
+        json.loads((tmp_path / "t.json").read_text())["rows"]["mart"]["accuracy"]["Natural"] == 54.0
+    )
     rows["mart-fsr"]["accuracy"]["AutoAttack"] = 10.0
     assert "mixed: in 2 of 3 pairs" in t1._verdict(results)
 
@@ -74,7 +76,9 @@ def test_analyze_cli_params_on_saved_checkpoint(tmp_path, capsys):
     model = build_model(cfg.model, cfg.defenses, 10, (1, 28, 28))
     path = tmp_path / "run" / "checkpoints" / "best.safetensors"
     path.parent.mkdir(parents=True)
-    save_checkpoint(path, model, {"config": to_dict(cfg), "num_classes": 10, "image_shape": [1, 28, 28]})
+    save_checkpoint(
+        path, model, {"config": to_dict(cfg), "num_classes": 10, "image_shape": [1, 28, 28]}
+    )
     assert main(["analyze", str(tmp_path / "run"), "--what", "params", "--what", "flops"]) == 0
     out = capsys.readouterr().out
     assert "+ defences" in out

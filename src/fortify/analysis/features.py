@@ -150,11 +150,20 @@ class FeatureReport:
     knn_acc: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready dict (k-NN keys as strings)."""
+        d = asdict(self)
+        d["knn_acc"] = {v: {str(k): a for k, a in accs.items()} for v, accs in self.knn_acc.items()}
+        return d
 
     def table(self) -> str:
         """Markdown table: variant, clean acc, adversarial acc, k-NN accuracies."""
-        head = "| feature | clean | " + self.attack + " | " + " | ".join(f"{k}-NN" for k in self.ks) + " |"
+        head = (
+            "| feature | clean | "
+            + self.attack
+            + " | "
+            + " | ".join(f"{k}-NN" for k in self.ks)
+            + " |"
+        )
         rows = [head, "|" + "---|" * (3 + len(self.ks))]
         for v in self.adv_acc:
             knn = " | ".join(f"{self.knn_acc[v][k]:.2f}" for k in self.ks)
@@ -252,8 +261,10 @@ def feature_analysis(
                 continue
             with use_part(blk, attr):
                 report.clean_acc[variant] = _accuracy(model, x_test, y_test, batch_size)
-                x_adv = x_adv_full if attr == "out" else pgd_batches(
-                    model, x_test, y_test, eps, steps, batch_size, seed
+                x_adv = (
+                    x_adv_full
+                    if attr == "out"
+                    else pgd_batches(model, x_test, y_test, eps, steps, batch_size, seed)
                 )
                 report.adv_acc[variant] = _accuracy(model, x_adv, y_test, batch_size)
             report.knn_acc[variant] = {}

@@ -96,8 +96,10 @@ def plot_masks(
         row[3].imshow(adv["mask"][i].numpy(), cmap="viridis", vmin=0, vmax=1)
         lim = float(adv["r"][i].abs().max()) or 1.0
         row[4].imshow(adv["r"][i].numpy(), cmap="coolwarm", vmin=-lim, vmax=lim)
-        name = (lambda c: class_names[c] if class_names else str(c))
-        row[0].set_ylabel(f"y={name(int(y[i]))}\nadv pred={name(int(pred[i]))}", fontsize=8)
+        label, guess = int(y[i]), int(pred[i])
+        if class_names:
+            label, guess = class_names[label], class_names[guess]
+        row[0].set_ylabel(f"y={label}\nadv pred={guess}", fontsize=8)
         for j, ax in enumerate(row):
             ax.set_xticks([])
             ax.set_yticks([])

@@ -20,14 +20,26 @@ WHATS = ("params", "flops", "features", "masks")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run directory or checkpoint (.safetensors with JSON sidecar)")
-    parser.add_argument("--what", choices=WHATS, action="append", help="analysis (repeatable); default params+flops")
-    parser.add_argument("--tag", default=None, help="checkpoint tag in a run dir (default: best, else last/final)")
-    parser.add_argument("--block", default=None, help="FSR block (module it follows); default the deepest")
-    parser.add_argument("--eps", type=float, default=None, help="L-inf radius (default: the config's / dataset's)")
+    parser.add_argument(
+        "--what", choices=WHATS, action="append", help="analysis (repeatable); default params+flops"
+    )
+    parser.add_argument(
+        "--tag", default=None, help="checkpoint tag in a run dir (default: best, else last/final)"
+    )
+    parser.add_argument(
+        "--block", default=None, help="FSR block (module it follows); default the deepest"
+    )
+    parser.add_argument(
+        "--eps", type=float, default=None, help="L-inf radius (default: the config's / dataset's)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="PGD steps for features/masks")
     parser.add_argument("--points", type=int, default=1000, help="test images for features")
-    parser.add_argument("--memory", type=int, default=5000, help="training images in the k-NN memory")
-    parser.add_argument("--k", type=int, action="append", help="k of weighted k-NN (repeatable; default 5 and 20)")
+    parser.add_argument(
+        "--memory", type=int, default=5000, help="training images in the k-NN memory"
+    )
+    parser.add_argument(
+        "--k", type=int, action="append", help="k of weighted k-NN (repeatable; default 5 and 20)"
+    )
     parser.add_argument("--images", type=int, default=6, help="images in the mask figure")
     parser.add_argument("--data-root", default=None, help="dataset folder (default: the config's)")
     parser.add_argument("--out", default=None, help="folder for reports (default RUN/reports)")
@@ -39,7 +51,9 @@ def _resolve(run: str, tag: str | None) -> tuple[Path, str | None]:
 
     p = Path(run)
     if not p.exists():
-        raise FortifyError(f"{run!r} does not exist; pass a run directory or a .safetensors checkpoint")
+        raise FortifyError(
+            f"{run!r} does not exist; pass a run directory or a .safetensors checkpoint"
+        )
     if p.is_file():
         return p, None
     if tag is not None:

@@ -210,9 +210,13 @@ class FSRBlock(CaptureMixin, nn.Module):
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise ConfigError(f"FSR option hidden must be a positive integer, got {hidden!r}")
         if ablation not in ABLATIONS:
-            raise ConfigError(f"FSR option ablation={ablation!r} is not allowed; choose one of {list(ABLATIONS)}")
+            raise ConfigError(
+                f"FSR option ablation={ablation!r} is not allowed; choose one of {list(ABLATIONS)}"
+            )
         if mask not in MASKS:
-            raise ConfigError(f"FSR option mask={mask!r} is not allowed; choose one of {list(MASKS)}")
+            raise ConfigError(
+                f"FSR option mask={mask!r} is not allowed; choose one of {list(MASKS)}"
+            )
         self.channels = channels
         self.num_classes = num_classes
         self.tau = float(tau)
@@ -250,7 +254,10 @@ class FSRBlock(CaptureMixin, nn.Module):
         }
 
     def compute_mask(self, r: torch.Tensor) -> torch.Tensor:
-        """Mask ``m`` from robustness map ``r`` (N, C, H, W): sampled in training, deterministic in eval."""
+        """Mask ``m`` from robustness map ``r`` (N, C, H, W).
+
+        Sampled in training, deterministic (``sigmoid(r/τ)``, or ``1[r > 0]`` binary) in eval.
+        """
         soft = gumbel_mask(r.float(), self.tau, sample=self.training, eps=self.eps).to(r.dtype)
         if self.mask_kind == "gumbel":
             return soft
@@ -339,9 +346,7 @@ FSR = FSRBlock
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
-        raise ConfigError(
-            f"unknown FSR option(s) {unknown}; allowed options: {list(OPTION_NAMES)}"
-        )
+        raise ConfigError(f"unknown FSR option(s) {unknown}; allowed options: {list(OPTION_NAMES)}")
     return dict(options)
 
 

@@ -55,7 +55,9 @@ log = logging.getLogger("fortify.importers.fsr_release")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="the release's .pth file (a plain state_dict)")
     parser.add_argument("--arch", required=True, choices=ARCHS, help="backbone of the checkpoint")
-    parser.add_argument("--out", required=True, help="run directory to create (config + checkpoints/final)")
+    parser.add_argument(
+        "--out", required=True, help="run directory to create (config + checkpoints/final)"
+    )
     parser.add_argument(
         "--num-classes",
         type=int,
@@ -117,8 +119,10 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not obj or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     ):
         raise CheckpointError(
             f"{str(path)!r} does not hold a state_dict (a mapping of parameter names to tensors)"

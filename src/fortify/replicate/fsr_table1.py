@@ -41,14 +41,14 @@ EPS = 0.1
 
 # Defaults chosen from measured costs on the shared 2-core machine (see docs/fsr.md).
 DEFAULTS = {
-    "epochs": 8,
-    "train_subset": 12000,
-    "width": 8,
+    "epochs": 5,
+    "train_subset": 10000,
+    "width": 4,
     "test_points": 2000,
     "aa_points": 500,
     "batch_size": 128,
     "attack_steps": 7,
-    "fsr_hidden": 16,
+    "fsr_hidden": 8,
 }
 
 log = logging.getLogger("fortify.replicate.fsr_table1")
@@ -57,21 +57,40 @@ log = logging.getLogger("fortify.replicate.fsr_table1")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     parser.add_argument("--out", default="runs/fsr-table1", help="folder for the six run dirs")
-    parser.add_argument("--doc", default="docs/results/fsr_table1.md", help="Markdown table to write")
+    parser.add_argument(
+        "--doc", default="docs/results/fsr_table1.md", help="Markdown table to write"
+    )
     parser.add_argument("--epochs", type=int, default=d["epochs"])
-    parser.add_argument("--train-subset", type=int, default=d["train_subset"], help="training images")
+    parser.add_argument(
+        "--train-subset", type=int, default=d["train_subset"], help="training images"
+    )
     parser.add_argument("--width", type=int, default=d["width"], help="small-resnet width")
     parser.add_argument("--fsr-hidden", type=int, default=d["fsr_hidden"], help="FSR hidden width")
     parser.add_argument("--batch-size", type=int, default=d["batch_size"])
-    parser.add_argument("--attack-steps", type=int, default=d["attack_steps"], help="PGD steps in training")
-    parser.add_argument("--test-points", type=int, default=d["test_points"], help="paper-suite points")
-    parser.add_argument("--aa-points", type=int, default=d["aa_points"], help="AutoAttack points (0: skip)")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    parser.add_argument(
+        "--attack-steps", type=int, default=d["attack_steps"], help="PGD steps in training"
+    )
+    parser.add_argument(
+        "--test-points", type=int, default=d["test_points"], help="paper-suite points"
+    )
+    parser.add_argument(
+        "--aa-points", type=int, default=d["aa_points"], help="AutoAttack points (0: skip)"
+    )
+    parser.add_argument(
+        "--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
-    parser.add_argument("--estimate", action="store_true", help="time a short epoch + small eval, print the estimate, stop")
     parser.add_argument(
-        "--assume-robust", type=float, default=0.7, help="--estimate: robust fraction for AutoAttack's cost"
+        "--estimate",
+        action="store_true",
+        help="time a short epoch + small eval, print the estimate, stop",
+    )
+    parser.add_argument(
+        "--assume-robust",
+        type=float,
+        default=0.7,
+        help="--estimate: robust fraction for AutoAttack's cost",
     )
 
 
@@ -95,7 +114,9 @@ def row_config(row: str, args: argparse.Namespace) -> Any:
         },
         "model": {"name": "small-resnet", "kwargs": {"width": args.width}},
         "defenses": (
-            [{"kind": "fsr", "options": {"hidden": args.fsr_hidden}}] if row.endswith("-fsr") else []
+            [{"kind": "fsr", "options": {"hidden": args.fsr_hidden}}]
+            if row.endswith("-fsr")
+            else []
         ),
         "train": {
             "objective": objective,
@@ -184,7 +205,13 @@ def _evaluate(model: Any, row_dir: Path, args: argparse.Namespace, splits: Any) 
         t0 = time.perf_counter()
         n = min(args.aa_points, len(x))
         aa = evaluate(
-            model, x[:n], y[:n], suite="autoattack", eps=EPS, seed=args.seed, checks=False,
+            model,
+            x[:n],
+            y[:n],
+            suite="autoattack",
+            eps=EPS,
+            seed=args.seed,
+            checks=False,
             batch_size=max(256, n),
         )
         t_aa = time.perf_counter() - t0
@@ -291,13 +318,15 @@ def _estimate(args: argparse.Namespace, rows: list[str]) -> int:
         t_eval = t_paper + t_checks + t_aa
         total += t_train + t_eval
         lines.append(
-            f"{row:11s} train ~{t_train / 60:5.1f} min   paper ~{(t_paper + t_checks) / 60:5.1f} min"
+            f"{row:11s} train ~{t_train / 60:5.1f} min"
+            f"   paper ~{(t_paper + t_checks) / 60:5.1f} min"
             f"   AutoAttack ~{t_aa / 60:5.1f} min"
         )
     print("\n".join(lines))
     print(
         f"measured: training {1e3 * per_img['at']:.2f} ms/img (AT), {1e3 * per_img['at-fsr']:.2f} "
-        f"(AT+FSR), {1e3 * per_img['trades-fsr']:.2f} (TRADES+FSR), {1e3 * per_img['mart-fsr']:.2f} "
+        f"(AT+FSR), {1e3 * per_img['trades-fsr']:.2f} (TRADES+FSR), "
+        f"{1e3 * per_img['mart-fsr']:.2f} "
         f"(MART+FSR) per image per epoch incl. PGD-{args.attack_steps}, + {val_s:.0f} s "
         f"validation per epoch; eval "
         f"{1e3 * cg:.2f} ms per input gradient, {1e3 * cf:.2f} ms per forward (fp32, per image); "
@@ -315,16 +344,17 @@ def _fmt(v: float | None) -> str:
     return "–" if v is None or v != v else f"{v:.2f}"
 
 
-def write_report(results: dict[str, Any], args: argparse.Namespace, path: Path, command: str) -> str:
+def write_report(
+    results: dict[str, Any], args: argparse.Namespace, path: Path, command: str
+) -> str:
     """Markdown table + settings; returns the text written to ``path``."""
     from fortify.runs import write_json_atomic, write_text_atomic
 
     lines = [
         "# FSR Table 1 at CPU scale (Fashion-MNIST, L∞ ε = 0.1)",
         "",
-        "Accuracy (%) on the first {} Fashion-MNIST test images (AutoAttack: first {}).".format(
-            args.test_points, args.aa_points
-        ),
+        f"Accuracy (%) on the first {args.test_points} Fashion-MNIST test images "
+        f"(AutoAttack: first {args.aa_points}).",
         "",
         "| method | " + " | ".join(COLUMNS) + " |",
         "|---|" + "---|" * len(COLUMNS),
@@ -345,7 +375,8 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, path: Path, 
         f"- wall time: {results['wall_time_min']:.1f} min of training + evaluation in total "
         f"(this call: {results['wall_time_this_call_min']:.1f} min) on {settings['machine']}",
         f"- seeds: training seed {args.seed}, evaluation seed {args.seed}, validation split seed 0",
-        f"- data: Fashion-MNIST, {args.train_subset} training images (after a 1000-image validation "
+        f"- data: Fashion-MNIST, {args.train_subset} training images "
+        "(after a 1000-image validation "
         "split), no augmentation",
         f"- model: small-resnet (ResNet-18 layout) width {args.width}; FSR after `layer4` with "
         f"hidden {args.fsr_hidden}, τ = 0.1, λ_sep = λ_rec = 1",
@@ -360,7 +391,8 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, path: Path, 
         "Per-row details (training/eval seconds, check results) are in `fsr_table1.json`.",
         "",
         "Paper (ResNet-18, CIFAR-10, ε = 8/255), for orientation only — different dataset, model "
-        "size and budget: AT 48.22 → AT+FSR 52.47 PGD-20; TRADES 50.74 → 52.27; MART 50.88 → 54.80.",
+        "size and budget: AT 48.22 → AT+FSR 52.47 PGD-20; TRADES 50.74 → 52.27; "
+        "MART 50.88 → 54.80.",
         "",
     ]
     text = "\n".join(lines)
@@ -375,7 +407,11 @@ def _verdict(results: dict[str, Any]) -> str:
         a, b = results["rows"].get(base), results["rows"].get(f"{base}-fsr")
         if not a or not b:
             continue
-        key = "AutoAttack" if "AutoAttack" in a["accuracy"] and "AutoAttack" in b["accuracy"] else "Ensemble"
+        key = (
+            "AutoAttack"
+            if "AutoAttack" in a["accuracy"] and "AutoAttack" in b["accuracy"]
+            else "Ensemble"
+        )
         d = b["accuracy"][key] - a["accuracy"][key]
         total += 1
         better += d > 0
@@ -383,7 +419,10 @@ def _verdict(results: dict[str, Any]) -> str:
     if not total:
         return "not enough rows to compare."
     summary = (
-        "yes, in every pair" if better == total else "no, in no pair" if better == 0
+        "yes, in every pair"
+        if better == total
+        else "no, in no pair"
+        if better == 0
         else f"mixed: in {better} of {total} pairs"
     )
     return (
@@ -435,8 +474,11 @@ def run(args: argparse.Namespace) -> int:
 
     results["wall_time_this_call_min"] = round((time.perf_counter() - t_start) / 60, 2)
     results["wall_time_min"] = round(
-        sum(r["seconds"]["train_total"] + r["seconds"]["paper"] + r["seconds"]["autoattack"]
-            for r in results["rows"].values()) / 60,
+        sum(
+            r["seconds"]["train_total"] + r["seconds"]["paper"] + r["seconds"]["autoattack"]
+            for r in results["rows"].values()
+        )
+        / 60,
         2,
     )
     results["settings"] = {
