@@ -1,4 +1,4 @@
-"""Sub-subcommands discovered from a package (``fortify import <kind>``, ``fortify replicate <name>``).
+"""Sub-subcommands found in a package (``fortify import <kind>``, ``fortify replicate <name>``).
 
 Each plugin module in the package exposes ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``; it keeps heavy imports inside ``run``.

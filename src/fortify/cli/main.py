@@ -17,11 +17,20 @@ from fortify.errors import FortifyError
 
 # name -> module; listed here so --help works without importing torch-heavy modules.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("fortify.cli.cmd_demo", "train and evaluate a small model in minutes (the newcomer path)"),
-    "train": ("fortify.cli.cmd_train", "train a model from a config (standard, AT, TRADES, MART, +defences)"),
+    "demo": (
+        "fortify.cli.cmd_demo",
+        "train and evaluate a small model in minutes (the newcomer path)",
+    ),
+    "train": (
+        "fortify.cli.cmd_train",
+        "train a model from a config (standard, AT, TRADES, MART, +defences)",
+    ),
     "eval": ("fortify.cli.cmd_eval", "evaluate a run, checkpoint or model with an attack suite"),
     "report": ("fortify.cli.cmd_report", "put the evaluation tables of several runs side by side"),
-    "rift": ("fortify.cli.cmd_rift", "robust critical fine-tuning: mrc, finetune, interpolate, run"),
+    "rift": (
+        "fortify.cli.cmd_rift",
+        "robust critical fine-tuning: mrc, finetune, interpolate, run",
+    ),
     "import": ("fortify.cli.cmd_import", "import released checkpoints (fsr-release, rift-release)"),
     "analyze": ("fortify.cli.cmd_analyze", "parameter/FLOP counts and feature analyses of a run"),
     "replicate": ("fortify.cli.cmd_replicate", "CPU-scale replications of the papers' tables"),
@@ -39,7 +48,7 @@ def _available_commands() -> dict[str, tuple[str, str]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fortify",
-        description="Make image classifiers robust to adversarial examples and measure it honestly.",
+        description="Make image classifiers robust to adversarial examples; measure it honestly.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fortify {__version__}")

@@ -64,7 +64,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         raise ConfigError(f"{path}: {value!r} does not fit type {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping for section {tp.__name__}, got {value!r}")
+            raise ConfigError(
+                f"{path}: expected a mapping for section {tp.__name__}, got {value!r}"
+            )
         return from_dict(tp, value, path)
     if origin in (list, tuple):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):

@@ -77,7 +77,11 @@ def find_module(model: nn.Module, name: str) -> nn.Module:
         return modules[name]
     names = [n for n in modules if n]
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
-    hint = f"close matches: {', '.join(close)}" if close else f"top-level: {', '.join(n for n in names if '.' not in n)}"
+    hint = (
+        f"close matches: {', '.join(close)}"
+        if close
+        else f"top-level: {', '.join(n for n in names if '.' not in n)}"
+    )
     raise FortifyError(f"model has no module named {name!r}; {hint}")
 
 
@@ -151,7 +155,9 @@ def attach(
     for name in names:
         find_module(model, name)
         if _key(name) in existing:
-            raise FortifyError(f"a defence is already attached after {name!r}; attach once per position")
+            raise FortifyError(
+                f"a defence is already attached after {name!r}; attach once per position"
+            )
     if isinstance(defence, nn.Module):
         if len(names) != 1:
             raise FortifyError("pass a factory (shape -> module) to attach at several positions")

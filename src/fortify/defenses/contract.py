@@ -1,8 +1,9 @@
 """The plug-in auxiliary-loss contract between defences and training objectives.
 
-A defence is an ``nn.Module`` attached somewhere inside a model (see :mod:`fortify.defenses.attach`).
-The model's ``forward(x)`` still returns plain logits of shape (N, K). Defences that need extra
-training signals (FSR's separation/recalibration losses, FPD's restoration loss) implement
+A defence is an ``nn.Module`` attached somewhere inside a model (see
+:mod:`fortify.defenses.attach`).
+The model's ``forward(x)`` still returns plain logits of shape (N, K). Defences that need
+extra training signals (FSR's separation/recalibration losses, FPD's restoration loss) implement
 :class:`AuxLossProvider`:
 
 1. While a :func:`capture_aux` context is active, each provider records whatever it needs from

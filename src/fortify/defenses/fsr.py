@@ -258,6 +258,8 @@ class FSRBlock(CaptureMixin, nn.Module):
 
         Sampled in training, deterministic (``sigmoid(r/τ)``, or ``1[r > 0]`` binary) in eval.
         """
+        if not self.training and self.eps == 0 and self.mask_kind == "gumbel":
+            return torch.sigmoid(r * (1.0 / self.tau))  # the exact eval mask, in 2 ops
         soft = gumbel_mask(r.float(), self.tau, sample=self.training, eps=self.eps).to(r.dtype)
         if self.mask_kind == "gumbel":
             return soft
@@ -294,6 +296,14 @@ class FSRBlock(CaptureMixin, nn.Module):
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) → (N, C, H, W); records the auxiliary predictions while capturing."""
+        if (
+            not self.capturing
+            and self.output_part == "out"
+            and self.separation is not None
+            and self.recalibration is not None
+        ):  # fast path (attacks, evaluation): f+ + f̃− = f + (1 − m) ⊙ R((1 − m) ⊙ f)
+            keep = 1 - self.compute_mask(self.separation(f))
+            return torch.addcmul(f, keep, self.recalibration(keep * f))
         p = self.parts(f)
         if self.output_part != "out":  # set by fortify.analysis.features.use_part
             alt = getattr(p, self.output_part)
