@@ -380,7 +380,8 @@ def write_report(
         "split), no augmentation",
         f"- model: small-resnet (ResNet-18 layout) width {args.width}; FSR after `layer4` with "
         f"hidden {args.fsr_hidden}, τ = 0.1, λ_sep = λ_rec = 1",
-        f"- training: {args.epochs} epochs, batch {args.batch_size}, SGD lr 0.05 (1 warm-up "
+        f"- training: {args.epochs} epochs, batch {args.batch_size}, SGD lr 0.05 ("
+        f"{'1 warm-up ' if args.epochs > 2 else 'no warm-up '}"
         f"epoch, ×0.1 at 75 % and 90 %), wd 5e-4, PGD-{args.attack_steps} inner attack "
         "(step 0.025, random start, eval mode), bf16 autocast + channels-last; TRADES/MART β = 6; "
         "the last epoch is evaluated (as the release does)",
