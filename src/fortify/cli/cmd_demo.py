@@ -19,7 +19,7 @@ DESCRIPTION = __doc__
 DEMO_CONFIG: dict = {
     "name": "demo",
     "seed": 0,
-    "data": {"name": "fashion-mnist", "val_size": 2000, "train_subset": 6000},
+    "data": {"name": "fashion-mnist", "val_size": 2000, "train_subset": 5000},
     "model": {"name": "small-cnn", "kwargs": {"width": 16}},
     "train": {
         "objective": "at",
@@ -36,7 +36,7 @@ DEMO_CONFIG: dict = {
         "val_points": 500,
         "select": "robust",
     },
-    "eval": {"suite": "paper", "n_points": 500, "batch_size": 500},
+    "eval": {"suite": "paper", "n_points": 300, "batch_size": 300},
 }
 
 DIGITS_OVERRIDES: dict = {
