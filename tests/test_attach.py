@@ -134,3 +134,45 @@ def test_deepcopy_between_forward_and_losses():
     assert clone.fortify_defenses["body__0"].recorded == {}
     terms = cap.losses(AuxContext(y=torch.zeros(2, dtype=torch.long), logits=logits))
     assert terms["toy"] > 0
+
+
+def test_second_attach_to_same_sequential_root_is_refused():
+    seq = cnn()
+    attach(seq, lambda s: Scale(), at="0", input_shape=(1, 8, 8))
+    # a new call on the same container builds a new wrapper, but the child is already hooked
+    with pytest.raises(FortifyError, match=r"already attached after 'net\.0'"):
+        attach(seq, lambda s: Scale(), at="0", input_shape=(1, 8, 8))
+    assert len(seq[0]._forward_hooks) == 1
+
+
+def test_failed_attach_leaves_model_untouched():
+    model = Net()
+    with pytest.raises(FortifyError, match="no module named"):
+        attach(model, lambda s: Scale(), at="nope", input_shape=(1, 8, 8))
+    assert not hasattr(model, "fortify_defenses")
+    assert attached(model) == {}
+
+
+class Reuse(nn.Module):
+    """``act`` runs twice per forward; ``spare`` never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.spare = nn.Conv2d(4, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.act(self.conv2(self.act(self.conv1(x))))
+        return self.head(h.mean((2, 3)))
+
+
+def test_modules_run_twice_or_never_are_refused():
+    with pytest.raises(FortifyError, match=r"'act' runs 2 times per forward"):
+        attach(Reuse(), lambda s: Scale(), at="act", input_shape=(1, 8, 8))
+    with pytest.raises(FortifyError, match=r"\['spare'\].*never runs"):
+        attach(Reuse(), lambda s: Scale(), at=["conv1", "spare"], input_shape=(1, 8, 8))
+    model = attach(Reuse(), lambda s: Scale(), at="conv2", input_shape=(1, 8, 8))
+    assert list(attached(model)) == ["conv2"]

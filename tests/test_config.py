@@ -55,3 +55,37 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- a list\n- not a mapping\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(ExperimentConfig, bad)
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("train:\n  epoch: 3\n", ["unknown field(s) ['epoch']", "'epochs'"]),
+        ("modle:\n  name: resnet18\n", ["unknown field(s) ['modle']", "'model'"]),
+        ("train:\n  epochs: three\n", ["train.epochs: expected an integer, got 'three'"]),
+        ("train:\n  epochs: 3.5\n", ["train.epochs: expected an integer, got 3.5"]),
+        ("train:\n  lr: [0.1]\n", ["train.lr: expected a number"]),
+        ("train:\n  attack: {random_start: 1}\n", ["train.attack.random_start", "true/false"]),
+        ("data: fashion-mnist\n", ["data: expected a mapping"]),
+        ("train:\n  milestones: 75\n", ["train.milestones: expected a list"]),
+    ],
+)
+def test_config_file_with_unknown_fields_or_wrong_types(tmp_path, text, needles):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(ExperimentConfig, f)
+    msg = str(info.value)
+    for needle in needles:
+        assert needle in msg
+    assert str(f) in msg  # the message says which file
+
+
+def test_error_in_base_file_and_override_on_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  epochs: many\n")
+    (tmp_path / "top.yaml").write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        load_config(ExperimentConfig, tmp_path / "top.yaml")
+    (tmp_path / "ok.yaml").write_text("train:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="plus command-line overrides"):
+        load_config(ExperimentConfig, tmp_path / "ok.yaml", ["train.epochs=-1"])

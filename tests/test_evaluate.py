@@ -242,6 +242,13 @@ def _lin(k=10, d=64):
             DataError,
             "NaN",
         ),
+        (
+            lambda x, y: (x.clone().index_fill_(0, torch.tensor([1]), float("inf")), y),
+            DataError,
+            "NaN or Inf values in 1 image",
+        ),
+        (lambda x, y: (x[:, :, :6], y), DataError, r"cannot take images of shape.*\(8, 1, 6, 8\)"),
+        (lambda x, y: (x.expand(-1, 3, -1, -1), y), DataError, r"shape.*\(8, 3, 8, 8\)"),
     ],
 )
 def test_bad_data(make, exc, words, data):
@@ -346,3 +353,41 @@ def test_cli_eval_and_report(model, tmp_path, capsys):
     assert "| runA | quick |" in table and "| runB | quick |" in table and "best" in table
     assert main(["eval", str(runs[0]), "--suite", "quick", "--eps", "-1"]) == 2
     assert "eps must be a positive" in capsys.readouterr().err
+
+
+def test_cli_eval_refuses_data_that_does_not_fit_the_checkpoint(tmp_path, capsys):
+    from fortify.cli.main import main
+    from fortify.config import ExperimentConfig, to_dict
+    from fortify.models import create
+    from fortify.runs import save_checkpoint
+
+    cfg = ExperimentConfig()
+    cfg.data.name = "digits"
+    cfg.model.kwargs = {"width": 4}
+    cases = [
+        ([1, 28, 28], 10, ["(1, 28, 28)", "(1, 8, 8)", "image size"]),
+        ([1, 8, 8], 12, ["12 output classes", "has 10"]),
+    ]
+    for i, (shape, k, words) in enumerate(cases):
+        ckpt = tmp_path / f"m{i}.safetensors"
+        meta = {"config": to_dict(cfg), "num_classes": k, "image_shape": shape}
+        save_checkpoint(ckpt, create("small-cnn", k, 1, width=4), meta)
+        assert main(["eval", str(ckpt), "--suite", "quick", "--n-points", "8"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fortify eval: error:")
+        for w in words:
+            assert w in err
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_bars_only_on_a_tty(model, data, capsys, monkeypatch, tty):
+    import sys
+
+    from fortify.train.loop import _progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    evaluate(model, *[t[:16] for t in data], suite="quick", eps=EPS, checks=False, batch_size=8)
+    items = list(_progress(iter(range(3)), True, "epoch", 3))
+    err = capsys.readouterr().err
+    assert items == [0, 1, 2]
+    assert ("it/s" in err or "%|" in err) == tty, err

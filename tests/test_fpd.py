@@ -207,6 +207,18 @@ def test_too_small_input_names_the_minimum():
         f(torch.rand(1, 3, 28, 28))
 
 
+@pytest.mark.parametrize(
+    "name,shape,stem,minimum",
+    [("small-resnet", (1, 4, 4), "cifar", 8), ("resnet18", (3, 16, 16), "imagenet", 32)],
+)
+def test_image_shape_below_the_total_stride_is_refused(name, shape, stem, minimum):
+    """Built for inputs smaller than the total stride, every deep level would collapse to 1×1."""
+    with pytest.raises(DataError, match=rf"{shape[1]}×{shape[2]} is smaller.*at least {minimum}×"):
+        _fpd(name, shape, width=2, stem=stem)
+    ok = (shape[0], minimum, minimum)
+    assert _fpd(name, ok, width=2, stem=stem).min_size == (minimum, minimum)
+
+
 def test_bad_options():
     with pytest.raises(ConfigError, match="bound"):
         _fpd(bound="sigmoid")
@@ -352,3 +364,24 @@ def test_find_fpd_error():
 
     with pytest.raises(FortifyError, match="fpd"):
         find_fpd(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("factor, phase2", [(1.02, 1.0), (0.98, 0.0)])
+def test_gating_just_either_side_of_the_measured_l2(factor, phase2):
+    """T set 2 % above / below the step's own restoration loss picks phase 2 / phase 1."""
+    torch.manual_seed(0)
+    f = _fpd()
+    f.train()
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    with torch.no_grad():  # noise 0: the step sees exactly this restoration loss
+        l2 = float(torch.nn.functional.mse_loss(f.restore(x), x))
+    before = {n: p.detach().clone() for n, p in f.named_parameters()}
+    obj = get_objective(
+        "fpd",
+        TrainConfig(objective="fpd", options={"threshold": factor * l2, "noise": 0.0}),
+    )
+    metrics = obj.train_step(f, x, y, _ctx(f))
+    assert float(metrics["fpd_l2"]) == pytest.approx(l2, rel=1e-4)
+    assert metrics["fpd_phase2"] == phase2
+    head_moved = "net.linear.weight" in _changed(f, before)
+    assert head_moved == (phase2 == 1.0)

@@ -48,6 +48,19 @@ def test_read_cifar_c_wrong_rows_fail_clearly(tmp_path):
         ood.read_cifar_c(tmp_path / "b", "gaussian_noise")
     with pytest.raises(DataError, match="not found.*gaussian_noise"):
         ood.read_cifar_c(tmp_path / "b", "fog", per_severity=20)
+    # images right, labels short
+    _write_cifar_c(tmp_path / "c", per=20, label_rows=95)
+    with pytest.raises(DataError, match=r"labels\.npy' has 95 rows; expected 100"):
+        ood.read_cifar_c(tmp_path / "c", "gaussian_noise", per_severity=20)
+    # labels of the wrong shape, images of the wrong dtype
+    _write_cifar_c(tmp_path / "d", per=20)
+    np.save(tmp_path / "d" / "labels.npy", np.zeros((100, 2), np.int64))
+    with pytest.raises(DataError, match=r"one integer label per row .*\(100, 2\)"):
+        ood.read_cifar_c(tmp_path / "d", "gaussian_noise", per_severity=20)
+    _write_cifar_c(tmp_path / "e", per=20)
+    np.save(tmp_path / "e" / "gaussian_noise.npy", np.zeros((100, 8, 8, 3), np.float32))
+    with pytest.raises(DataError, match="uint8 images .*float32"):
+        ood.read_cifar_c(tmp_path / "e", "gaussian_noise", per_severity=20)
 
 
 def test_read_tiny_imagenet_c(tmp_path):

@@ -46,6 +46,28 @@ def test_mrc_nonnegative_projected_and_weights_restored():
     assert not model.training
 
 
+def test_every_scored_weight_lies_in_the_ball_measured_independently():
+    """Each loss MRC measures (no-grad evaluations) is at a weight with ‖W − W₀‖ ≤ ε‖W₀‖."""
+    model = _tiny()
+    x, y = _data()
+    name = "features.1.0"
+    conv = dict(model.named_modules())[name]
+    w0 = conv.weight.detach().clone()
+    seen: list[float] = []
+
+    def hook(module, args):
+        if not torch.is_grad_enabled():  # evaluations, not the ascent steps
+            seen.append(float((module.weight - w0).norm() / w0.norm()))
+
+    conv.register_forward_pre_hook(hook)
+    r = module_mrc(model, name, x, y, eps=0.1, passes=3, lr=50.0, batch_size=16)
+    assert len(seen) >= 4  # baseline + one evaluation per pass
+    assert max(seen) <= 0.1 * (1 + 1e-5)
+    assert max(seen) > 0.099  # the projection puts it on the sphere, not somewhere inside
+    assert any(abs(v - r.rel_norm) < 1e-6 for v in seen)
+    assert r.mrc >= 0
+
+
 def test_mrc_first_projection_variant_stops_early():
     model = _tiny()
     x, y = _data()
@@ -157,7 +179,8 @@ def test_interpolation_refuses_bad_alpha_and_architectures():
     with pytest.raises(ConfigError):
         interpolate_state(sa, sa, -0.1)
     other = create("small-cnn", num_classes=10, in_channels=1, width=8).state_dict()
-    with pytest.raises(CheckpointError, match="shape"):
+    # every mismatching key is named, not only the first
+    with pytest.raises(CheckpointError, match=r"features\.0\.0\.weight.*features\.0\.3\.weight"):
         interpolate_state(sa, other, 0.5)
     renamed = {("x." + k): v for k, v in sa.items()}
     with pytest.raises(CheckpointError, match="different architectures"):

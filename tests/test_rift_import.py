@@ -60,3 +60,15 @@ def test_normalise_keys_and_errors(tmp_path):
     torch.save(wrn_like, p)
     with pytest.raises(CheckpointError, match="--arch resnet18 given but"):
         import_rift_release(p, tmp_path / "out2", arch="resnet18")
+
+
+def test_missing_key_is_named(tmp_path):
+    torch.manual_seed(0)
+    net = create("resnet18", num_classes=7, in_channels=3, width=4).eval()
+    state = {"module." + k: v for k, v in net.state_dict().items()}
+    del state["module.layer3.1.conv2.weight"]
+    src = tmp_path / "broken.pth"
+    torch.save(state, src)
+    with pytest.raises(CheckpointError, match=r"missing keys.*layer3\.1\.conv2\.weight"):
+        import_rift_release(src, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

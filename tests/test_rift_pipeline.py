@@ -89,6 +89,7 @@ def test_full_workflow_and_resume(at_run, caplog):
     assert summary["models"]["AT"]["ood_mean"] is not None
     # α = 0 grid point equals the AT model's validation accuracy: the endpoint is the AT model
     stamp = (out / "mrc/done.json").stat().st_mtime_ns
+    assert "not adversarially" not in caplog.text
     caplog.set_level("INFO")
     RiftRun(at_run, _opts()).run_all()  # everything is skipped
     assert (out / "mrc/done.json").stat().st_mtime_ns == stamp
@@ -136,7 +137,8 @@ def test_cli_mrc_with_given_module_error(at_run, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_standard_run_warns(tmp_path, caplog):
+@pytest.mark.parametrize("objective", ["standard", "fpd"])
+def test_non_adversarial_run_warns(tmp_path, caplog, objective):
     from fortify.config.loader import to_dict
     from fortify.models import create
     from fortify.rift.pipeline import RiftRun
@@ -146,7 +148,7 @@ def test_standard_run_warns(tmp_path, caplog):
         ExperimentConfig,
         {
             "data": {"name": "digits"},
-            "train": {"objective": "standard"},
+            "train": {"objective": objective},
             "model": {"name": "small-cnn", "kwargs": {"width": 4}},
         },
     )
@@ -158,6 +160,6 @@ def test_standard_run_warns(tmp_path, caplog):
     )
     caplog.set_level("WARNING")
     rr = RiftRun(tmp_path / "std", _opts())
-    assert "not adversarially" in caplog.text
+    assert "not adversarially" in caplog.text and repr(objective) in caplog.text
     assert rr.eps == pytest.approx(0.1)  # dataset default for a standard run
     torch.manual_seed(0)

@@ -99,3 +99,13 @@ def test_cli_help_shows_options_with_defaults(capsys):
     for opt in ("--config", "--run-dir", "--resume", "--overwrite", "--force", "--set"):
         assert opt in out
     assert "default" in out
+    # every config field is listed with its built-in default, one per line
+    lines = {line.split("=")[0].strip(): line for line in out.splitlines() if " = " in line}
+    from fortify.config import ExperimentConfig, describe_fields
+
+    for name, _, _ in describe_fields(ExperimentConfig):
+        assert name in lines, f"config field {name} missing from fortify train --help"
+    assert "= 100 " in lines["train.epochs"] and "= sgd " in lines["train.optimizer"]
+    assert "'sgd' | 'adam' | 'adamax'" in lines["train.optimizer"]
+    assert "0.0313725 (=8/255)" in lines["train.attack.eps"]
+    assert "= null " in lines["train.grad_clip"] and "= [75, 90] " in lines["train.milestones"]

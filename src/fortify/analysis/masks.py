@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,7 +82,7 @@ def plot_masks(
     fig, axes = plt.subplots(n, 5, figsize=(10, 2.1 * n), squeeze=False)
     titles = ["clean", "adversarial", "mask m (clean)", "mask m (adv)", "r (adv)"]
 
-    def show_img(ax, img):
+    def show_img(ax: Any, img: torch.Tensor) -> None:
         img = img.detach().cpu()
         if img.shape[0] == 1:
             ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fortify.data import DataSplits
 
 DESCRIPTION = (
     "Evaluate a trained model (a run directory or a checkpoint file) with an attack suite: "
@@ -50,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--plot", action="store_true", help="also write robust accuracy vs ε (PNG)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--out", default=None, help="report folder (default: <run>/reports)")
+    parser.add_argument("--out", default=None, help="report folder (unset: <run>/reports)")
     parser.add_argument(
         "--data-root", default=None, help="override the dataset root stored in the run's config"
     )
@@ -64,6 +68,26 @@ def _report_dir(target: Path, out: str | None) -> Path:
     if target.parent.name == "checkpoints":
         return target.parent.parent / "reports"
     return target.parent / "reports"
+
+
+def check_data_matches_checkpoint(meta: dict, splits: DataSplits, target: Path) -> None:
+    """Refuse data whose image shape or class count differs from what the model was built for."""
+    from fortify.errors import DataError
+
+    want_shape = [int(v) for v in meta.get("image_shape") or []]
+    got_shape = list(splits.image_shape)
+    if want_shape and want_shape != got_shape:
+        raise DataError(
+            f"{target} was trained on images of shape (C, H, W) = {tuple(want_shape)}, but "
+            f"dataset {splits.name!r} gives {tuple(got_shape)}; evaluate it on data with the "
+            "same channel count and image size (check --data-root)"
+        )
+    k = meta.get("num_classes")
+    if k is not None and int(k) != splits.num_classes:
+        raise DataError(
+            f"{target} has {k} output classes but dataset {splits.name!r} has "
+            f"{splits.num_classes}; labels would be out of range for the model"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             f"checkpoint {target} has no data.name in its config; cannot tell which dataset to load"
         )
     splits = load_from_config(data_cfg, args.data_root, subsets=False)
+    check_data_matches_checkpoint(meta, splits, target)
     imageset = splits.test if args.split == "test" else splits.val
     eps = args.eps if args.eps is not None else splits.default_eps
     if args.eps is None and args.norm == "l2":

@@ -17,7 +17,41 @@ DESCRIPTION = (
 )
 
 
+def _show(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        short = f"{value:.6g}"
+        k = round(value * 255)
+        if short != repr(value) and k > 0 and abs(value * 255 - k) < 1e-9:
+            return f"{short} (={k}/255)"  # pixel budgets such as 8/255
+        return short
+    return str(value)
+
+
+def config_fields_epilog() -> str:
+    """The ``--help`` epilog: every config field with its type and built-in default."""
+    from fortify.config import ExperimentConfig, describe_fields
+
+    rows = [
+        (name, _show(default), tp.replace("NoneType", "null"))
+        for name, tp, default in describe_fields(ExperimentConfig)
+    ]
+    w_name = max(len(r[0]) for r in rows)
+    w_value = max(len(r[1]) for r in rows)
+    lines = [
+        "config fields (override with SECTION.FIELD=VALUE, values parsed as YAML; the built-in "
+        "default is shown, a --config preset changes some of them):",
+        "",
+    ]
+    lines += [f"  {n:<{w_name}} = {v:<{w_value}}  [{t}]" for n, v, t in rows]
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = config_fields_epilog()
     parser.add_argument(
         "--config", metavar="FILE", default=None,
         help="YAML preset (see configs/train/); default: built-in defaults, or the run's "

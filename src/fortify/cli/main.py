@@ -45,11 +45,26 @@ def _available_commands() -> dict[str, tuple[str, str]]:
     return out
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default; keeps paragraphs whose lines are all indented (tables in an
+    epilog) as they are, and re-wraps every other paragraph to the terminal width."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for para in text.split("\n\n"):
+            lines = para.strip("\n").splitlines()
+            if lines and all(line.startswith(" ") for line in lines):
+                out.append("\n".join(indent + line for line in para.strip("\n").splitlines()))
+            else:
+                out.append(super()._fill_text(para, width, indent))
+        return "\n\n".join(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fortify",
         description="Make image classifiers robust to adversarial examples; measure it honestly.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fortify {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -60,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=help_text,
             description=getattr(mod, "DESCRIPTION", help_text),
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         mod.add_arguments(p)
         p.set_defaults(_module=module)

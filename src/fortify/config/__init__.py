@@ -1,6 +1,12 @@
 """Typed experiment configuration: dataclass schema, YAML files, ``a.b=value`` overrides."""
 
-from fortify.config.loader import apply_overrides, from_dict, load_config, to_dict
+from fortify.config.loader import (
+    apply_overrides,
+    describe_fields,
+    from_dict,
+    load_config,
+    to_dict,
+)
 from fortify.config.schema import (
     DataConfig,
     DefenseConfig,
@@ -20,6 +26,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "apply_overrides",
+    "describe_fields",
     "from_dict",
     "load_config",
     "to_dict",

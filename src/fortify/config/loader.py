@@ -163,7 +163,36 @@ def load_config(
     if path is not None:
         data = _load_with_base(Path(path))
     apply_overrides(data, overrides or [])
-    return from_dict(cls, data)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        if path is None:
+            raise
+        extra = " plus command-line overrides" if overrides else ""
+        raise ConfigError(f"{exc} (in config file {str(path)!r}{extra})") from exc
+
+
+def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """Every leaf field of config dataclass ``cls`` as ``(dotted.name, type, default)``.
+
+    Nested sections are expanded; used by ``fortify train --help`` to list the defaults.
+    """
+    out: list[tuple[str, str, Any]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        if dataclasses.is_dataclass(tp):
+            out.extend(describe_fields(tp, f"{name}."))
+        else:
+            out.append((name, _type_name(tp), to_dict(default)))
+    return out
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from fortify.errors import DataError, unknown_name
 log = logging.getLogger("fortify.data.registry")
 
 # A reader returns (train_full, test, num_classes, classes, default_eps, default_augment).
-Reader = Callable[..., tuple[ImageSet, ImageSet, int, list[str], float, str]]
+ReaderResult = tuple[ImageSet, ImageSet, int, list[str], float, str]
+Reader = Callable[..., ReaderResult]
 _READERS: dict[str, Reader] = {}
 
 

@@ -55,6 +55,10 @@ class _ReplaceOutput:
         return self.defence(output)
 
 
+def _has_defence_hook(module: nn.Module) -> bool:
+    return any(isinstance(h, _ReplaceOutput) for h in module._forward_hooks.values())
+
+
 def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
@@ -95,6 +99,7 @@ def infer_feature_shapes(
     Returns: name -> (C, H, W) of that module's output.
     """
     shapes: dict[str, tuple[int, int, int]] = {}
+    calls: dict[str, int] = dict.fromkeys(names, 0)
     handles = []
     for name in names:
         module = find_module(model, name)
@@ -105,6 +110,7 @@ def infer_feature_shapes(
                     f"cannot attach a defence after {_name!r}: its output is {_describe(out)}, "
                     "not a 4-D feature map (N, C, H, W)"
                 )
+            calls[_name] += 1
             shapes[_name] = tuple(out.shape[1:])  # type: ignore[assignment]
 
         handles.append(module.register_forward_hook(hook))
@@ -119,6 +125,22 @@ def infer_feature_shapes(
         model.train(was_training)
         for h in handles:
             h.remove()
+    unused = [n for n in names if calls[n] == 0]
+    if unused:
+        raise FortifyError(
+            f"cannot attach a defence after {unused}: the model's forward never runs "
+            f"{'this module' if len(unused) == 1 else 'these modules'}; choose a module that "
+            "is used in forward"
+        )
+    reused = {n: c for n, c in calls.items() if c > 1}
+    if reused:
+        raise FortifyError(
+            f"cannot attach a defence after {sorted(reused)}: "
+            + ", ".join(f"{n!r} runs {c} times" for n, c in reused.items())
+            + " per forward (a shared module, e.g. a ReLU reused inside a torchvision block), "
+            "so the defence would be applied more than once; attach after a module that runs "
+            "once, such as the enclosing block"
+        )
     return shapes
 
 
@@ -149,12 +171,11 @@ def attach(
         model = Defended(model)
         names = [f"net.{n}" for n in names]
     existing = getattr(model, DEFENSES_ATTR, None)
-    if existing is None:
-        existing = nn.ModuleDict()
-        setattr(model, DEFENSES_ATTR, existing)
     for name in names:
-        find_module(model, name)
-        if _key(name) in existing:
+        target = find_module(model, name)
+        # the hook check also catches a second attach to the same plain-container root, whose
+        # new Defended wrapper has an empty registry but shares the hooked child modules
+        if (existing is not None and _key(name) in existing) or _has_defence_hook(target):
             raise FortifyError(
                 f"a defence is already attached after {name!r}; attach once per position"
             )
@@ -167,6 +188,9 @@ def attach(
             raise FortifyError("attach(..., input_shape=(C, H, W)) is required with a factory")
         shapes = infer_feature_shapes(model, names, input_shape)
         modules = {n: defence(shapes[n]) for n in names}
+    if existing is None:  # created only once every position is valid
+        existing = nn.ModuleDict()
+        setattr(model, DEFENSES_ATTR, existing)
     param = next(model.parameters(), None)
     for name, module in modules.items():
         if param is not None:

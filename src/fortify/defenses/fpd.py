@@ -51,6 +51,7 @@ _BOUNDS = ("tanh", "spectral", "none")
 _MIDDLE = ("input", "restored")
 _ACTS = ("relu", "elu")
 _CLASSIFIER_NAMES = ("linear", "fc", "classifier")
+_PROBE = 64  # input side used to measure a backbone's total stride for small image shapes
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,6 +339,20 @@ class FPD(nn.Module):
         hl, wl = shapes[stages[-1]][1:]
         n_up = max(0, round(math.log2(max(h_in / h2, 1.0))))
         self.min_size = (_total_stride(h_in, hl), _total_stride(w_in, wl))
+        if min(h_in, w_in) < _PROBE:
+            # Below the backbone's total stride every deep level collapses to 1×1 and the
+            # construction shapes cannot show it: measure the stride on a larger probe input.
+            nominal = self._nominal_stride(backbone, stages[-1], c_in)
+            if nominal is not None:
+                self.min_size = (max(self.min_size[0], nominal), max(self.min_size[1], nominal))
+            if h_in < self.min_size[0] or w_in < self.min_size[1]:
+                raise DataError(
+                    f"FPD image_shape {h_in}×{w_in} is smaller than the feature pyramid allows: "
+                    f"this backbone downsamples by {self.min_size[0]}×{self.min_size[1]} before "
+                    f"its last stage {stages[-1]!r}, so inputs must be at least "
+                    f"{self.min_size[0]}×{self.min_size[1]} (or use a backbone with a smaller "
+                    "stride, e.g. the CIFAR stem, or fewer stages)"
+                )
         self.decoder = FPDDecoder(
             stage_channels, c_in, width=int(width), n_up=n_up, activation=activation
         )
@@ -360,6 +375,17 @@ class FPD(nn.Module):
             bound,
             self.min_size,
         )
+
+    def _nominal_stride(self, backbone: nn.Module, last: str, c_in: int) -> int | None:
+        """Total stride before ``last`` measured on a ``_PROBE``² input (None if it cannot run)."""
+        try:
+            with self._denoise_hooks():
+                shapes = infer_feature_shapes(backbone, [last], (c_in, _PROBE, _PROBE))
+        except Exception as exc:  # e.g. a backbone with a fixed-size classifier input
+            log.debug("FPD: stride probe at %d×%d failed (%s)", _PROBE, _PROBE, exc)
+            return None
+        h, w = shapes[last][1:]
+        return max(_total_stride(_PROBE, h), _total_stride(_PROBE, w))
 
     # ---- hooks ---------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -281,7 +281,9 @@ def adaptive_suite(ctx: SuiteContext) -> None:
     where = "pre-bound logits" if has_logits else "model output (it has no unbounded_logits)"
     columns: dict[str, list] = {}
 
-    def pgd_fn(net: nn.Module, loss: str, salt: int, s: float = step, n: int = k):
+    def pgd_fn(
+        net: nn.Module, loss: str, salt: int, s: float = step, n: int = k
+    ) -> Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]:
         def fn(xb: torch.Tensor, yb: torch.Tensor, sl: slice) -> torch.Tensor:
             return pgd(
                 net,

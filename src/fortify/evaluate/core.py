@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fortify.attacks import fgsm_attack, pgd_attack
-from fortify.errors import ConfigError, EvaluationError, unknown_name
+from fortify.errors import ConfigError, DataError, EvaluationError, FortifyError, unknown_name
 from fortify.evaluate.report import MODE_FREE, NATURAL, Check, EvalReport, Outcome
 from fortify.evaluate.validation import (
     check_deterministic,
@@ -302,6 +302,21 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _first_forward(model: nn.Module, xb: torch.Tensor) -> Any:
+    """The first forward pass; a shape error of a third-party model becomes a clear DataError."""
+    try:
+        return model(xb)
+    except FortifyError:
+        raise
+    except RuntimeError as exc:
+        if not any(w in str(exc) for w in ("shape", "size", "channels")):
+            raise
+        raise DataError(
+            f"the model cannot take images of shape (N, C, H, W) = {tuple(xb.shape)}: {exc}. "
+            "Give it images with the channel count and size it was built for"
+        ) from exc
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[bool]:
     """Put every submodule in eval mode; restore each module's own flag afterwards."""
@@ -383,7 +398,7 @@ def evaluate(
         for i in range(0, len(x), batch_size):
             xb = x[i : i + batch_size].to(dev)
             with torch.no_grad():
-                out = model(xb)
+                out = model(xb) if i else _first_forward(model, xb)
             if i == 0:
                 logits = check_logits(out, len(xb))
                 num_classes = logits.shape[1]

@@ -37,7 +37,9 @@ _FAMILY: dict[str, str] = {}
 _NEEDS_COLOUR: set[str] = set()
 
 
-def _register(name: str, family: str, note: str, colour: bool = False):
+def _register(
+    name: str, family: str, note: str, colour: bool = False
+) -> Callable[[Corruption], Corruption]:
     def deco(fn: Corruption) -> Corruption:
         _CORRUPTIONS[name] = fn
         _NOTES[name] = note

@@ -104,16 +104,21 @@ def read_cifar_c(
     expected = len(SEVERITIES) * per_severity
     images = np.load(path, mmap_mode="r")
     labels = np.load(lpath, mmap_mode="r")
+    if labels.ndim != 1:
+        raise DataError(
+            f"{str(lpath)!r} must hold one integer label per row (shape (N,)), got shape "
+            f"{tuple(labels.shape)}"
+        )
     for what, arr in ((path, images), (lpath, labels)):
         if arr.shape[0] != expected:
             raise DataError(
                 f"{str(what)!r} has {arr.shape[0]} rows; expected {expected} "
                 f"(5 severities × {per_severity} images, severity-major)"
             )
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
         raise DataError(
             f"{str(path)!r} must hold uint8 images (N, H, W, C) with C = 1 or 3, got shape "
-            f"{tuple(images.shape)}"
+            f"{tuple(images.shape)} of dtype {images.dtype}"
         )
     out = {}
     n = per_severity if limit is None else min(limit, per_severity)

@@ -48,10 +48,12 @@ def check_compatible(sd_at: StateDict, sd_ft: StateDict) -> None:
         )
     bad = [k for k in sd_at if tuple(sd_at[k].shape) != tuple(sd_ft[k].shape)]
     if bad:
-        k = bad[0]
+        shown = "; ".join(
+            f"{k!r}: {tuple(sd_at[k].shape)} vs {tuple(sd_ft[k].shape)}" for k in bad[:8]
+        )
         raise CheckpointError(
             f"the AT and fine-tuned checkpoints are different architectures: {len(bad)} tensor(s) "
-            f"differ in shape, e.g. {k!r}: {tuple(sd_at[k].shape)} vs {tuple(sd_ft[k].shape)}"
+            f"differ in shape (AT vs fine-tuned): {shown}{' …' if len(bad) > 8 else ''}"
         )
     bad_dtype = [k for k in sd_at if sd_at[k].dtype != sd_ft[k].dtype]
     if bad_dtype:

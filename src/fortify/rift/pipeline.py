@@ -95,6 +95,21 @@ def load_rift_config(
 # ----------------------------------------------------------------------------------------------
 
 
+def _adversarial_objective(exp: ExperimentConfig) -> bool:
+    """Whether the run's training objective crafts adversarial examples (AT, TRADES, MART…).
+
+    ``standard`` and ``fpd`` (noisy inputs, no attack) are not; an objective that cannot be
+    instantiated any more counts as not adversarial, so the caller warns rather than assumes.
+    """
+    from fortify.train.objectives import get_objective
+
+    try:
+        objective = get_objective(exp.train.objective, exp.train)
+    except FortifyError:
+        return False
+    return bool(getattr(objective, "adversarial", False))
+
+
 class RiftRun:
     """A RiFT workflow attached to an AT run directory ``run`` (outputs in ``run/rift``)."""
 
@@ -111,11 +126,13 @@ class RiftRun:
         self.model, self.meta = load_model(self.run, tag=self.cfg.tag, device=self.device)
         self.exp = from_dict(ExperimentConfig, self.meta["config"])
         self._splits: DataSplits | None = None
-        if self.exp.train.objective == "standard":
+        self.adversarial = _adversarial_objective(self.exp)
+        if not self.adversarial:
             log.warning(
-                "the run %s was trained with the 'standard' objective (not adversarially); RiFT "
+                "the run %s was trained with the %r objective (not adversarially); RiFT "
                 "assumes an adversarially trained model, MRC and α* will not mean much",
                 self.run,
+                self.exp.train.objective,
             )
 
     # -- shared facts ------------------------------------------------------------------------
@@ -132,7 +149,7 @@ class RiftRun:
         """L∞ budget of the attacks: option, else the run's training ε, else the dataset's."""
         if self.cfg.mrc.attack_eps is not None:
             return float(self.cfg.mrc.attack_eps)
-        if self.exp.train.objective != "standard":
+        if self.adversarial:
             return float(self.exp.train.attack.eps)
         return float(self.splits.default_eps)
 

@@ -12,6 +12,7 @@ import logging
 import re
 from pathlib import Path
 
+from fortify.data.base import ImageSet
 from fortify.data.readers._common import (
     candidate_dirs,
     check_image_size,
@@ -21,7 +22,7 @@ from fortify.data.readers._common import (
     missing,
     per_class_split,
 )
-from fortify.data.registry import register_reader
+from fortify.data.registry import ReaderResult, register_reader
 from fortify.errors import DataError
 
 log = logging.getLogger("fortify.data.readers.caltech")
@@ -42,7 +43,7 @@ def _read(
     test_fraction: float,
     image_size: int,
     how: str,
-):
+) -> tuple[ImageSet, ImageSet, list[str]]:
     check_image_size(image_size, name)
     dirs = candidate_dirs(root, [name])
     base = _find(dirs, folder)
@@ -78,7 +79,9 @@ def _read(
 
 
 @register_reader("caltech101")
-def read_caltech101(root: str | None = None, download: bool = False, image_size: int = 64):
+def read_caltech101(
+    root: str | None = None, download: bool = False, image_size: int = 64
+) -> ReaderResult:
     """Caltech-101: 101 classes (BACKGROUND_Google skipped), 90/10 per-class split, RGB
     ``image_size``² images; ε = 8/255, crop-flip."""
     train, test, classes = _read(
@@ -96,7 +99,9 @@ def read_caltech101(root: str | None = None, download: bool = False, image_size:
 
 
 @register_reader("caltech256")
-def read_caltech256(root: str | None = None, download: bool = False, image_size: int = 64):
+def read_caltech256(
+    root: str | None = None, download: bool = False, image_size: int = 64
+) -> ReaderResult:
     """Caltech-256: 256 classes (257.clutter skipped), 95/5 per-class split, RGB
     ``image_size``² images; ε = 8/255, crop-flip. Class names drop the ``NNN.`` prefix."""
     train, test, folders = _read(

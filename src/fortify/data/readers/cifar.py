@@ -16,7 +16,7 @@ import torch
 
 from fortify.data.base import ImageSet
 from fortify.data.readers._common import candidate_dirs, download_root, missing
-from fortify.data.registry import register_reader
+from fortify.data.registry import ReaderResult, register_reader
 from fortify.errors import DataError
 
 log = logging.getLogger("fortify.data.readers.cifar")
@@ -117,7 +117,7 @@ def _locate(name: str, root: str | None, folder: str, files: list[str]) -> Path 
     return None
 
 
-def _read(name: str, root: str | None, download: bool):
+def _read(name: str, root: str | None, download: bool) -> tuple[ImageSet, ImageSet, int, list[str]]:
     if name == "cifar10":
         folder, label_key, k = "cifar-10-batches-py", "labels", 10
         train_files = [f"data_batch_{i}" for i in range(1, 6)]
@@ -161,14 +161,14 @@ def _read(name: str, root: str | None, download: bool):
 
 
 @register_reader("cifar10")
-def read_cifar10(root: str | None = None, download: bool = False):
+def read_cifar10(root: str | None = None, download: bool = False) -> ReaderResult:
     """CIFAR-10: 50k/10k RGB 32×32 images, 10 classes; ε = 8/255, crop-flip augmentation."""
     train, test, k, classes = _read("cifar10", root, download)
     return train, test, k, classes, 8 / 255, "crop-flip"
 
 
 @register_reader("cifar100")
-def read_cifar100(root: str | None = None, download: bool = False):
+def read_cifar100(root: str | None = None, download: bool = False) -> ReaderResult:
     """CIFAR-100 (fine labels): 50k/10k RGB 32×32 images, 100 classes; ε = 8/255, crop-flip."""
     train, test, k, classes = _read("cifar100", root, download)
     return train, test, k, classes, 8 / 255, "crop-flip"

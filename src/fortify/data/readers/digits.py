@@ -6,11 +6,11 @@ import numpy as np
 import torch
 
 from fortify.data.base import ImageSet
-from fortify.data.registry import register_reader
+from fortify.data.registry import ReaderResult, register_reader
 
 
 @register_reader("digits")
-def read_digits(root: str | None = None, download: bool = False):
+def read_digits(root: str | None = None, download: bool = False) -> ReaderResult:
     """1,797 grey 8×8 images (values 0–16 scaled to 0–255); a fixed 80/20 train/test split."""
     from sklearn.datasets import load_digits
 

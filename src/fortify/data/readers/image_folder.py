@@ -11,7 +11,7 @@ from fortify.data.readers._common import (
     list_images,
     missing,
 )
-from fortify.data.registry import register_reader
+from fortify.data.registry import ReaderResult, register_reader
 from fortify.errors import DataError
 
 log = logging.getLogger("fortify.data.readers.image_folder")
@@ -43,7 +43,7 @@ def read_image_folder(
     download: bool = False,
     image_size: int | None = 64,
     grayscale: bool | None = None,
-):
+) -> ReaderResult:
     """Any PIL-readable images in ``root/train/<class>/`` and ``root/test/<class>/``.
 
     Classes are the sorted sub-folder names of ``train/``; ``test/`` may only use those.

@@ -12,7 +12,7 @@ import torch
 
 from fortify.data.base import ImageSet
 from fortify.data.readers._common import candidate_dirs, download_root, first_existing, missing
-from fortify.data.registry import register_reader
+from fortify.data.registry import ReaderResult, register_reader
 from fortify.errors import DataError
 
 log = logging.getLogger("fortify.data.readers.mnist")
@@ -137,7 +137,7 @@ def _download(name: str, root: str | None) -> None:
         raise DataError(f"{name}: download into {target} failed: {e}") from e
 
 
-def _read(name: str, root: str | None, download: bool):
+def _read(name: str, root: str | None, download: bool) -> tuple[ImageSet, ImageSet]:
     tv_dir = "FashionMNIST" if name == "fashion-mnist" else "MNIST"
     extra = [DEBIAN_FASHION] if name == "fashion-mnist" else []
     dirs = candidate_dirs(root, [name, f"{tv_dir}/raw"], extra)
@@ -162,14 +162,14 @@ def _read(name: str, root: str | None, download: bool):
 
 
 @register_reader("fashion-mnist")
-def read_fashion_mnist(root: str | None = None, download: bool = False):
+def read_fashion_mnist(root: str | None = None, download: bool = False) -> ReaderResult:
     """Fashion-MNIST: 60k/10k grey 28×28 images, 10 classes; ε = 0.1, no augmentation."""
     train, test = _read("fashion-mnist", root, download)
     return train, test, 10, list(FASHION_CLASSES), 0.1, "none"
 
 
 @register_reader("mnist")
-def read_mnist(root: str | None = None, download: bool = False):
+def read_mnist(root: str | None = None, download: bool = False) -> ReaderResult:
     """MNIST: 60k/10k grey 28×28 digits, 10 classes; ε = 0.3, no augmentation."""
     train, test = _read("mnist", root, download)
     return train, test, 10, [str(i) for i in range(10)], 0.3, "none"

@@ -10,7 +10,7 @@ import torch
 
 from fortify.data.base import ImageSet
 from fortify.data.readers._common import candidate_dirs, download_root, missing
-from fortify.data.registry import register_reader
+from fortify.data.registry import ReaderResult, register_reader
 from fortify.errors import DataError
 
 log = logging.getLogger("fortify.data.readers.svhn")
@@ -56,7 +56,7 @@ def _locate(root: str | None) -> Path | None:
 
 
 @register_reader("svhn")
-def read_svhn(root: str | None = None, download: bool = False):
+def read_svhn(root: str | None = None, download: bool = False) -> ReaderResult:
     """SVHN: 73,257/26,032 RGB 32×32 digits (the ``extra`` set is not used); ε = 8/255, no aug."""
     d = _locate(root)
     if d is None and download:

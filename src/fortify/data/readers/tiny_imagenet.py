@@ -16,7 +16,7 @@ from fortify.data.readers._common import (
     list_images,
     missing,
 )
-from fortify.data.registry import register_reader
+from fortify.data.registry import ReaderResult, register_reader
 from fortify.errors import DataError
 
 log = logging.getLogger("fortify.data.readers.tiny_imagenet")
@@ -54,7 +54,7 @@ def read_val_annotations(path: Path, wnid_index: dict[str, int]) -> list[tuple[s
 @register_reader("tiny-imagenet")
 def read_tiny_imagenet(
     root: str | None = None, download: bool = False, image_size: int | None = None
-):
+) -> ReaderResult:
     """Tiny-ImageNet: 100k/10k RGB 64×64 images, 200 classes; ε = 8/255, crop-flip.
 
     ``image_size``: resize (shorter side + centre crop) to this size; None keeps 64×64.
