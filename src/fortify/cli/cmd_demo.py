@@ -1,4 +1,4 @@
-"""``fortify demo``: the main job in miniature (≤ 3 minutes on 2 CPU cores).
+"""fortify demo: the main job in miniature (≤ 3 minutes on 2 CPU cores).
 
 Adversarially trains a small CNN twice on Fashion-MNIST — plain PGD-AT and PGD-AT + FSR —
 selects each one's best epoch on the validation split, evaluates both on test points with the
