@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fortify.defenses.attach import DEFENSES_ATTR, attached, infer_feature_shapes
+from fortify.models import count_parameters
 
 log = logging.getLogger("fortify.analysis.cost")
 
@@ -29,18 +30,12 @@ def count_params(model: nn.Module, *, include_defences: bool = True) -> int:
     With ``include_defences=False`` parameters under ``fortify_defenses`` are skipped, giving
     the backbone's count.
     """
-    seen: set[int] = set()
-    total = 0
-    for name, p in model.named_parameters():
-        if not include_defences and (
-            name.startswith(DEFENSES_ATTR + ".") or f".{DEFENSES_ATTR}." in name
-        ):
-            continue
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
+    exclude: tuple[str, ...] = ()
+    if not include_defences:
+        exclude = tuple(
+            name for name, _ in model.named_modules() if name.split(".")[-1] == DEFENSES_ATTR
+        )
+    return count_parameters(model, exclude)
 
 
 def count_flops(module: nn.Module, inputs: torch.Tensor) -> int:
