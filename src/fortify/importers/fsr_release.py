@@ -100,33 +100,11 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     Accepts ``{"state_dict": ...}`` / ``{"model": ...}`` / ``{"net": ...}`` wrappers and strips a
     DataParallel ``module.`` prefix.
     """
-    import torch
-
-    from fortify.errors import CheckpointError
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"release checkpoint {str(path)!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated files, unsafe globals
-        raise CheckpointError(
-            f"cannot read {str(path)!r} as a plain PyTorch state_dict with weights_only=True "
-            f"({type(exc).__name__}: {exc}); the FSR release saves torch.save(net.state_dict())"
-        ) from exc
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "net"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if (
-        not isinstance(obj, dict)
-        or not obj
-        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-    ):
-        raise CheckpointError(
-            f"{str(path)!r} does not hold a state_dict (a mapping of parameter names to tensors)"
-        )
+    from fortify.importers._release import read_release_state_dict
+
+    obj = read_release_state_dict(path, "the FSR release saves torch.save(net.state_dict())")
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj

@@ -65,27 +65,11 @@ def run(args: argparse.Namespace) -> int:
 
 def read_state(path: str | Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` and unwrap ``{"state_dict"|"model"|"net": ...}``."""
-    import torch
-
-    from fortify.errors import CheckpointError
 
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"release checkpoint {str(p)!r} does not exist")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unsafe pickles, truncated files
-        raise CheckpointError(
-            f"cannot read {str(p)!r} with torch.load(weights_only=True) "
-            f"({type(exc).__name__}: {exc}); expected a saved state_dict"
-        ) from exc
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "net"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise CheckpointError(f"{str(p)!r} does not hold a state_dict of tensors")
+    from fortify.importers._release import read_release_state_dict
+
+    obj = read_release_state_dict(p, "expected a saved state_dict")
     return dict(obj)
 
 
