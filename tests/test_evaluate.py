@@ -307,8 +307,8 @@ def test_evaluate_split_and_plot(model, splits, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_eval_and_report(model, tmp_path, capsys):
-    from fortify.cli.main import main
+def _digits_run(model, run_dir):
+    """A run directory holding ``model`` as its best checkpoint of a digits config."""
     from fortify.config import ExperimentConfig, to_dict
     from fortify.runs import save_checkpoint
 
@@ -316,11 +316,15 @@ def test_cli_eval_and_report(model, tmp_path, capsys):
     cfg.data.name = "digits"
     cfg.model.kwargs = {"width": 4}
     meta = {"config": to_dict(cfg), "num_classes": 10, "image_shape": [1, 8, 8]}
-    runs = []
-    for name in ("runA", "runB"):
-        (tmp_path / name / "checkpoints").mkdir(parents=True)
-        save_checkpoint(tmp_path / name / "checkpoints" / "best.safetensors", model, meta)
-        runs.append(tmp_path / name)
+    (run_dir / "checkpoints").mkdir(parents=True)
+    save_checkpoint(run_dir / "checkpoints" / "best.safetensors", model, meta)
+    return run_dir
+
+
+def test_cli_eval_and_report(model, tmp_path, capsys):
+    from fortify.cli.main import main
+
+    runs = [_digits_run(model, tmp_path / name) for name in ("runA", "runB")]
     rc = main(
         [
             "eval",
@@ -391,3 +395,158 @@ def test_progress_bars_only_on_a_tty(model, data, capsys, monkeypatch, tty):
     err = capsys.readouterr().err
     assert items == [0, 1, 2]
     assert ("it/s" in err or "%|" in err) == tty, err
+
+
+# -- suite options ---------------------------------------------------------------------------
+
+
+def test_unknown_suite_option_names_suite_key_and_allowed(model, data):
+    x, y = data
+    with pytest.raises(ConfigError) as exc:
+        evaluate(model, x[:4], y[:4], suite="autoattack", eps=EPS, suite_options={"aa_pts": 3})
+    msg = str(exc.value)
+    assert "'autoattack'" in msg and "aa_pts" in msg and "allowed: autoattack_points" in msg
+    with pytest.raises(ConfigError, match=r"'paper'.*autoattack_points.*allowed: none"):
+        evaluate(model, x[:4], y[:4], eps=EPS, suite_options={"autoattack_points": 2})
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="autoattack_points must be an integer >= 1"):
+            evaluate(
+                model, x[:4], y[:4], suite="full", eps=EPS, suite_options={"autoattack_points": bad}
+            )
+    with pytest.raises(ConfigError, match="mapping"):
+        evaluate(model, x[:4], y[:4], suite="quick", eps=EPS, suite_options=["steps"])
+
+
+def test_registered_suite_receives_its_options(model, data):
+    seen = {}
+
+    @register_suite("test-options", options=("alpha", "beta"))
+    def with_options(ctx):
+        seen.update(ctx.options)
+
+    x, y = data
+    r = evaluate(
+        model, x[:4], y[:4], suite="test-options", eps=EPS, checks=False, suite_options={"alpha": 2}
+    )
+    assert seen == {"alpha": 2}
+    assert r.settings["suite_options"] == {"alpha": 2}
+    assert (
+        evaluate(model, x[:4], y[:4], suite="quick", eps=EPS, checks=False).settings[
+            "suite_options"
+        ]
+        == {}
+    )
+    with pytest.raises(ConfigError, match="sequence of names"):
+        register_suite("test-bad-options", lambda ctx: None, options="alpha")
+
+
+def test_autoattack_points_attacks_only_the_first_k(model, data, monkeypatch):
+    from pyautoattack import AutoAttack
+
+    sizes = []
+    original = AutoAttack.run_standard_evaluation
+
+    def spy(self, x_orig, y_orig, /, **kw):
+        sizes.append(len(x_orig))
+        return original(self, x_orig, y_orig, **kw)
+
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", spy)
+    x, y = data
+    n, k = 16, 6
+    r = evaluate(
+        model,
+        x[:n],
+        y[:n],
+        suite="autoattack",
+        eps=0.1,
+        checks=False,
+        batch_size=n,
+        suite_options={"autoattack_points": k},
+    )
+    assert sizes == [k]
+    aa, clean = r.correct("AutoAttack"), r.correct("Natural")
+    assert torch.equal(aa[k:], clean[k:])  # not attacked: the clean outcome
+    assert int(aa[:k].sum()) < int(clean[:k].sum())  # attacked: some points broken
+    assert r.settings["autoattack_points"] == k
+    assert r.settings["suite_options"] == {"autoattack_points": k}
+    note = r.outcome("AutoAttack", "final").note
+    assert f"AutoAttack on the first {k} of {n} points" in note
+    assert f"the other {n - k} were not attacked" in note
+    assert f"AutoAttack on the first {k} of {n} points" in r.to_markdown()
+    # a limit at or above the point count attacks every point and adds no note
+    sizes.clear()
+    r = evaluate(
+        model,
+        x[:4],
+        y[:4],
+        suite="autoattack",
+        eps=0.1,
+        checks=False,
+        suite_options={"autoattack_points": 10},
+    )
+    assert sizes == [4] and r.settings["autoattack_points"] == 4
+    assert "first" not in r.outcome("AutoAttack", "final").note
+
+
+def test_adaptive_options_through_suite_options():
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 4, 4)
+    with torch.no_grad():
+        y = lin(x).argmax(1)
+    r = evaluate(
+        lin,
+        x,
+        y,
+        suite="adaptive",
+        eps=0.05,
+        checks=False,
+        suite_options={
+            "steps": 3,
+            "autoattack": "bounded",
+            "autoattack_points": 2,
+            "square_queries": 0,
+        },
+    )
+    assert {"PGD-3 CE", "PGD-3 C&W", "PGD-3 DLR", "AutoAttack"} <= set(r.columns)
+    assert "Square" not in r.columns
+    assert r.settings["suite_options"]["steps"] == 3
+    assert r.extras["adaptive"]["steps"] == 3 and r.settings["autoattack_points"] == 2
+    assert "AutoAttack on the first 2 of 8 points" in r.outcome("AutoAttack", "final").note
+    assert torch.equal(r.correct("AutoAttack")[2:], r.correct("Natural")[2:])
+    with pytest.raises(ConfigError, match="allowed: .*steps"):
+        evaluate(lin, x, y, suite="adaptive", eps=0.05, suite_options={"stepz": 3})
+    with pytest.raises(ConfigError, match="adaptive steps"):
+        evaluate(lin, x, y, suite="adaptive", eps=0.05, suite_options={"steps": 0})
+
+
+def test_eval_config_autoattack_points(caplog):
+    from fortify.config import EvalConfig, ExperimentConfig, from_dict
+    from fortify.evaluate import eval_config_options
+
+    with pytest.raises(ConfigError, match="eval.autoattack_points must be an integer >= 1"):
+        from_dict(ExperimentConfig, {"eval": {"autoattack_points": 0}})
+    assert eval_config_options(EvalConfig(suite="full", autoattack_points=5)) == {
+        "autoattack_points": 5
+    }
+    assert eval_config_options(EvalConfig(suite="autoattack")) == {}
+    with caplog.at_level("WARNING", logger="fortify.evaluate"):
+        assert eval_config_options(EvalConfig(suite="paper", autoattack_points=5)) == {}
+    assert "no effect" in caplog.text and "'paper'" in caplog.text
+
+
+def test_cli_eval_aa_points(model, tmp_path, capsys):
+    from fortify.cli.main import main
+
+    run = _digits_run(model, tmp_path / "run")
+    base = ["eval", str(run), "--n-points", "8", "--eps", "0.1", "--no-checks"]
+    assert main([*base, "--suite", "autoattack", "--aa-points", "0"]) == 2
+    assert "--aa-points must be an integer >= 1" in capsys.readouterr().err
+    assert main([*base, "--suite", "quick", "--aa-points", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "'quick'" in err and "autoattack_points" in err
+    assert main([*base, "--suite", "autoattack", "--aa-points", "3"]) == 0
+    assert "AutoAttack on the first 3 of 8 points" in capsys.readouterr().out
+    saved = EvalReport.load(run / "reports")
+    assert saved.settings["autoattack_points"] == 3
+    assert saved.settings["suite_options"] == {"autoattack_points": 3}

@@ -48,6 +48,13 @@ def test_denoise_equals_spatial_form_float64():
     assert (out - feat).abs().max() > 0.1
 
 
+def test_denoise_nc_scale_divides_the_nonlocal_term_by_channels():
+    torch.manual_seed(3)
+    feat = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    expected = feat + (_spatial(feat) - feat) / 6
+    torch.testing.assert_close(denoise(feat, "nc"), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_denoise_is_per_sample():
     torch.manual_seed(1)
     feat = torch.randn(4, 3, 4, 4, dtype=torch.float64)
@@ -105,6 +112,55 @@ def test_backbone_is_shared_between_passes():
     f.net.layer2.register_forward_hook(lambda *a: calls.append(1))
     f(torch.rand(2, 1, 28, 28))
     assert len(calls) == 2  # front pass and back pass
+
+
+def _bn_means(f: FPD) -> dict[str, torch.Tensor]:
+    return {
+        n: m.running_mean.clone() for n, m in f.net.named_modules() if isinstance(m, nn.BatchNorm2d)
+    }
+
+
+def test_per_pass_bn_statistics():
+    """The front pass updates the backbone's BN statistics, the back pass only its own copy."""
+    import copy
+
+    torch.manual_seed(0)
+    f = _fpd().train()
+    front_only = copy.deepcopy(f)
+    x = torch.rand(8, 1, 28, 28)
+    f(x)
+    front_only.restore(x)
+    after, front = _bn_means(f), _bn_means(front_only)
+    assert after.keys() == front.keys() and len(after) > 4
+    for name in after:
+        torch.testing.assert_close(after[name], front[name], rtol=0, atol=0)
+    back = {k.replace("__", "."): v.running_mean for k, v in f.back_stats.items()}
+    assert back.keys() == after.keys()
+    assert all(back[n].abs().sum() > 0 for n in back)  # the back pass did update its copy
+    assert any(not torch.equal(back[n], after[n]) for n in back)
+    assert int(f.back_stats["bn1"].num_batches_tracked) == 1
+    # eval mode: the back pass reads its own statistics, the front pass the backbone's
+    f.eval()
+    with torch.no_grad():
+        restored, logits = f.restore(x), f.unbounded_logits(x)
+        for stats in f.back_stats.values():
+            stats.running_var.mul_(4.0)
+        torch.testing.assert_close(f.restore(x), restored, rtol=0, atol=0)
+        assert not torch.allclose(f.unbounded_logits(x), logits)
+
+
+def test_shared_bn_statistics_option_has_no_copies():
+    f = _fpd(bn_stats="shared").train()
+    assert len(f.back_stats) == 0
+    before = int(f.net.bn1.num_batches_tracked)
+    f(torch.rand(4, 1, 28, 28))
+    assert int(f.net.bn1.num_batches_tracked) == before + 2  # both passes
+
+
+def test_lateral_norm_option():
+    f = _fpd(lateral_norm=True)
+    assert all(isinstance(lat[1], nn.BatchNorm2d) for lat in f.decoder.laterals)
+    assert f.restore(torch.rand(2, 1, 28, 28)).shape == (2, 1, 28, 28)
 
 
 def test_front_denoising_changes_the_features():
@@ -224,6 +280,10 @@ def test_bad_options():
         _fpd(bound="sigmoid")
     with pytest.raises(ConfigError, match="unknown FPD option"):
         _fpd(thresh=1)
+    with pytest.raises(ConfigError, match="bn_stats.*per-pass"):
+        _fpd(bn_stats="both")
+    with pytest.raises(ConfigError, match="denoise_scale.*'nc'"):
+        _fpd(denoise_scale="c")
     for t in (0, -1.0):
         with pytest.raises(ConfigError, match="threshold"):
             get_objective("fpd", TrainConfig(objective="fpd", options={"threshold": t}))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fortify.errors import DataError
+from fortify.errors import ConfigError, DataError
 from fortify.evaluate import ood
 
 
@@ -123,9 +123,12 @@ def test_ood_suite_through_the_registry():
 
     model = create("small-cnn", num_classes=10, in_channels=1, width=4).eval()
     x, y = torch.rand(12, 1, 8, 8), torch.randint(0, 10, (12,))
-    with ood.ood_dataset("digits", corruptions=["contrast", "pixelate"]):
-        report = evaluate(model, x, y, suite="ood", eps=0.1, checks=False)
+    options = {"dataset": "digits", "corruptions": ["contrast", "pixelate"]}
+    report = evaluate(model, x, y, suite="ood", eps=0.1, checks=False, suite_options=options)
     table = report.extras["ood"]
     assert set(table["per_corruption"]) == {"contrast", "pixelate"}
     assert 0 <= table["mean"] <= 100
     assert any(c.name == "OOD" for c in report.checks)
+    assert report.settings["suite_options"]["corruptions"] == ["contrast", "pixelate"]
+    with pytest.raises(ConfigError, match="OOD source"):
+        evaluate(model, x, y, suite="ood", eps=0.1, suite_options={"source": "web"})

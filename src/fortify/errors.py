@@ -36,3 +36,11 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> FortifyError:
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return FortifyError(f"unknown {kind} {name!r}.{hint} Known {kind}s: {', '.join(known)}.")
+
+
+def check_point_count(value: object, what: str) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is None (every point) or an integer >= 1."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be an integer >= 1 (or unset: every point), got {value!r}")

@@ -94,7 +94,13 @@ def run(args: argparse.Namespace) -> int:
     from fortify.config import ExperimentConfig, apply_overrides, from_dict
     from fortify.config.schema import DefenseConfig
     from fortify.data import load_dataset
-    from fortify.evaluate import eps_curve, evaluate_split, plot_eps_curve, side_by_side
+    from fortify.evaluate import (
+        eps_curve,
+        eval_config_options,
+        evaluate_split,
+        plot_eps_curve,
+        side_by_side,
+    )
     from fortify.runs import load_model
     from fortify.train import fit
     from fortify.utils.runtime import seed_everything
@@ -144,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
             suite=cfg.eval.suite,
             batch_size=cfg.eval.batch_size,
             seed=cfg.eval.seed,
+            suite_options=eval_config_options(cfg.eval),
             check_points=100,
             square_queries=300,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fortify.data import DataSplits
@@ -39,6 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--n-points", type=int, default=1000, help="evaluate the first N points of the split"
     )
     parser.add_argument("--batch-size", type=int, default=256, help="points per attack batch")
+    parser.add_argument(
+        "--aa-points",
+        type=int,
+        default=None,
+        metavar="N",
+        help="suites autoattack/full/adaptive: run AutoAttack on the first N points only (the "
+        "others keep their clean outcome in the AutoAttack column); default: every point",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for random starts, Square and AutoAttack"
     )
@@ -92,7 +100,7 @@ def check_data_matches_checkpoint(meta: dict, splits: DataSplits, target: Path) 
 
 def run(args: argparse.Namespace) -> int:
     from fortify.data import load_from_config
-    from fortify.errors import ConfigError, RunDirError
+    from fortify.errors import ConfigError, RunDirError, check_point_count
     from fortify.evaluate import eps_curve, evaluate, plot_eps_curve
     from fortify.evaluate.plot import default_eps_values
     from fortify.runs import load_model
@@ -105,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.n_points < 1:
         raise ConfigError(f"--n-points must be >= 1, got {args.n_points}")
+    check_point_count(args.aa_points, "--aa-points")
     device = resolve_device(args.device)
     model, meta = load_model(target, tag=args.tag, device=device)
     data_cfg = (meta.get("config") or {}).get("data") or {}
@@ -120,6 +129,13 @@ def run(args: argparse.Namespace) -> int:
     if args.eps is None and args.norm == "l2":
         raise ConfigError("--norm l2 needs an explicit --eps (the dataset default is an L∞ budget)")
     x, y = imageset.head(args.n_points).floats()
+    suite_options: dict[str, Any] = {}
+    if args.aa_points is not None:
+        suite_options["autoattack_points"] = args.aa_points
+    if args.suite == "ood":  # lets the suite find a published corrupted set (CIFAR-10-C, ...)
+        suite_options.update(
+            dataset=name, root=args.data_root or data_cfg.get("root"), classes=splits.classes
+        )
     report = evaluate(
         model,
         x,
@@ -132,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode,
         checks=not args.no_checks,
         device=device,
+        suite_options=suite_options,
         settings={
             "target": str(target),
             "tag": args.tag,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fortify.errors import ConfigError
+from fortify.errors import ConfigError, check_point_count
 
 
 @dataclass
@@ -170,13 +170,16 @@ class EvalConfig:
     seed: int = 0
     mode: Literal["final", "best", "both"] = "final"
     checks: bool = True
-    autoattack_points: int | None = None  # None: same as n_points
+    # AutoAttack on the first N of the n_points only (suites autoattack, full, adaptive); the
+    # others keep their clean outcome in the AutoAttack column. None: every point.
+    autoattack_points: int | None = None
 
     def validate(self) -> None:
         if self.eps is not None and not 0 < self.eps <= 1:
             raise ConfigError(f"eval.eps must be in (0, 1] (pixel units), got {self.eps}")
         if self.n_points < 1:
             raise ConfigError(f"eval.n_points must be >= 1, got {self.n_points}")
+        check_point_count(self.autoattack_points, "eval.autoattack_points")
 
 
 @dataclass

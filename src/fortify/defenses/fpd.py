@@ -46,10 +46,15 @@ Bound = Literal["tanh", "spectral", "none"]
 MiddleGram = Literal["input", "restored"]
 Activation = Literal["relu", "elu"]
 Phase1Params = Literal["front", "decoder"]
+BNStats = Literal["per-pass", "shared"]
+DenoiseScale = Literal["n", "nc"]
 
 _BOUNDS = ("tanh", "spectral", "none")
 _MIDDLE = ("input", "restored")
 _ACTS = ("relu", "elu")
+_BN_STATS = ("per-pass", "shared")
+_SCALES = ("n", "nc")
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _CLASSIFIER_NAMES = ("linear", "fc", "classifier")
 _PROBE = 64  # input side used to measure a backbone's total stride for small image shapes
 
@@ -59,15 +64,22 @@ _PROBE = 64  # input side used to measure a backbone's total stride for small im
 # --------------------------------------------------------------------------------------------
 
 
-def denoise(feat: torch.Tensor) -> torch.Tensor:
+def denoise(feat: torch.Tensor, scale: DenoiseScale = "n") -> torch.Tensor:
     """The parameter-free dot-product non-local mean ``D(F) = F + (F Fᵀ F) / N'``.
 
     Per sample, ``F`` is reshaped to a C×N' matrix (N' = H·W). The C×C Gram matrix ``F Fᵀ`` is
     formed first, so the cost is O(C²·N') rather than the O(N'²·C) of the spatial N'×N'
     affinity ``Fᵀ F``; both give the same result by associativity.
 
+    The non-local term grows with the cube of the features' scale and roughly linearly with C
+    (each output channel sums C Gram-weighted channels), so on un-normalised stage outputs it
+    can dominate ``F`` by orders of magnitude. ``scale="nc"`` divides by ``C·N'`` instead of
+    ``N'`` (a fortify option, not in the paper), which keeps the term about as large as ``F``
+    for unit-scale features.
+
     Args:
         feat: feature map (N, C, H, W), any floating dtype.
+        scale: "n" (the paper: divide by N' = H·W) or "nc" (divide by C·N').
     Returns:
         tensor of the same shape and dtype.
     """
@@ -78,7 +90,8 @@ def denoise(feat: torch.Tensor) -> torch.Tensor:
     n, c, h, w = feat.shape
     flat = feat.reshape(n, c, h * w)
     gram = torch.bmm(flat, flat.transpose(1, 2))  # (N, C, C)
-    return feat + torch.bmm(gram, flat).reshape(n, c, h, w) / (h * w)
+    div = h * w * (c if scale == "nc" else 1)
+    return feat + torch.bmm(gram, flat).reshape(n, c, h, w) / div
 
 
 def middle_denoise(restored: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -114,7 +127,9 @@ class FPDDecoder(nn.Module):
     the sum; ``n_up`` stride-2 transposed convs (halving the width each time, at least 8
     channels) bring it back towards the input resolution; a final 3×3 conv outputs
     ``out_channels``. Any residual size mismatch (odd input sizes) is closed by bilinear
-    interpolation to the exact input size. There is no output non-linearity.
+    interpolation to the exact input size. There is no output non-linearity. With
+    ``lateral_norm`` (a fortify option) each lateral conv is followed by BatchNorm, so stage
+    outputs of very different scales (the cubic denoising term) enter the sum on equal terms.
     """
 
     def __init__(
@@ -125,9 +140,15 @@ class FPDDecoder(nn.Module):
         width: int = 256,
         n_up: int = 0,
         activation: str = "relu",
+        lateral_norm: bool = False,
     ):
         super().__init__()
-        self.laterals = nn.ModuleList(nn.Conv2d(c, width, 1) for c in stage_channels)
+        self.laterals = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, width, 1), nn.BatchNorm2d(width))
+            if lateral_norm
+            else nn.Conv2d(c, width, 1)
+            for c in stage_channels
+        )
         self.smooth = nn.Conv2d(width, width, 3, padding=1)
         self.act = _act(activation)
         ups: list[nn.Module] = []
@@ -187,6 +208,30 @@ class FPDAux(CaptureMixin, nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Per-pass BatchNorm statistics
+# --------------------------------------------------------------------------------------------
+
+
+class BackPassStats(nn.Module):
+    """The back pass's own running statistics for one BatchNorm layer of the backbone.
+
+    The two passes share every weight, but their inputs differ (x versus
+    x_mid = x′ + (x xᵀ x)/(H·W), which for RGB images is roughly 1.75·x), so one set of running
+    statistics averaged over both passes normalises neither correctly in eval mode. The buffers
+    here are swapped into the BatchNorm layer for the duration of the back pass.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        for name in _BN_BUFFERS:
+            self.register_buffer(name, getattr(bn, name).detach().clone())
+
+
+def _stat_key(module_name: str) -> str:
+    return module_name.replace(".", "__")
+
+
+# --------------------------------------------------------------------------------------------
 # The whole-model wrapper
 # --------------------------------------------------------------------------------------------
 
@@ -210,9 +255,9 @@ class _Hooks:
     def __call__(self, module: nn.Module, args: Any, output: Any = None) -> Any:
         owner = self.owner
         if self.kind == "pre_denoise":
-            return (denoise(args[0]), *args[1:])
+            return (denoise(args[0], owner.denoise_scale), *args[1:])
         if self.kind == "post_denoise":
-            return denoise(output)
+            return denoise(output, owner.denoise_scale)
         if self.kind == "collect":
             owner._pyramid[self.index] = output
             return None
@@ -246,6 +291,13 @@ class FPD(nn.Module):
         classifier: name of the backbone's final ``nn.Linear`` (default: first of linear/fc/
             classifier that exists).
         restore_weight: weight of ``fpd_restore`` returned through the aux-loss contract.
+        bn_stats: "per-pass" (default; the back pass keeps its own BatchNorm running
+            statistics in ``FPD.back_stats``, affine parameters stay shared) or "shared" (the
+            release: one set of statistics averaged over both passes, which breaks eval-mode
+            accuracy when the passes' inputs differ — see docs/fpd.md).
+        denoise_scale: "nc" (default; the non-local term divided by C·H·W) or "n" (the paper,
+            divided by H·W; its cubic term made FPD untrainable at CPU scale — docs/fpd.md).
+        lateral_norm: BatchNorm after each decoder lateral conv (see :class:`FPDDecoder`).
     """
 
     def __init__(
@@ -262,6 +314,9 @@ class FPD(nn.Module):
         activation: Activation = "relu",
         classifier: str | None = None,
         restore_weight: float = 1.0,
+        bn_stats: BNStats = "per-pass",
+        denoise_scale: DenoiseScale = "nc",
+        lateral_norm: bool = False,
     ):
         super().__init__()
         if bound not in _BOUNDS:
@@ -276,6 +331,16 @@ class FPD(nn.Module):
             raise ConfigError(
                 f"FPD option activation={activation!r} is not allowed; choose one of {list(_ACTS)}"
             )
+        if bn_stats not in _BN_STATS:
+            raise ConfigError(
+                f"FPD option bn_stats={bn_stats!r} is not allowed; choose one of {list(_BN_STATS)}"
+            )
+        if denoise_scale not in _SCALES:
+            raise ConfigError(
+                f"FPD option denoise_scale={denoise_scale!r} is not allowed; choose one of "
+                f"{list(_SCALES)}"
+            )
+        self.denoise_scale: str = denoise_scale
         if not 0.0 <= float(dropout) < 1.0:
             raise ConfigError(f"FPD option dropout must be in [0, 1), got {dropout}")
         if int(width) < 1:
@@ -354,9 +419,20 @@ class FPD(nn.Module):
                     "stride, e.g. the CIFAR stem, or fewer stages)"
                 )
         self.decoder = FPDDecoder(
-            stage_channels, c_in, width=int(width), n_up=n_up, activation=activation
+            stage_channels,
+            c_in,
+            width=int(width),
+            n_up=n_up,
+            activation=activation,
+            lateral_norm=bool(lateral_norm),
         )
         self.aux = FPDAux(restore_weight)
+        self.bn_stats: str = bn_stats
+        self.back_stats = nn.ModuleDict()
+        if bn_stats == "per-pass":
+            for name, m in backbone.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                    self.back_stats[_stat_key(name)] = BackPassStats(m)
         if bound == "spectral":
             lin = modules[self.classifier]
             parent_name, _, child = self.classifier.rpartition(".")
@@ -423,6 +499,27 @@ class FPD(nn.Module):
             self._pyramid = {}
 
     @contextlib.contextmanager
+    def _back_pass_stats(self) -> Iterator[None]:
+        """Swap the back pass's BatchNorm statistics in (found by name each time, so layers
+        replaced after construction, e.g. by ``SyncBatchNorm.convert_sync_batchnorm``, work)."""
+        pairs = [
+            (m, self.back_stats[_stat_key(name)])
+            for name, m in self.net.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and _stat_key(name) in self.back_stats
+        ]
+
+        def swap() -> None:
+            for bn, stats in pairs:
+                for b in _BN_BUFFERS:
+                    bn._buffers[b], stats._buffers[b] = stats._buffers[b], bn._buffers[b]
+
+        swap()
+        try:
+            yield
+        finally:
+            swap()
+
+    @contextlib.contextmanager
     def _dropout_hook(self) -> Iterator[None]:
         lin = dict(self.net.named_modules())[self.classifier]
         handle = lin.register_forward_pre_hook(_Hooks(self, "dropout"))
@@ -464,7 +561,7 @@ class FPD(nn.Module):
         restored = self.restore(x)
         source = x if self.middle == "input" else restored
         x_mid = middle_denoise(restored, source)
-        with self._denoise_hooks(), self._dropout_hook():
+        with self._denoise_hooks(), self._dropout_hook(), self._back_pass_stats():
             logits = self.net(x_mid)
         bounded = torch.tanh(logits) if self.bound == "tanh" else logits
         self.aux.record(restored=restored, logits=logits, bounded=bounded)
@@ -501,7 +598,9 @@ class FPD(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"stages={self.stages}, bound={self.bound!r}, middle={self.middle!r}, "
-            f"denoise_at={self.denoise_at}, dropout={self.dropout}, activation={self.activation!r}"
+            f"denoise_at={self.denoise_at}, dropout={self.dropout}, "
+            f"activation={self.activation!r}, bn_stats={self.bn_stats!r}, "
+            f"denoise_scale={self.denoise_scale!r}"
         )
 
 
@@ -546,6 +645,9 @@ _OPTION_KEYS = {
     "activation",
     "classifier",
     "restore_weight",
+    "bn_stats",
+    "denoise_scale",
+    "lateral_norm",
 }
 
 

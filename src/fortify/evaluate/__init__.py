@@ -3,7 +3,8 @@
 ``evaluate(model, x, y, suite="paper", eps=8/255)`` works on any ``nn.Module`` mapping images
 in [0, 1] (N, C, H, W) to logits and returns an :class:`EvalReport`
 (``to_markdown()``, ``to_json()``, ``save(dir)``). Suites live in a registry
-(``register_suite(name, fn)``); built-ins: ``paper``, ``autoattack``, ``quick``, ``full``.
+(``register_suite(name, fn, options=...)``); built-ins: ``paper``, ``autoattack``, ``quick``,
+``full``. Suite options go in ``evaluate(..., suite_options={...})``.
 See docs/evaluation.md for the semantics of ``mode="final"`` / ``"best"`` and of every check.
 """
 
@@ -11,6 +12,7 @@ from fortify.evaluate import suites as _suites  # noqa: F401  registers the buil
 from fortify.evaluate.core import (
     SuiteContext,
     available_suites,
+    eval_config_options,
     evaluate,
     evaluate_split,
     get_suite,
@@ -27,6 +29,7 @@ __all__ = [
     "available_suites",
     "ensemble_of",
     "eps_curve",
+    "eval_config_options",
     "evaluate",
     "evaluate_split",
     "get_suite",

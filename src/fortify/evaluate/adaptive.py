@@ -19,17 +19,17 @@ gradient-masking checks. Every column enters the Ensemble, the per-sample worst 
 everything (with Natural, so it never exceeds clean accuracy): that is the headline robust
 accuracy, also stored as ``report.extras["adaptive"]["headline"]``.
 
-Use ``evaluate(model, x, y, suite="adaptive", eps=...)`` for the defaults, or
-:func:`adaptive_evaluate` to pass a surrogate and attack budgets. A model without
+Use ``evaluate(model, x, y, suite="adaptive", eps=..., suite_options={...})`` with any fields of
+:class:`AdaptiveOptions` as option names (e.g. ``{"steps": 20, "surrogate": plain}``), or
+:func:`adaptive_evaluate` to pass an :class:`AdaptiveOptions` instance. A model without
 ``unbounded_logits`` is attacked on its own output in the logit columns (noted in the report).
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,16 @@ import torch
 from torch import nn
 
 from fortify.attacks import attack_loss, pgd
-from fortify.errors import ConfigError, FortifyError
-from fortify.evaluate.core import SuiteContext, evaluate, register_suite
+from fortify.errors import ConfigError, FortifyError, check_point_count
+from fortify.evaluate.core import (
+    SuiteContext,
+    attack_first,
+    describe_option,
+    evaluate,
+    first_points,
+    first_points_note,
+    register_suite,
+)
 from fortify.evaluate.report import EvalReport, ensemble_of
 
 log = logging.getLogger("fortify.evaluate.adaptive")
@@ -92,6 +100,10 @@ def load_surrogate(surrogate: nn.Module | str | Path, device: torch.device) -> n
 class AdaptiveOptions:
     """Budgets of the adaptive suite (ε and norm come from :func:`evaluate`).
 
+    Every field is also an option name of the suite: ``evaluate(..., suite="adaptive",
+    suite_options={"steps": 20, "autoattack": "none"})``; :meth:`as_suite_options` converts an
+    instance.
+
     Attributes:
         steps: PGD steps of every white-box column (FPD release: 40).
         step_size: pixel units; None: 2.5·ε/steps.
@@ -118,7 +130,12 @@ class AdaptiveOptions:
     transfer_steps: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def as_suite_options(self) -> dict[str, Any]:
+        """``{field: value}`` for ``evaluate(..., suite_options=...)`` (values not copied)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad field and what it allows."""
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"adaptive steps must be an integer >= 1, got {self.steps!r}")
         if not isinstance(self.restarts, int) or self.restarts < 1:
@@ -139,15 +156,7 @@ class AdaptiveOptions:
             )
         if self.square_queries < 0:
             raise ConfigError(f"adaptive square_queries must be >= 0, got {self.square_queries}")
-        if self.autoattack_points is not None and self.autoattack_points < 1:
-            raise ConfigError(
-                f"adaptive autoattack_points must be >= 1 or None, got {self.autoattack_points}"
-            )
-
-
-_OPTIONS: contextvars.ContextVar[AdaptiveOptions | None] = contextvars.ContextVar(
-    "fortify_adaptive_options", default=None
-)
+        check_point_count(self.autoattack_points, "adaptive autoattack_points")
 
 
 def adaptive_evaluate(
@@ -178,12 +187,9 @@ def adaptive_evaluate(
     if "adaptive_square_queries" in kwargs:
         own["square_queries"] = kwargs.pop("adaptive_square_queries")
     opts = replace(opts, **own)
-    opts.validate()
-    token = _OPTIONS.set(opts)
-    try:
-        return evaluate(model, x, y, suite=SUITE, eps=eps, **kwargs)
-    finally:
-        _OPTIONS.reset(token)
+    return evaluate(
+        model, x, y, suite=SUITE, eps=eps, suite_options=opts.as_suite_options(), **kwargs
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,20 +264,15 @@ def _zero_grad_fraction(
     return zero / max(m, 1)
 
 
-def _describe(surrogate: object) -> str | None:
-    if surrogate is None:
-        return None
-    return type(surrogate).__name__ if isinstance(surrogate, nn.Module) else str(surrogate)
-
-
 @register_suite(
     SUITE,
     description="FPD-proof: CE on the output, C&W/DLR on pre-bound logits, AutoAttack, Square, "
     "transfer; Ensemble = worst case over all",
+    options=AdaptiveOptions,
 )
 def adaptive_suite(ctx: SuiteContext) -> None:
     """Attacks that see through bounded outputs (see the module docstring)."""
-    opts = _OPTIONS.get() or AdaptiveOptions()
+    opts = AdaptiveOptions(**ctx.options)
     opts.validate()
     eps, norm, k = ctx.eps, ctx.norm, opts.steps
     step = opts.step_size if opts.step_size is not None else 2.5 * eps / k
@@ -324,7 +325,7 @@ def adaptive_suite(ctx: SuiteContext) -> None:
         f"PGD-{k} DLR", pgd_fn(target, "dlr", 13), note=f"DLR loss on the {where}"
     )
     # -- AutoAttack -------------------------------------------------------------------------
-    limit = ctx.n if opts.autoattack_points is None else min(ctx.n, opts.autoattack_points)
+    limit = first_points(ctx.n, opts.autoattack_points)
     aa_nets = []
     if opts.autoattack in ("both", "bounded"):
         aa_nets.append(("AutoAttack", ctx.model, "standard AutoAttack on the model's output"))
@@ -337,17 +338,20 @@ def adaptive_suite(ctx: SuiteContext) -> None:
         def aa_fn(
             xb: torch.Tensor, yb: torch.Tensor, sl: slice, net: nn.Module = net
         ) -> torch.Tensor:
-            n_in = max(0, min(len(xb), limit - sl.start))
-            if n_in == 0:
-                return xb
-            adv = _autoattack_batch(
-                net, xb[:n_in], yb[:n_in], eps=eps, norm=norm, seed=ctx.seed, k=ctx.num_classes
+            return attack_first(
+                lambda xa, ya: _autoattack_batch(
+                    net, xa, ya, eps=eps, norm=norm, seed=ctx.seed, k=ctx.num_classes
+                ),
+                xb,
+                yb,
+                limit - sl.start,
             )
-            return torch.cat([adv, xb[n_in:]]) if n_in < len(xb) else adv
 
         if limit < ctx.n:
-            note += f"; first {limit} of {ctx.n} points (the rest count as not attacked)"
+            note += "; " + first_points_note("AutoAttack", limit, ctx.n)
         columns[name] = ctx.run_attack(name, aa_fn, note=note)
+    if aa_nets:
+        ctx.settings["autoattack_points"] = limit
     # -- black box ----------------------------------------------------------------------------
     black = []
     if opts.square_queries > 0:
@@ -492,6 +496,6 @@ def adaptive_suite(ctx: SuiteContext) -> None:
         "autoattack": opts.autoattack,
         "autoattack_points": limit,
         "square_queries": opts.square_queries,
-        "surrogate": _describe(opts.surrogate),
+        "surrogate": describe_option(opts.surrogate),
     }
     log.info("adaptive: headline (per-sample worst case over every column) %.2f%%", headline)

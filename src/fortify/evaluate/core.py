@@ -10,8 +10,8 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 import torch
@@ -38,9 +38,42 @@ SuiteFn = Callable[["SuiteContext"], None]
 
 @dataclass(frozen=True)
 class SuiteSpec:
+    """A registered suite.
+
+    Attributes:
+        options: the option names the suite accepts (``evaluate(..., suite_options=...)``).
+        options_type: a dataclass whose fields are those names; when set, the given options are
+            checked by building it and calling its ``validate()`` (if any) before the run.
+    """
+
     name: str
     fn: SuiteFn
     description: str = ""
+    options: tuple[str, ...] = ()
+    options_type: type | None = None
+
+    def check_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """A validated copy of ``given``; an unknown name raises :class:`ConfigError`."""
+        if given is None:
+            return {}
+        if not isinstance(given, Mapping):
+            raise ConfigError(
+                f"suite_options must be a mapping of option name to value, got "
+                f"{type(given).__name__}"
+            )
+        opts = dict(given)
+        bad = sorted(str(k) for k in opts if k not in self.options)
+        if bad:
+            allowed = ", ".join(self.options) if self.options else "none (it takes no options)"
+            raise ConfigError(
+                f"evaluation suite {self.name!r} does not accept the option(s) {', '.join(bad)}; "
+                f"allowed: {allowed}"
+            )
+        if self.options_type is not None:
+            validate = getattr(self.options_type(**opts), "validate", None)
+            if callable(validate):
+                validate()
+        return opts
 
 
 _SUITES: dict[str, SuiteSpec] = {}
@@ -53,17 +86,45 @@ _PLUGIN_MODULES = (
 )
 
 
-def register_suite(name: str, fn: SuiteFn | None = None, *, description: str = "") -> Any:
+def register_suite(
+    name: str,
+    fn: SuiteFn | None = None,
+    *,
+    description: str = "",
+    options: Sequence[str] | type | None = None,
+) -> Any:
     """Register ``fn(ctx: SuiteContext) -> None`` as suite ``name`` (usable as a decorator).
 
     A suite adds columns through ``ctx.run_pgd``, ``ctx.run_fgsm``, ``ctx.run_attack`` or
     ``ctx.add(Outcome(...))`` and findings through ``ctx.check(name, status, message)``.
+
+    Args:
+        options: the option names the suite accepts in ``ctx.options`` (from
+            ``evaluate(..., suite_options=...)``), or a dataclass whose fields are those names
+            (its ``validate()``, if any, checks the values before the run). None: no options.
     """
+    if options is None:
+        names: tuple[str, ...] = ()
+        options_type = None
+    elif isinstance(options, type):
+        if not is_dataclass(options):
+            raise ConfigError(
+                f"options of suite {name!r} must be a sequence of names or a dataclass, got "
+                f"class {options.__name__}"
+            )
+        names, options_type = tuple(f.name for f in fields(options)), options
+    elif isinstance(options, str):
+        raise ConfigError(
+            f"options of suite {name!r} must be a sequence of names, got the string {options!r}"
+        )
+    else:
+        names, options_type = tuple(options), None
 
     def deco(f: SuiteFn) -> SuiteFn:
         if name in _SUITES and _SUITES[name].fn is not f:
             raise ConfigError(f"evaluation suite {name!r} is registered twice")
-        _SUITES[name] = SuiteSpec(name, f, description or (f.__doc__ or "").strip().split("\n")[0])
+        desc = description or (f.__doc__ or "").strip().split("\n")[0]
+        _SUITES[name] = SuiteSpec(name, f, desc, names, options_type)
         return f
 
     return deco(fn) if fn is not None else deco
@@ -90,6 +151,75 @@ def get_suite(name: str) -> SuiteSpec:
     return _SUITES[name]
 
 
+def eval_config_options(eval_cfg: Any) -> dict[str, Any]:
+    """The ``suite_options`` an :class:`fortify.config.EvalConfig` implies for its suite.
+
+    ``autoattack_points`` is passed when set and the suite accepts it (``autoattack``, ``full``,
+    ``adaptive``); for a suite that runs no AutoAttack it has no effect and a warning says so.
+    """
+    points = getattr(eval_cfg, "autoattack_points", None)
+    if points is None:
+        return {}
+    spec = get_suite(eval_cfg.suite)
+    if "autoattack_points" in spec.options:
+        return {"autoattack_points": points}
+    takers = sorted(k for k, v in _SUITES.items() if "autoattack_points" in v.options)
+    log.warning(
+        "eval.autoattack_points=%s has no effect: suite %r does not take it (suites that do: %s)",
+        points,
+        eval_cfg.suite,
+        ", ".join(takers),
+    )
+    return {}
+
+
+def describe_option(value: Any) -> Any:
+    """A JSON-safe rendering of an option value (modules by class name, paths as strings)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): describe_option(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [describe_option(v) for v in value]
+    if isinstance(value, nn.Module):
+        return type(value).__name__
+    return str(value)
+
+
+def first_points(n: int, limit: int | None) -> int:
+    """How many of ``n`` points an attack limited to the first ``limit`` (None: all) sees."""
+    return n if limit is None else min(n, limit)
+
+
+def attack_first(
+    attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    n_in: int,
+) -> torch.Tensor:
+    """``attack(x, y)`` on the first ``n_in`` points of a batch; the rest are returned unchanged.
+
+    Re-classifying the result therefore gives the points beyond ``n_in`` their *clean* outcome:
+    the convention for attacks run on a prefix of the points (say so with
+    :func:`first_points_note`).
+    """
+    n_in = max(0, min(len(xb), n_in))
+    if n_in == 0:
+        return xb
+    adv = attack(xb[:n_in], yb[:n_in])
+    return adv if n_in == len(xb) else torch.cat([adv, xb[n_in:]])
+
+
+def first_points_note(what: str, k: int, n: int) -> str:
+    """The column note of an attack run on the first ``k`` of ``n`` points ("" when k = n)."""
+    if k >= n:
+        return ""
+    return (
+        f"{what} on the first {k} of {n} points; the other {n - k} were not attacked and keep "
+        "their clean outcome in this column"
+    )
+
+
 def _progress(total: int, desc: str, enabled: bool | None) -> Any:
     from tqdm.auto import tqdm
 
@@ -114,9 +244,11 @@ class SuiteContext:
     clean_correct: torch.Tensor  # bool (N,), CPU
     run_checks: bool = True
     progress: bool | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # suite_options, names checked
     outcomes: list[Outcome] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # added to the report's settings
 
     @property
     def n(self) -> int:
@@ -355,6 +487,7 @@ def evaluate(
     square_queries: int = 1000,
     progress: bool | None = None,
     settings: dict[str, Any] | None = None,
+    suite_options: Mapping[str, Any] | None = None,
 ) -> EvalReport:
     """Evaluate ``model`` on ``(x, y)`` with an attack suite and honest-evaluation checks.
 
@@ -374,6 +507,10 @@ def evaluate(
         square_queries: query budget of the black-box Square check.
         progress: tqdm bars (None: only when stderr is a TTY).
         settings: extra entries recorded in the report's settings.
+        suite_options: options of the suite, e.g. ``{"autoattack_points": 500}`` for
+            ``autoattack`` / ``full`` or the :class:`~fortify.evaluate.adaptive.AdaptiveOptions`
+            fields for ``adaptive``; names the suite does not accept raise
+            :class:`ConfigError`. Recorded in the report's settings as ``suite_options``.
 
     Returns:
         :class:`EvalReport` (table, per-sample outcomes, checks, settings).
@@ -385,6 +522,7 @@ def evaluate(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     spec = get_suite(suite)
+    options = spec.check_options(suite_options)
     dev = torch.device(device) if device is not None else _model_device(model)
     if device is not None:
         model.to(dev)
@@ -422,6 +560,7 @@ def evaluate(
             clean_correct=correct,
             run_checks=checks,
             progress=progress,
+            options=options,
         )
         if was_training:
             ctx.check(
@@ -441,6 +580,7 @@ def evaluate(
 
     report_settings: dict[str, Any] = {
         "suite": suite,
+        "suite_options": describe_option(options),
         "eps": float(eps),
         "norm": norm,
         "n_points": len(x),
@@ -456,6 +596,7 @@ def evaluate(
         "seconds": round(time.perf_counter() - t_start, 2),
         "versions": _versions(),
     }
+    report_settings.update(ctx.settings)
     report_settings.update(settings or {})
     return EvalReport(report_settings, ctx.outcomes, ctx.checks, ctx.extras)
 

@@ -11,16 +11,15 @@ For datasets without a published set (Fashion-MNIST, MNIST, digits, SVHN, your o
 images are corrupted on the fly with :mod:`fortify.evaluate.corruptions` (seeded).
 
 :func:`evaluate_ood` reports accuracy (percent) per corruption × severity, per corruption, per
-severity and the mean over all; the ``ood`` evaluation suite wraps it.
+severity and the mean over all; the ``ood`` evaluation suite wraps it, with the fields of
+:class:`OODOptions` as its ``suite_options`` (e.g. ``{"dataset": "cifar10"}`` to find CIFAR-10-C).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from fortify.data.base import ImageSet
-from fortify.errors import ConfigError, DataError
+from fortify.errors import ConfigError, DataError, check_point_count
 from fortify.evaluate import corruptions as C
 
 log = logging.getLogger("fortify.evaluate.ood")
@@ -56,6 +55,7 @@ BENCHMARK_CORRUPTIONS = (
 )
 EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 PUBLISHED = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C", "tiny-imagenet": "Tiny-ImageNet-C"}
+SOURCES = ("auto", "published", "generated")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +271,8 @@ def generated_ood(
             batch index, so results are reproducible and severities share their noise draws.
     """
     names = list(corruptions) if corruptions is not None else C.available(x.shape[1])
+    for name in names:  # fail before any work, e.g. on "frost", which is not generated
+        C.check_name(name)
     for s in severities:
         if s not in SEVERITIES:
             raise ConfigError(f"severity must be one of {list(SEVERITIES)}, got {s!r}")
@@ -402,8 +404,7 @@ def evaluate_ood(
     x: float test images (N, C, H, W) in [0, 1] (used for generated corruptions and to size the
     published subset: the first ``n_points or len(x)`` images per severity).
     """
-    if source not in ("auto", "published", "generated"):
-        raise ConfigError(f"OOD source must be auto, published or generated, got {source!r}")
+    _check_source(source)
     found = find_published(dataset, root) if source != "generated" else None
     if source == "published" and found is None:
         raise DataError(
@@ -450,43 +451,49 @@ def evaluate_ood(
 # ----------------------------------------------------------------------------------------------
 # the ``ood`` evaluation suite
 
-_OOD_DEFAULTS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "fortify_ood_defaults", default=None
-)
+
+def _check_source(source: str) -> None:
+    if source not in SOURCES:
+        raise ConfigError(f"OOD source must be one of {', '.join(SOURCES)}, got {source!r}")
 
 
-@contextlib.contextmanager
-def ood_dataset(
-    dataset: str | None,
-    root: str | os.PathLike | None = None,
-    classes: Sequence[str] | None = None,
-    **options: Any,
-) -> Iterator[None]:
-    """Tell the ``ood`` suite which dataset the points come from (to find CIFAR-10-C & co.).
+@dataclass
+class OODOptions:
+    """Options of the ``ood`` suite (``evaluate(..., suite="ood", suite_options={...})``).
 
-    ``fortify eval --suite ood`` and ``fortify rift`` wrap :func:`fortify.evaluate.evaluate` in
-    this; other options (``corruptions``, ``severities``, ``source``) are passed through.
+    Attributes:
+        dataset: the dataset the points come from (finds CIFAR-10-C & co.; None: generated).
+        root: where to look for the published set (else ``$FORTIFY_DATA`` or ``./data``).
+        classes: Tiny-ImageNet class ids (wnids) in the model's label order.
+        source: ``auto``, ``published`` or ``generated`` (see :func:`evaluate_ood`).
+        corruptions: corruption names (None: the benchmark's / all that fit).
+        severities: severities 1–5 to evaluate.
+        n_points: images per corruption and severity (None: the evaluated points' count).
     """
-    token = _OOD_DEFAULTS.set({"dataset": dataset, "root": root, "classes": classes, **options})
-    try:
-        yield
-    finally:
-        _OOD_DEFAULTS.reset(token)
+
+    dataset: str | None = None
+    root: str | os.PathLike | None = None
+    classes: Sequence[str] | None = None
+    source: str = "auto"
+    corruptions: Sequence[str] | None = None
+    severities: Sequence[int] = SEVERITIES
+    n_points: int | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on a bad source, severity or point count."""
+        _check_source(self.source)
+        bad = [s for s in self.severities if s not in SEVERITIES]
+        if bad:
+            raise ConfigError(
+                f"OOD severities {bad} are not allowed; choose from {list(SEVERITIES)}"
+            )
+        check_point_count(self.n_points, "OOD n_points")
 
 
 def _ood_suite(ctx: Any) -> None:
     """OOD: accuracy under common corruptions (published CIFAR-C sets or generated), 5 severities"""
-    opts = dict(_OOD_DEFAULTS.get() or {})
     result = evaluate_ood(
-        ctx.model,
-        ctx.x,
-        ctx.y,
-        dataset=opts.pop("dataset", None),
-        root=opts.pop("root", None),
-        classes=opts.pop("classes", None),
-        seed=ctx.seed,
-        batch_size=ctx.batch_size,
-        **opts,
+        ctx.model, ctx.x, ctx.y, seed=ctx.seed, batch_size=ctx.batch_size, **ctx.options
     )
     ctx.extras["ood"] = result.to_dict()
     ctx.extras["ood_markdown"] = result.markdown()
@@ -506,7 +513,7 @@ def _register_suite() -> None:
         from fortify.evaluate.core import register_suite
     except ImportError:  # evaluator not available: the readers still work
         return
-    register_suite("ood", _ood_suite)
+    register_suite("ood", _ood_suite, options=OODOptions)
 
 
 _register_suite()

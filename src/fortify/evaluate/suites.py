@@ -5,11 +5,18 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 
-from fortify.errors import ConfigError, EvaluationError
-from fortify.evaluate.core import SuiteContext, register_suite
+from fortify.errors import ConfigError, EvaluationError, check_point_count
+from fortify.evaluate.core import (
+    SuiteContext,
+    attack_first,
+    first_points,
+    first_points_note,
+    register_suite,
+)
 from fortify.evaluate.report import MODE_FREE, Outcome
 
 log = logging.getLogger("fortify.evaluate.suites")
@@ -46,10 +53,37 @@ class _CaptureLog(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+@dataclass
+class AutoAttackOptions:
+    """Options of the ``autoattack`` and ``full`` suites (``evaluate(..., suite_options=...)``).
+
+    Attributes:
+        autoattack_points: run AutoAttack on the first N points only (None: all); the other
+            points keep their clean outcome in the AutoAttack column, and the column's note and
+            the report's ``autoattack_points`` setting say how many were attacked.
+    """
+
+    autoattack_points: int | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on a bad value."""
+        check_point_count(self.autoattack_points, "autoattack_points")
+
+
 def run_autoattack(
-    ctx: SuiteContext, *, version: str = "standard", name: str = "AutoAttack"
+    ctx: SuiteContext,
+    *,
+    version: str = "standard",
+    name: str = "AutoAttack",
+    points: int | None = None,
 ) -> Outcome:
-    """Run pyautoattack's standard version on all points; its own checks' warnings become checks."""
+    """Run pyautoattack's standard version; its own checks' warnings become checks.
+
+    Args:
+        points: attack only the first ``points`` points (None: all). The others are not attacked
+            and keep their clean outcome in the column; the note and ``ctx.settings`` say so.
+    """
+    check_point_count(points, "autoattack_points")
     try:
         from pyautoattack import AutoAttack
     except ImportError as exc:  # pragma: no cover - pyautoattack is a dependency
@@ -67,11 +101,18 @@ def run_autoattack(
     adversary = AutoAttack(
         ctx.model, norm=norm, eps=ctx.eps, version=version, device=ctx.device, seed=ctx.seed
     )
-    note = ""
+    limit = first_points(ctx.n, points)
+    notes = [first_points_note("AutoAttack", limit, ctx.n)]
     if k - 1 < 9:  # fewer than 10 classes: one target per other class
         adversary.apgd_targeted.n_target_classes = k - 1
         adversary.fab.n_target_classes = k - 1
-        note = f"APGD-T/FAB-T with {k - 1} target classes (model has {k})"
+        notes.append(f"APGD-T/FAB-T with {k - 1} target classes (model has {k})")
+    ctx.settings["autoattack_points"] = limit
+    x_all = ctx.x.to(ctx.device)
+
+    def _run(xa: torch.Tensor, ya: torch.Tensor) -> torch.Tensor:
+        return adversary.run_standard_evaluation(xa, ya, batch_size=ctx.batch_size)[0]
+
     handler = _CaptureLog()
     aa_log = logging.getLogger("auto-attack")
     aa_log.addHandler(handler)
@@ -81,13 +122,11 @@ def run_autoattack(
         devices = [ctx.device] if ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            x_adv, _ = adversary.run_standard_evaluation(
-                ctx.x.to(ctx.device), ctx.y.to(ctx.device), batch_size=ctx.batch_size
-            )
+            x_adv = attack_first(_run, x_all, ctx.y.to(ctx.device), limit)
     finally:
         aa_log.removeHandler(handler)
     found = handler.messages + [str(w.message) for w in caught]
-    ctx.verify_ball(name, x_adv, ctx.x.to(ctx.device))
+    ctx.verify_ball(name, x_adv, x_all)
     correct = torch.zeros(ctx.n, dtype=torch.bool)
     for sl, _, yb in ctx.batches():
         correct[sl] = (ctx.predict(x_adv[sl]) == yb).cpu()
@@ -103,20 +142,22 @@ def run_autoattack(
             "no warnings (randomness, probability outputs, dynamic defence, classes, zero "
             "gradients, Square vs APGD)",
         )
+    note = "; ".join(n for n in notes if n)
     return ctx.add(Outcome(name, correct, MODE_FREE, ensemble=False, seconds=dt, note=note))
 
 
 @register_suite(
     "autoattack",
     description="AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) via pyautoattack",
+    options=AutoAttackOptions,
 )
 def autoattack_suite(ctx: SuiteContext) -> None:
     """AutoAttack standard version through the reference package ``pyautoattack``."""
-    run_autoattack(ctx)
+    run_autoattack(ctx, points=ctx.options.get("autoattack_points"))
 
 
-@register_suite("full", description="paper suite + AutoAttack")
+@register_suite("full", description="paper suite + AutoAttack", options=AutoAttackOptions)
 def full_suite(ctx: SuiteContext) -> None:
     """Everything of ``paper`` followed by ``autoattack``."""
     paper_suite(ctx)
-    run_autoattack(ctx)
+    run_autoattack(ctx, points=ctx.options.get("autoattack_points"))

@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=8, help="small-resnet width")
     p.add_argument("--decoder-width", type=int, default=32, help="FPD decoder width")
     p.add_argument("--epochs-plain", type=int, default=5)
-    p.add_argument("--epochs-fpd", type=int, default=6)
+    p.add_argument("--epochs-fpd", type=int, default=8)
     p.add_argument("--epochs-ft", type=int, default=2, help="adversarial fine-tuning epochs")
     p.add_argument("--ft-attack", choices=["fgsm-rs", "pgd"], default="fgsm-rs")
     p.add_argument("--threshold", type=float, default=0.08, help="FPD phase threshold T (MSE)")
@@ -96,7 +96,7 @@ def _configs(a: argparse.Namespace) -> dict[str, Any]:
     fpd = DefenseConfig(
         kind="fpd", options={"width": a.decoder_width, "bound": "tanh", "middle": "input"}
     )
-    ev = EvalConfig(suite="adaptive", eps=a.eps, n_points=a.n_points)
+    ev = EvalConfig(suite="adaptive", eps=a.eps, n_points=a.n_points, autoattack_points=a.aa_points)
     common = dict(
         batch_size=128, val_points=500, val_attack_steps=0, select="clean", grad_clip=10.0
     )

@@ -127,6 +127,8 @@ def render(
     rr: Any,
 ) -> str:
     """The Markdown results page."""
+    from fortify.evaluate.corruptions import FAMILIES
+
     m = summary["models"]
 
     def cell(r: dict[str, Any], key: str) -> str:
@@ -176,8 +178,8 @@ def render(
             f"TEST split: {summary['n_points']} points for Std/PGD-10/OOD, AutoAttack on "
             f"{rr.cfg.evaluate.autoattack_points or summary['n_points']}; "
             f"L∞ ε = {summary['eps']:.4g}. "
-            "OOD = mean accuracy over generated corruptions (noise, blur, digital families × 5 "
-            "severities; fortify.evaluate.corruptions), not a published set.",
+            f"OOD = mean accuracy over generated corruptions ({', '.join(FAMILIES)} families × "
+            "5 severities; fortify.evaluate.corruptions, no frost), not a published set.",
             "",
             *rows,
             "",

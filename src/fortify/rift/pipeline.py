@@ -346,9 +346,9 @@ def evaluate_models(
     Returns ``{"models": {name: {"std", "pgd10"?, "paper": table, "autoattack", "ood"}}, ...}``.
     """
     from fortify.evaluate.core import evaluate
-    from fortify.evaluate.ood import ood_dataset
 
     _register_pgd10()
+    ood_options = {"dataset": splits.name, "classes": splits.classes}
 
     out: dict[str, Any] = {"eps": eps, "n_points": opts.n_points, "seed": seed, "models": {}}
     for name, model in models.items():
@@ -361,17 +361,17 @@ def evaluate_models(
                 n = opts.ood_points
             x, y = splits.test.head(n).floats()
             t0 = time.perf_counter()
-            with ood_dataset(splits.name, classes=splits.classes):
-                report = evaluate(
-                    model,
-                    x,
-                    y,
-                    suite=suite,
-                    eps=eps,
-                    batch_size=opts.batch_size,
-                    seed=seed,
-                    checks=opts.checks and suite != "ood",
-                )
+            report = evaluate(
+                model,
+                x,
+                y,
+                suite=suite,
+                eps=eps,
+                batch_size=opts.batch_size,
+                seed=seed,
+                checks=opts.checks and suite != "ood",
+                suite_options=ood_options if suite == "ood" else None,
+            )
             if out_dir is not None:
                 report.save(out_dir, stem=f"{name.lower()}-{suite}")
             table = report.table()
