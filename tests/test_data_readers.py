@@ -135,7 +135,7 @@ def test_unknown_dataset_and_options():
         load_dataset("digits", image_size=32)
     with pytest.raises(DataError, match="image_size"):
         load_dataset("caltech101", "/nonexistent", image_size=0)
-    assert reader_options("caltech101") == {"image_size": 64}
+    assert reader_options("caltech101") == {"image_size": 64, "cache_dir": None}
     assert {"mnist", "fashion-mnist", "cifar10", "svhn", "image-folder"} <= set(available())
 
 
@@ -276,10 +276,12 @@ def solid(path: Path, value: int, size=(8, 8), mode="RGB") -> None:
     Image.new(mode, size, color).save(path)
 
 
-def test_tiny_imagenet_tree_and_val_regrouping(tmp_path):
-    base = tmp_path / "tiny-imagenet-200"
+def make_tiny_imagenet(root: Path) -> list[str]:
+    """``root/tiny-imagenet-200``: 3 classes × 4 train JPEGs, 7 interleaved val images and an
+    unlabelled test image; pixel values follow the label. Returns the wnids in label order."""
+    base = root / "tiny-imagenet-200"
     wnids = ["n002", "n001", "n003"]  # wnids.txt order defines the labels
-    base.mkdir()
+    base.mkdir(parents=True)
     (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
     for label, w in enumerate(wnids):
         for k in range(4):
@@ -293,6 +295,12 @@ def test_tiny_imagenet_tree_and_val_regrouping(tmp_path):
         lines.append(f"val_{i}.JPEG\t{wnids[label]}\t0\t0\t7\t7")
     (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     solid(base / "test" / "images" / "test_0.JPEG", 0)  # unlabelled official test: ignored
+    return wnids
+
+
+def test_tiny_imagenet_tree_and_val_regrouping(tmp_path):
+    wnids = make_tiny_imagenet(tmp_path)
+    base = tmp_path / "tiny-imagenet-200"
     s = load_dataset("tiny-imagenet", str(tmp_path), val_size=2)
     assert s.classes == wnids and s.num_classes == 3 and s.default_augment == "crop-flip"
     assert s.image_shape == (3, 8, 8)
@@ -351,11 +359,17 @@ def test_per_class_split_is_deterministic_disjoint_and_covering():
     assert te_other != te
 
 
-def test_image_folder_grey_rgb_and_errors(tmp_path):
+def make_image_folder(root: Path, mode: str = "L") -> None:
+    """``root/{train,test}/{cat,dog}/<i>.png``: 3 + 2 lossless 6×6 images per class whose
+    value is 30 + i (cat) or 200 + i (dog)."""
     for split, n in (("train", 3), ("test", 2)):
         for cls, v in (("cat", 30), ("dog", 200)):
             for i in range(n):
-                solid(tmp_path / split / cls / f"{i}.png", v + i, size=(6, 6), mode="L")
+                solid(root / split / cls / f"{i}.png", v + i, size=(6, 6), mode=mode)
+
+
+def test_image_folder_grey_rgb_and_errors(tmp_path):
+    make_image_folder(tmp_path)
     s = load_dataset("image-folder", str(tmp_path), val_size=1, image_size=None)
     assert s.classes == ["cat", "dog"] and s.image_shape == (1, 6, 6)
     assert s.test.labels.tolist() == [0, 0, 1, 1]

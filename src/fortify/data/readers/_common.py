@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from fortify.data.base import ImageSet
+from fortify.data.cache import CacheDirOption, cached_imagesets
 from fortify.errors import DataError
 
 log = logging.getLogger("fortify.data.readers")
 
 DATA_ENV = "FORTIFY_DATA"
+# Bump when _decode's output for the same file and settings changes (invalidates caches).
+DECODE_VERSION = 1
 DEFAULT_ROOT = "data"
 IMAGE_EXTENSIONS = (
     ".jpg",
@@ -176,3 +180,50 @@ def imageset_from_files(
     images = load_images([p for p, _ in items], image_size, mode)
     labels = torch.tensor([lab for _, lab in items], dtype=torch.int64)
     return ImageSet(images, labels)
+
+
+def decode_splits(
+    dataset: str,
+    reader_version: int,
+    source_root: Path,
+    splits: Mapping[str, Sequence[tuple[Path, int]]],
+    image_size: int | None,
+    mode: str | Callable[[], str],
+    settings: Mapping[str, Any],
+    cache_dir: CacheDirOption = None,
+) -> dict[str, ImageSet]:
+    """Decode each split's ``(path, label)`` items with :func:`load_images`, through the cache.
+
+    Args:
+        dataset: registry name, for file names and log lines.
+        reader_version: the reader's version constant; bump it when the reader's output for the
+            same files changes (part of the cache key).
+        source_root: the folder holding the image files.
+        splits: split name → items in dataset order.
+        image_size: side in pixels after resize + centre crop; None keeps the original size.
+        mode: PIL mode (``"RGB"``/``"L"``, part of the key), or a function computing it, called
+            at most once and only when some split has to be decoded (e.g. a scan of every file's
+            header); then ``settings`` must hold the option it is derived from.
+        settings: the reader's other result-determining settings (colour option, split rules),
+            JSON-serialisable; part of the cache key.
+        cache_dir: reader option ``cache_dir`` (see :func:`fortify.data.cache.resolve_cache_dir`).
+    Returns:
+        split name → :class:`ImageSet` (uint8 (N, C, H, W), int64 labels (N,)).
+    """
+    from PIL import __version__ as pillow_version
+
+    resolved: list[str] = [] if callable(mode) else [mode]
+
+    def decode(split: str, items: Sequence[tuple[Path, int]]) -> ImageSet:
+        if not resolved:
+            resolved.append(mode())  # type: ignore[operator]
+        log.info("%s: decoding %d %s images", dataset, len(items), split)
+        return imageset_from_files(items, image_size, resolved[0])
+
+    key_settings = {"image_size": image_size, **settings}
+    if not callable(mode):
+        key_settings["mode"] = mode
+    versions = {"reader": reader_version, "decode": DECODE_VERSION, "pillow": pillow_version}
+    return cached_imagesets(
+        dataset, source_root, splits, key_settings, versions, decode, cache_dir=cache_dir
+    )

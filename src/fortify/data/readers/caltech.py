@@ -4,6 +4,7 @@ Neither dataset has an official test split. Each class's image files are sorted 
 permuted with a generator seeded by ``(SPLIT_SEED, class index)``; the first 10 % (Caltech-101)
 or 5 % (Caltech-256) — rounded, at least one image per class — form the test split. Images are
 converted to RGB, their shorter side resized to ``image_size`` and the centre square kept.
+Decoded splits are cached (see :mod:`fortify.data.cache`; reader option ``cache_dir``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import re
 from pathlib import Path
 
 from fortify.data.base import ImageSet
+from fortify.data.cache import CacheDirOption
 from fortify.data.readers._common import (
     candidate_dirs,
     check_image_size,
+    decode_splits,
     download_root,
-    imageset_from_files,
     list_images,
     missing,
     per_class_split,
@@ -28,6 +30,7 @@ from fortify.errors import DataError
 log = logging.getLogger("fortify.data.readers.caltech")
 
 SPLIT_SEED = 20240101  # fixed: the test split never changes with any experiment seed
+READER_VERSION = 1  # bump when the output for the same files changes (invalidates caches)
 
 
 def _find(dirs: list[Path], folder: str) -> Path | None:
@@ -43,6 +46,7 @@ def _read(
     test_fraction: float,
     image_size: int,
     how: str,
+    cache_dir: CacheDirOption,
 ) -> tuple[ImageSet, ImageSet, list[str]]:
     check_image_size(image_size, name)
     dirs = candidate_dirs(root, [name])
@@ -72,18 +76,30 @@ def _read(
     if empty:
         raise DataError(f"{name}: class folder(s) without images in {base}: {', '.join(empty)}")
     train_items, test_items = per_class_split(files, test_fraction, SPLIT_SEED)
-    log.info("%s: decoding %d + %d images", name, len(train_items), len(test_items))
-    train = imageset_from_files(train_items, image_size)
-    test = imageset_from_files(test_items, image_size)
-    return train, test, [c.name for c in class_dirs]
+    rules = {"split_seed": SPLIT_SEED, "test_fraction": test_fraction, "skip": sorted(skip)}
+    sets = decode_splits(
+        name,
+        READER_VERSION,
+        base,
+        {"train": train_items, "test": test_items},
+        image_size,
+        "RGB",
+        rules,
+        cache_dir,
+    )
+    return sets["train"], sets["test"], [c.name for c in class_dirs]
 
 
 @register_reader("caltech101")
 def read_caltech101(
-    root: str | None = None, download: bool = False, image_size: int = 64
+    root: str | None = None,
+    download: bool = False,
+    image_size: int = 64,
+    cache_dir: CacheDirOption = None,
 ) -> ReaderResult:
     """Caltech-101: 101 classes (BACKGROUND_Google skipped), 90/10 per-class split, RGB
-    ``image_size``² images; ε = 8/255, crop-flip."""
+    ``image_size``² images; ε = 8/255, crop-flip. ``cache_dir``: see
+    :func:`fortify.data.cache.resolve_cache_dir`."""
     train, test, classes = _read(
         "caltech101",
         root,
@@ -94,16 +110,21 @@ def read_caltech101(
         image_size,
         "load_dataset(..., download=True) or download and extract "
         "101_ObjectCategories from https://data.caltech.edu/records/mzrjq-6wc02",
+        cache_dir,
     )
     return train, test, len(classes), classes, 8 / 255, "crop-flip"
 
 
 @register_reader("caltech256")
 def read_caltech256(
-    root: str | None = None, download: bool = False, image_size: int = 64
+    root: str | None = None,
+    download: bool = False,
+    image_size: int = 64,
+    cache_dir: CacheDirOption = None,
 ) -> ReaderResult:
     """Caltech-256: 256 classes (257.clutter skipped), 95/5 per-class split, RGB
-    ``image_size``² images; ε = 8/255, crop-flip. Class names drop the ``NNN.`` prefix."""
+    ``image_size``² images; ε = 8/255, crop-flip. Class names drop the ``NNN.`` prefix.
+    ``cache_dir``: see :func:`fortify.data.cache.resolve_cache_dir`."""
     train, test, folders = _read(
         "caltech256",
         root,
@@ -114,6 +135,7 @@ def read_caltech256(
         image_size,
         "load_dataset(..., download=True) or download and extract "
         "256_ObjectCategories from https://data.caltech.edu/records/nyy15-4j048",
+        cache_dir,
     )
     classes = [re.sub(r"^\d+\.", "", f) for f in folders]
     return train, test, len(classes), classes, 8 / 255, "crop-flip"

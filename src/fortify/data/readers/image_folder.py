@@ -1,13 +1,17 @@
-"""A generic labelled image folder: ``root/train/<class>/*`` and ``root/test/<class>/*``."""
+"""A generic labelled image folder: ``root/train/<class>/*`` and ``root/test/<class>/*``.
+
+Decoded splits are cached (see :mod:`fortify.data.cache`; reader option ``cache_dir``).
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+from fortify.data.cache import CacheDirOption
 from fortify.data.readers._common import (
     check_image_size,
-    imageset_from_files,
+    decode_splits,
     list_images,
     missing,
 )
@@ -17,6 +21,7 @@ from fortify.errors import DataError
 log = logging.getLogger("fortify.data.readers.image_folder")
 
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+READER_VERSION = 1  # bump when the output for the same files changes (invalidates caches)
 
 
 def _class_dirs(split_dir: Path) -> dict[str, Path]:
@@ -43,6 +48,7 @@ def read_image_folder(
     download: bool = False,
     image_size: int | None = 64,
     grayscale: bool | None = None,
+    cache_dir: CacheDirOption = None,
 ) -> ReaderResult:
     """Any PIL-readable images in ``root/train/<class>/`` and ``root/test/<class>/``.
 
@@ -50,7 +56,8 @@ def read_image_folder(
     ``image_size``: resize (shorter side + centre crop) to ``image_size``²; None keeps the
     original size, which must then be the same for every image. ``grayscale``: force 1 (True)
     or 3 (False) channels; None: 1 channel when every image is greyscale, else RGB.
-    ε = 8/255, crop-flip augmentation.
+    ``cache_dir``: see :func:`fortify.data.cache.resolve_cache_dir`. ε = 8/255, crop-flip
+    augmentation.
     """
     check_image_size(image_size, "image-folder", allow_none=True)
     if grayscale is not None and not isinstance(grayscale, bool):
@@ -85,12 +92,24 @@ def read_image_folder(
     if not train_items or not test_items:
         which = "train" if not train_items else "test"
         raise DataError(f"image-folder: no images found under {base / which}")
-    if grayscale is None:
-        grayscale = _is_grey([p for p, _ in train_items + test_items])
-    mode = "L" if grayscale else "RGB"
-    log.info("image-folder: decoding %d + %d images (%s)", len(train_items), len(test_items), mode)
-    train = imageset_from_files(train_items, image_size, mode)
-    test = imageset_from_files(test_items, image_size, mode)
+
+    def mode() -> str:  # only needed when something is decoded (reads every file's header)
+        grey = grayscale
+        if grey is None:
+            grey = _is_grey([p for p, _ in train_items + test_items])
+        return "L" if grey else "RGB"
+
+    sets = decode_splits(
+        "image-folder",
+        READER_VERSION,
+        base,
+        {"train": train_items, "test": test_items},
+        image_size,
+        mode,
+        {"grayscale": grayscale},
+        cache_dir,
+    )
+    train, test = sets["train"], sets["test"]
     if train.images.shape[1:] != test.images.shape[1:]:
         raise DataError(
             f"image-folder: train images are {tuple(train.images.shape[2:])}, test images "

@@ -1,7 +1,8 @@
 """Tiny-ImageNet-200 from the extracted ``tiny-imagenet-200`` folder tree.
 
 The official test images are unlabelled, so the test split is the labelled validation set
-(10,000 images, 50 per class), regrouped by class from ``val/val_annotations.txt``.
+(10,000 images, 50 per class), regrouped by class from ``val/val_annotations.txt``. Decoded
+splits are cached (see :mod:`fortify.data.cache`; reader option ``cache_dir``).
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from fortify.data.cache import CacheDirOption
 from fortify.data.readers._common import (
     candidate_dirs,
     check_image_size,
-    imageset_from_files,
+    decode_splits,
     list_images,
     missing,
 )
@@ -22,6 +24,7 @@ from fortify.errors import DataError
 log = logging.getLogger("fortify.data.readers.tiny_imagenet")
 
 FOLDER = "tiny-imagenet-200"
+READER_VERSION = 1  # bump when the output for the same files changes (invalidates caches)
 
 
 def _locate(root: str | None) -> tuple[Path | None, list[Path]]:
@@ -53,12 +56,16 @@ def read_val_annotations(path: Path, wnid_index: dict[str, int]) -> list[tuple[s
 
 @register_reader("tiny-imagenet")
 def read_tiny_imagenet(
-    root: str | None = None, download: bool = False, image_size: int | None = None
+    root: str | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    cache_dir: CacheDirOption = None,
 ) -> ReaderResult:
     """Tiny-ImageNet: 100k/10k RGB 64×64 images, 200 classes; ε = 8/255, crop-flip.
 
     ``image_size``: resize (shorter side + centre crop) to this size; None keeps 64×64.
-    Classes are the WordNet ids in ``wnids.txt`` order.
+    Classes are the WordNet ids in ``wnids.txt`` order. ``cache_dir``: see
+    :func:`fortify.data.cache.resolve_cache_dir`.
     """
     check_image_size(image_size, "tiny-imagenet", allow_none=True)
     d, looked = _locate(root)
@@ -91,9 +98,17 @@ def read_tiny_imagenet(
             raise DataError(f"tiny-imagenet: {ann} lists {fname} but {p} does not exist")
         test_items.append((p, label))
     test_items.sort(key=lambda t: (t[1], t[0].name))  # regroup by class
-    log.info("tiny-imagenet: decoding %d + %d images", len(train_items), len(test_items))
-    train = imageset_from_files(train_items, image_size)
-    test = imageset_from_files(test_items, image_size)
+    sets = decode_splits(
+        "tiny-imagenet",
+        READER_VERSION,
+        d,
+        {"train": train_items, "test": test_items},
+        image_size,
+        "RGB",
+        {},  # the split rules are in the items: which files, their labels and order
+        cache_dir,
+    )
+    train, test = sets["train"], sets["test"]
     if train.images.shape[1:] != test.images.shape[1:]:
         raise DataError(
             f"tiny-imagenet: train images are {tuple(train.images.shape[2:])}, test images "
