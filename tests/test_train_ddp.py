@@ -3,36 +3,144 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import torch
+from test_train_loop import BASE, assert_same_state
 
-from fortify.runs import RunDir, load_model
+from fortify.runs import RunDir, load_model, read_checkpoint
+from fortify.train.state import load_state
+
+TINY = [*BASE, "train.objective=trades"]  # the single-process loop tests' tiny setup
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(*args: str) -> list[str]:
+    """``fortify train ARGS`` as 2 gloo processes under ``python -m torch.distributed.run``."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+        "-m", "fortify.cli.main", "train", "--no-progress", *args,
+    ]  # fmt: skip
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_torchrun(*args), capture_output=True, text=True, timeout=170, env=ENV)
+    errors = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error:" in ln]
+    assert proc.returncode == 0, "\n".join(errors[-20:]) or proc.stderr[-3000:]
+    return proc
 
 
 def test_two_process_gloo_run_trains_and_rank0_checkpoint_loads(tmp_path):
     run_dir = tmp_path / "ddp"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--standalone", "-m", "fortify.cli.main", "train",
-        "--run-dir", str(run_dir), "--no-progress",
-        "data.name=digits", "data.val_size=300", "data.train_subset=400",
-        "model.kwargs={width: 4}", "device=cpu", "train.epochs=2", "train.batch_size=64",
-        "train.objective=trades", "train.attack.eps=0.1", "train.attack.step_size=0.05",
-        "train.attack.steps=2", "train.val_points=60", "train.val_attack_steps=2",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env)
-    errors = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error:" in ln]
-    assert proc.returncode == 0, "\n".join(errors[-20:]) or proc.stderr[-3000:]
+    proc = _run("--run-dir", str(run_dir), *TINY, "data.train_subset=400", "train.epochs=2")
     assert proc.stdout.count("run: ") == 1  # only rank 0 reports
     records = RunDir(run_dir).read_metrics()
     assert [r["epoch"] for r in records] == [0, 1]  # rank 0 logs once per epoch
     assert records[-1]["train/samples"] == 400  # two shards of 200 cover the subset
-    assert records[-1]["val/n"] == 60  # sharded validation, counts all-reduced
+    assert records[-1]["val/n"] == 100  # sharded validation, counts all-reduced
     model, meta = load_model(run_dir, tag="last")
     assert meta["world_size"] == 2 and meta["epoch"] == 1
     x = torch.rand(4, 1, 8, 8)
     assert model(x).shape == (4, 10)
     assert RunDir(run_dir).state == "finished"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live descendants of ``pid`` (from /proc; torchrun starts workers in their own sessions)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a torchrun agent started with ``start_new_session=True`` and all its workers."""
+    workers = _descendants(proc.pid)  # each leads its own session (torchrun's Popen)
+    for pgid in [proc.pid, *workers]:  # the agent first, so it cannot react
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers):  # orphans: reaped by init, not by us
+        assert time.monotonic() < deadline, "killed workers did not exit"
+        time.sleep(0.01)
+
+
+def _kill_after_first_epoch(cmd: list[str], run_dir: Path) -> None:
+    """Run ``cmd`` in its own session and SIGKILL it as soon as epoch 0 is in the metrics."""
+    proc = subprocess.Popen(
+        cmd, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not RunDir(run_dir).read_metrics():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no epoch finished within 120 s"
+            time.sleep(0.01)
+    finally:
+        _kill_tree(proc)
+        proc.stderr.close()
+
+
+def _last_epoch(run_dir: Path) -> int:
+    return int(read_checkpoint(run_dir / "checkpoints" / "last.safetensors")[2]["epoch"])
+
+
+def test_two_process_run_killed_mid_training_resumes_bit_identically(tmp_path):
+    # A kill that lands after the run has finished would prove nothing: then retry with more
+    # epochs (each epoch takes ~0.2 s here, the kill follows the first epoch's record at once).
+    for epochs in (6, 12, 24):
+        config = [*TINY, "data.train_subset=1000", f"train.epochs={epochs}"]
+        cut = tmp_path / f"cut-{epochs}"
+        _kill_after_first_epoch(_torchrun("--run-dir", str(cut), *config), cut)
+        if RunDir(cut).state != "finished" and _last_epoch(cut) < epochs - 1:
+            break
+    else:
+        raise AssertionError("every run finished before it could be killed")
+    killed_at = _last_epoch(cut)
+    assert RunDir(cut).state == "running"  # SIGKILL: no chance to record "failed"
+    assert 0 <= killed_at < epochs - 1
+    assert [r["epoch"] for r in RunDir(cut).read_metrics()][-1] <= killed_at
+
+    proc = _run("--resume", str(cut))
+    assert f"epochs trained now: {epochs - 1 - killed_at} (of {epochs})" in proc.stdout
+    full = tmp_path / "full"
+    _run("--run-dir", str(full), *config)
+
+    assert RunDir(cut).state == "finished"
+    assert [r["epoch"] for r in RunDir(cut).read_metrics()] == list(range(epochs))
+    a, _, meta_a = read_checkpoint(full / "checkpoints" / "last.safetensors")
+    b, _, meta_b = read_checkpoint(cut / "checkpoints" / "last.safetensors")
+    assert meta_a["epoch"] == meta_b["epoch"] == epochs - 1
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after a killed + resumed DDP run"
+    assert meta_a["metrics"]["val/clean"] == meta_b["metrics"]["val/clean"]
+    assert meta_a["metrics"]["train/loss"] == meta_b["metrics"]["train/loss"]
+    sa = load_state(full / "checkpoints" / "last.safetensors", epochs - 1)
+    sb = load_state(cut / "checkpoints" / "last.safetensors", epochs - 1)
+    for key in ("optimizer", "schedule", "rng", "best_metric", "best_epoch"):
+        assert_same_state(sa[key], sb[key], key)

@@ -25,6 +25,7 @@ from fortify.train import (
     register_objective,
 )
 from fortify.train.objectives.at import AdversarialTraining
+from fortify.train.state import load_state
 
 BASE = [
     "data.name=digits",
@@ -60,7 +61,16 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("extra", [[], ["train.objective=trades", "train.schedule=cosine"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["train.objective=trades", "train.schedule=cosine"],
+        ["train.precision=bf16", "train.channels_last=true"],
+        ["train.precision=fp16", "train.grad_clip=5.0"],  # GradScaler, unscale before clipping
+    ],
+    ids=["fp32", "trades-cosine", "bf16-channels-last", "fp16-scaler"],
+)
 def test_kill_and_resume_gives_bit_identical_weights(tmp_path, splits, extra):
     cfg = _cfg("train.epochs=3", "train.milestones=[1]", "train.warmup_epochs=1", *extra)
     full = fit(cfg, tmp_path / "full", splits=splits, progress=False)
@@ -72,18 +82,50 @@ def test_kill_and_resume_gives_bit_identical_weights(tmp_path, splits, extra):
     with pytest.raises(Crash):
         fit(cfg, tmp_path / "cut", splits=splits, callbacks=[crash_after_epoch_1])
     assert RunDir(tmp_path / "cut").state == "failed"
+    # a kill between writing `last` and appending its metrics line loses the line
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines[:-1]))
     resumed = fit(cfg, tmp_path / "cut", mode="resume", splits=splits)
     assert resumed.epochs_run == 1
     a, b = _weights(full.model), _weights(resumed.model)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
-    assert [r["epoch"] for r in RunDir(tmp_path / "cut").read_metrics()] == [0, 1, 2]
+    records = RunDir(tmp_path / "cut").read_metrics()
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert records[1] == json.loads(lines[-1])  # restored from the checkpointed history
     assert resumed.history[-1]["train/loss"] == full.history[-1]["train/loss"]
+    assert resumed.history[-1]["val/robust"] == full.history[-1]["val/robust"]
     assert RunDir(tmp_path / "cut").state == "finished"
     # only the final epoch's training state remains next to `last`
     states = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("*.pt"))
     assert states == ["last.state-2.pt"]
+    # ... and it equals the uninterrupted run's: optimiser, schedule, GradScaler, RNG
+    sa, sb = (load_state(tmp_path / r / "checkpoints" / "last.safetensors", 2) for r in RUNS)
+    for key in ("optimizer", "schedule", "scaler", "rng", "best_metric", "best_epoch"):
+        assert_same_state(sa[key], sb[key], key)
+    if "train.precision=fp16" in extra:  # the scaler ran (and kept counting) across the resume
+        assert sb["scaler"]["_growth_tracker"] == 3 * 8 and sb["scaler"]["scale"] == 2.0**16
+
+
+RUNS = ("full", "cut")
+
+
+def assert_same_state(a, b, where: str) -> None:
+    """Recursive exact equality of two training-state values (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def test_resume_refuses_changed_config_unless_forced(tmp_path, splits):
@@ -227,6 +269,60 @@ def test_bf16_channels_last_and_fp16_train(tmp_path, splits):
         assert 0.0 <= result.history[-1]["val/clean"] <= 1.0
         assert torch.isfinite(torch.tensor(result.history[-1]["train/loss"]))
         load_model(tmp_path / name, tag="best")
+
+
+def _scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """``tag -> [(step, value), ...]`` from all TensorBoard event files of a run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_logs_each_epoch_and_resume_continues_the_steps(tmp_path, splits, monkeypatch):
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    real_init = gfile.GFile.__init__
+
+    def without_append(self, filename, mode):  # as on object stores (S3): data lands on flush
+        real_init(self, filename, mode)
+        self.fs_supports_append = False
+
+    monkeypatch.setattr(gfile.GFile, "__init__", without_append)
+    cfg = _cfg("train.epochs=3", "train.tensorboard=true")
+    seen = {}
+
+    def check_then_crash(epoch, record):
+        seen[epoch] = _scalars(tmp_path / "run")  # flushed per epoch: readable while running
+        if epoch == 1:
+            raise Crash("simulated kill")
+
+    with pytest.raises(Crash):
+        fit(cfg, tmp_path / "run", splits=splits, callbacks=[check_then_crash])
+    assert [s for s, _ in seen[0]["train/loss"]] == [0]
+    assert [s for s, _ in seen[1]["val/clean"]] == [0, 1], seen[1]
+    result = fit(cfg, tmp_path / "run", mode="resume", splits=splits)
+    scalars = _scalars(tmp_path / "run")
+    assert len(list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    for tag in ("train/loss", "val/clean", "val/robust", "lr", "train/acc_adv"):
+        steps = [s for s, _ in scalars[tag]]
+        assert steps == [0, 1, 2], f"{tag}: steps {steps}"  # continued, not restarted at 0
+        values = [r[tag] for r in result.history]
+        assert [v for _, v in scalars[tag]] == pytest.approx(values, rel=1e-6), tag
+    assert "epoch" not in scalars
+
+
+def test_tensorboard_without_the_package_warns_and_trains(tmp_path, splits, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    cfg = _cfg("train.epochs=1", "train.tensorboard=true")
+    with caplog.at_level("WARNING", logger="fortify.train"):
+        result = fit(cfg, tmp_path / "run", splits=splits)
+    assert result.epochs_run == 1
+    assert "tensorboard is not installed; pip install 'fortify[tensorboard]'" in caplog.text
+    assert not (tmp_path / "run" / "tensorboard").exists()
 
 
 def test_checkpoint_meta_rebuilds_model_and_best_is_selected_on_validation(tmp_path, splits):

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -82,6 +82,17 @@ def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
         return out
     return [] if old == new else [prefix.rstrip(".")]
+
+
+def _metrics_line(record: Mapping[str, Any]) -> str:
+    if not isinstance(record, Mapping):
+        raise RunDirError(
+            f"metrics must be a mapping of name -> value, got {type(record).__name__}"
+        )
+    try:
+        return dumps(dict(record), "metrics", indent=None)
+    except TypeError as exc:
+        raise RunDirError(f"cannot log metrics: {exc}") from exc
 
 
 class RunDir:
@@ -273,14 +284,7 @@ class RunDir:
         Tensors / NumPy scalars become numbers. If a previous process died mid-line, the new
         record starts on a fresh line (the broken line is skipped by :meth:`read_metrics`).
         """
-        if not isinstance(record, Mapping):
-            raise RunDirError(
-                f"metrics must be a mapping of name -> value, got {type(record).__name__}"
-            )
-        try:
-            line = dumps(dict(record), "metrics", indent=None)
-        except TypeError as exc:
-            raise RunDirError(f"cannot log metrics: {exc}") from exc
+        line = _metrics_line(record)
         path = self.metrics_path
         prefix = ""
         if path.exists() and path.stat().st_size > 0:
@@ -292,6 +296,11 @@ class RunDir:
             fh.write(prefix + line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+    def write_metrics(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Atomically replace ``metrics.jsonl`` with ``records``, one JSON line each (a resumed
+        run uses it to make the file match its checkpointed history)."""
+        atomic_write_text(self.metrics_path, "".join(_metrics_line(r) + "\n" for r in records))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All records of ``metrics.jsonl`` in order; malformed (e.g. half-written) lines are

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from fortify.utils.runtime import resolve_device
 
@@ -57,6 +60,30 @@ def setup(device: str) -> DistInfo:
     return info
 
 
+def finish(info: DistInfo, timeout: float = 5.0) -> None:
+    """Wait for every rank, then for gloo's worker threads to let go of that last collective.
+
+    :func:`fortify.train.fit` calls it after the last epoch, before leaving the process group.
+    A gloo worker thread frees each finished collective after the caller has been woken up,
+    and freeing a tensor that Python created needs the GIL. If the interpreter is shutting down
+    by then (a rank other than 0 has nothing left to do after training), the thread cannot get
+    the GIL and the process aborts (SIGABRT, "terminate called without an active exception")
+    although training succeeded. So the last collective is an all-reduce of a token whose
+    reference count this function watches (the pending C++ reference holds one more) while
+    sleeping with the GIL released, for at most ``timeout`` seconds. An all-reduce rather than
+    a barrier, because gloo's barrier keeps the collectives before it alive and frees them
+    itself. No-op when not distributed.
+    """
+    if not info.distributed:
+        return
+    token = torch.zeros(1, device=info.device)
+    idle = sys.getrefcount(token)
+    dist.all_reduce(token)  # every rank gets here
+    deadline = time.monotonic() + timeout
+    while sys.getrefcount(token) > idle and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 def teardown(info: DistInfo) -> None:
     """Leave the process group if :func:`setup` created it."""
     if info.owns_group and dist.is_initialized():
@@ -70,6 +97,20 @@ def broadcast_object(info: DistInfo, obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_buffers(info: DistInfo, module: nn.Module) -> None:
+    """Overwrite every rank's buffers (BatchNorm running statistics, ...) with rank 0's.
+
+    DDP broadcasts buffers only at the start of each forward pass through the wrapper, so after
+    an epoch the other ranks still hold statistics updated by their own last batch, while rank 0
+    checkpoints its own. Calling this at the end of each epoch makes every rank continue (and
+    validate) with exactly the state a resume restores. No-op when not distributed.
+    """
+    if not info.distributed:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)
 
 
 def all_reduce_sum(info: DistInfo, t: torch.Tensor) -> torch.Tensor:

@@ -241,9 +241,11 @@ def fit(
     objective = get_objective(tc.objective, tc)
     info = D.setup(cfg.device)
     try:
-        return _fit(
+        result = _fit(
             cfg, Path(run_dir), mode, splits, model, progress, force, callbacks, objective, info
         )
+        D.finish(info)  # see there: without it a rank can abort at exit
+        return result
     finally:
         D.teardown(info)
 
@@ -356,6 +358,8 @@ def _fit(
         start_epoch = epoch_done + 1
         best_metric, best_epoch = state["best_metric"], state["best_epoch"]
         history = list(state.get("history", []))
+        if run is not None:
+            _reconcile_metrics(run, history)
         log.info("resuming %s after epoch %d", run_dir, epoch_done)
 
     if tc.sync_bn and info.distributed:
@@ -391,6 +395,8 @@ def _fit(
             record = _train_epoch(
                 objective, net, module, loader, schedule, ctx, cfg, epoch, info, progress
             )
+            # every rank continues from the buffers rank 0 checkpoints (what a resume loads)
+            D.broadcast_buffers(info, module)
             if (epoch + 1) % tc.val_every == 0 or epoch == tc.epochs - 1:
                 t0 = time.perf_counter()
                 record.update(
@@ -431,6 +437,7 @@ def _fit(
                     for k, v in record.items():
                         if isinstance(v, (int, float)) and k != "epoch":
                             writer.add_scalar(k, v, epoch)
+                    writer.flush()  # a killed run keeps the curves of its checkpointed epochs
             if info.is_main:
                 _log_epoch(record, tc.epochs)
             epochs_run += 1
@@ -507,6 +514,26 @@ def _train_epoch(
     record["time/train_cpu"] = cpu  # this process's CPU seconds (all its threads)
     record["train/images_per_s"] = total / max(elapsed, 1e-9)
     return record
+
+
+def _reconcile_metrics(run: Any, history: list[dict[str, Any]]) -> None:
+    """Make ``metrics.jsonl`` list exactly the checkpointed epochs before a resume continues.
+
+    A kill between writing epoch ``e``'s checkpoint and appending its metrics line leaves the
+    line missing (and a hand-edited file may hold extra or repeated lines); the training state's
+    ``history`` is the authority, so the file is rewritten from it when the epochs differ.
+    """
+    if not history:  # nothing to go by: leave the file alone
+        return
+    logged = [r.get("epoch") for r in run.read_metrics()]
+    wanted = [r.get("epoch") for r in history]
+    if logged != wanted:
+        log.warning(
+            "%s does not list the checkpointed epochs 0..%d once each (%d lines); rewriting "
+            "it from the checkpoint's history",
+            run.metrics_path, len(history) - 1, len(logged),
+        )  # fmt: skip
+        run.write_metrics(history)
 
 
 def _selection_metric(select: str, record: dict[str, Any]) -> float | None:
