@@ -149,6 +149,11 @@ def test_per_pass_bn_statistics():
         assert not torch.allclose(f.unbounded_logits(x), logits)
 
 
+def test_defaults_are_per_pass_statistics_and_channel_scaled_denoising():
+    f = _fpd()
+    assert (f.bn_stats, f.denoise_scale) == ("per-pass", "nc")
+
+
 def test_shared_bn_statistics_option_has_no_copies():
     f = _fpd(bn_stats="shared").train()
     assert len(f.back_stats) == 0
@@ -163,10 +168,12 @@ def test_lateral_norm_option():
     assert f.restore(torch.rand(2, 1, 28, 28)).shape == (2, 1, 28, 28)
 
 
-def test_front_denoising_changes_the_features():
-    """D is applied after the stem and after layer1, in both passes."""
+@pytest.mark.parametrize("scale", ["nc", "n"])
+def test_front_denoising_changes_the_features(scale):
+    """D is applied after the stem and after layer1, in both passes, with the chosen scale."""
     torch.manual_seed(0)
-    f = _fpd().eval()
+    f = _fpd(denoise_scale=scale).eval()
+    assert f.denoise_scale == scale
     seen: dict[str, list[torch.Tensor]] = {"stem": [], "in1": [], "out1": [], "in2": []}
     f.net.act.register_forward_hook(lambda m, a, o: seen["stem"].append(o))
     f.net.layer1[0].register_forward_pre_hook(lambda m, a: seen["in1"].append(a[0]))
@@ -175,8 +182,8 @@ def test_front_denoising_changes_the_features():
     f(torch.rand(2, 1, 28, 28))
     assert len(seen["in1"]) == 2  # front and back pass
     for i in range(2):
-        torch.testing.assert_close(seen["in1"][i], denoise(seen["stem"][i]))
-        torch.testing.assert_close(seen["in2"][i], denoise(seen["out1"][i]))
+        torch.testing.assert_close(seen["in1"][i], denoise(seen["stem"][i], scale))
+        torch.testing.assert_close(seen["in2"][i], denoise(seen["out1"][i], scale))
 
 
 def test_spectral_and_none_bounds():

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import logging
 import shlex
 import sys
@@ -48,6 +50,10 @@ COLUMNS = [
 ]
 
 
+# row -> the row whose trained model initialises it (None: trained from scratch)
+ROWS: dict[str, str | None] = {"plain": None, "fpd": None, "fpd+at": "fpd", "plain+at": "plain"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/fpd-table", help="root of the three run directories")
     p.add_argument("--results", default="docs/results/fpd_table.md", help="markdown table to write")
@@ -69,6 +75,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--square-queries", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        choices=ROWS,
+        default=list(ROWS),
+        help="models to train and evaluate (plain+at: the plain model with the same adversarial "
+        "fine-tuning as fpd+at, the baseline that tells whether FPD adds anything)",
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep finished runs whose config is unchanged and reports whose settings and "
+        "checkpoint are unchanged (continue an interrupted replication)",
+    )
     p.add_argument(
         "--quick", action="store_true", help="tiny smoke run (minutes): checks the pipeline only"
     )
@@ -166,14 +186,18 @@ def _configs(a: argparse.Namespace) -> dict[str, Any]:
             **common,
         ),
     )
-    return {"plain": plain, "fpd": fpd_cfg, "fpd+at": ft}
+    plain_ft = copy.deepcopy(ft)
+    plain_ft.name, plain_ft.defenses = "fpd-table-plain-at", []
+    return {"plain": plain, "fpd": fpd_cfg, "fpd+at": ft, "plain+at": plain_ft}
 
 
 def run(a: argparse.Namespace) -> int:
     import torch
 
     from fortify.data import load_dataset
+    from fortify.evaluate import EvalReport
     from fortify.evaluate.adaptive import AdaptiveOptions, adaptive_evaluate
+    from fortify.runs import load_model
     from fortify.train import fit
     from fortify.utils.atomic import atomic_write_text as write_text_atomic
     from fortify.utils.runtime import seed_everything
@@ -194,19 +218,22 @@ def run(a: argparse.Namespace) -> int:
         train_subset=a.train_subset,
         test_subset=a.n_points,
     )
+    rows = [r for r in ROWS if r in a.rows or any(ROWS.get(o) == r for o in a.rows)]
+    summary_path = out / "summary.json"
     times: dict[str, float] = {}
-    models = {}
-    for key, src in (("plain", None), ("fpd", None), ("fpd+at", "fpd")):
+    if a.reuse and summary_path.exists():
+        times.update(json.loads(summary_path.read_text()).get("times", {}))
+    models: dict[str, Any] = {}
+    for key in rows:
+        run_dir = out / key.replace("+", "-")
+        src = ROWS[key]
+        if a.reuse and _finished_with(run_dir, cfgs[key]):
+            models[key] = load_model(run_dir, tag="last", device=a.device)[0]
+            log.info("reusing the finished run %s", run_dir)
+            continue
         t0 = time.perf_counter()
         init = copy.deepcopy(models[src]) if src else None
-        res = fit(
-            cfgs[key],
-            out / key.replace("+", "-"),
-            mode="overwrite",
-            splits=splits,
-            model=init,
-            progress=False,
-        )
+        res = fit(cfgs[key], run_dir, mode="overwrite", splits=splits, model=init, progress=False)
         models[key] = res.model.eval()
         times[f"train {key}"] = time.perf_counter() - t0
         last = res.history[-1] if res.history else {}
@@ -220,14 +247,28 @@ def run(a: argparse.Namespace) -> int:
     x, y = splits.test.floats(torch.device(a.device))
     x, y = x[: a.n_points], y[: a.n_points]
     reports = {}
-    for key, model in models.items():
+    for key in [r for r in rows if r in a.rows]:
+        model = models[key]
+        rep_dir = out / key.replace("+", "-") / "reports"
+        uses_surrogate = not key.startswith("plain")
+        fingerprint = eval_fingerprint(a, out, key)
+        key_path = rep_dir / "adaptive.key.json"
+        if (
+            a.reuse
+            and key_path.exists()
+            and (rep_dir / "adaptive.json").exists()
+            and json.loads(key_path.read_text()) == fingerprint
+        ):
+            reports[key] = EvalReport.load(rep_dir / "adaptive.json")
+            log.info("reusing the evaluation in %s", rep_dir)
+            continue
         t0 = time.perf_counter()
         opts = AdaptiveOptions(
             steps=a.steps,
             autoattack="both",
             autoattack_points=a.aa_points,
             square_queries=a.square_queries,
-            surrogate=None if key == "plain" else models["plain"],
+            surrogate=models["plain"] if uses_surrogate else None,
         )
         rep = adaptive_evaluate(
             model,
@@ -241,47 +282,116 @@ def run(a: argparse.Namespace) -> int:
             square_queries=a.square_queries,
         )
         times[f"eval {key}"] = time.perf_counter() - t0
-        rep_dir = out / key.replace("+", "-") / "reports"
         rep_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(rep_dir / "adaptive.md", rep.to_markdown())
         write_text_atomic(rep_dir / "adaptive.json", rep.to_json())
+        write_text_atomic(key_path, json.dumps(fingerprint, indent=1))
         reports[key] = rep
     wall = time.perf_counter() - t_start
-    text = _markdown(a, reports, times, wall)
+    summary = {"times": times, "last_call_seconds": wall, "args": vars(a)}
+    write_text_atomic(summary_path, json.dumps(summary, indent=1, default=str))
+    text = _markdown(a, reports, times)
     Path(a.results).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(Path(a.results), text)
     sys.stdout.write(text)
     return 0
 
 
-def _markdown(a: argparse.Namespace, reports: dict, times: dict[str, float], wall: float) -> str:
+def eval_fingerprint(a: argparse.Namespace, out: Path, key: str) -> dict[str, Any]:
+    """What an evaluation of row ``key`` depends on: budgets, seed and the checkpoints' hashes."""
+    ckpt = Path("checkpoints") / "last.safetensors"
+    return {
+        "eps": a.eps,
+        "n_points": a.n_points,
+        "steps": a.steps,
+        "aa_points": a.aa_points,
+        "square_queries": a.square_queries,
+        "seed": a.seed,
+        "checkpoint": _sha256(out / key.replace("+", "-") / ckpt),
+        "surrogate": None if key.startswith("plain") else _sha256(out / "plain" / ckpt),
+    }
+
+
+def _finished_with(run_dir: Path, cfg: Any) -> bool:
+    """True when ``run_dir`` holds a finished run of ``cfg`` (its ``eval`` and ``device``
+    sections aside: they do not change what is trained)."""
+    from fortify.config import to_dict
+    from fortify.runs import RunDir
+
+    def training_part(d: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if d is None else {k: v for k, v in d.items() if k not in ("eval", "device")}
+
+    rd = RunDir(run_dir)
+    return (
+        run_dir.is_dir()
+        and rd.state == "finished"
+        and training_part(rd.read_config()) == training_part(json.loads(json.dumps(to_dict(cfg))))
+        and (run_dir / "checkpoints" / "last.safetensors").exists()
+    )
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def subset_accuracy(rep: Any, column: str, k: int) -> float | None:
+    """Accuracy (%) of ``column`` over the first ``k`` points (None if the column is absent)."""
+    c = rep.correct(column, "final")
+    if c is None or len(c) == 0:
+        return None
+    return 100.0 * float(c[:k].float().mean())
+
+
+def _table(reports: dict, cols: list[tuple[str, str]], k: int, steps: int) -> list[str]:
+    """Markdown rows: one per model, accuracy of each column over the first ``k`` points."""
+    lines = [
+        "| model | " + " | ".join(label for _, label in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for key, rep in reports.items():
+        cells = []
+        for col, _ in cols:
+            acc = subset_accuracy(rep, col.format(k=steps), k)
+            cells.append("–" if acc is None else f"{acc:.1f}")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _markdown(a: argparse.Namespace, reports: dict, times: dict[str, float]) -> str:
+    """The results page: all-point table, AutoAttack-subset table, checks and stage times."""
     cmd = "fortify replicate fpd-table " + " ".join(shlex.quote(s) for s in sys.argv[3:])
-    head = [label for _, label in COLUMNS]
+    k = min(a.aa_points, a.n_points)
+    main_cols = [(c, label) for c, label in COLUMNS if not c.startswith("AutoAttack")]
+    aa_cols = [("Natural", f"clean (first {k})")] + [
+        (c, label) for c, label in COLUMNS if c.startswith("AutoAttack")
+    ]
+    aa_cols.append(("Ensemble", f"worst case (first {k})"))
+    total = sum(times.values())
     lines = [
         "# FPD on Fashion-MNIST (CPU scale)"
         + (" — QUICK SMOKE RUN, numbers meaningless" if a.quick else ""),
         "",
         f"Command: `{cmd.strip()}`  ",
         f"Seed {a.seed}; small-resnet width {a.width}, FPD decoder width {a.decoder_width}; "
-        f"{a.train_subset} training images; L∞ ε = {a.eps:g}; {a.n_points} test points "
-        f"(AutoAttack on the first {a.aa_points}; points beyond keep their clean outcome in the "
-        f"AutoAttack columns); PGD-{a.steps}, Square {a.square_queries} queries; fine-tuning "
-        f"attack {a.ft_attack}. Wall time {wall / 60:.1f} min.",
+        f"{a.train_subset} training images; L∞ ε = {a.eps:g}; {a.n_points} test points; "
+        f"PGD-{a.steps}, Square {a.square_queries} queries; AutoAttack (standard) on the first "
+        f"{k} points; fine-tuning attack {a.ft_attack} for {a.epochs_ft} epochs. Each model is "
+        f"its last epoch's weights. Compute time {total / 60:.1f} min (sum of the stages below).",
         "",
         "Accuracy (%). *output* = attacks on the model's (tanh-bounded) output; *logits* = "
         "white-box attacks on the pre-bound logits, scored on the bounded model. Worst case = "
-        "per-sample minimum over every column (the headline).",
+        "per-sample minimum over every column, AutoAttack included where it ran (the headline).",
         "",
-        "| model | " + " | ".join(head) + " |",
-        "|---|" + "---|" * len(head),
+        f"## All {a.n_points} points",
+        "",
+        *_table(reports, main_cols, a.n_points, a.steps),
+        "",
+        f"## AutoAttack, on the first {k} points",
+        "",
+        *_table(reports, aa_cols, k, a.steps),
     ]
-    for key, rep in reports.items():
-        row = rep.table()["final"]
-        cells = []
-        for col, _ in COLUMNS:
-            name = col.format(k=a.steps)
-            cells.append(f"{row[name]:.1f}" if name in row else "–")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     lines += ["", "## Checks (warnings only)", ""]
     for key, rep in reports.items():
         warns = [c for c in rep.checks if c.status != "ok"]
@@ -289,5 +399,5 @@ def _markdown(a: argparse.Namespace, reports: dict, times: dict[str, float], wal
             f"- **{key}**: "
             + ("none" if not warns else "; ".join(f"{c.name}: {c.message}" for c in warns))
         )
-    lines += ["", "## Time", ""] + [f"- {k}: {v / 60:.1f} min" for k, v in times.items()]
+    lines += ["", "## Time", ""] + [f"- {n}: {v / 60:.1f} min" for n, v in times.items()]
     return "\n".join(lines) + "\n"
