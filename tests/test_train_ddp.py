@@ -109,13 +109,17 @@ def _last_epoch(run_dir: Path) -> int:
     return int(read_checkpoint(run_dir / "checkpoints" / "last.safetensors")[2]["epoch"])
 
 
-def test_two_process_run_killed_mid_training_resumes_bit_identically(tmp_path):
-    # A kill that lands after the run has finished would prove nothing: then retry with more
-    # epochs (each epoch takes ~0.2 s here, the kill follows the first epoch's record at once).
+def kill_two_process_run(tmp_path: Path, config: list[str]) -> tuple[Path, int, int]:
+    """Start ``config`` as 2 processes under torchrun and SIGKILL them after the first epoch.
+
+    A kill that lands after the run has finished would prove nothing: then retry with more
+    epochs (each epoch takes ~0.2 s here, the kill follows the first epoch's record at once).
+    Returns ``(run_dir, epochs, last checkpointed epoch)``; ``train.epochs`` is set here.
+    """
     for epochs in (6, 12, 24):
-        config = [*TINY, "data.train_subset=1000", f"train.epochs={epochs}"]
         cut = tmp_path / f"cut-{epochs}"
-        _kill_after_first_epoch(_torchrun("--run-dir", str(cut), *config), cut)
+        cmd = _torchrun("--run-dir", str(cut), *config, f"train.epochs={epochs}")
+        _kill_after_first_epoch(cmd, cut)
         if RunDir(cut).state != "finished" and _last_epoch(cut) < epochs - 1:
             break
     else:
@@ -124,6 +128,12 @@ def test_two_process_run_killed_mid_training_resumes_bit_identically(tmp_path):
     assert RunDir(cut).state == "running"  # SIGKILL: no chance to record "failed"
     assert 0 <= killed_at < epochs - 1
     assert [r["epoch"] for r in RunDir(cut).read_metrics()][-1] <= killed_at
+    return cut, epochs, killed_at
+
+
+def test_two_process_run_killed_mid_training_resumes_bit_identically(tmp_path):
+    cut, epochs, killed_at = kill_two_process_run(tmp_path, [*TINY, "data.train_subset=1000"])
+    config = [*TINY, "data.train_subset=1000", f"train.epochs={epochs}"]
 
     proc = _run("--resume", str(cut))
     assert f"epochs trained now: {epochs - 1 - killed_at} (of {epochs})" in proc.stdout

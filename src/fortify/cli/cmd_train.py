@@ -11,7 +11,7 @@ DESCRIPTION = (
     "into a run directory: checkpoints/last and best (selected on the validation split), "
     "metrics.jsonl, config.yaml. Resume an interrupted run with --resume RUN. Under "
     "`torchrun --nproc_per_node=N` the same command trains with DistributedDataParallel. "
-    "Examples: fortify train --config configs/train/fmnist-cpu-at.yaml ; "
+    "Examples: fortify train --config configs/train/cpu/fmnist-at.yaml ; "
     "fortify train --config configs/train/cifar10/resnet18-at.yaml train.epochs=10 ; "
     "fortify train --resume runs/fmnist-at"
 )
@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--resume", metavar="RUN", default=None,
-        help="continue the run in RUN from its 'last' checkpoint (bit-identical on CPU)",
+        help="continue the run in RUN from its 'last' checkpoint (bit-identical on CPU with the "
+        "same number of processes; another number continues with a warning)",
     )  # fmt: skip
     parser.add_argument(
         "--overwrite", action="store_true",
@@ -71,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--force", action="store_true",
-        help="with --resume: continue even though the config differs from the run's",
+        help="with --resume: continue even though the config differs from the run's, or "
+        "the number of processes changes the global batch (train.batch_size // N * N); another "
+        "number of processes alone is allowed with a warning (not bit-identical)",
     )  # fmt: skip
     parser.add_argument(
         "--set", dest="sets", metavar="SECTION.FIELD=VALUE", action="append", default=[],

@@ -1,7 +1,8 @@
 """Entry point of the ``fortify`` command.
 
-Each subcommand is a module ``fortify.cli.cmd_<name>`` exposing ``NAME``, ``HELP``,
-``add_arguments(parser)`` and ``run(args) -> int``. Subcommands are imported lazily when invoked.
+Each subcommand is a module ``fortify.cli.cmd_<name>`` listed in ``COMMANDS`` and exposing
+``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args) -> int``; it is imported lazily when
+invoked. The plug-in commands under ``import`` and ``replicate`` also expose ``NAME``/``HELP``.
 """
 
 from __future__ import annotations

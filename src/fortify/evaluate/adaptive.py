@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +128,6 @@ class AdaptiveOptions:
     square_on: Sequence[str] = SQUARE_TARGETS
     surrogate: nn.Module | str | Path | None = None
     transfer_steps: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_suite_options(self) -> dict[str, Any]:
         """``{field: value}`` for ``evaluate(..., suite_options=...)`` (values not copied)."""
@@ -182,7 +181,7 @@ def adaptive_evaluate(
         the :class:`EvalReport`; the headline is its Ensemble column.
     """
     opts = options or AdaptiveOptions()
-    names = set(AdaptiveOptions.__dataclass_fields__) - {"extra"}
+    names = set(AdaptiveOptions.__dataclass_fields__)
     own = {k: kwargs.pop(k) for k in list(kwargs) if k in names and k != "square_queries"}
     if "adaptive_square_queries" in kwargs:
         own["square_queries"] = kwargs.pop("adaptive_square_queries")

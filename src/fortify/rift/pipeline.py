@@ -312,7 +312,13 @@ class RiftRun:
         self.interpolate()
         models = {"AT": self.model, "RiFT": self.rift_model()}
         summary = evaluate_models(
-            models, self.splits, eps=self.eps, opts=self.cfg.evaluate, seed=self.cfg.seed, out_dir=d
+            models,
+            self.splits,
+            eps=self.eps,
+            opts=self.cfg.evaluate,
+            seed=self.cfg.seed,
+            out_dir=d,
+            data_root=self.exp.data.root,
         )
         grid = json.loads((self.step_dir("interpolate") / "grid.json").read_text())
         summary["alpha"] = grid["chosen"]["alpha"]
@@ -340,15 +346,19 @@ def evaluate_models(
     opts: EvalOptions,
     seed: int = 0,
     out_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Std / PGD / AutoAttack / OOD on the TEST split for each model; reports saved per suite.
+
+    ``data_root`` is where the run's data lives; the OOD suite also looks for published
+    corrupted sets (CIFAR-10-C, ...) there.
 
     Returns ``{"models": {name: {"std", "pgd10"?, "paper": table, "autoattack", "ood"}}, ...}``.
     """
     from fortify.evaluate.core import evaluate
 
     _register_pgd10()
-    ood_options = {"dataset": splits.name, "classes": splits.classes}
+    ood_options = {"dataset": splits.name, "root": data_root, "classes": splits.classes}
 
     out: dict[str, Any] = {"eps": eps, "n_points": opts.n_points, "seed": seed, "models": {}}
     for name, model in models.items():

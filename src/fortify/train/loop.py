@@ -5,7 +5,9 @@ objective take its steps, validate on the validation split, then (rank 0) write 
 state, the ``last`` model checkpoint, the ``best`` one when the selection metric improved, and a
 line of ``metrics.jsonl``. Because every epoch's randomness is a pure function of
 ``(seed, epoch, rank)`` and the optimiser/schedule/scaler state is checkpointed, resuming from
-``last`` reproduces an uninterrupted run bit for bit on CPU.
+``last`` reproduces an uninterrupted run bit for bit on CPU — with the same number of processes.
+A resume with a different number of processes continues the same run (see
+:func:`check_resume_world_size`) but cannot reproduce the original one.
 """
 
 from __future__ import annotations
@@ -203,6 +205,71 @@ def _check_resume_config(stored: dict[str, Any], cfg: ExperimentConfig, force: b
     log.warning("resuming with a changed config (forced): %s", listing)
 
 
+def _global_batch(batch_size: int, world_size: int) -> int:
+    """Images per optimiser step over all processes (each uses ``batch_size // world_size``)."""
+    return batch_size // world_size * world_size
+
+
+def check_resume_world_size(
+    stored: int | None, current: int, batch_size: int, *, force: bool = False
+) -> str | None:
+    """Decide whether a run trained with ``stored`` processes may resume with ``current``.
+
+    Model, optimiser, GradScaler and schedule state do not depend on the number of processes
+    (gradients are averaged over processes, the schedule is a function of the epoch and of the
+    fraction of it done), and every epoch's data order and random streams are pure functions
+    of ``(seed, epoch, rank)``; so a resume with another number of processes is a correct,
+    reproducible continuation. It cannot equal the uninterrupted run, though, because each
+    epoch's samples fall into different per-process batches.
+
+    Args:
+        stored: the ``world_size`` in the checkpoint's metadata (None: unknown, not checked).
+        current: processes of this resume.
+        batch_size: ``train.batch_size``, the global batch split evenly across processes.
+        force: accept a change of the effective global batch size (``--force``).
+    Returns:
+        None when nothing changes, else the warning to log: what changes and why the result
+        will not be bit-identical to an uninterrupted run with ``stored`` processes.
+    Raises:
+        ConfigError: the effective global batch (``batch_size // n * n``) would change and
+            ``force`` is false; the message lists the process counts that keep it.
+    """
+    if stored is None or int(stored) == current:
+        return None
+    stored = int(stored)
+    old_per, new_per = batch_size // stored, batch_size // current
+    old_global, new_global = _global_batch(batch_size, stored), _global_batch(batch_size, current)
+    batch_note = f"the global batch stays {new_global} images"
+    if old_global != new_global:
+        keep = [
+            n
+            for n in range(1, min(batch_size, 64) + 1)
+            if _global_batch(batch_size, n) == old_global
+        ]
+        if not force:
+            raise ConfigError(
+                f"cannot resume with {current} process(es): the run was trained with {stored} "
+                f"process(es) of {old_per} images each (global batch {old_global}), and "
+                f"train.batch_size {batch_size} split over {current} process(es) gives {new_per} "
+                f"each (global batch {new_global}). Resume with a number of processes that keeps "
+                f"the global batch at {old_global} ({', '.join(map(str, keep[:8]))}), or pass "
+                f"--force (force=True) to continue with a global batch of {new_global}"
+            )
+        batch_note = f"the global batch changes from {old_global} to {new_global} images (forced)"
+    ranks = "rank 0" if current == 1 else f"ranks 0..{current - 1}"
+    return (
+        f"the run was trained with {stored} process(es) and continues with {current}; "
+        f"{batch_note} ({new_per} per process instead of {old_per}); epoch count, learning-rate "
+        "schedule, optimiser/GradScaler state and best-checkpoint bookkeeping carry over. The "
+        f"result will NOT be bit-identical to an uninterrupted {stored}-process run: every "
+        "epoch's samples are split into different per-process batches (so BatchNorm batch "
+        "statistics and the gradient summation order differ) and the random streams (attack "
+        f"random starts) are those of {ranks}, seeded from (seed, epoch, rank). "
+        f"Resuming this checkpoint again with {current} process(es) reproduces this "
+        "continuation exactly on CPU"
+    )
+
+
 def fit(
     cfg: ExperimentConfig,
     run_dir: str | Path,
@@ -225,7 +292,9 @@ def fit(
         model: a model to train instead of ``fortify.factory.build_model(...)`` (its checkpoint
             can then only be reloaded by passing the same architecture).
         progress: show a tqdm bar per epoch (only on a TTY, only on rank 0).
-        force: resume even if ``cfg`` differs from the run's stored config.
+        force: resume even if ``cfg`` differs from the run's stored config, or if a different
+            number of processes changes the effective global batch size (a different number
+            of processes alone only logs a warning; see :func:`check_resume_world_size`).
         callbacks: ``cb(epoch, record)`` called after each epoch's checkpoint (rank 0 and
             others alike); an exception aborts training, leaving the checkpoints as written.
     Returns:
@@ -332,6 +401,7 @@ def _fit(
 
     # -- resume ----------------------------------------------------------------------------
     start_epoch, best_metric, best_epoch, history = 0, None, None, []
+    global_step = 0
     if mode == "resume":
         from fortify.runs import load_checkpoint
 
@@ -350,6 +420,11 @@ def _fit(
                 f"training state epoch {state['epoch']} does not match the checkpoint's "
                 f"epoch {epoch_done}"
             )
+        note = check_resume_world_size(
+            meta.get("world_size"), info.world_size, tc.batch_size, force=force
+        )
+        if note is not None and info.is_main:
+            log.warning("resuming %s after epoch %d: %s", run_dir, epoch_done, note)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         if scaler is not None and state.get("scaler"):
@@ -358,6 +433,8 @@ def _fit(
         start_epoch = epoch_done + 1
         best_metric, best_epoch = state["best_metric"], state["best_epoch"]
         history = list(state.get("history", []))
+        # steps per epoch depend on the number of processes: count what was actually run
+        global_step = int(state.get("global_step", start_epoch * len(loader)))
         if run is not None:
             _reconcile_metrics(run, history)
         log.info("resuming %s after epoch %d", run_dir, epoch_done)
@@ -386,7 +463,7 @@ def _fit(
 
     ctx = StepContext(
         cfg=tc, optimizer=optimizer, device=device, params=params, module=module,
-        scaler=scaler, global_step=start_epoch * len(loader), rank=info.rank,
+        scaler=scaler, global_step=global_step, rank=info.rank,
         world_size=info.world_size,
     )  # fmt: skip
     epochs_run = 0
@@ -430,12 +507,13 @@ def _fit(
                     "best_metric": best_metric,
                     "best_epoch": best_epoch,
                     "history": history,
+                    "global_step": ctx.global_step,
                 }
                 ckpt.save(module, epoch, record, state, best=improved)
                 run.log_metrics(record)
                 if writer is not None:
                     for k, v in record.items():
-                        if isinstance(v, (int, float)) and k != "epoch":
+                        if isinstance(v, (int, float)) and k not in ("epoch", "world_size"):
                             writer.add_scalar(k, v, epoch)
                     writer.flush()  # a killed run keeps the curves of its checkpointed epochs
             if info.is_main:
@@ -510,6 +588,7 @@ def _train_epoch(
     for k, v in zip(keys, flat[:-1]):
         record[f"train/{k}"] = float(v) / max(total, 1.0)
     record["train/samples"] = int(total)
+    record["world_size"] = info.world_size  # a resume may use another number of processes
     record["time/train"] = elapsed
     record["time/train_cpu"] = cpu  # this process's CPU seconds (all its threads)
     record["train/images_per_s"] = total / max(elapsed, 1e-9)
@@ -565,4 +644,4 @@ def _tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
-__all__ = ["FitResult", "apply_trainable", "config_diff", "fit"]
+__all__ = ["FitResult", "apply_trainable", "check_resume_world_size", "config_diff", "fit"]

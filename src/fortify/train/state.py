@@ -50,7 +50,12 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng`."""
+    """Inverse of :func:`capture_rng`.
+
+    CUDA states are restored for the devices present in both the state and this process (a
+    run resumed on fewer or more GPUs than it was started on); the training loop reseeds
+    every device at each epoch start anyway.
+    """
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
@@ -59,7 +64,7 @@ def restore_rng(state: dict[str, Any]) -> None:
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(list(state["cuda"])[: torch.cuda.device_count()])
 
 
 def save_state(checkpoint: Path, epoch: int, state: dict[str, Any]) -> Path:

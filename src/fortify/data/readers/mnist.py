@@ -148,7 +148,7 @@ def _read(name: str, root: str | None, download: bool) -> tuple[ImageSet, ImageS
     if found is None:
         how = f"load_dataset(..., download=True) (torchvision downloads it into root/{tv_dir}/raw)"
         if name == "fashion-mnist":
-            how += " or `apt install fashion-mnist` (Debian/Ubuntu)"
+            how += " or `apt install dataset-fashion-mnist` (Debian/Ubuntu)"
         raise missing(name, dirs, ", ".join(lacking), how)
     log.debug("%s files: %s", name, found)
     train = _read_split(found["train_images"], found["train_labels"], 10)
