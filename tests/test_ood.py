@@ -80,6 +80,31 @@ def test_read_tiny_imagenet_c(tmp_path):
         ood.read_tiny_imagenet_c(tmp_path, "fog", 2, ["n01"])
 
 
+def test_tiny_imagenet_c_is_read_from_the_cache_the_second_time(tmp_path, monkeypatch):
+    from PIL import Image
+
+    cache = tmp_path / "cache"
+    classes = ["n01", "n02"]
+    for ci, w in enumerate(classes):
+        d = tmp_path / "data" / "fog" / "3" / w
+        d.mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), 50 * ci + 9 * i, np.uint8)).save(d / f"{i}.png")
+    first = ood.read_tiny_imagenet_c(tmp_path / "data", "fog", 3, classes, cache_dir=cache)
+    sub = ood.read_tiny_imagenet_c(tmp_path / "data", "fog", 3, classes, limit=5, cache_dir=cache)
+    assert list(cache.glob("tiny-imagenet-c-fog-3-*.safetensors"))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded an image although the cache was valid")
+
+    monkeypatch.setattr(Image, "open", no_decoding)
+    again = ood.read_tiny_imagenet_c(tmp_path / "data", "fog", 3, classes, cache_dir=cache)
+    assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+    sub2 = ood.read_tiny_imagenet_c(tmp_path / "data", "fog", 3, classes, limit=5, cache_dir=cache)
+    assert len(sub2) == 5 and torch.equal(sub2.images, sub.images)
+    assert first.images[:, 0, 0, 0].tolist() == [0, 9, 18, 27, 50, 59, 68, 77]
+
+
 class Const(nn.Module):
     """Predicts class 0 for every image."""
 

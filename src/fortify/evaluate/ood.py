@@ -132,6 +132,9 @@ def read_cifar_c(
     return out
 
 
+TINY_IMAGENET_C_READER_VERSION = 1
+
+
 def read_tiny_imagenet_c(
     root: str | os.PathLike,
     corruption: str,
@@ -139,9 +142,16 @@ def read_tiny_imagenet_c(
     classes: Sequence[str],
     *,
     limit: int | None = None,
+    cache_dir: Any = None,
 ) -> ImageSet:
-    """Read ``<root>/<corruption>/<severity>/<wnid>/*`` images; labels follow ``classes`` order."""
-    from PIL import Image
+    """Read ``<root>/<corruption>/<severity>/<wnid>/*`` images; labels follow ``classes`` order.
+
+    Decoded images go through the dataset cache (:mod:`fortify.data.cache`; ``cache_dir`` as
+    the readers' option: None = ``$FORTIFY_CACHE_DIR`` or the default, ``"off"`` disables), so
+    a second evaluation does not decode the 10,000 JPEGs of each (corruption, severity) again.
+    ``limit`` keeps a fixed, seeded subset of that many images (in folder order).
+    """
+    from fortify.data.readers._common import decode_splits
 
     d = Path(root) / corruption / str(severity)
     if not d.is_dir():
@@ -150,26 +160,35 @@ def read_tiny_imagenet_c(
             "(expected <root>/<corruption>/<1..5>/<wnid>/)"
         )
     index = {w: i for i, w in enumerate(classes)}
-    xs, ys = [], []
+    items: list[tuple[Path, int]] = []
     for cls_dir in sorted(p for p in d.iterdir() if p.is_dir()):
         if cls_dir.name not in index:
             raise DataError(
                 f"{str(cls_dir)!r}: class {cls_dir.name!r} is not one of the model's classes"
             )
-        for f in sorted(cls_dir.iterdir()):
-            if f.suffix.lower() not in (".jpeg", ".jpg", ".png"):
-                continue
-            with Image.open(f) as im:
-                xs.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-            ys.append(index[cls_dir.name])
-    if not xs:
+        items += [
+            (f, index[cls_dir.name])
+            for f in sorted(cls_dir.iterdir())
+            if f.suffix.lower() in (".jpeg", ".jpg", ".png")
+        ]
+    if not items:
         raise DataError(f"no images found under {str(d)!r}")
-    order = np.arange(len(xs))
-    if limit is not None and limit < len(xs):  # a fixed, class-balanced-ish subset
-        order = np.random.default_rng(0).permutation(len(xs))[:limit]
-        order.sort()
-    x = torch.from_numpy(np.stack([xs[i] for i in order])).permute(0, 3, 1, 2).contiguous()
-    return ImageSet(x, torch.tensor([ys[i] for i in order], dtype=torch.int64))
+    split = f"{corruption}-{severity}"
+    data = decode_splits(
+        "tiny-imagenet-c",
+        TINY_IMAGENET_C_READER_VERSION,
+        d,
+        {split: items},
+        None,
+        "RGB",
+        {"classes": list(classes)},
+        cache_dir,
+    )[split]
+    if limit is not None and limit < len(data):  # a fixed, class-balanced-ish subset
+        order = np.sort(np.random.default_rng(0).permutation(len(data))[:limit])
+        idx = torch.from_numpy(order)
+        return ImageSet(data.images[idx].contiguous(), data.labels[idx])
+    return data
 
 
 # ----------------------------------------------------------------------------------------------
