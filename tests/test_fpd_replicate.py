@@ -27,6 +27,13 @@ def test_row_configs_share_the_fine_tuning_recipe():
     assert a.train.objective == "at" and a.train.attack.eps == 0.1
 
 
+def test_rows_to_train_include_starting_models_and_the_surrogate():
+    assert ft.rows_to_train(["fpd+at"]) == ["plain", "fpd", "fpd+at"]
+    assert ft.rows_to_train(["plain+at"]) == ["plain", "plain+at"]
+    assert ft.rows_to_train(["fpd"]) == ["plain", "fpd"]
+    assert ft.rows_to_train(list(ft.ROWS)) == list(ft.ROWS)
+
+
 def _report(n: int, broken_by: dict[str, list[int]]) -> EvalReport:
     ones = torch.ones(n, dtype=torch.bool)
     outcomes = [Outcome("Natural", ones.clone())]

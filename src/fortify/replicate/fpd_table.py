@@ -222,11 +222,7 @@ def run(a: argparse.Namespace) -> int:
         train_subset=a.train_subset,
         test_subset=a.n_points,
     )
-    # every requested row, the rows they start from, and plain (the transfer surrogate)
-    needed = set(a.rows) | {"plain"}
-    while any(ROWS[r] and ROWS[r] not in needed for r in needed):
-        needed |= {ROWS[r] for r in needed if ROWS[r]}
-    rows = [r for r in ROWS if r in needed]
+    rows = rows_to_train(a.rows)
     summary_path = out / "summary.json"
     times: dict[str, float] = {}
     if a.reuse and summary_path.exists():
@@ -303,6 +299,15 @@ def run(a: argparse.Namespace) -> int:
     write_text_atomic(Path(a.results), text)
     sys.stdout.write(text)
     return 0
+
+
+def rows_to_train(requested: list[str]) -> list[str]:
+    """The requested rows, the rows they start from and ``plain`` (the transfer surrogate), in
+    training order."""
+    needed = set(requested) | {"plain"}
+    while any(ROWS[r] and ROWS[r] not in needed for r in needed):
+        needed |= {ROWS[r] for r in needed if ROWS[r]}
+    return [r for r in ROWS if r in needed]
 
 
 def eval_fingerprint(a: argparse.Namespace, out: Path, key: str) -> dict[str, Any]:
