@@ -154,6 +154,13 @@ def test_defaults_are_per_pass_statistics_and_channel_scaled_denoising():
     assert (f.bn_stats, f.denoise_scale) == ("per-pass", "nc")
 
 
+def test_weights_without_back_pass_statistics_are_refused_with_the_way_out():
+    old = _fpd(bn_stats="shared").state_dict()  # what FPD weights looked like before bn_stats
+    with pytest.raises(RuntimeError, match="bn_stats: shared, denoise_scale: n"):
+        _fpd().load_state_dict(old, strict=False)
+    _fpd(bn_stats="shared", denoise_scale="n").load_state_dict(old)
+
+
 def test_shared_bn_statistics_option_has_no_copies():
     f = _fpd(bn_stats="shared").train()
     assert len(f.back_stats) == 0

@@ -76,6 +76,11 @@ def test_reuse_needs_a_finished_run_with_the_same_training_config(tmp_path):
     assert ft._finished_with(run, other_eval)
     longer = ft._configs(_args("--epochs-plain", "9"))["plain"]
     assert not ft._finished_with(run, longer)
+    # a row fine-tuned from another row's model is reused only if it started from those weights
+    assert not ft._finished_with(run, cfg, source_sha="abc")
+    (run / ft.SOURCE_FILE).write_text('{"row": "plain", "sha256": "abc"}')
+    assert ft._finished_with(run, cfg, source_sha="abc")
+    assert not ft._finished_with(run, cfg, source_sha="retrained")
 
 
 def test_eval_fingerprint_follows_the_checkpoints(tmp_path):

@@ -154,3 +154,20 @@ def test_two_process_run_killed_mid_training_resumes_bit_identically(tmp_path):
     sb = load_state(cut / "checkpoints" / "last.safetensors", epochs - 1)
     for key in ("optimizer", "schedule", "rng", "best_metric", "best_epoch"):
         assert_same_state(sa[key], sb[key], key)
+
+
+def test_two_process_fpd_run_takes_the_same_phase_on_every_rank(tmp_path):
+    """FPD decides phase 1 / phase 2 per step from the restoration loss; the decision uses the
+    loss averaged over ranks, otherwise ranks would take different numbers of DDP steps."""
+    run_dir = tmp_path / "fpd"
+    _run(
+        "--run-dir", str(run_dir), *BASE, "data.train_subset=256", "train.epochs=2",
+        "model.name=small-resnet", "defenses=[{kind: fpd, options: {width: 8}}]",
+        "train.objective=fpd", "train.optimizer=adam", "train.lr=0.003",
+        "train.options={threshold: 0.1}", "train.val_attack_steps=0",
+    )  # fmt: skip
+    records = RunDir(run_dir).read_metrics()
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert records[-1]["train/samples"] == 256
+    # both phases ran in the second epoch (a quarter of the steps in phase 2 on this setup)
+    assert 0.0 < records[-1]["train/fpd_phase2"] < 1.0

@@ -231,6 +231,27 @@ def _stat_key(module_name: str) -> str:
     return module_name.replace(".", "__")
 
 
+def _explain_missing_back_stats(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Refuse (even with strict=False) weights saved before FPD kept per-pass statistics:
+    loading them would leave the back pass normalised with fresh (0, 1) statistics."""
+    if len(module.back_stats) and not any(k.startswith(prefix + "back_stats.") for k in state_dict):
+        error_msgs.append(
+            "these FPD weights have no back-pass BatchNorm statistics (back_stats.*): they were "
+            "saved with one set of statistics for both passes, before fortify's bn_stats / "
+            "denoise_scale options existed. Rebuild the model with FPD options "
+            "bn_stats: shared, denoise_scale: n (the behaviour they were trained with) to load them"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # The whole-model wrapper
 # --------------------------------------------------------------------------------------------
@@ -427,6 +448,7 @@ class FPD(nn.Module):
             lateral_norm=bool(lateral_norm),
         )
         self.aux = FPDAux(restore_weight)
+        self._register_load_state_dict_pre_hook(_explain_missing_back_stats, with_module=True)
         self.bn_stats: str = bn_stats
         self.back_stats = nn.ModuleDict()
         if bn_stats == "per-pass":

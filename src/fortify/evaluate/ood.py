@@ -149,7 +149,8 @@ def read_tiny_imagenet_c(
     Decoded images go through the dataset cache (:mod:`fortify.data.cache`; ``cache_dir`` as
     the readers' option: None = ``$FORTIFY_CACHE_DIR`` or the default, ``"off"`` disables), so
     a second evaluation does not decode the 10,000 JPEGs of each (corruption, severity) again.
-    ``limit`` keeps a fixed, seeded subset of that many images (in folder order).
+    ``limit`` keeps a fixed, seeded subset of that many images (in folder order); only those
+    are decoded and cached.
     """
     from fortify.data.readers._common import decode_splits
 
@@ -173,22 +174,20 @@ def read_tiny_imagenet_c(
         ]
     if not items:
         raise DataError(f"no images found under {str(d)!r}")
+    if limit is not None and limit < len(items):  # a fixed, class-balanced-ish subset
+        order = np.sort(np.random.default_rng(0).permutation(len(items))[:limit])
+        items = [items[i] for i in order]
     split = f"{corruption}-{severity}"
-    data = decode_splits(
+    return decode_splits(
         "tiny-imagenet-c",
         TINY_IMAGENET_C_READER_VERSION,
         d,
         {split: items},
         None,
         "RGB",
-        {"classes": list(classes)},
+        {"classes": list(classes), "limit": limit},
         cache_dir,
     )[split]
-    if limit is not None and limit < len(data):  # a fixed, class-balanced-ish subset
-        order = np.sort(np.random.default_rng(0).permutation(len(data))[:limit])
-        idx = torch.from_numpy(order)
-        return ImageSet(data.images[idx].contiguous(), data.labels[idx])
-    return data
 
 
 # ----------------------------------------------------------------------------------------------

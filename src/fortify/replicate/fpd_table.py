@@ -52,6 +52,9 @@ COLUMNS = [
 ]
 
 
+_LAST = Path("checkpoints") / "last.safetensors"
+SOURCE_FILE = "source.json"  # in a derived row's run directory: the starting weights' SHA-256
+
 # row -> the row whose trained model initialises it (None: trained from scratch)
 ROWS: dict[str, str | None] = {"plain": None, "fpd": None, "fpd+at": "fpd", "plain+at": "plain"}
 
@@ -231,13 +234,16 @@ def run(a: argparse.Namespace) -> int:
     for key in rows:
         run_dir = out / key.replace("+", "-")
         src = ROWS[key]
-        if a.reuse and _finished_with(run_dir, cfgs[key]):
+        src_sha = _sha256(out / src.replace("+", "-") / _LAST) if src else None
+        if a.reuse and _finished_with(run_dir, cfgs[key], src_sha):
             models[key] = load_model(run_dir, tag="last", device=a.device)[0]
             log.info("reusing the finished run %s", run_dir)
             continue
         t0 = time.perf_counter()
         init = copy.deepcopy(models[src]) if src else None
         res = fit(cfgs[key], run_dir, mode="overwrite", splits=splits, model=init, progress=False)
+        if src:  # which weights this row started from, for --reuse
+            write_text_atomic(run_dir / SOURCE_FILE, json.dumps({"row": src, "sha256": src_sha}))
         models[key] = res.model.eval()
         times[f"train {key}"] = time.perf_counter() - t0
         last = res.history[-1] if res.history else {}
@@ -312,7 +318,7 @@ def rows_to_train(requested: list[str]) -> list[str]:
 
 def eval_fingerprint(a: argparse.Namespace, out: Path, key: str) -> dict[str, Any]:
     """What an evaluation of row ``key`` depends on: budgets, seed and the checkpoints' hashes."""
-    ckpt = Path("checkpoints") / "last.safetensors"
+    ckpt = _LAST
     return {
         "eps": a.eps,
         "n_points": a.n_points,
@@ -325,9 +331,10 @@ def eval_fingerprint(a: argparse.Namespace, out: Path, key: str) -> dict[str, An
     }
 
 
-def _finished_with(run_dir: Path, cfg: Any) -> bool:
+def _finished_with(run_dir: Path, cfg: Any, source_sha: str | None = None) -> bool:
     """True when ``run_dir`` holds a finished run of ``cfg`` (its ``eval`` and ``device``
-    sections aside: they do not change what is trained)."""
+    sections aside: they do not change what is trained) that started from the weights whose
+    SHA-256 is ``source_sha`` (rows trained from another row's model; None: from scratch)."""
     from fortify.config import to_dict
     from fortify.runs import RunDir
 
@@ -339,8 +346,16 @@ def _finished_with(run_dir: Path, cfg: Any) -> bool:
         run_dir.is_dir()
         and rd.state == "finished"
         and training_part(rd.read_config()) == training_part(json.loads(json.dumps(to_dict(cfg))))
-        and (run_dir / "checkpoints" / "last.safetensors").exists()
+        and (run_dir / _LAST).exists()
+        and (source_sha is None or _recorded_source(run_dir) == source_sha)
     )
+
+
+def _recorded_source(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / SOURCE_FILE).read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _sha256(path: Path) -> str | None:

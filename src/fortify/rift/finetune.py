@@ -155,7 +155,8 @@ def finetune(
     bn_keys = {
         f"{n}.{b}" if n else b
         for n, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        # BatchNorm layers and FPD's back-pass copies of their running statistics
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m).__name__ == "BackPassStats"
         for b, _ in m.named_buffers(recurse=False)
     }
     unexpected = [

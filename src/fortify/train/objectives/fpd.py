@@ -128,13 +128,18 @@ class FPDTwoPhase(Objective):
         with ctx.autocast():
             bounded, restored = _forward(model, fpd, x_noisy)
             l2 = F.mse_loss(restored.float(), x.float())
-        l2_value = float(l2.detach())
+        l2_value = _mean_over_processes(l2.detach())
         self.min_l2 = min(self.min_l2, l2_value)
 
         if l2_value > self.threshold:
             trainable = {id(p) for p in ctx.params}
             subset = [p for p in fpd.phase1_parameters(self.phase1_params) if id(p) in trainable]
-            ctx.step(l2, params=subset)
+            loss1 = l2
+            if ctx.world_size > 1:
+                # DDP's reducer waits for a gradient of every parameter; the classifier has no
+                # path to L2, so give it an exact zero one (ctx.step then skips it).
+                loss1 = l2 + 0.0 * bounded.float().sum()
+            ctx.step(loss1, params=subset)
             return {
                 "fpd_phase2": 0.0,
                 "fpd_l2": l2.detach(),
@@ -166,6 +171,21 @@ class FPDTwoPhase(Objective):
         ctx.step(loss2)
         metrics.update(ce2=ce2.detach(), fpd_l2_2=l2_2.detach(), loss2=loss2.detach())
         return metrics
+
+
+def _mean_over_processes(value: torch.Tensor) -> float:
+    """``value`` averaged over every process of a distributed run (itself otherwise).
+
+    The phase decision must be the same on every rank: a rank taking one optimiser step while
+    another takes two would pair DDP's gradient all-reduces across different steps.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        v = value.float().clone()
+        dist.all_reduce(v)
+        return float(v) / dist.get_world_size()
+    return float(value)
 
 
 def _positive(value: object, name: str, *, strict: bool) -> float:
