@@ -432,12 +432,10 @@ class FPD(nn.Module):
             if nominal is not None:
                 self.min_size = (max(self.min_size[0], nominal), max(self.min_size[1], nominal))
             if h_in < self.min_size[0] or w_in < self.min_size[1]:
-                raise DataError(
-                    f"FPD image_shape {h_in}×{w_in} is smaller than the feature pyramid allows: "
-                    f"this backbone downsamples by {self.min_size[0]}×{self.min_size[1]} before "
-                    f"its last stage {stages[-1]!r}, so inputs must be at least "
-                    f"{self.min_size[0]}×{self.min_size[1]} (or use a backbone with a smaller "
-                    "stride, e.g. the CIFAR stem, or fewer stages)"
+                raise self._too_small(
+                    f"image_shape {h_in}×{w_in}",
+                    " (or use a backbone with a smaller stride, e.g. the CIFAR stem, or fewer "
+                    "stages)",
                 )
         self.decoder = FPDDecoder(
             stage_channels,
@@ -559,12 +557,15 @@ class FPD(nn.Module):
             )
         h, w = x.shape[-2:]
         if h < self.min_size[0] or w < self.min_size[1]:
-            raise DataError(
-                f"FPD input {h}×{w} is smaller than the feature pyramid allows: this backbone "
-                f"downsamples by {self.min_size[0]}×{self.min_size[1]} before its last stage "
-                f"{self.stages[-1]!r}, so inputs must be at least "
-                f"{self.min_size[0]}×{self.min_size[1]}"
-            )
+            raise self._too_small(f"input {h}×{w}")
+
+    def _too_small(self, what: str, hint: str = "") -> DataError:
+        mh, mw = self.min_size
+        return DataError(
+            f"FPD {what} is smaller than the feature pyramid allows: this backbone downsamples "
+            f"by {mh}×{mw} before its last stage {self.stages[-1]!r}, so inputs must be at "
+            f"least {mh}×{mw}{hint}"
+        )
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         """Front pass + decoder only.

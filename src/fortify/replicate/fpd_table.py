@@ -260,7 +260,6 @@ def run(a: argparse.Namespace) -> int:
     for key in [r for r in rows if r in a.rows]:
         model = models[key]
         rep_dir = out / key.replace("+", "-") / "reports"
-        uses_surrogate = not key.startswith("plain")
         fingerprint = eval_fingerprint(a, out, key)
         key_path = rep_dir / "adaptive.key.json"
         if (
@@ -278,7 +277,7 @@ def run(a: argparse.Namespace) -> int:
             autoattack="both",
             autoattack_points=a.aa_points,
             square_queries=a.square_queries,
-            surrogate=models["plain"] if uses_surrogate else None,
+            surrogate=models["plain"] if _uses_surrogate(key) else None,
         )
         rep = adaptive_evaluate(
             model,
@@ -316,6 +315,11 @@ def rows_to_train(requested: list[str]) -> list[str]:
     return [r for r in ROWS if r in needed]
 
 
+def _uses_surrogate(row: str) -> bool:
+    """The FPD rows get a transfer column, attacked from the plain model."""
+    return not row.startswith("plain")
+
+
 def eval_fingerprint(a: argparse.Namespace, out: Path, key: str) -> dict[str, Any]:
     """What an evaluation of row ``key`` depends on: budgets, seed and the checkpoints' hashes."""
     ckpt = _LAST
@@ -327,7 +331,7 @@ def eval_fingerprint(a: argparse.Namespace, out: Path, key: str) -> dict[str, An
         "square_queries": a.square_queries,
         "seed": a.seed,
         "checkpoint": _sha256(out / key.replace("+", "-") / ckpt),
-        "surrogate": None if key.startswith("plain") else _sha256(out / "plain" / ckpt),
+        "surrogate": _sha256(out / "plain" / ckpt) if _uses_surrogate(key) else None,
     }
 
 
@@ -335,17 +339,15 @@ def _finished_with(run_dir: Path, cfg: Any, source_sha: str | None = None) -> bo
     """True when ``run_dir`` holds a finished run of ``cfg`` (its ``eval`` and ``device``
     sections aside: they do not change what is trained) that started from the weights whose
     SHA-256 is ``source_sha`` (rows trained from another row's model; None: from scratch)."""
-    from fortify.config import to_dict
     from fortify.runs import RunDir
-
-    def training_part(d: dict[str, Any] | None) -> dict[str, Any] | None:
-        return None if d is None else {k: v for k, v in d.items() if k not in ("eval", "device")}
+    from fortify.train.loop import training_changes
 
     rd = RunDir(run_dir)
+    stored = rd.read_config() if run_dir.is_dir() else None
     return (
-        run_dir.is_dir()
+        stored is not None
         and rd.state == "finished"
-        and training_part(rd.read_config()) == training_part(json.loads(json.dumps(to_dict(cfg))))
+        and not training_changes(stored, cfg)
         and (run_dir / _LAST).exists()
         and (source_sha is None or _recorded_source(run_dir) == source_sha)
     )

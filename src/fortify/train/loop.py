@@ -132,6 +132,12 @@ def _ignored(path: str) -> bool:
     return any(path == f or path.startswith(f + ".") for f in RESUME_IGNORED)
 
 
+def training_changes(stored: Any, cfg: ExperimentConfig) -> list[str]:
+    """Differences (``path: old -> new``) between a stored config dict and ``cfg`` that change
+    what is trained (device, TensorBoard and the ``eval`` section do not)."""
+    return [d for d in config_diff(stored, to_dict(cfg)) if not _ignored(d.split(":")[0])]
+
+
 def _progress(iterable: Any, enabled: bool, desc: str, total: int) -> Any:
     if not enabled or not sys.stderr.isatty():
         return iterable
@@ -193,7 +199,7 @@ def _open_run(run_dir: Path, mode: str, cfg: ExperimentConfig, force: bool) -> A
 
 
 def _check_resume_config(stored: dict[str, Any], cfg: ExperimentConfig, force: bool) -> None:
-    diffs = [d for d in config_diff(stored, to_dict(cfg)) if not _ignored(d.split(":")[0])]
+    diffs = training_changes(stored, cfg)
     if not diffs:
         return
     listing = "; ".join(diffs)
@@ -644,4 +650,11 @@ def _tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
-__all__ = ["FitResult", "apply_trainable", "check_resume_world_size", "config_diff", "fit"]
+__all__ = [
+    "FitResult",
+    "apply_trainable",
+    "check_resume_world_size",
+    "config_diff",
+    "fit",
+    "training_changes",
+]
