@@ -54,13 +54,14 @@ def test_combine_writes_means_and_per_seed_values(tmp_path):
     files = []
     for seed, bits in ((0, "1100"), (1, "1110")):
         rep = _report(4, {})
+        better = _report(4, {})  # a model right on every point, against every attack
         rep.outcomes[0].correct = torch.tensor([True] * 4)
         from fortify.evaluate import Outcome
 
         rep.outcomes.append(Outcome("PGD-40 C&W", torch.tensor([b == "1" for b in bits])))
         rep.outcomes.append(Outcome("AutoAttack", torch.tensor([True, False, True, True])))
         a.seed = seed
-        d = ft.outcomes_json(a, {"plain": rep}, {})
+        d = ft.outcomes_json(a, {"plain": rep, "fpd": better}, {})
         assert d["rows"]["plain"]["PGD-40 C&W"] == bits
         p = tmp_path / f"s{seed}.json"
         import json
@@ -71,9 +72,13 @@ def test_combine_writes_means_and_per_seed_values(tmp_path):
     ft.run(_args("--combine", *files, "--results", str(out)))
     text = out.read_text()
     # worst case on all 4 points without AutoAttack: 50 and 75 -> mean 62.5
-    assert "**62.5 (50.0 / 75.0)**" in text
+    assert "**62.5 ± 17.7 (50.0 / 75.0)**" in text
     # first 2 points with AutoAttack: point 1 broken by AutoAttack in both seeds -> 50
-    assert "**50.0 (50.0 / 50.0)**" in text
+    assert "**50.0 ± 0.0 (50.0 / 50.0)**" in text
+    # fpd − plain, worst case without AutoAttack: +37.5 points on average
+    row = next(ln for ln in text.splitlines() if "plain → fpd | worst case, no AutoAttack" in ln)
+    assert "| 4 | +37.5 [" in row
+    assert row.endswith("| no detectable difference at this scale |")  # 4 points only
 
 
 def test_rows_to_train_include_starting_models_and_the_surrogate():

@@ -68,6 +68,8 @@ ROWS: dict[str, str | None] = {
     "plain+at-eq": "plain",
 }
 EQUAL = "plain+at-eq"  # its fine-tuning length is derived from the trained FPD run
+# (baseline, method) pairs compared on the multi-seed page
+PAIRS = [("plain", "fpd"), ("plain+at", "fpd+at"), (EQUAL, "fpd+at")]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -591,9 +593,10 @@ def _bits(s: str) -> Any:
 
 
 def combine(a: argparse.Namespace) -> int:
-    """Write the multi-seed page from per-seed JSON files (``--combine``)."""
-    import statistics
-
+    """Write the multi-seed page from per-seed JSON files (``--combine``): mean ± sd over seeds
+    per cell, and for each method-vs-baseline pair the difference with a seed-then-point
+    bootstrap CI and the verdict it implies (:mod:`fortify.stats`)."""
+    from fortify import stats
     from fortify.utils.atomic import atomic_write_text
 
     seeds = [json.loads(Path(p).read_text()) for p in a.combine]
@@ -609,22 +612,24 @@ def combine(a: argparse.Namespace) -> int:
         bits = d["rows"][row].get(col)
         return None if bits is None else _pct(_bits(bits[:m]))
 
-    def worst(d: dict, row: str, m: int, with_aa: bool) -> float:
+    def worst_bits(d: dict, row: str, m: int, with_aa: bool) -> Any:
         out = None
         for col, bits in d["rows"][row].items():
             if not with_aa and col.startswith("AutoAttack"):
                 continue
             b = _bits(bits[:m])
             out = b if out is None else out & b
-        return _pct(out)
+        return out
+
+    def worst(d: dict, row: str, m: int, with_aa: bool) -> float:
+        return _pct(worst_bits(d, row, m, with_aa))
 
     def cell(vals: list[float | None]) -> str:
         v = [x for x in vals if x is not None]
         if not v:
             return "–"
-        mean = statistics.fmean(v)
         per = " / ".join(f"{x:.1f}" for x in v)
-        return f"{mean:.1f} ({per})"
+        return f"{stats.mean_sd(v).format()} ({per})"
 
     labels = dict((c.format(k=seeds[0]["steps"]), lab) for c, lab in COLUMNS)
     main = [c for c in cols if not c.startswith("AutoAttack")]
@@ -660,6 +665,30 @@ def combine(a: argparse.Namespace) -> int:
         cells += [cell([acc(d, r, c, k) for d in seeds]) for c in aa]
         cells.append("**" + cell([worst(d, r, k, True) for d in seeds]) + "**")
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Differences (B − A, percentage points)",
+        "",
+        f"95 % CI from a bootstrap over the {len(seeds)} seeds, then over test points "
+        "(`fortify.stats.seed_point_bootstrap`, 2,000 resamples, seed 0); the verdict follows "
+        "from the CI alone.",
+        "",
+        "| A → B | measure | n | difference [95 % CI] | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    measures = [
+        ("clean", n, lambda d, r, m: _bits(d["rows"][r]["Natural"][:m])),
+        ("worst case, no AutoAttack", n, lambda d, r, m: worst_bits(d, r, m, False)),
+        ("worst case with AutoAttack", k, lambda d, r, m: worst_bits(d, r, m, True)),
+    ]
+    for base, method in PAIRS:
+        if base not in rows or method not in rows:
+            continue
+        for label, m, get in measures:
+            ci = stats.seed_point_bootstrap(
+                [get(d, base, m) for d in seeds], [get(d, method, m) for d in seeds]
+            )
+            lines.append(f"| {base} → {method} | {label} | {m} | {ci.format()} | {ci.verdict} |")
     text = "\n".join(lines) + "\n"
     Path(a.results).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(a.results), text)
