@@ -168,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
             "dataset": name,
             "split": args.split,
             "eps_source": "--eps" if args.eps is not None else "dataset default",
+            **({"model_source": args.model, "weights": args.weights} if args.model else {}),
         },
     )
     out_dir = _report_dir(target, args.out)
