@@ -221,6 +221,29 @@ def test_normalisation_comes_from_the_source_or_the_config(tmp_path, monkeypatch
     with torch.no_grad():
         plain.eval()
         assert torch.allclose(m(x), plain((x - mean) / std), atol=1e-5)
+    # timm: a local copy of pretrained weights brings timm's pretrained_cfg statistics; a
+    # different class count gets a fresh head, the rest is loaded
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet10t", num_classes=1000).eval()
+    save_file(ref.state_dict(), str(tmp_path / "r10t.safetensors"))
+    tm = create(
+        "timm:resnet10t",
+        1000,
+        3,
+        pretrained=True,
+        pretrained_file=str(tmp_path / "r10t.safetensors"),
+    )
+    tm.eval()
+    with torch.no_grad():
+        assert torch.allclose(tm(x), ref((x - tm.normalize.mean) / tm.normalize.std), atol=1e-5)
+    assert tm.normalize.std.flatten().tolist() == pytest.approx([0.229, 0.224, 0.225])
+    t10 = create(
+        "timm:resnet10t", 10, 3, pretrained=True, pretrained_file=str(tmp_path / "r10t.safetensors")
+    )
+    assert torch.equal(t10.conv1[0].weight, ref.conv1[0].weight) and t10(x).shape == (2, 10)
     cfg_norm = create("timm:resnet10t", 10, 3, mean=[0.5] * 3, std=[0.25] * 3)
     assert cfg_norm.normalize.std.flatten().tolist() == [0.25] * 3
     # rebuilding a checkpoint never needs the pretrained file: normalize.* are in the state
