@@ -115,28 +115,26 @@ def rb_dir(tmp_path_factory) -> Path:
     return d
 
 
-def _sources(user_module: str, rb_dir: Path) -> dict[str, tuple[str, dict, str]]:
-    """name → (model.name, model.kwargs, FSR position)."""
+def _source(which: str, user_module: str, request) -> tuple[str, dict, str]:
+    """(model.name, model.kwargs, FSR position) of source ``which``."""
+    if which == "robustbench":  # imports robustbench (slow) only for this source
+        rb_dir = request.getfixturevalue("rb_dir")
+        return f"robustbench:cifar10/Linf/{RB_NAME}", {"model_dir": str(rb_dir)}, "layer4"
     return {
         "torchvision": ("torchvision:resnet18", {}, "layer4"),
         "timm": ("timm:resnet10t", {}, "layer4"),
-        "robustbench": (
-            f"robustbench:cifar10/Linf/{RB_NAME}",
-            {"model_dir": str(rb_dir)},
-            "layer4",
-        ),
         "python": (f"python:{user_module}:build", {"width": 4}, "block2"),
-    }
+    }[which]
 
 
 @pytest.mark.parametrize("which", ["torchvision", "timm", "robustbench", "python"])
 def test_source_trains_with_fsr_saves_reloads_and_evaluates(
-    which, tmp_path, cifar_root, user_module, rb_dir, capsys
+    which, tmp_path, cifar_root, user_module, request, capsys
 ):
     from fortify.cli.main import main
     from fortify.train import fit
 
-    name, kwargs, at = _sources(user_module, rb_dir)[which]
+    name, kwargs, at = _source(which, user_module, request)
     cfg = from_dict(
         ExperimentConfig,
         {
@@ -309,3 +307,17 @@ def test_missing_files_extras_and_modules_are_clear_errors(tmp_path, monkeypatch
         )
         build_model(spec_cfg.model, spec_cfg.defenses, 10, (3, 32, 32))
     assert spec("torchvision:resnet18").fsr_position is None
+
+
+def test_rift_finds_the_stages_of_a_source_model():
+    from fortify.rift.select import middle_modules
+
+    names = [
+        n for n, m in create("torchvision:resnet18", 10, 3).named_modules() if hasattr(m, "weight")
+    ]
+    keep, rule = middle_modules(names, "torchvision:resnet18")
+    assert (
+        "layer2, layer3" in rule
+        and keep
+        and all(k.startswith(("layer2.", "layer3.")) for k in keep)
+    )

@@ -16,8 +16,13 @@ import torch
 from torch import nn
 
 from fortify.errors import ConfigError, unknown_name
+from fortify.models.sources import (
+    available_sources,
+    is_source,
+    source_description,
+    split_source,
+)
 from fortify.models.sources import build as build_source
-from fortify.models.sources import is_source, source_description, split_source
 
 Builder = Callable[..., nn.Module]
 
@@ -70,7 +75,10 @@ def spec(name: str) -> ModelSpec:
     if is_source(name):
         return ModelSpec(name, _source_builder(name), source_description(name))
     if name not in _REGISTRY:
-        raise unknown_name("model", name, _REGISTRY)
+        err = unknown_name("model", name, _REGISTRY)
+        raise type(err)(
+            f"{err} Models from elsewhere: " + ", ".join(available_sources().values()) + "."
+        )
     return _REGISTRY[name]
 
 

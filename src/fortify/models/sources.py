@@ -49,6 +49,7 @@ import importlib.util
 import inspect
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -434,9 +435,11 @@ def import_robustbench() -> Any:
         sys.modules.setdefault("autoattack", pyautoattack)
         sys.modules.setdefault("autoattack.state", pyautoattack.state)
     try:
-        import robustbench  # noqa: F401
-        import robustbench.utils
-        from robustbench.model_zoo import model_dicts  # noqa: F401
+        with warnings.catch_warnings():  # its imports of pkg_resources and old timm paths warn
+            warnings.simplefilter("ignore")
+            import robustbench  # noqa: F401
+            import robustbench.utils
+            from robustbench.model_zoo import model_dicts  # noqa: F401
     except ModuleNotFoundError as exc:
         if exc.name == "robustbench":
             raise ConfigError(
