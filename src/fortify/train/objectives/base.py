@@ -184,9 +184,10 @@ def forward_aux(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward ``inputs`` while capturing auxiliary losses of attached defences.
 
-    Returns ``(logits, terms)``; ``terms`` is empty for models without loss providers.
+    Returns ``(logits, terms)``; ``terms`` is empty for models without loss providers. The
+    labels ``y`` are visible to label-reading defences (CAS, CIFS) during this forward pass.
     """
-    with capture_aux(model) as cap:
+    with capture_aux(model, labels=y) as cap:
         logits = model(inputs)
         terms: dict[str, torch.Tensor] = {}
         if cap.providers:
