@@ -21,7 +21,7 @@ from fortify.models import count_parameters
 
 log = logging.getLogger("fortify.analysis.cost")
 
-__all__ = ["CostReport", "cost_report", "count_flops", "count_params"]
+__all__ = ["CostReport", "cost_report", "cost_table", "count_flops", "count_params"]
 
 
 def count_params(model: nn.Module, *, include_defences: bool = True) -> int:
@@ -100,3 +100,35 @@ def cost_report(model: nn.Module, input_shape: tuple[int, int, int]) -> CostRepo
         flops_backbone=total - sum(per_defence.values()),
         flops_defences=per_defence,
     )
+
+
+def cost_table(models: dict[str, nn.Module], input_shape: tuple[int, int, int]) -> str:
+    """A Table-7-style Markdown comparison of several defended versions of one backbone.
+
+    Args:
+        models: row label -> model (e.g. ``{"AT+FSR": ..., "AT+CAS": ...}``); the first model's
+            backbone (defences excluded) is the reference row.
+        input_shape: (C, H, W) of one image; costs are per image.
+    Returns: the table, with parameters in millions, GFLOPs and each row's FLOP ratio to the
+    backbone (the expected training-step time ratio when compute-bound).
+    """
+    if not models:
+        raise ValueError("cost_table needs at least one model")
+    reports = {label: cost_report(m, input_shape) for label, m in models.items()}
+    ref = next(iter(reports.values()))
+    rows = [
+        "| model | params (M) | +params (M) | GFLOPs | +GFLOPs | FLOP ratio |",
+        "|---|---|---|---|---|---|",
+        f"| backbone | {ref.params_backbone / 1e6:.2f} | 0 | {ref.flops_backbone / 1e9:.4f} | 0 "
+        "| 1.000 |",
+    ]
+    for label, r in reports.items():
+        if r.params_backbone != ref.params_backbone or r.flops_backbone != ref.flops_backbone:
+            log.warning("%s has a different backbone from the first model's", label)
+        dp = r.params_total - r.params_backbone
+        df = r.flops_total - r.flops_backbone
+        rows.append(
+            f"| {label} | {r.params_total / 1e6:.2f} | {dp / 1e6:.2f} | {r.flops_total / 1e9:.4f}"
+            f" | {df / 1e9:.4f} | {r.flops_total / ref.flops_backbone:.3f} |"
+        )
+    return "\n".join(rows) + f"\n\n{ref.convention}; input {tuple(input_shape)}, batch 1."

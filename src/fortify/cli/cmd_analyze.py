@@ -13,13 +13,26 @@ DESCRIPTION = (
     "defences (FLOPs = 2 x multiply-adds, torch.utils.flop_counter). features: accuracy and "
     "weighted k-NN accuracy of FSR's f+, f-, recalibrated f- and f+ + recalibrated f- under PGD. "
     "masks: PNG of FSR masks / robustness maps for a few test images. Results go to "
-    "RUN/reports/ (or --out)."
+    "RUN/reports/ (or --out). With --compare CONFIG... (no RUN) it prints a Table-7-style cost "
+    "comparison of the models the configs describe (untrained; cost does not depend on weights)."
 )
 WHATS = ("params", "flops", "features", "masks")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run directory or checkpoint (.safetensors with JSON sidecar)")
+    parser.add_argument(
+        "run", nargs="?", help="run directory or checkpoint (.safetensors with JSON sidecar)"
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="CONFIG",
+        help="experiment configs to compare by parameters/FLOPs (instead of RUN)",
+    )
+    parser.add_argument(
+        "--input-shape", default="3,32,32", help="C,H,W for --compare (default 3,32,32)"
+    )
+    parser.add_argument("--classes", type=int, default=10, help="classes for --compare")
     parser.add_argument(
         "--what", choices=WHATS, action="append", help="analysis (repeatable); default params+flops"
     )
@@ -69,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
     from fortify.errors import FortifyError
     from fortify.runs import load_model, write_json_atomic, write_text_atomic
 
+    if args.compare:
+        return _compare(args)
+    if args.run is None:
+        raise FortifyError("pass a run directory/checkpoint, or --compare CONFIG [CONFIG ...]")
     whats = args.what or ["params", "flops"]
     path, tag = _resolve(args.run, args.tag)
     model, meta = load_model(path, tag=tag or "best", device=args.device)
@@ -123,4 +140,34 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {png}")
             print(json.dumps(results["masks"], indent=1))
     write_json_atomic(out / "analysis.json", results)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fortify.analysis.cost import cost_table
+    from fortify.config import ExperimentConfig, load_config
+    from fortify.errors import FortifyError
+    from fortify.factory import build_model
+    from fortify.runs import write_text_atomic
+
+    if args.run is not None:
+        raise FortifyError("--compare takes configs only; drop the RUN argument")
+    try:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise FortifyError(f"--input-shape must be C,H,W (e.g. 3,32,32), got {args.input_shape!r}")
+    if args.classes < 2:
+        raise FortifyError(f"--classes must be >= 2, got {args.classes}")
+    models = {}
+    for path in args.compare:
+        cfg = load_config(ExperimentConfig, path)
+        models[cfg.name] = build_model(cfg.model, cfg.defenses, args.classes, shape)  # type: ignore[arg-type]
+    table = cost_table(models, shape)  # type: ignore[arg-type]
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "cost_comparison.md", table + "\n")
     return 0

@@ -168,7 +168,14 @@ class FDBlock(nn.Module):
             q = theta.flatten(2).transpose(1, 2)  # (N, P, d)
             k = phi.flatten(2).transpose(1, 2)
             v = x.flatten(2).transpose(1, 2)  # (N, P, C)
-            y = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d))
+            # zero-pad to equal widths (dot products unchanged): the fused attention kernel
+            # needs them and is several times faster than the materialised N×P×P path
+            if d < c:
+                q, k = F.pad(q, (0, c - d)), F.pad(k, (0, c - d))
+            elif c < d:
+                v = F.pad(v, (0, d - c))
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the fused kernel's layout
+            y = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d))[..., :c]
             return y.transpose(1, 2).reshape(n, c, h, w)
         if op == "nonlocal_dot":
             t, f, v = theta.flatten(2), phi.flatten(2), x.flatten(2)  # (N, d|C, P)
