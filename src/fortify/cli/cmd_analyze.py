@@ -12,11 +12,13 @@ DESCRIPTION = (
     "Analyse a trained run or checkpoint. params/flops: cost with and without the attached "
     "defences (FLOPs = 2 x multiply-adds, torch.utils.flop_counter). features: accuracy and "
     "weighted k-NN accuracy of FSR's f+, f-, recalibrated f- and f+ + recalibrated f- under PGD. "
-    "masks: PNG of FSR masks / robustness maps for a few test images. Results go to "
+    "masks: PNG of FSR masks / robustness maps for a few test images. selection: the CAS/CIFS "
+    "gradient-masking check (PGD on true-label-selection and differentiable-mask variants, "
+    "transferred to the model, vs direct PGD). Results go to "
     "RUN/reports/ (or --out). With --compare CONFIG... (no RUN) it prints a Table-7-style cost "
     "comparison of the models the configs describe (untrained; cost does not depend on weights)."
 )
-WHATS = ("params", "flops", "features", "masks")
+WHATS = ("params", "flops", "features", "masks", "selection")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         print(rep.table())
         write_text_atomic(out / "cost.md", rep.table() + "\n")
 
-    if "features" in whats or "masks" in whats:
+    if "features" in whats or "masks" in whats or "selection" in whats:
         from fortify.data import load_dataset
 
         splits = load_dataset(
@@ -125,6 +127,24 @@ def run(args: argparse.Namespace) -> int:
             results["features"] = rep.as_dict()
             print(rep.table())
             write_text_atomic(out / "fsr_features.md", rep.table() + "\n")
+        if "selection" in whats:
+            from fortify.analysis.selection import SelectionCheckOptions, selection_check
+
+            x, y = splits.test.head(args.points).floats()
+            opts = SelectionCheckOptions(eps=eps, steps=args.steps, seed=cfg.eval.seed)
+            results["selection"] = sel = selection_check(model, x, y, opts)
+            lines = [
+                f"direct PGD-{args.steps}: {sel['direct']:.2f} % (natural {sel['natural']:.2f} %,"
+                f" n = {sel['n']})"
+            ]
+            for name, v in sel["variants"].items():
+                lines.append(
+                    f"{name} variant -> model: {v['transfer']:.2f} %, worst case "
+                    f"{v['worst']:.2f} %, transfer - direct {v['difference']['text']} "
+                    f"({v['difference']['verdict']}) [{v['status']}]"
+                )
+            print("\n".join(lines))
+            write_text_atomic(out / "selection_check.md", "\n".join(lines) + "\n")
         if "masks" in whats:
             from fortify.analysis.features import pgd_batches
             from fortify.analysis.masks import plot_masks
