@@ -4,7 +4,9 @@ FLOPs are counted with :class:`torch.utils.flop_counter.FlopCounterMode`, which 
 **2 FLOPs per multiply-add** for convolutions and matrix products and ignores BN, activations,
 pooling and other element-wise work. Under this convention a CIFAR ResNet-18 (32×32) is ≈1.11
 GFLOPs, the figure the FSR paper reports (Table 7); tools that count multiply-adds (MACs, e.g.
-``thop``) report half of it.
+``thop``) report half of it. PyTorch's CPU fused attention kernel (used by FD's Gaussian
+non-local blocks) has no formula in the counter; this module registers one (the same count as
+the other attention kernels: the two matrix products, as executed).
 """
 
 from __future__ import annotations
@@ -14,12 +16,22 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from fortify.defenses.attach import DEFENSES_ATTR, attached, infer_feature_shapes
 from fortify.models import count_parameters
 
 log = logging.getLogger("fortify.analysis.cost")
+
+_CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_FLASH not in flop_counter.flop_registry:
+
+    @flop_counter.register_flop_formula(_CPU_FLASH)
+    def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        """(B, H, S_q, D) x (B, H, S_k, D) → 2·B·H·S_q·S_k·(D_qk + D_v)."""
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
 
 __all__ = ["CostReport", "cost_report", "cost_table", "count_flops", "count_params"]
 

@@ -68,6 +68,11 @@ def add_common_arguments(
         help="hidden width of CIFS's non-linear probe (paper 128 for 512 channels; 8 keeps that "
         "ratio for width 4's 32 channels)",
     )
+    parser.add_argument(
+        "--fd-at",
+        default="",
+        help="comma-separated FD positions (default: after every stage, the release design)",
+    )
     parser.add_argument("--batch-size", type=int, default=d["batch_size"])
     parser.add_argument("--attack-steps", type=int, default=d["attack_steps"])
     parser.add_argument("--test-points", type=int, default=d["test_points"])
@@ -102,6 +107,8 @@ def _expand(defences: list[dict[str, Any]], args: argparse.Namespace) -> list[di
             opts.setdefault("hidden", args.fsr_hidden)
         if d["kind"] == "cifs":
             opts.setdefault("hidden", args.cifs_hidden)
+        if d["kind"] == "fd" and args.fd_at:
+            d["at"] = [p.strip() for p in args.fd_at.split(",") if p.strip()]
         out.append(d)
     return out
 
@@ -187,10 +194,11 @@ def _command(name: str, args: argparse.Namespace) -> str:
     parts = ["fortify", "replicate", name]
     for flag in (
         "out", "doc", "seeds", "epochs", "train_subset", "width", "fsr_hidden", "cifs_hidden",
-        "batch_size", "attack_steps", "test_points", "aa_points", "eval_seed", "rows",
+        "fd_at", "batch_size", "attack_steps", "test_points", "aa_points", "eval_seed", "rows",
         "resamples",
     ):  # fmt: skip
-        parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        if getattr(args, flag) != "":
+            parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.json_dir:
         parts += ["--json-dir", args.json_dir]
     if args.no_checks:
