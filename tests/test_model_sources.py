@@ -321,3 +321,45 @@ def test_rift_finds_the_stages_of_a_source_model():
         and keep
         and all(k.startswith(("layer2.", "layer3.")) for k in keep)
     )
+
+
+def test_cli_train_analyze_and_eval_a_run_of_user_code(tmp_path, cifar_root, user_module, capsys):
+    from fortify.cli.main import main
+
+    run = tmp_path / "run"
+    overrides = [
+        f"model.name=python:{user_module}:build", "model.kwargs={width: 4}",
+        "defenses=[{kind: fsr, at: [block1]}]", "data.name=cifar10", f"data.root={cifar_root}",
+        "data.val_size=4", "train.epochs=1", "train.batch_size=8", "train.milestones=[]",
+        "train.attack.steps=1", "train.val_points=4", "train.val_attack_steps=1",
+    ]  # fmt: skip
+    assert main(["train", "--run-dir", str(run), "--no-progress", *overrides]) == 0
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert "| `block2` | Sequential | 8×8×8 | yes |" in out  # FSR after block1 keeps block2's shape
+    assert "fortify_defenses" not in out and (run / "reports" / "layers.md").is_file()
+    assert main(["eval", str(run), "--suite", "quick", "--n-points", "8", "--no-checks"]) in (0, 1)
+    assert (run / "reports" / "eval-quick.json").is_file()
+    sys.modules.pop(user_module, None)
+    without = [p for p in sys.path if p != str(tmp_path)]
+    saved, sys.path[:] = list(sys.path), without
+    try:  # the run cannot be rebuilt without the user's module: a clear error
+        assert main(["eval", str(run), "--suite", "quick", "--n-points", "8"]) == 2
+        assert f"cannot import module '{user_module}'" in capsys.readouterr().err
+    finally:
+        sys.path[:] = saved
+
+
+def test_rift_release_wrn_head_detection():
+    from fortify.importers.rift_release import check_head, detect
+
+    for grid, dataset in ((1, "cifar100"), (2, "tiny-imagenet")):
+        with torch.device("meta"):
+            net = create("wrn-34-10", 200, 3, pool_grid=grid)
+        state = {k: v for k, v in net.state_dict().items() if not k.startswith("normalize")}
+        arch, kwargs, classes, _ = detect(state)
+        assert (arch, kwargs["pool_grid"], classes) == ("wrn-34-10", grid, 200)
+        assert net.fc.in_features == 640 * grid * grid
+        head = check_head(arch, grid, dataset)
+        assert ("avg_pool2d(·, 8)" in head) == (grid == 2)
