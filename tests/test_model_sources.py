@@ -363,3 +363,29 @@ def test_rift_release_wrn_head_detection():
         assert net.fc.in_features == 640 * grid * grid
         head = check_head(arch, grid, dataset)
         assert ("avg_pool2d(·, 8)" in head) == (grid == 2)
+
+
+def test_import_model_writes_a_run_that_rebuilds_the_source(tmp_path, cifar_root, user_module):
+    from fortify.cli.main import main
+
+    torch.manual_seed(7)
+    ref = create(f"python:{user_module}:build", 10, 3, width=4).eval()
+    bare = {k: v for k, v in ref.state_dict().items() if not k.startswith("normalize.")}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in bare.items()}}, tmp_path / "w.pth")
+    args = ["import", "model", "--model", f"python:{user_module}:build", "--model-arg", "width=4"]
+    args += [
+        "--weights",
+        str(tmp_path / "w.pth"),
+        "--dataset",
+        "cifar10",
+        "--data-root",
+        cifar_root,
+    ]
+    args += ["--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    model, meta = load_model(tmp_path / "run")
+    assert meta["config"]["train"]["attack"]["eps"] == pytest.approx(8 / 255)
+    assert meta["source"]["key_changes"] == ["stripped 'module.'"]
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref((x - 0.5) / 0.25), atol=1e-6)
