@@ -389,3 +389,21 @@ def test_import_model_writes_a_run_that_rebuilds_the_source(tmp_path, cifar_root
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model(x), ref((x - 0.5) / 0.25), atol=1e-6)
+
+
+def test_the_command_line_parser_does_not_import_torch():
+    """--model options live in every parser; building it must stay cheap (no torch import)."""
+    import subprocess
+
+    import fortify
+
+    code = (
+        "import sys; from fortify.cli.main import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'timm', 'robustbench') if m in sys.modules))"
+    )
+    src = str(Path(fortify.__file__).parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src}
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
