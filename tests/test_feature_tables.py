@@ -70,16 +70,16 @@ def test_replicate_table4_tiny_run_writes_page_json_and_reuses(tmp_path, capsys)
     doc = tmp_path / "t4.md"
     argv = [
         "replicate", "fsr-table4", "--out", str(tmp_path / "runs"), "--doc", str(doc),
-        "--rows", "at,at-cas", "--seeds", "0,1", "--epochs", "1", "--train-subset", "128",
-        "--width", "2", "--test-points", "24", "--aa-points", "0", "--attack-steps", "1",
+        "--rows", "at,at-cas", "--seeds", "0,1", "--epochs", "1", "--train-subset", "64",
+        "--width", "2", "--test-points", "16", "--aa-points", "0", "--attack-steps", "1",
         "--no-checks",
     ]  # fmt: skip
     assert main(argv) == 0
     text = doc.read_text()
     assert "fortify replicate fsr-table4" in text and "--seeds 0,1" in text
-    assert "| AT + CAS | 2 |" in text and "Ensemble n = 24" in text
+    assert "| AT + CAS | 2 |" in text and "Ensemble n = 16" in text
     per_seed = json.loads((tmp_path / "t4" / "at-cas-seed1.json").read_text())
-    assert len(per_seed["outcomes"]["PGD-20"]) == 24
+    assert len(per_seed["outcomes"]["PGD-20"]) == 16
     diffs = json.loads((tmp_path / "t4" / "differences.json").read_text())
     assert diffs["at-cas"]["Ensemble"]["verdict"] in ("higher", "lower", NO_DIFFERENCE)
     assert diffs["at-cas"]["Ensemble"]["verdict"] in text
@@ -106,7 +106,19 @@ def test_analyze_compare_prints_a_cost_row_per_config(tmp_path, capsys):
         )
         cfgs.append(str(path))
     assert (
-        main(["analyze", "--compare", *cfgs, "--input-shape", "3,16,16", "--out", str(tmp_path)])
+        main(
+            [
+                "analyze",
+                "--compare",
+                *cfgs,
+                "--input-shape",
+                "3",
+                "16",
+                "16",
+                "--out",
+                str(tmp_path),
+            ]
+        )
         == 0
     )
     out = capsys.readouterr().out
@@ -115,7 +127,7 @@ def test_analyze_compare_prints_a_cost_row_per_config(tmp_path, capsys):
     extra = 2 * (32 * 10 + 10)  # two heads: Linear(32 → 10) at width 4's 32 channels
     assert cells[2] == f"{extra / 1e6:.2f}" and float(cells[5]) == pytest.approx(1.0, abs=1e-3)
     assert (tmp_path / "cost_comparison.md").is_file()
-    assert main(["analyze", "--compare", cfgs[0], "--input-shape", "3,16"]) == 2
+    assert main(["analyze", "--compare", cfgs[0], "--num-classes", "1"]) == 2
 
 
 def _small(kind: str):

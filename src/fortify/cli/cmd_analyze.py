@@ -23,20 +23,41 @@ WHATS = ("params", "flops", "features", "masks", "selection")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "run", nargs="?", help="run directory or checkpoint (.safetensors with JSON sidecar)"
+        "run",
+        nargs="?",
+        help="run directory or checkpoint (.safetensors with JSON sidecar); or use --model",
     )
     parser.add_argument(
         "--compare",
         nargs="+",
         metavar="CONFIG",
-        help="experiment configs to compare by parameters/FLOPs (instead of RUN)",
+        help="experiment configs to compare by parameters/FLOPs (instead of RUN); input shape "
+        "from --input-shape (default 3 32 32), classes from --num-classes (default 10)",
     )
-    parser.add_argument(
-        "--input-shape", default="3,32,32", help="C,H,W for --compare (default 3,32,32)"
-    )
-    parser.add_argument("--classes", type=int, default=10, help="classes for --compare")
     parser.add_argument(
         "--what", choices=WHATS, action="append", help="analysis (repeatable); default params+flops"
+    )
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="list the modules a defence can attach after (defenses[].at), with feature shapes",
+    )
+    parser.add_argument(
+        "--all-layers", action="store_true", help="with --layers: list every module, marked"
+    )
+    from fortify.cli._source import add_source_arguments
+
+    add_source_arguments(parser)
+    parser.add_argument(
+        "--input-shape",
+        type=int,
+        nargs=3,
+        metavar=("C", "H", "W"),
+        default=None,
+        help="with --model and no --dataset: input image shape",
+    )
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="with --model and no --dataset: classes"
     )
     parser.add_argument(
         "--tag", default=None, help="checkpoint tag in a run dir (default: best, else last/final)"
@@ -86,16 +107,34 @@ def run(args: argparse.Namespace) -> int:
 
     if args.compare:
         return _compare(args)
-    if args.run is None:
-        raise FortifyError("pass a run directory/checkpoint, or --compare CONFIG [CONFIG ...]")
-    whats = args.what or ["params", "flops"]
-    path, tag = _resolve(args.run, args.tag)
-    model, meta = load_model(path, tag=tag or "best", device=args.device)
+    whats = args.what or ([] if args.layers else ["params", "flops"])
+    if args.model is not None:
+        model, meta = _source_model(args)
+        cfg = from_dict(ExperimentConfig, meta["config"])
+        out = Path(args.out) if args.out else Path("runs") / cfg.name / "reports"
+    else:
+        if args.run is None:
+            raise FortifyError("give RUN (a run directory or checkpoint) or --model SOURCE")
+        path, tag = _resolve(args.run, args.tag)
+        model, meta = load_model(path, tag=tag or "best", device=args.device)
+        cfg = from_dict(ExperimentConfig, meta["config"])
+        out = Path(args.out) if args.out else (path / "reports" if path.is_dir() else path.parent)
+    # a layer listing of a model that is not a run is only printed, unless --out is given
+    write = bool(whats) or args.model is None or args.out is not None
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     shape = tuple(meta["image_shape"])
-    cfg = from_dict(ExperimentConfig, meta["config"])
-    out = Path(args.out) if args.out else (path / "reports" if path.is_dir() else path.parent)
-    out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
+    if args.layers:
+        from fortify.analysis.layers import layers_table, list_layers
+
+        layers = list_layers(model, shape)
+        table = layers_table(layers, all_layers=args.all_layers)
+        results["layers"] = [x.as_dict() for x in layers]
+        print(f"modules a defence can attach after (input {'x'.join(map(str, shape))}):")
+        print(table)
+        if write:
+            write_text_atomic(out / "layers.md", table + "\n")
 
     if "params" in whats or "flops" in whats:
         from fortify.analysis.cost import cost_report
@@ -159,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
             )
             print(f"wrote {png}")
             print(json.dumps(results["masks"], indent=1))
-    write_json_atomic(out / "analysis.json", results)
+    if write:
+        write_json_atomic(out / "analysis.json", results)
     return 0
 
 
@@ -170,20 +210,18 @@ def _compare(args: argparse.Namespace) -> int:
     from fortify.factory import build_model
     from fortify.runs import write_text_atomic
 
-    if args.run is not None:
-        raise FortifyError("--compare takes configs only; drop the RUN argument")
-    try:
-        shape = tuple(int(v) for v in args.input_shape.split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise FortifyError(f"--input-shape must be C,H,W (e.g. 3,32,32), got {args.input_shape!r}")
-    if args.classes < 2:
-        raise FortifyError(f"--classes must be >= 2, got {args.classes}")
+    if args.run is not None or args.model is not None:
+        raise FortifyError("--compare takes configs only; drop RUN / --model")
+    shape = tuple(args.input_shape) if args.input_shape is not None else (3, 32, 32)
+    classes = args.num_classes if args.num_classes is not None else 10
+    if min(shape) < 1 or classes < 2:
+        raise FortifyError(
+            f"--input-shape {list(shape)} must be positive and --num-classes {classes} >= 2"
+        )
     models = {}
     for path in args.compare:
         cfg = load_config(ExperimentConfig, path)
-        models[cfg.name] = build_model(cfg.model, cfg.defenses, args.classes, shape)  # type: ignore[arg-type]
+        models[cfg.name] = build_model(cfg.model, cfg.defenses, classes, shape)  # type: ignore[arg-type]
     table = cost_table(models, shape)  # type: ignore[arg-type]
     print(table)
     if args.out:
@@ -191,3 +229,27 @@ def _compare(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "cost_comparison.md", table + "\n")
     return 0
+
+
+def _source_model(args: argparse.Namespace) -> tuple:
+    """``--model SOURCE`` with ``--dataset`` or ``--input-shape C H W --num-classes K``."""
+    from fortify.cli._source import build_source_model
+    from fortify.errors import ConfigError
+
+    if args.run is not None:
+        raise ConfigError("give either RUN or --model, not both")
+    if args.dataset:
+        from fortify.data import load_from_config
+
+        data = {"name": args.dataset, "root": args.data_root}
+        splits = load_from_config(data, subsets=False)
+        return build_source_model(args, splits.num_classes, tuple(splits.image_shape), data)
+    if args.input_shape is None or args.num_classes is None:
+        raise ConfigError(
+            "--model needs --dataset NAME, or --input-shape C H W and --num-classes K"
+        )
+    if min(args.input_shape) < 1 or args.num_classes < 1:
+        raise ConfigError(
+            f"--input-shape {args.input_shape} and --num-classes {args.num_classes} must be >= 1"
+        )
+    return build_source_model(args, args.num_classes, tuple(args.input_shape), {})
