@@ -64,9 +64,9 @@ def _ft_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--module", default=None, help="module to fine-tune, or auto (default auto)")
     g.add_argument(
         "--bn",
-        choices=["frozen", "adapt"],
+        choices=["adapt", "frozen"],
         default=None,
-        help="BatchNorm statistics frozen (default) or adapting to clean data",
+        help="BatchNorm statistics adapting to clean data (default, the release) or frozen",
     )
     g.add_argument("--epochs", type=int, default=None, help="(10)")
     g.add_argument("--ft-lr", type=float, default=None, help="SGD lr (0.001)")
