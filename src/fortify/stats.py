@@ -309,7 +309,6 @@ def mean_sd(values: Sequence[float]) -> MeanSd:
     return MeanSd(float(vals.mean()), sd, int(vals.size))
 
 
-
 @dataclass(frozen=True)
 class AccuracyInterval:
     """One model's accuracy in percent with a confidence interval over its ``n`` points."""
