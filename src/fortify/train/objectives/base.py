@@ -190,9 +190,10 @@ def forward_aux(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward ``inputs`` while capturing auxiliary losses of attached defences.
 
-    Returns ``(logits, terms)``; ``terms`` is empty for models without loss providers.
+    Returns ``(logits, terms)``; ``terms`` is empty for models without loss providers. The
+    labels ``y`` are visible to label-reading defences (CAS, CIFS) during this forward pass.
     """
-    with capture_aux(model) as cap:
+    with capture_aux(model, labels=y) as cap:
         logits = model(inputs)
         terms: dict[str, torch.Tensor] = {}
         if cap.providers:
@@ -220,6 +221,42 @@ def kl_clean_adv(logits_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.
     """Per-sample KL(p(x) ‖ p(x_adv)) of softmax distributions, shape (N,)."""
     log_p = F.log_softmax(logits_clean.float(), dim=1)
     return (log_p.exp() * (log_p - F.log_softmax(logits_adv.float(), dim=1))).sum(1)
+
+
+def gaussian_start(
+    x: torch.Tensor, sigma: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``clamp(x + sigma·N(0, I), 0, 1)``: the small Gaussian start of the TRADES / MART releases.
+
+    The noise is drawn on the generator's device (``x``'s without one) and moved to ``x``.
+    """
+    dev = generator.device if generator is not None else x.device
+    noise = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+    return (x + sigma * noise).clamp(0.0, 1.0)
+
+
+def signed_ascent(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    x_start: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+) -> torch.Tensor:
+    """L∞ signed-gradient ascent of ``loss_fn(x_adv)`` (a scalar) from ``x_start``.
+
+    Each step: ``x_adv += step_size · sign(∇ loss)``, then projection onto the ε-ball around
+    ``x`` and [0, 1] (pixel units). Gradients are taken w.r.t. the input only. Returns the last
+    iterate, detached.
+    """
+    x_adv = x_start.detach()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn(x_adv), x_adv)
+        x_adv = x_adv.detach() + step_size * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+    return x_adv.detach()
 
 
 class Objective:
