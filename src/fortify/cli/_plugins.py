@@ -11,6 +11,8 @@ import importlib
 import pkgutil
 from types import ModuleType
 
+from fortify.cli._help import HelpFormatter
+
 
 def discover(package: str) -> dict[str, ModuleType]:
     """Import every plugin module of ``package`` and map ``NAME`` to the module."""
@@ -33,7 +35,7 @@ def add_plugin_parsers(parser: argparse.ArgumentParser, package: str, dest: str)
             name,
             help=mod.HELP,
             description=getattr(mod, "DESCRIPTION", mod.HELP),
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         mod.add_arguments(p)
         p.set_defaults(_plugin=mod)

@@ -25,7 +25,7 @@ def _show(value: object) -> str:
     if isinstance(value, float):
         short = f"{value:.6g}"
         k = round(value * 255)
-        if short != repr(value) and k > 0 and abs(value * 255 - k) < 1e-9:
+        if 0 < value < 1 and short != repr(value) and abs(value * 255 - k) < 1e-9:
             return f"{short} (={k}/255)"  # pixel budgets such as 8/255
         return short
     return str(value)
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--run-dir", metavar="DIR", default=None,
-        help="run directory for a new run (unset: runs/<config name>)",
+        help="run directory for a new run (default: runs/<config name>)",
     )  # fmt: skip
     parser.add_argument(
         "--resume", metavar="RUN", default=None,

@@ -14,6 +14,7 @@ import logging
 import sys
 
 from fortify import __version__
+from fortify.cli._help import HelpFormatter
 from fortify.errors import FortifyError
 
 # name -> module; listed here so --help works without importing torch-heavy modules.
@@ -48,21 +49,6 @@ def _available_commands() -> dict[str, tuple[str, str]]:
         if importlib.util.find_spec(module) is not None:
             out[name] = (module, help_text)
     return out
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every option's default; keeps paragraphs whose lines are all indented (tables in an
-    epilog) as they are, and re-wraps every other paragraph to the terminal width."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        out = []
-        for para in text.split("\n\n"):
-            lines = para.strip("\n").splitlines()
-            if lines and all(line.startswith(" ") for line in lines):
-                out.append("\n".join(indent + line for line in para.strip("\n").splitlines()))
-            else:
-                out.append(super()._fill_text(para, width, indent))
-        return "\n\n".join(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
