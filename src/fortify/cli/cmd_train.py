@@ -131,5 +131,6 @@ def run(args: argparse.Namespace) -> int:
                 print(f"last epoch {key}: {last[key]:.4f}")
         if result.best_epoch is not None:
             metric = "n/a" if result.best_metric is None else f"{result.best_metric:.4f}"
-            print(f"best checkpoint: epoch {result.best_epoch + 1} ({cfg.train.select}: {metric})")
+            best = f"epoch {result.best_epoch} of {cfg.train.epochs}"
+            print(f"best checkpoint: {best} ({cfg.train.select}: {metric})")
     return 0

@@ -133,17 +133,19 @@ class RunDir:
             if state == "finished":
                 raise RunDirError(
                     f"{path} already holds a finished run; use --resume to continue it or "
-                    "--overwrite to start over (the old run is moved aside, not deleted)"
+                    "--overwrite to start over (the old run is moved aside, not deleted); in "
+                    "Python: fit(..., mode='resume') or mode='overwrite'"
                 )
             if has_run:
                 raise RunDirError(
                     f"{path} already holds a run (state: {state or 'unknown'}); use --resume to "
-                    "continue it or --overwrite to start over (the old run is moved aside)"
+                    "continue it or --overwrite to start over (the old run is moved aside); in "
+                    "Python: fit(..., mode='resume') or mode='overwrite'"
                 )
             shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
             raise RunDirError(
                 f"{path} is not empty ({shown}); choose a new or empty folder, or use "
-                "--overwrite to move the existing folder aside"
+                "--overwrite (in Python: mode='overwrite') to move the existing folder aside"
             )
         if mode == "resume" and not (path / "config.yaml").is_file():
             raise RunDirError(

@@ -38,6 +38,11 @@ from fortify.train.validate import validate
 
 log = logging.getLogger("fortify.train")
 
+#: Epochs are numbered from 1 wherever people see them (metrics.jsonl, checkpoint metadata,
+#: training-state file names, logs, :class:`FitResult`); checkpoints record this as
+#: ``epoch_base`` so runs written when epochs counted from 0 still resume.
+EPOCH_BASE = 1
+
 EpochCallback = Callable[[int, dict[str, Any]], None]
 # Config fields that may differ on resume without --force (they do not change the result).
 RESUME_IGNORED = ("device", "train.tensorboard", "eval")
@@ -51,8 +56,8 @@ class FitResult:
         run_dir: the run directory.
         model: the trained model (unwrapped, last epoch's weights, eval mode).
         epochs_run: epochs trained by this call (0 if the run was already complete).
-        last_epoch: 0-based index of the final epoch.
-        best_epoch: epoch of the ``best`` checkpoint (None if never selected).
+        last_epoch: number of the final epoch (= ``train.epochs``).
+        best_epoch: number of the epoch saved as ``best`` (None if never selected).
         best_metric: its selection metric.
         history: one metrics dict per epoch (including epochs from before a resume).
     """
@@ -165,7 +170,13 @@ class _Checkpointer:
         self.best = Path(run.checkpoint_path("best"))
 
     def meta(self, epoch: int, metrics: dict[str, Any], tag: str) -> dict[str, Any]:
-        return {**self.base_meta, "epoch": epoch, "metrics": metrics, "tag": tag}
+        return {
+            **self.base_meta,
+            "epoch": epoch,
+            "epoch_base": EPOCH_BASE,
+            "metrics": metrics,
+            "tag": tag,
+        }
 
     def save(
         self, module: nn.Module, epoch: int, metrics: dict[str, Any], state: dict, best: bool
@@ -301,8 +312,9 @@ def fit(
         force: resume even if ``cfg`` differs from the run's stored config, or if a different
             number of processes changes the effective global batch size (a different number
             of processes alone only logs a warning; see :func:`check_resume_world_size`).
-        callbacks: ``cb(epoch, record)`` called after each epoch's checkpoint (rank 0 and
-            others alike); an exception aborts training, leaving the checkpoints as written.
+        callbacks: ``cb(epoch, record)`` (epoch numbered from 1) called after each epoch's
+            checkpoint (rank 0 and others alike); an exception aborts training, leaving the
+            checkpoints as written.
     Returns:
         :class:`FitResult`.
     Raises:
@@ -422,13 +434,15 @@ def _fit(
         meta = load_checkpoint(last_path, module)
         if not isinstance(meta, dict) or "epoch" not in meta:
             raise CheckpointError(f"{str(last_path)!r} has no 'epoch' in its metadata")
-        epoch_done = int(meta["epoch"])
-        state = load_state(last_path, epoch_done)
-        if int(state["epoch"]) != epoch_done:
+        legacy = meta.get("epoch_base") != EPOCH_BASE  # written before epochs counted from 1
+        stored = int(meta["epoch"])
+        state = load_state(last_path, stored)
+        if int(state["epoch"]) != stored:
             raise CheckpointError(
                 f"training state epoch {state['epoch']} does not match the checkpoint's "
-                f"epoch {epoch_done}"
+                f"epoch {stored}"
             )
+        epoch_done = stored + 1 if legacy else stored
         note = check_resume_world_size(
             meta.get("world_size"), info.world_size, tc.batch_size, force=force
         )
@@ -439,14 +453,17 @@ def _fit(
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"])
-        start_epoch = epoch_done + 1
+        start_epoch = epoch_done  # 0-based index of the next epoch
         best_metric, best_epoch = state["best_metric"], state["best_epoch"]
         history = list(state.get("history", []))
+        if legacy:
+            best_epoch, history = _renumber_legacy(best_epoch, history)
+            log.info("%s counted epochs from 0; its history is renumbered from 1", run_dir)
         # steps per epoch depend on the number of processes: count what was actually run
         global_step = int(state.get("global_step", start_epoch * len(loader)))
         if run is not None:
             _reconcile_metrics(run, history)
-        log.info("resuming %s after epoch %d", run_dir, epoch_done)
+        log.info("resuming %s after epoch %d of %d", run_dir, epoch_done, tc.epochs)
 
     if tc.sync_bn and info.distributed:
         if device.type == "cuda":
@@ -477,13 +494,14 @@ def _fit(
     )  # fmt: skip
     epochs_run = 0
     try:
-        for epoch in range(start_epoch, tc.epochs):
+        for index in range(start_epoch, tc.epochs):  # 0-based index; people see index + 1
             record = _train_epoch(
-                objective, net, module, loader, schedule, ctx, cfg, epoch, info, progress
+                objective, net, module, loader, schedule, ctx, cfg, index, info, progress
             )
+            epoch = index + 1
             # every rank continues from the buffers rank 0 checkpoints (what a resume loads)
             D.broadcast_buffers(info, module)
-            if (epoch + 1) % tc.val_every == 0 or epoch == tc.epochs - 1:
+            if epoch % tc.val_every == 0 or epoch == tc.epochs:
                 t0 = time.perf_counter()
                 record.update(
                     validate(
@@ -547,7 +565,7 @@ def _fit(
         run_dir=run_dir,
         model=module,
         epochs_run=epochs_run,
-        last_epoch=tc.epochs - 1,
+        last_epoch=tc.epochs,
         best_epoch=best_epoch,
         best_metric=best_metric,
         history=history,
@@ -593,7 +611,7 @@ def _train_epoch(
     flat = torch.stack([sums[k] for k in keys] + [torch.tensor(float(seen), dtype=torch.float64)])
     flat = D.all_reduce_sum(info, flat.to(info.device)).cpu()
     total = float(flat[-1])
-    record: dict[str, Any] = {"epoch": epoch, "lr": lr}
+    record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
     for k, v in zip(keys, flat[:-1]):
         record[f"train/{k}"] = float(v) / max(total, 1.0)
     record["train/samples"] = int(total)
@@ -617,11 +635,25 @@ def _reconcile_metrics(run: Any, history: list[dict[str, Any]]) -> None:
     wanted = [r.get("epoch") for r in history]
     if logged != wanted:
         log.warning(
-            "%s does not list the checkpointed epochs 0..%d once each (%d lines); rewriting "
+            "%s does not list the checkpointed epochs 1..%d once each (%d lines); rewriting "
             "it from the checkpoint's history",
-            run.metrics_path, len(history) - 1, len(logged),
+            run.metrics_path, len(history), len(logged),
         )  # fmt: skip
         run.write_metrics(history)
+
+
+def _renumber_legacy(
+    best_epoch: int | None, history: list[dict[str, Any]]
+) -> tuple[int | None, list[dict[str, Any]]]:
+    """Training state written when epochs counted from 0, renumbered to count from 1."""
+    renumbered = []
+    for r in history:
+        r = dict(r)
+        for key in ("epoch", "best_epoch"):
+            if isinstance(r.get(key), int):
+                r[key] += 1
+        renumbered.append(r)
+    return (None if best_epoch is None else best_epoch + 1), renumbered
 
 
 def _selection_metric(select: str, record: dict[str, Any]) -> float | None:
@@ -633,7 +665,7 @@ def _selection_metric(select: str, record: dict[str, Any]) -> float | None:
 
 
 def _log_epoch(record: dict[str, Any], epochs: int) -> None:
-    parts = [f"epoch {record['epoch'] + 1}/{epochs}", f"lr {record['lr']:.4g}"]
+    parts = [f"epoch {record['epoch']}/{epochs}", f"lr {record['lr']:.4g}"]
     for k in ("train/loss", "val/clean", "val/robust"):
         if k in record and math.isfinite(record[k]):
             parts.append(f"{k} {record[k]:.4f}")

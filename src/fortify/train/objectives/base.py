@@ -130,8 +130,9 @@ class StepContext:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:
             raise NonFiniteLossError(
-                f"training loss is {float(loss.detach().float().mean())} at epoch {self.epoch}, "
-                f"step {self.global_step}; stopping (the last good checkpoint is kept). Try a "
+                f"training loss is {float(loss.detach().float().mean())} at epoch "
+                f"{self.epoch + 1}, step {self.global_step}; stopping (the last good checkpoint "
+                "is kept). Try a "
                 "lower train.lr, train.grad_clip, or train.precision=fp32."
             )
 
