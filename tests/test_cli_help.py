@@ -83,3 +83,20 @@ def test_rift_help_states_the_config_defaults(step: str) -> None:
     )
     if suites is not None:
         assert f"default: {show_default(cfg.evaluate.suites)}" in suites
+
+
+def test_train_with_a_config_file_as_override_hints_at_config(tmp_path, capsys) -> None:
+    from fortify.cli.main import main
+
+    assert main(["train", "configs/x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "must look like section.field=value" in err and "use --config configs/x.yaml" in err
+
+
+def test_rift_on_a_missing_run_says_the_run_is_missing(tmp_path, capsys) -> None:
+    from fortify.cli.main import main
+
+    assert main(["rift", "run", str(tmp_path / "does-not-exist")]) == 2
+    err = capsys.readouterr().err
+    assert "no run directory at" in err and "does-not-exist" in err and "safetensors" not in err
+    assert not (tmp_path / "does-not-exist").exists()

@@ -277,7 +277,7 @@ def feature_analysis(
                 report.clean_acc[variant],
                 report.attack,
                 report.adv_acc[variant],
-                report.knn_acc[variant],
+                ", ".join(f"k={k} {v:.2f}" for k, v in report.knn_acc[variant].items()),
             )
     finally:
         model.train(was)

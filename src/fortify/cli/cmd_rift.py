@@ -176,9 +176,18 @@ def build_config(args: argparse.Namespace):  # noqa: ANN201 - RiftConfig, import
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fortify.errors import RunDirError
     from fortify.rift.pipeline import RiftRun, summary_markdown
 
     cfg = build_config(args)
+    if not Path(args.run).is_dir():
+        raise RunDirError(
+            f"no run directory at {args.run!r}: RUN must be the folder of an adversarially "
+            "trained run (e.g. runs/fmnist-at from fortify train --config "
+            "configs/train/cpu/fmnist-at.yaml)"
+        )
     rr = RiftRun(args.run, cfg, out=args.out)
     if args.step == "mrc":
         report = rr.mrc(force=args.force)

@@ -99,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.sets) + list(args.overrides)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.field=value")
+            hint = ""
+            if item.endswith((".yaml", ".yml")) or Path(item).is_file():
+                hint = f"; to train from a preset file use --config {item}"
+            raise ConfigError(f"override {item!r} must look like section.field=value{hint}")
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other; choose one")
     if args.resume and args.run_dir and Path(args.run_dir) != Path(args.resume):

@@ -188,7 +188,7 @@ def save_checkpoint(
                 "extra_keys": sorted(extra),
             }
             tmp_sidecar.write_text(dumps(record, "meta"), encoding="utf-8")
-    log.info("saved checkpoint %s (%d tensors)", path, len(tensors))
+    log.debug("saved checkpoint %s (%d tensors)", path, len(tensors))
     return path
 
 

@@ -544,7 +544,8 @@ def _fit(
                             writer.add_scalar(k, v, epoch)
                     writer.flush()  # a killed run keeps the curves of its checkpointed epochs
             if info.is_main:
-                _log_epoch(record, tc.epochs)
+                saved = None if ckpt is None else ("last + best" if improved else "last")
+                _log_epoch(record, tc.epochs, saved)
             epochs_run += 1
             for cb in callbacks:
                 cb(epoch, record)
@@ -664,12 +665,14 @@ def _selection_metric(select: str, record: dict[str, Any]) -> float | None:
     return None
 
 
-def _log_epoch(record: dict[str, Any], epochs: int) -> None:
+def _log_epoch(record: dict[str, Any], epochs: int, saved: str | None = None) -> None:
     parts = [f"epoch {record['epoch']}/{epochs}", f"lr {record['lr']:.4g}"]
     for k in ("train/loss", "val/clean", "val/robust"):
         if k in record and math.isfinite(record[k]):
             parts.append(f"{k} {record[k]:.4f}")
     parts.append(f"{record['train/images_per_s']:.0f} img/s")
+    if saved:
+        parts.append(f"saved {saved}")
     log.info(" | ".join(parts))
 
 
