@@ -7,7 +7,8 @@ after the same fine-tuning, then scores each with the ``adaptive`` suite on the 
 points: clean; white-box on the bounded output (FGSM, PGD-CE) and on the pre-bound logits (C&W,
 DLR); AutoAttack; black box (Square and transfer from the plain model); and the per-sample worst
 case. Writes the table to
-``docs/results/fpd_table.md`` (or ``--results``) with the command, seeds and wall time; the
+``<out>/fpd_table.md`` (``--results docs/results/fpd_table.md`` updates the published page) with
+the command, seeds and wall time; the
 full evaluation reports go to each run directory's ``reports/``.
 
 Default budget, measured on 1 CPU thread of a shared 2-core machine: plain 5 epochs 1.8 min,
@@ -63,7 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", default="runs/fpd-table", help="root of the run directories (one per row)"
     )
-    p.add_argument("--results", default="docs/results/fpd_table.md", help="markdown table to write")
+    p.add_argument(
+        "--results", default=None,
+        help="markdown table to write (default: OUT/fpd_table.md; --results "
+        "docs/results/fpd_table.md updates the published page)",
+    )  # fmt: skip
     p.add_argument(
         "--data-root", default=None, help="where Fashion-MNIST lives (default: usual places)"
     )
@@ -300,6 +305,8 @@ def run(a: argparse.Namespace) -> int:
     summary = {"times": times, "last_call_seconds": wall, "args": vars(a)}
     write_text_atomic(summary_path, json.dumps(summary, indent=1, default=str))
     text = _markdown(a, reports, times)
+    if a.results is None:
+        a.results = str(Path(a.out) / "fpd_table.md")
     Path(a.results).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(Path(a.results), text)
     sys.stdout.write(text)

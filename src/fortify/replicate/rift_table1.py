@@ -38,7 +38,11 @@ log = logging.getLogger("fortify.replicate.rift_table1")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", default=None, help="existing AT run (default: train one)")
     parser.add_argument("--out", default="runs/rift-table1", help="working folder")
-    parser.add_argument("--doc", default="docs/results/rift_table1.md", help="Markdown output")
+    parser.add_argument(
+        "--doc", default=None,
+        help="Markdown output (default: OUT/rift_table1.md; --doc docs/results/rift_table1.md "
+        "updates the published page)",
+    )  # fmt: skip
     parser.add_argument("--preset", default=DEFAULT_PRESET, help="training preset for the AT run")
     parser.add_argument("--rift-config", default=DEFAULT_RIFT, help="RiFT options YAML")
     parser.add_argument(
@@ -89,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     out = Path(args.out)
+    if args.doc is None:
+        args.doc = str(out / "rift_table1.md")
     out.mkdir(parents=True, exist_ok=True)
     at_run = Path(args.run) if args.run else _train_at(args, out)
     t_train = time.perf_counter() - t0
