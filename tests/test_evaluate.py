@@ -174,6 +174,30 @@ def test_checks_flag_gradient_masking(model, data):
     assert "WARN" in r.to_markdown()
 
 
+class _Wrong(nn.Module):
+    """An untrained stand-in: always predicts class ``k``."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = -torch.ones(len(x), 10) + self.w * x.flatten(1).mean(1, keepdim=True)
+        logits[:, self.k] = 3.0
+        return logits
+
+
+def test_checks_say_when_an_untrained_model_leaves_nothing_to_test(data):
+    x, y = data
+    keep = y != 3
+    r = evaluate(_Wrong(3), x[keep][:32], y[keep][:32], suite="quick", eps=0.1, check_points=32)
+    st = {c.name: (c.status, c.message) for c in r.checks}
+    assert st["anything to test"][0] == "warn" and "test nothing" in st["anything to test"][1]
+    assert st["PGD increases the loss"][0] == "warn"  # constant logits: the loss cannot rise
+    assert "did not increase the CE loss for 32/32" in st["PGD increases the loss"][1]
+
+
 def test_ball_violation_is_a_hard_error(model, data):
     x, y = data
 
