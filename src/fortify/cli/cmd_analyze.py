@@ -206,8 +206,10 @@ def run(args: argparse.Namespace) -> int:
             x_adv = pgd_batches(model, x, y, eps, args.steps, 256, cfg.eval.seed)
             png = out / "fsr_masks.png"
             results["masks"] = plot_masks(
-                model, x, x_adv, y, png, block=args.block, class_names=splits.classes or None
-            )
+                model, x, x_adv, y, png, block=args.block, class_names=splits.classes or None,
+                title=f"FSR masks at {args.block or 'the FSR block'} — clean vs PGD-{args.steps} "
+                f"L∞ ε={eps:.3g} (first {len(x)} test images)",
+            )  # fmt: skip
             print(f"wrote {png}")
             print(json.dumps(results["masks"], indent=1))
     if write:

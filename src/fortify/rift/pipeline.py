@@ -227,7 +227,7 @@ class RiftRun:
     # -- step 1 ------------------------------------------------------------------------------
     def mrc(self, force: bool = False) -> Any:
         """Compute (or load) the MRC report."""
-        from fortify.rift.mrc import MRCReport, build_adversarial_set, compute_mrc
+        from fortify.rift.mrc import MRCReport, build_adversarial_set, compute_mrc, plot_mrc
 
         d = self.step_dir("mrc")
         if self._reuse("mrc", force):
@@ -258,6 +258,8 @@ class RiftRun:
         )
         report.extra.update(attack_eps=self.eps, attack_steps=o.attack_steps, split="validation")
         report.save(d)
+        chosen = self.choose(report)[0] if self.cfg.module == "auto" else self.cfg.module
+        plot_mrc(report, d / "mrc.png", chosen=chosen)  # the module fine-tuned, highlighted
         self._mark_done("mrc", {"options": asdict(o)})
         return report
 
@@ -334,6 +336,7 @@ class RiftRun:
         )  # fmt: skip
         log.info("interpolate: %s", reason)
         rule = {"rule": o.rule, "tolerance": o.tolerance, "level": o.level, "n_points": len(x)}
+        rule["eps"] = self.eps
         save_grid(points, chosen, reason, d, rule=rule)
         model = self._copy_with(interpolate_state(sd_at, sd_ft, chosen.alpha))
         meta = {
