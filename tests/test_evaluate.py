@@ -198,6 +198,19 @@ def test_checks_say_when_an_untrained_model_leaves_nothing_to_test(data):
     assert "did not increase the CE loss for 32/32" in st["PGD increases the loss"][1]
 
 
+def test_progress_is_logged_periodically_without_a_terminal(data, monkeypatch, caplog):
+    import fortify.evaluate.core as core
+
+    x, y = data
+    monkeypatch.setattr(core, "PROGRESS_LOG_SECONDS", 0.0)
+    monkeypatch.setattr(core.sys.stderr, "isatty", lambda: False, raising=False)
+    with caplog.at_level("INFO", logger="fortify.evaluate"):
+        evaluate(_Wrong(3), x[:32], y[:32], suite="quick", eps=0.1, batch_size=8, checks=False)
+    lines = [r.getMessage() for r in caplog.records if "batches" in r.getMessage()]
+    assert lines and all("s so far, about" in m and "s left" in m for m in lines), lines
+    assert any(m.split(":")[1].strip().startswith("1/4 batches") for m in lines), lines
+
+
 def test_ball_violation_is_a_hard_error(model, data):
     x, y = data
 

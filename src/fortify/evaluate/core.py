@@ -220,11 +220,40 @@ def first_points_note(what: str, k: int, n: int) -> str:
     )
 
 
+#: Off a terminal, an attack logs its progress at most this often (seconds).
+PROGRESS_LOG_SECONDS = 30.0
+
+
+class _LogProgress:
+    """Progress for a run without a terminal (a log file, a CI job): a line at most every
+    :data:`PROGRESS_LOG_SECONDS` with the batches done, the time so far and an estimate of the
+    time left."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.done = total, desc, 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, k: int = 1) -> None:
+        self.done += k
+        now = time.monotonic()
+        if self.done < self.total and now - self.last >= PROGRESS_LOG_SECONDS:
+            left = (now - self.start) / self.done * (self.total - self.done)
+            log.info(
+                "%s: %d/%d batches, %.0f s so far, about %.0f s left",
+                self.desc, self.done, self.total, now - self.start, left,
+            )  # fmt: skip
+            self.last = now
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(total: int, desc: str, enabled: bool | None) -> Any:
     from tqdm.auto import tqdm
 
-    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
-    return tqdm(total=total, desc=desc, disable=disable, leave=False)
+    if enabled is None and not sys.stderr.isatty():
+        return _LogProgress(total, desc)
+    return tqdm(total=total, desc=desc, disable=enabled is False, leave=False)
 
 
 @dataclass

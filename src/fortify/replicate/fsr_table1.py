@@ -41,7 +41,7 @@ EPS = 0.1
 
 # Defaults chosen from measured costs on the shared 2-core machine (see docs/fsr.md).
 DEFAULTS = {
-    "epochs": 4,  # the published page's (docs/results/fsr_table1.md)
+    "epochs": 5,
     "train_subset": 10000,
     "width": 4,
     "test_points": 2000,
