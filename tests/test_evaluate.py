@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -651,3 +652,112 @@ def test_cli_eval_exit_status_on_masking(model, tmp_path, capsys, monkeypatch):
     assert "unreliable (zero gradients" in capsys.readouterr().out
     monkeypatch.setattr(fortify.runs, "load_model", real_load)
     assert main(base) == 0  # the same model without masking is reliable
+
+
+class _WrongOn(nn.Module):
+    """``inner``, except that it predicts the wrong class on the given (clean) images."""
+
+    def __init__(self, inner: nn.Module, bad: torch.Tensor):
+        super().__init__()
+        self.inner, self.bad = inner, bad.flatten(1)
+
+    def forward(self, x):
+        out = self.inner(x)
+        hit = (x.flatten(1)[:, None, :] == self.bad[None]).all(-1).any(1)
+        if hit.any():
+            out = out.clone()
+            out[hit] = -out[hit]  # the former top class becomes the lowest
+        return out
+
+
+def test_compare_identical_and_worse_copy(model, splits):
+    from fortify.evaluate import compare_reports
+    from fortify.stats import LOWER, NO_DIFFERENCE
+
+    x, y = splits.test.floats()
+    x, y = x[:300], y[:300]
+    kw = dict(suite="quick", eps=EPS, checks=False, batch_size=150)
+    a = evaluate(model, x, y, **kw)
+    same = compare_reports(a, evaluate(model, x, y, **kw))
+    for r in same.rows:
+        iv = r.interval
+        assert (iv.estimate, iv.low, iv.high, r.p_value) == (0.0, 0.0, 0.0, 1.0), r
+        assert r.verdict == NO_DIFFERENCE
+    # a copy wrong on a fixed extra 5 % of the points (15 of 300, all correct for A)
+    with torch.no_grad():
+        right = torch.nonzero(model(x).argmax(1) == y).flatten()[:15]
+    b = evaluate(_WrongOn(model, x[right]), x, y, **kw)
+    comp = compare_reports(a, b, labels=("model", "copy"))
+    nat = comp.get("Natural")
+    assert nat.n == 300 and nat.b - nat.a == pytest.approx(-5.0)
+    assert nat.interval.estimate == pytest.approx(-5.0)
+    assert nat.interval.low < -5.0 < nat.interval.high and nat.interval.high < 0
+    assert nat.p_value < 0.01 and (nat.a_only, nat.b_only) == (15, 0)
+    assert nat.verdict == LOWER
+    assert {r.column for r in comp.rows} == {"Natural", "PGD-20", "Ensemble"}
+    text = comp.to_markdown()
+    assert "| final | Natural | 300 |" in text and "lower" in text
+    assert json.loads(comp.to_json())["rows"][0]["difference"]["verdict"] == LOWER
+
+
+def test_compare_refuses_mismatched_evaluations(model, data):
+    from fortify.errors import ComparisonError
+    from fortify.evaluate import compare_reports
+
+    x, y = data
+    kw = dict(suite="quick", checks=False, batch_size=48)
+    a = evaluate(model, x[:40], y[:40], eps=EPS, **kw)
+    cases = {
+        "ε": evaluate(model, x[:40], y[:40], eps=2 * EPS, **kw),
+        "number of points": evaluate(model, x[:30], y[:30], eps=EPS, **kw),
+        "different points": evaluate(model, x[40:80], y[40:80], eps=EPS, **kw),
+        "mode": evaluate(model, x[:40], y[:40], eps=EPS, mode="best", **kw),
+        "suite": evaluate(model, x[:40], y[:40], eps=EPS, suite="paper", checks=False),
+        "norm": evaluate(model, x[:40], y[:40], eps=EPS, norm="l2", **kw),
+    }
+    for words, b in cases.items():
+        with pytest.raises(ComparisonError, match=words):
+            compare_reports(a, b)
+    with pytest.raises(ComparisonError, match="not in both"):
+        compare_reports(a, a, columns=["AutoAttack"])
+
+
+def test_compare_autoattack_on_a_subset(model, data):
+    from fortify.evaluate import compare_reports
+
+    x, y = data
+    kw = dict(suite="autoattack", eps=0.1, checks=False, batch_size=16)
+    a = evaluate(model, x[:16], y[:16], suite_options={"autoattack_points": 6}, **kw)
+    b = evaluate(model, x[:16], y[:16], suite_options={"autoattack_points": 10}, **kw)
+    comp = compare_reports(a, b)
+    aa = comp.get("AutoAttack")
+    assert aa.n == 6 and aa.interval.n == 6  # only the points both attacked
+    assert any("compared on the 6 points where both ran" in n for n in comp.notes)
+
+
+def test_cli_compare_and_report_compare(model, tmp_path, capsys):
+    from fortify.cli.main import main
+
+    torch.manual_seed(1)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    runs = [_digits_run(m, tmp_path / n) for m, n in ((model, "base"), (other, "noisy"))]
+    for r in runs:
+        assert main(["eval", str(r), "--suite", "quick", "--n-points", "60", "--no-checks"]) == 0
+    capsys.readouterr()
+    js = tmp_path / "cmp.json"
+    assert main(["compare", str(runs[0]), str(runs[1]), "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "## noisy − base" in out and "| final | Ensemble | 60 |" in out
+    d = json.loads(js.read_text())
+    assert d["rows"][0]["column"] == "Natural" and d["rows"][0]["n"] == 60
+    assert main(["report", str(runs[0]), str(runs[1]), "--compare"]) == 0
+    assert "## noisy − base" in capsys.readouterr().out
+    assert main(["eval", str(runs[1]), "--suite", "quick", "--n-points", "50", "--no-checks"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(runs[0]), str(runs[1])]) == 2
+    assert "number of points" in capsys.readouterr().err
+    assert main(["compare", str(runs[0]), str(runs[0]), "--resamples", "10"]) == 2
+    assert "resamples must be" in capsys.readouterr().err
