@@ -34,27 +34,31 @@ def test_rows_to_train_include_starting_models_and_the_surrogate():
     assert ft.rows_to_train(list(ft.ROWS)) == list(ft.ROWS)
 
 
-def _report(n: int, broken_by: dict[str, list[int]]) -> EvalReport:
+def _report(n: int, broken_by: dict[str, list[int]], ran: dict[str, int]) -> EvalReport:
+    from fortify.evaluate.report import first_mask
+
     ones = torch.ones(n, dtype=torch.bool)
     outcomes = [Outcome("Natural", ones.clone())]
     for name, idx in broken_by.items():
         c = ones.clone()
         c[idx] = False
-        outcomes.append(Outcome(name, c))
+        outcomes.append(Outcome(name, c, ran=first_mask(n, ran.get(name, n))))
     return EvalReport({}, outcomes, [], {})
 
 
 def test_autoattack_columns_cover_only_the_attacked_points():
     a = _args("--n-points", "10", "--aa-points", "4", "--steps", "40")
-    # AutoAttack broke 2 of its 4 points; the 6 unattacked points keep their clean outcome
-    rep = _report(10, {"AutoAttack": [0, 1], "PGD-40 C&W": [0, 5, 6, 7]})
-    assert ft.subset_accuracy(rep, "AutoAttack", 4) == 50.0
+    # AutoAttack broke 2 of its 4 points; the 6 unattacked points are not counted anywhere
+    rep = _report(10, {"AutoAttack": [0, 1], "PGD-40 C&W": [0, 5, 6, 7]}, {"AutoAttack": 4})
+    assert ft.subset_accuracy(rep, "AutoAttack", 4) == (50.0, 4)
+    assert ft.subset_accuracy(rep, "AutoAttack", 10) == (50.0, 4)
     assert ft.subset_accuracy(rep, "Square", 4) is None
     text = ft._markdown(a, {"fpd": rep}, {"train fpd": 60.0, "eval fpd": 120.0})
     all_points, aa = text.split("## AutoAttack, on the first 4 points")
     assert "AutoAttack" not in all_points.split("| model |")[1].split("\n")[0]
-    # all 10 points: clean 100, C&W 60, worst case over everything 50 (points 0,1,5,6,7 broken)
-    assert "| fpd | 100.0 | – | – | 60.0 | – | – | – | – | 50.0 |" in all_points
+    # all 10 points: clean 100, C&W 60; the worst case includes AutoAttack, so it counts only
+    # the 4 points AutoAttack ran on (points 0 and 1 broken)
+    assert "| fpd | 100.0 | – | – | 60.0 | – | – | – | – | 50.0 (n=4) |" in all_points
     # first 4 points: clean 100, AutoAttack 50, logits AutoAttack absent, worst case 50
     assert "| fpd | 100.0 | 50.0 | – | 50.0 |" in aa
     assert "Compute time 3.0 min" in text

@@ -366,16 +366,22 @@ def _sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def subset_accuracy(rep: Any, column: str, k: int) -> float | None:
-    """Accuracy (%) of ``column`` over the first ``k`` points (None if the column is absent)."""
-    c = rep.correct(column, "final")
-    if c is None or len(c) == 0:
+def subset_accuracy(rep: Any, column: str, k: int) -> tuple[float, int] | None:
+    """Accuracy (%) of ``column`` over those of the first ``k`` points it ran on, and their
+    number (None if the column is absent or ran on none of them)."""
+    col = rep.column(column, "final")
+    if col is None:
         return None
-    return 100.0 * float(c[:k].float().mean())
+    ran = col[1][:k]
+    n = int(ran.sum())
+    if n == 0:
+        return None
+    return 100.0 * float(col[0][:k][ran].float().mean()), n
 
 
 def _table(reports: dict, cols: list[tuple[str, str]], k: int, steps: int) -> list[str]:
-    """Markdown rows: one per model, accuracy of each column over the first ``k`` points."""
+    """Markdown rows: one per model, accuracy of each column over the first ``k`` points (a
+    column that ran on fewer of them says its n)."""
     lines = [
         "| model | " + " | ".join(label for _, label in cols) + " |",
         "|---|" + "---|" * len(cols),
@@ -383,8 +389,11 @@ def _table(reports: dict, cols: list[tuple[str, str]], k: int, steps: int) -> li
     for key, rep in reports.items():
         cells = []
         for col, _ in cols:
-            acc = subset_accuracy(rep, col.format(k=steps), k)
-            cells.append("–" if acc is None else f"{acc:.1f}")
+            got = subset_accuracy(rep, col.format(k=steps), k)
+            if got is None:
+                cells.append("–")
+            else:
+                cells.append(f"{got[0]:.1f}" + ("" if got[1] == k else f" (n={got[1]})"))
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return lines
 
@@ -412,7 +421,8 @@ def _markdown(a: argparse.Namespace, reports: dict, times: dict[str, float]) -> 
         "",
         "Accuracy (%). *output* = attacks on the model's (tanh-bounded) output; *logits* = "
         "white-box attacks on the pre-bound logits, scored on the bounded model. Worst case = "
-        "per-sample minimum over every column, AutoAttack included where it ran (the headline).",
+        "per-sample minimum over every column, AutoAttack included, on the points where every "
+        "column ran (the headline; (n=k) says how many).",
         "",
         f"## All {a.n_points} points",
         "",
@@ -426,7 +436,7 @@ def _markdown(a: argparse.Namespace, reports: dict, times: dict[str, float]) -> 
     for key, rep in reports.items():
         warns = [c for c in rep.checks if c.status != "ok"]
         lines.append(
-            f"- **{key}**: "
+            f"- **{key}** ({rep.checks_status()}): "
             + ("none" if not warns else "; ".join(f"{c.name}: {c.message}" for c in warns))
         )
     lines += ["", "## Time", ""] + [f"- {n}: {v / 60:.1f} min" for n, v in times.items()]

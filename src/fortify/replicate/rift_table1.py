@@ -183,6 +183,18 @@ def render(
             "",
             *rows,
             "",
+            "Checks (gradient masking): "
+            + "; ".join(
+                f"{name}: "
+                + ", ".join(
+                    f"{k.removeprefix('checks_')} {v}"
+                    for k, v in r.items()
+                    if k.startswith("checks_")
+                )
+                for name, r in m.items()
+            )
+            + ".",
+            "",
             f"Fine-tuned module: `{ft['module']}` — {ft.get('reason', '')}. "
             f"BN {ft['options']['bn']}, "
             f"lr {ft['options']['lr']}, {ft['options']['epochs']} epochs, best epoch "
