@@ -761,3 +761,28 @@ def test_cli_compare_and_report_compare(model, tmp_path, capsys):
     assert "number of points" in capsys.readouterr().err
     assert main(["compare", str(runs[0]), str(runs[0]), "--resamples", "10"]) == 2
     assert "resamples must be" in capsys.readouterr().err
+
+
+def test_legacy_reports_do_not_count_unattacked_points(model, data):
+    """A fortify-eval/1 report (lists of booleans, unattacked AutoAttack points holding their
+    clean outcome) is read with its AutoAttack column restricted to the attacked points."""
+    x, y = data
+    r = evaluate(
+        model,
+        x[:12],
+        y[:12],
+        suite="full",
+        eps=0.1,
+        checks=False,
+        batch_size=12,
+        suite_options={"autoattack_points": 5},
+    )
+    d = r.to_dict()
+    d["format"] = "fortify-eval/1"
+    for o in d["outcomes"]:
+        bits = r.outcome(o["name"], o["mode"]).correct
+        o["correct"] = [bool(v) for v in bits.tolist()]
+        del o["ran"], o["points"], o["n"]
+    old = EvalReport.from_dict(d)
+    assert old.table_n()["final"]["AutoAttack"] == 5 and old.table_n()["final"]["PGD-20"] == 12
+    assert old.table() == r.table()

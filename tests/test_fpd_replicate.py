@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 import torch
 
 from fortify.evaluate import EvalReport, Outcome
@@ -101,3 +102,23 @@ def test_eval_fingerprint_follows_the_checkpoints(tmp_path):
         ft.eval_fingerprint(_args("--out", str(tmp_path), "--steps", "5"), tmp_path, "fpd")["steps"]
         == 5
     )
+
+
+def test_pages_carry_generated_readings(tmp_path):
+    from fortify.replicate.common import SeedGrid
+
+    a = _args("--n-points", "10", "--aa-points", "4", "--steps", "40", "--seeds", "0,1")
+    grid = SeedGrid(labels={k: k for k in ft.ROWS})
+    for s in (0, 1):
+        grid.add("plain", s, _report(10, {"PGD-40 C&W": [0, 1, 2, 3, 4, 5]}, {}))
+        grid.add("fpd", s, _report(10, {"PGD-40 C&W": [s]}, {}))
+    readings = grid.readings(ft.READING_PAIRS, ft.READING_COLUMNS)
+    assert [(r.baseline, r.method, r.column) for r in readings] == [
+        ("plain", "fpd", "Natural"),
+        ("plain", "fpd", "Ensemble"),
+    ]
+    ens = readings[1]
+    assert ens.interval.estimate == pytest.approx(50.0) and ens.verdict == "higher"
+    text = ft._multi_seed_page(a, [0, 1], grid, readings, tmp_path / "fpd_table.md")
+    assert "| plain | 2 (0,1) |" in text and "| fpd − plain | Ensemble | 2 | 10 |" in text
+    assert "fpd_table_seed0.md" in text and "higher" in text

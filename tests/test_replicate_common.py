@@ -116,3 +116,38 @@ def test_per_seed_files_roundtrip(tmp_path):
     assert all(p.stat().st_size < 3000 for p in paths)  # 400 points, 4 columns
     again = SeedGrid.load_per_seed(tmp_path)
     assert again.table(["Natural", "AutoAttack"]) == grid.table(["Natural", "AutoAttack"])
+
+
+def test_rift_pipeline_reports_become_a_grid(tmp_path):
+    """The RiFT replicate reads the pipeline's per-suite reports (PGD-10 on every point,
+    AutoAttack on a prefix) into one report per model and seed."""
+    from torch import nn
+
+    import fortify.data
+    from fortify.evaluate import evaluate
+    from fortify.replicate.rift_table1 import READING_COLUMNS, add_eval_reports
+    from fortify.rift.pipeline import _register_pgd10
+
+    _register_pgd10()
+    x, y = fortify.data.load_dataset("digits").test.head(16).floats()
+    grid = SeedGrid()
+    for seed in (0, 1):
+        for i, name in enumerate(("at", "rift")):
+            torch.manual_seed(10 * seed + i)
+            model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+            kw = dict(eps=0.1, checks=False, seed=seed)
+            evaluate(model, x, y, suite="pgd10", **kw).save(tmp_path / str(seed), f"{name}-pgd10")
+            evaluate(model, x[:6], y[:6], suite="autoattack", **kw).save(
+                tmp_path / str(seed), f"{name}-autoattack"
+            )
+        add_eval_reports(grid, seed, tmp_path / str(seed))
+    assert sorted(grid.reports) == ["AT", "RiFT"] and sorted(grid.reports["AT"]) == [0, 1]
+    counts = grid.reports["AT"][0].table_n()["final"]
+    assert counts["PGD-10"] == 16 and counts["AutoAttack"] == 6 and counts["Worst case"] == 6
+    readings = grid.readings([("AT", "RiFT")], READING_COLUMNS)
+    assert [(r.column, r.n, len(r.seeds)) for r in readings] == [
+        ("Natural", 16, 2),
+        ("PGD-10", 16, 2),
+        ("Ensemble", 16, 2),
+        ("AutoAttack", 6, 2),
+    ]

@@ -156,6 +156,15 @@ def ensemble_of(outcomes: list[Outcome], mode: str) -> torch.Tensor | None:
     return None if wc is None else wc[0]
 
 
+def _legacy_ran(name: str, settings: dict[str, Any], n: int) -> torch.Tensor | None:
+    """Points an outcome of a ``fortify-eval/1`` report ran on: those reports gave AutoAttack
+    columns run on the first ``autoattack_points`` points the clean outcome elsewhere."""
+    k = settings.get("autoattack_points")
+    if name.startswith("AutoAttack") and isinstance(k, int) and 0 <= k < n:
+        return first_mask(n, k)
+    return None
+
+
 def pack_bits(t: torch.Tensor) -> str:
     """A bool tensor (N,) as base64 text of its bits (little-endian bit order)."""
     bits = np.packbits(t.detach().cpu().numpy().astype(bool), bitorder="little")
@@ -413,7 +422,8 @@ class EvalReport:
                 correct = unpack_bits(o["correct"], n)
                 ran = None if o.get("ran") is None else unpack_bits(o["ran"], n)
             else:
-                correct, ran = torch.tensor(o["correct"], dtype=torch.bool), None
+                correct = torch.tensor(o["correct"], dtype=torch.bool)
+                ran = _legacy_ran(o["name"], d.get("settings", {}), len(correct))
             outcomes.append(
                 Outcome(
                     o["name"],

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import shlex
@@ -28,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from fortify.replicate.common import SeedGrid, add_seed_arguments, file_sha256, seeds_from_args
 
 NAME = "fpd-table"
 HELP = (
@@ -80,7 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=40, help="PGD steps of the white-box columns")
     p.add_argument("--aa-points", type=int, default=100, help="points given to AutoAttack")
     p.add_argument("--square-queries", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed when --seeds is not given")
+    add_seed_arguments(p, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--rows",
@@ -199,6 +201,83 @@ def _configs(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(a: argparse.Namespace) -> int:
+    """Train and evaluate every requested row for each seed; write the page."""
+    if a.quick:
+        a.train_subset, a.epochs_plain, a.epochs_fpd, a.epochs_ft = 512, 1, 2, 1
+        a.n_points, a.aa_points, a.square_queries, a.steps = 32, 8, 50, 5
+        a.threshold = max(a.threshold, 0.2)
+    seeds = [a.seed] if a.seeds is None else seeds_from_args(a)
+    grid = SeedGrid(labels={k: k for k in ROWS})
+    pages = {}
+    for seed in seeds:
+        a_s = copy.copy(a)
+        a_s.seed = seed
+        if a.seeds is not None:  # one folder per seed; without --seeds the historical layout
+            a_s.out = str(Path(a.out) / f"seed-{seed}")
+        reports, times = _run_seed(a_s)
+        for key, rep in reports.items():
+            grid.add(key, seed, rep)
+        pages[seed] = _markdown(a_s, reports, times)
+    from fortify.utils.atomic import atomic_write_text
+
+    readings = grid.readings(
+        [p for p in READING_PAIRS if p[0] in grid.reports and p[1] in grid.reports],
+        READING_COLUMNS,
+    )
+    results = Path(a.results)
+    if len(seeds) == 1:
+        text = pages[seeds[0]] + _readings_section(grid, readings)
+    else:
+        for seed, page in pages.items():
+            atomic_write_text(results.with_name(f"{results.stem}_seed{seed}.md"), page)
+        text = _multi_seed_page(a, seeds, grid, readings, results)
+    grid.save_per_seed(results.with_suffix(""))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(results, text)
+    sys.stdout.write(text)
+    return 0
+
+
+READING_PAIRS = (("plain", "fpd"), ("plain+at", "fpd+at"), ("plain", "plain+at"))
+READING_COLUMNS = ("Natural", "Ensemble", "AutoAttack", "AutoAttack (logits)")
+
+
+def _readings_section(grid: SeedGrid, readings: list[Any]) -> str:
+    lines = [
+        "",
+        "## Differences (generated from the intervals)",
+        "",
+        "Ensemble is the worst case over every column (AutoAttack included, so on the points "
+        "AutoAttack ran on).",
+        "",
+        *grid.readings_markdown(readings),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _multi_seed_page(
+    a: argparse.Namespace, seeds: list[int], grid: SeedGrid, readings: list[Any], results: Path
+) -> str:
+    cmd = "fortify replicate fpd-table " + " ".join(shlex.quote(s) for s in sys.argv[3:])
+    cols = [c.format(k=a.steps) for c, _ in COLUMNS]
+    lines = [
+        "# FPD on Fashion-MNIST (CPU scale), several seeds"
+        + (" — QUICK SMOKE RUN, numbers meaningless" if a.quick else ""),
+        "",
+        f"Command: `{cmd.strip()}`  ",
+        f"Seeds {', '.join(str(s) for s in seeds)}; {a.n_points} test points, AutoAttack on the "
+        f"first {min(a.aa_points, a.n_points)}. Accuracy (%), mean ± sd over seeds; a column on "
+        "fewer points gives its n. Per-seed pages: "
+        + ", ".join(f"`{results.stem}_seed{s}.md`" for s in seeds)
+        + f"; per-seed reports with per-sample outcomes in `{results.with_suffix('')}/`.",
+        "",
+        *grid.table(cols),
+    ]
+    return "\n".join(lines) + "\n" + _readings_section(grid, readings)
+
+
+def _run_seed(a: argparse.Namespace) -> tuple[dict[str, Any], dict[str, float]]:
+    """Train and evaluate the rows for ``a.seed`` under ``a.out``; returns (reports, times)."""
     import torch
 
     from fortify.data import load_dataset
@@ -209,10 +288,6 @@ def run(a: argparse.Namespace) -> int:
     from fortify.utils.atomic import atomic_write_text as write_text_atomic
     from fortify.utils.runtime import seed_everything
 
-    if a.quick:
-        a.train_subset, a.epochs_plain, a.epochs_fpd, a.epochs_ft = 512, 1, 2, 1
-        a.n_points, a.aa_points, a.square_queries, a.steps = 32, 8, 50, 5
-        a.threshold = max(a.threshold, 0.2)
     t_start = time.perf_counter()
     seed_everything(a.seed)
     cfgs = _configs(a)
@@ -234,7 +309,7 @@ def run(a: argparse.Namespace) -> int:
     for key in rows:
         run_dir = out / key.replace("+", "-")
         src = ROWS[key]
-        src_sha = _sha256(out / src.replace("+", "-") / _LAST) if src else None
+        src_sha = file_sha256(out / src.replace("+", "-") / _LAST) if src else None
         if a.reuse and _finished_with(run_dir, cfgs[key], src_sha):
             models[key] = load_model(run_dir, tag="last", device=a.device)[0]
             log.info("reusing the finished run %s", run_dir)
@@ -299,11 +374,7 @@ def run(a: argparse.Namespace) -> int:
     wall = time.perf_counter() - t_start
     summary = {"times": times, "last_call_seconds": wall, "args": vars(a)}
     write_text_atomic(summary_path, json.dumps(summary, indent=1, default=str))
-    text = _markdown(a, reports, times)
-    Path(a.results).parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(Path(a.results), text)
-    sys.stdout.write(text)
-    return 0
+    return reports, times
 
 
 def rows_to_train(requested: list[str]) -> list[str]:
@@ -330,8 +401,8 @@ def eval_fingerprint(a: argparse.Namespace, out: Path, key: str) -> dict[str, An
         "aa_points": a.aa_points,
         "square_queries": a.square_queries,
         "seed": a.seed,
-        "checkpoint": _sha256(out / key.replace("+", "-") / ckpt),
-        "surrogate": _sha256(out / "plain" / ckpt) if _uses_surrogate(key) else None,
+        "checkpoint": file_sha256(out / key.replace("+", "-") / ckpt),
+        "surrogate": file_sha256(out / "plain" / ckpt) if _uses_surrogate(key) else None,
     }
 
 
@@ -358,12 +429,6 @@ def _recorded_source(run_dir: Path) -> str | None:
         return json.loads((run_dir / SOURCE_FILE).read_text()).get("sha256")
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def _sha256(path: Path) -> str | None:
-    if not path.exists():
-        return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def subset_accuracy(rep: Any, column: str, k: int) -> tuple[float, int] | None:
