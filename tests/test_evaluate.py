@@ -586,8 +586,12 @@ def test_cli_eval_aa_points(model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'quick'" in err and "autoattack_points" in err
     assert main([*base, "--suite", "autoattack", "--aa-points", "3"]) == 0
-    assert "AutoAttack on the first 3 of 8 points" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "AutoAttack on the first 3 of 8 points" in out and "AutoAttack (n=3)" in out
     saved = EvalReport.load(run / "reports")
+    assert saved.table_n()["final"]["AutoAttack"] == 3  # the 5 unattacked points not counted
+    assert main(["report", str(run)]) == 0
+    assert "(n=3)" in capsys.readouterr().out
     assert saved.settings["autoattack_points"] == 3
     assert saved.settings["suite_options"] == {"autoattack_points": 3}
 
