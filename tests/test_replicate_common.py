@@ -32,6 +32,14 @@ def test_parse_seeds_and_layout(tmp_path):
         with pytest.raises(ConfigError, match="--seeds"):
             parse_seeds(bad)
     assert job_dir(tmp_path, "at", 2) == tmp_path / "at" / "seed-2"
+    import argparse
+
+    from fortify.replicate.common import per_seed_args
+
+    plain = argparse.Namespace(seed=4, seeds=None, out="runs/x")
+    assert per_seed_args(plain) == [plain]
+    many = per_seed_args(argparse.Namespace(seed=4, seeds="0,2", out="runs/x"))
+    assert [(a.seed, a.out) for a in many] == [(0, "runs/x/seed-0"), (2, "runs/x/seed-2")]
 
 
 def test_table_mean_sd_and_column_n():

@@ -22,6 +22,7 @@ reports into a page. This module holds the parts every command shares:
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -78,6 +79,22 @@ def add_seed_arguments(parser: argparse.ArgumentParser, default: str = "0") -> N
 def seeds_from_args(args: argparse.Namespace) -> list[int]:
     """The seeds of ``args.seeds``."""
     return parse_seeds(args.seeds)
+
+
+def per_seed_args(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One copy of ``args`` per seed, for commands that run a whole pipeline per seed.
+
+    Without ``--seeds`` (``args.seeds`` None): ``[args]`` with ``args.seed`` and ``args.out`` as
+    given (the historical layout). With it: ``seed`` set and ``out`` = ``<out>/seed-<s>``.
+    """
+    if getattr(args, "seeds", None) is None:
+        return [args]
+    out = []
+    for seed in seeds_from_args(args):
+        a = copy.copy(args)
+        a.seed, a.out = seed, str(Path(args.out) / f"seed-{seed}")
+        out.append(a)
+    return out
 
 
 def job_dir(out: str | Path, row: str, seed: int) -> Path:

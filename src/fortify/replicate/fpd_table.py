@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fortify.replicate.common import SeedGrid, add_seed_arguments, file_sha256, seeds_from_args
+from fortify.replicate.common import SeedGrid, add_seed_arguments, file_sha256, per_seed_args
 
 NAME = "fpd-table"
 HELP = (
@@ -206,18 +206,14 @@ def run(a: argparse.Namespace) -> int:
         a.train_subset, a.epochs_plain, a.epochs_fpd, a.epochs_ft = 512, 1, 2, 1
         a.n_points, a.aa_points, a.square_queries, a.steps = 32, 8, 50, 5
         a.threshold = max(a.threshold, 0.2)
-    seeds = [a.seed] if a.seeds is None else seeds_from_args(a)
     grid = SeedGrid(labels={k: k for k in ROWS})
     pages = {}
-    for seed in seeds:
-        a_s = copy.copy(a)
-        a_s.seed = seed
-        if a.seeds is not None:  # one folder per seed; without --seeds the historical layout
-            a_s.out = str(Path(a.out) / f"seed-{seed}")
+    for a_s in per_seed_args(a):
         reports, times = _run_seed(a_s)
         for key, rep in reports.items():
-            grid.add(key, seed, rep)
-        pages[seed] = _markdown(a_s, reports, times)
+            grid.add(key, a_s.seed, rep)
+        pages[a_s.seed] = _markdown(a_s, reports, times)
+    seeds = list(pages)
     from fortify.utils.atomic import atomic_write_text
 
     readings = grid.readings(

@@ -16,7 +16,6 @@ and OOD on 1,000 points, AutoAttack on 500) ≈ 40 min: about 75 min in all, und
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import platform
@@ -30,7 +29,7 @@ from fortify.replicate.common import (
     SeedGrid,
     add_seed_arguments,
     extend_with_prefix,
-    seeds_from_args,
+    per_seed_args,
 )
 
 NAME = "rift-table1"
@@ -100,16 +99,12 @@ def run(args: argparse.Namespace) -> int:
     """One AT run + RiFT per seed (``--seeds``: one folder per seed); the page."""
     from fortify.utils.atomic import atomic_write_text
 
-    seeds = [args.seed] if args.seeds is None else seeds_from_args(args)
     grid = SeedGrid(labels={"AT": "AT", "RiFT": "AT + RiFT"})
     pages = {}
-    for seed in seeds:
-        a_s = copy.copy(args)
-        a_s.seed = seed
-        if args.seeds is not None:  # one folder per seed; without --seeds the historical layout
-            a_s.out = str(Path(args.out) / f"seed-{seed}")
-        pages[seed], eval_dir = _run_seed(a_s)
-        add_eval_reports(grid, seed, eval_dir)
+    for a_s in per_seed_args(args):
+        pages[a_s.seed], eval_dir = _run_seed(a_s)
+        add_eval_reports(grid, a_s.seed, eval_dir)
+    seeds = list(pages)
     readings = grid.readings([("AT", "RiFT")], READING_COLUMNS)
     doc = Path(args.doc)
     section = [
