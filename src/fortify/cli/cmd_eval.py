@@ -26,8 +26,14 @@ EXIT_UNRELIABLE = 3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "target", metavar="TARGET", help="run directory or checkpoint file (.safetensors)"
+        "target",
+        metavar="TARGET",
+        nargs="?",
+        help="run directory or checkpoint file (.safetensors); or use --model",
     )
+    from fortify.cli._source import add_source_arguments
+
+    add_source_arguments(parser)
     parser.add_argument(
         "--tag", default="best", help="checkpoint tag when TARGET is a run directory"
     )
@@ -112,6 +118,7 @@ def check_data_matches_checkpoint(meta: dict, splits: DataSplits, target: Path) 
 
 
 def run(args: argparse.Namespace) -> int:
+    from fortify.cli._source import load_source_target
     from fortify.data import load_from_config
     from fortify.errors import ConfigError, RunDirError, check_point_count
     from fortify.evaluate import eps_curve, evaluate, plot_eps_curve
@@ -119,16 +126,22 @@ def run(args: argparse.Namespace) -> int:
     from fortify.runs import load_model
     from fortify.utils.runtime import resolve_device
 
-    target = Path(args.target)
-    if not target.exists():
-        raise RunDirError(
-            f"{target} does not exist; TARGET must be a run directory or a checkpoint file"
-        )
+    if args.model is None:
+        if args.target is None:
+            raise ConfigError("give TARGET (a run or checkpoint) or --model SOURCE --dataset NAME")
+        target = Path(args.target)
+        if not target.exists():
+            raise RunDirError(
+                f"{target} does not exist; TARGET must be a run directory or a checkpoint file"
+            )
     if args.n_points < 1:
         raise ConfigError(f"--n-points must be >= 1, got {args.n_points}")
     check_point_count(args.aa_points, "--aa-points")
     device = resolve_device(args.device)
-    model, meta = load_model(target, tag=args.tag, device=device)
+    if args.model is not None:  # a model that is not a fortify run
+        model, meta, target = load_source_target(args, device)
+    else:
+        model, meta = load_model(target, tag=args.tag, device=device)
     data_cfg = (meta.get("config") or {}).get("data") or {}
     name = data_cfg.get("name")
     if not name:
@@ -168,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
             "dataset": name,
             "split": args.split,
             "eps_source": "--eps" if args.eps is not None else "dataset default",
+            **({"model_source": args.model, "weights": args.weights} if args.model else {}),
         },
     )
     out_dir = _report_dir(target, args.out)

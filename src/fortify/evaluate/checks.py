@@ -46,12 +46,9 @@ def result_checks(ctx: Any) -> None:
             "robust ≤ clean",
             "warn",
             "robust accuracy above clean accuracy: " + "; ".join(bad),
-            masking=True,
         )
     else:
-        ctx.check(
-            "robust ≤ clean", "ok", f"every attack's accuracy ≤ clean ({clean:.2f}%)", masking=True
-        )
+        ctx.check("robust ≤ clean", "ok", f"every attack's accuracy ≤ clean ({clean:.2f}%)")
     tol = 100.0 / n * 0.5
     for m in ctx.modes:
         get = {o.name: o for o in ctx.outcomes if o.mode in (m, MODE_FREE)}

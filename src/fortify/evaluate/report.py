@@ -30,7 +30,6 @@ READABLE_FORMATS = ("fortify-eval/1", FORMAT)
 # Checks that indicate gradient masking (used for reports written before ``Check.masking``).
 LEGACY_MASKING_CHECKS = frozenset(
     {
-        "robust ≤ clean",
         "zero gradients",
         "monotone in ε",
         "PGD increases the loss",
