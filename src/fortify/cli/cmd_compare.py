@@ -30,7 +30,9 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ci-seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument("--level", type=float, default=0.95, help="confidence level")
     parser.add_argument(
-        "--columns", default=None, help="comma-separated columns to compare (default: all shared)"
+        "--columns",
+        default=None,
+        help="comma-separated columns to compare (unset: every column both reports have)",
     )
 
 

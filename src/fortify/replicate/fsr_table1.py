@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--per-seed-dir",
         default=None,
-        help="folder for one JSON per (row, seed) with per-sample outcomes (default: --doc "
+        help="folder for one JSON per (row, seed) with per-sample outcomes (unset: --doc "
         "without .md)",
     )
     parser.add_argument(
