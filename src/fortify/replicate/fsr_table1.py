@@ -183,7 +183,7 @@ def row_config(row: str, args: argparse.Namespace, seed: int | None = None) -> A
                 "random_start": True,
                 "bn_mode": "eval",
             },
-            "val_points": args.val_points,
+            "val_points": getattr(args, "val_points", DEFAULTS["val_points"]),
             "select": "last",
         },
         "eval": {"suite": "paper", "eps": EPS, "n_points": args.test_points, "mode": "final"},
