@@ -358,7 +358,7 @@ def test_save_load_and_bit_identical_resume(tmp_path, splits, kind):
     assert any(k.startswith(f"train/{kind}") for k in full.history[-1]) == (kind != "fd")
 
     def crash(epoch, record):
-        if epoch == 0:
+        if epoch == 1:  # epochs are numbered from 1
             raise Crash("simulated kill")
 
     with pytest.raises(Crash):
