@@ -14,7 +14,9 @@ DESCRIPTION = (
     "paper (Natural, FGSM, PGD-20, PGD-100, C&W, Ensemble), autoattack (pyautoattack, standard), "
     "quick (PGD-20), full (paper + autoattack) or a registered suite. Honest-evaluation checks "
     "(ε-ball, robust ≤ clean, gradient-masking indicators) run by default and are printed with "
-    "the table. Reports go to <run>/reports/eval-<suite>.md/.json."
+    "the table. Reports go to <run>/reports/eval-<suite>.md/.json. Under torchrun the chunks of "
+    "points are split over the ranks and rank 0 writes the report; --shard i/n evaluates one "
+    "slice (job arrays), joined by `fortify report --merge`. See docs/scaling.md."
 )
 
 
@@ -46,6 +48,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="suites autoattack/full/adaptive: run AutoAttack on the first N points only (the "
         "others keep their clean outcome in the AutoAttack column); default: every point",
+    )
+    parser.add_argument(
+        "--aa-scope",
+        choices=("all", "robust"),
+        default=None,
+        help="suite full: 'robust' runs AutoAttack only on the points every paper attack left "
+        "unbroken (same worst case, AutoAttack column marked not computed); default: all",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="evaluate slice I of N (0 <= I < N) and write eval-<suite>.shard-I-of-N.json; "
+        "join the N slices with `fortify report --merge`",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for random starts, Square and AutoAttack"
@@ -99,12 +115,9 @@ def check_data_matches_checkpoint(meta: dict, splits: DataSplits, target: Path) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from fortify.data import load_from_config
     from fortify.errors import ConfigError, RunDirError, check_point_count
-    from fortify.evaluate import eps_curve, evaluate, plot_eps_curve
-    from fortify.evaluate.plot import default_eps_values
-    from fortify.runs import load_model
-    from fortify.utils.runtime import resolve_device
+    from fortify.evaluate.shard import Shard
+    from fortify.train import distributed
 
     target = Path(args.target)
     if not target.exists():
@@ -114,7 +127,32 @@ def run(args: argparse.Namespace) -> int:
     if args.n_points < 1:
         raise ConfigError(f"--n-points must be >= 1, got {args.n_points}")
     check_point_count(args.aa_points, "--aa-points")
-    device = resolve_device(args.device)
+    shard = Shard.parse(args.shard) if args.shard is not None else None
+    if shard is not None and args.plot:
+        raise ConfigError("--plot cannot be combined with --shard (plot from the merged report)")
+    info = distributed.setup(args.device)
+    if info.distributed and shard is not None:
+        distributed.teardown(info)
+        raise ConfigError(
+            "--shard cannot be used under torchrun: the ranks already split the points; use "
+            "--shard only for separate processes (job arrays)"
+        )
+    try:
+        return _run(args, info, shard)
+    finally:
+        distributed.finish(info)
+        distributed.teardown(info)
+
+
+def _run(args: argparse.Namespace, info: Any, shard: Any) -> int:
+    from fortify.data import load_from_config
+    from fortify.errors import ConfigError
+    from fortify.evaluate import eps_curve, evaluate, plot_eps_curve
+    from fortify.evaluate.plot import default_eps_values
+    from fortify.runs import load_model
+
+    target = Path(args.target)
+    device = info.device
     model, meta = load_model(target, tag=args.tag, device=device)
     data_cfg = (meta.get("config") or {}).get("data") or {}
     name = data_cfg.get("name")
@@ -132,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
     suite_options: dict[str, Any] = {}
     if args.aa_points is not None:
         suite_options["autoattack_points"] = args.aa_points
+    if args.aa_scope is not None:
+        suite_options["autoattack_scope"] = args.aa_scope
     if args.suite == "ood":  # lets the suite find a published corrupted set (CIFAR-10-C, ...)
         suite_options.update(
             dataset=name, root=args.data_root or data_cfg.get("root"), classes=splits.classes
@@ -149,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
         checks=not args.no_checks,
         device=device,
         suite_options=suite_options,
+        shard=shard,
+        distributed=info.distributed,
         settings={
             "target": str(target),
             "tag": args.tag,
@@ -158,6 +200,15 @@ def run(args: argparse.Namespace) -> int:
         },
     )
     out_dir = _report_dir(target, args.out)
+    if shard is not None:
+        stem = f"eval-{args.suite}.shard-{shard.index}-of-{shard.count}"
+        md, js = report.save(out_dir, stem=stem)
+        pattern = out_dir / f"eval-{args.suite}.shard-*-of-{shard.count}.json"
+        print(f"slice {shard} of the evaluation: wrote {js}; join all {shard.count} slices with")
+        print(f"  fortify report --merge {pattern}")
+        return 0
+    if not info.is_main:
+        return 0 if report.ok else 1
     md, js = report.save(out_dir, stem=f"eval-{args.suite}")
     report.save(out_dir, stem="eval")  # the latest evaluation, read by `fortify report`
     print(report.to_markdown())

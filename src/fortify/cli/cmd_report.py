@@ -9,7 +9,8 @@ DESCRIPTION = (
     "Put the evaluation tables of several runs side by side (markdown). Reads "
     "<run>/reports/eval.json "
     "(the latest `fortify eval`), or eval-<suite>.json with --suite; a path to an eval.json "
-    "works too."
+    "works too. With --merge, join the slices written by `fortify eval --shard i/n` into the "
+    "report one process would have written."
 )
 
 
@@ -20,6 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checks", action="store_true", help="list each run's non-ok checks below the table"
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="RUN... are the slices eval-<suite>.shard-I-of-N.json of one evaluation (or a "
+        "folder holding them): check that they match, join them and write eval-<suite>.md/.json "
+        "(and eval.md/.json) next to the slices, or into --merge-dir",
+    )
+    parser.add_argument("--merge-dir", default=None, help="--merge: folder for the joined report")
 
 
 def _find(run: Path, suite: str | None) -> Path:
@@ -34,9 +43,39 @@ def _find(run: Path, suite: str | None) -> Path:
     raise RunDirError(f"no {name} in {run}/reports or {run}; run `fortify eval {run}` first")
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from fortify.errors import RunDirError
+    from fortify.evaluate.shard import finalize, load_partials, merge_partials
+
+    paths: list[Path] = []
+    for r in args.runs:
+        p = Path(r)
+        if p.is_dir():
+            found = sorted(p.glob("eval-*.shard-*-of-*.json")) or sorted(
+                p.glob("reports/eval-*.shard-*-of-*.json")
+            )
+            if not found:
+                raise RunDirError(f"no slices eval-<suite>.shard-I-of-N.json in {p}")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise RunDirError(f"{p} does not exist; give the slices' .json files or their folder")
+    report = finalize(merge_partials(load_partials(paths)))
+    out_dir = Path(args.merge_dir) if args.merge_dir else paths[0].parent
+    md, js = report.save(out_dir, stem=f"eval-{report.settings.get('suite')}")
+    report.save(out_dir, stem="eval")
+    print(report.to_markdown())
+    print(f"joined {len(paths)} slices: wrote {md} and {js}")
+    return 0 if report.ok else 1
+
+
 def run(args: argparse.Namespace) -> int:
     from fortify.evaluate import EvalReport, side_by_side
     from fortify.utils.atomic import atomic_write_text
+
+    if args.merge:
+        return _merge(args)
 
     reports = {}
     for r in args.runs:

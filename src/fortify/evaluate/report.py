@@ -41,7 +41,9 @@ class Outcome:
     """Per-point outcome of one column: ``correct[i]`` is True if point i survived.
 
     ``mode`` is ``"final"``, ``"best"`` or ``"-"`` (does not depend on the semantics);
-    ``ensemble`` marks columns that enter the per-sample worst case.
+    ``ensemble`` marks columns that enter the per-sample worst case. ``computed=False``: the
+    attack ran only where it could change the worst case (e.g. AutoAttack with
+    ``autoattack_scope="robust"``), so the column enters Ensemble but has no accuracy of its own.
     """
 
     name: str
@@ -50,6 +52,7 @@ class Outcome:
     ensemble: bool = True
     seconds: float = 0.0
     note: str = ""
+    computed: bool = True
 
     @property
     def accuracy(self) -> float:
@@ -116,11 +119,14 @@ class EvalReport:
         return None if o is None else o.correct
 
     def table(self) -> dict[str, dict[str, float]]:
-        """``{row (mode): {column: accuracy %}}``."""
+        """``{row (mode): {column: accuracy %}}`` (columns not computed on their own omitted)."""
         out: dict[str, dict[str, float]] = {}
         for mode in self.modes:
             row: dict[str, float] = {}
             for col in self.columns:
+                o = self.outcome(col, mode)
+                if o is not None and not o.computed:
+                    continue
                 c = self.correct(col, mode)
                 if c is not None:
                     row[col] = 100.0 * float(c.float().mean()) if len(c) else float("nan")
@@ -149,7 +155,7 @@ class EvalReport:
             "|---|" + "---|" * len(cols),
         ]
         for mode, row in table.items():
-            cells = [f"{row[c]:.2f}" if c in row else "" for c in cols]
+            cells = [f"{row[c]:.2f}" if c in row else self._blank(c, mode) for c in cols]
             lines.append(f"| {MODE_LABELS.get(mode, mode)} | " + " | ".join(cells) + " |")
         notes = [
             f"- {o.name}: {o.note}"
@@ -169,6 +175,10 @@ class EvalReport:
             lines.append(f"- {k}: {v}")
         return "\n".join(lines) + "\n"
 
+    def _blank(self, col: str, mode: str) -> str:
+        o = self.outcome(col, mode)
+        return "not computed" if o is not None and not o.computed else ""
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with settings, table, per-sample outcomes and checks."""
         return {
@@ -183,8 +193,9 @@ class EvalReport:
                     "ensemble": o.ensemble,
                     "seconds": round(o.seconds, 3),
                     "note": o.note,
-                    "accuracy": o.accuracy,
+                    "accuracy": o.accuracy if o.computed else None,
                     "correct": [bool(v) for v in o.correct.tolist()],
+                    "computed": o.computed,
                 }
                 for o in self.outcomes
             ],
@@ -211,6 +222,7 @@ class EvalReport:
                 o["ensemble"],
                 o.get("seconds", 0.0),
                 o.get("note", ""),
+                o.get("computed", True),
             )
             for o in d["outcomes"]
         ]
