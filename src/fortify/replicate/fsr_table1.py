@@ -248,16 +248,46 @@ def _last_record(run_dir: Path) -> dict[str, Any]:
     return {k: v for k, v in records[-1].items() if isinstance(v, (int, float, str))}
 
 
-def _command(args: argparse.Namespace) -> str:
-    parts = ["fortify", "replicate", NAME]
+def _argv(args: argparse.Namespace, **override: str) -> list[str]:
+    """``replicate fsr-table1 --flag value ...`` of ``args`` (``override``: flag -> value)."""
+    parts = ["replicate", NAME]
     for flag in (
         "out", "doc", "epochs", "train_subset", "width", "fsr_hidden", "batch_size",
         "attack_steps", "test_points", "aa_points", "rows", "seed",
     ):  # fmt: skip
-        parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        parts += [f"--{flag.replace('_', '-')}", str(override.get(flag, getattr(args, flag)))]
     if args.no_checks:
         parts.append("--no-checks")
-    return " ".join(shlex.quote(p) for p in parts)
+    return parts
+
+
+def _command(args: argparse.Namespace) -> str:
+    return " ".join(shlex.quote(p) for p in ["fortify", *_argv(args)])
+
+
+def jobs(args: argparse.Namespace) -> list[Any]:
+    """One independent job per row (``--workers``): trains and evaluates that row only.
+
+    A job writes its single-row page under ``<out>/jobs/`` (not ``--doc``); the full table is
+    assembled afterwards from the rows' cached results.
+    """
+    from fortify.replicate.workers import Job
+
+    out = Path(args.out) / "jobs"
+    return [
+        Job(row, tuple(_argv(args, rows=row, doc=str(out / f"{row}.md"))))
+        for row in _parse_rows(args.rows)
+    ]
+
+
+def _parse_rows(text: str) -> list[str]:
+    from fortify.errors import ConfigError
+
+    rows = [r.strip() for r in text.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise ConfigError(f"unknown row(s) {bad}; choose from {list(ROWS)}")
+    return rows
 
 
 # --------------------------------------------------------------------------- estimate
@@ -440,10 +470,7 @@ def run(args: argparse.Namespace) -> int:
     from fortify.errors import ConfigError
     from fortify.runs import load_model
 
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    bad = [r for r in rows if r not in ROWS]
-    if bad:
-        raise ConfigError(f"unknown row(s) {bad}; choose from {list(ROWS)}")
+    rows = _parse_rows(args.rows)
     for name in ("epochs", "train_subset", "width", "test_points", "batch_size", "attack_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
