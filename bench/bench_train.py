@@ -113,7 +113,8 @@ def main() -> None:
     splits = load_dataset("fashion-mnist", val_size=1000, train_subset=args.batches * batch)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"fashion-mnist 28x28, {args.model} width {args.width}, batch {batch}, "
-          f"{args.batches} batches, PGD-{args.steps}, {args.repeats} interleaved repeats")  # fmt: skip
+          f"{args.batches} batches, PGD-{args.steps}, "
+          f"{args.repeats} interleaved repeats")  # fmt: skip
     for precision, cl in (("fp32", False), ("bf16", True)):
         cfg = load_config(ExperimentConfig, None, [
             "data.name=fashion-mnist", "device=cpu", f"model.name={args.model}",

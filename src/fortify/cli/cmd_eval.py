@@ -22,8 +22,14 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "target", metavar="TARGET", help="run directory or checkpoint file (.safetensors)"
+        "target",
+        metavar="TARGET",
+        nargs="?",
+        help="run directory or checkpoint file (.safetensors); or use --model",
     )
+    from fortify.cli._source import add_source_arguments
+
+    add_source_arguments(parser)
     parser.add_argument(
         "--tag", default="best", help="checkpoint tag when TARGET is a run directory"
     )
@@ -119,11 +125,14 @@ def run(args: argparse.Namespace) -> int:
     from fortify.evaluate.shard import Shard
     from fortify.train import distributed
 
-    target = Path(args.target)
-    if not target.exists():
-        raise RunDirError(
-            f"{target} does not exist; TARGET must be a run directory or a checkpoint file"
-        )
+    if args.model is None:
+        if args.target is None:
+            raise ConfigError("give TARGET (a run or checkpoint) or --model SOURCE --dataset NAME")
+        target = Path(args.target)
+        if not target.exists():
+            raise RunDirError(
+                f"{target} does not exist; TARGET must be a run directory or a checkpoint file"
+            )
     if args.n_points < 1:
         raise ConfigError(f"--n-points must be >= 1, got {args.n_points}")
     check_point_count(args.aa_points, "--aa-points")
@@ -145,15 +154,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, info: Any, shard: Any) -> int:
+    from fortify.cli._source import load_source_target
     from fortify.data import load_from_config
     from fortify.errors import ConfigError
     from fortify.evaluate import eps_curve, evaluate, plot_eps_curve
     from fortify.evaluate.plot import default_eps_values
     from fortify.runs import load_model
 
-    target = Path(args.target)
     device = info.device
-    model, meta = load_model(target, tag=args.tag, device=device)
+    if args.model is not None:  # a model that is not a fortify run
+        model, meta, target = load_source_target(args, device)
+    else:
+        target = Path(args.target)
+        model, meta = load_model(target, tag=args.tag, device=device)
     data_cfg = (meta.get("config") or {}).get("data") or {}
     name = data_cfg.get("name")
     if not name:
@@ -197,6 +210,7 @@ def _run(args: argparse.Namespace, info: Any, shard: Any) -> int:
             "dataset": name,
             "split": args.split,
             "eps_source": "--eps" if args.eps is not None else "dataset default",
+            **({"model_source": args.model, "weights": args.weights} if args.model else {}),
         },
     )
     out_dir = _report_dir(target, args.out)

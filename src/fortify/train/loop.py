@@ -385,7 +385,10 @@ def _fit(
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
-        model = build_model(cfg.model, cfg.defenses, splits.num_classes, splits.image_shape)
+        model = build_model(  # a resumed run's checkpoint replaces pretrained source weights
+            cfg.model, cfg.defenses, splits.num_classes, splits.image_shape,
+            load_weights=mode != "resume",
+        )  # fmt: skip
     module = model.to(device)
     if tc.channels_last:
         module = module.to(memory_format=torch.channels_last)
