@@ -79,17 +79,21 @@ def test_fsr_table1_two_workers_equal_two_manual_processes(tmp_path):
     par = tmp_path / "workers"
     out = _replicate(par, "--rows", "at,at-fsr", "--workers", "2").stdout
     assert "2 job(s) finished in 2 worker(s)" in out
-    a = json.loads((manual / "fsr_table1.json").read_text())["rows"]
-    b = json.loads((par / "fsr_table1.json").read_text())["rows"]
-    assert list(a) == list(b) == ["at", "at-fsr"]
-    for row in a:
-        assert a[row]["accuracy"] == b[row]["accuracy"], row
-        assert a[row]["final_epoch"]["train/loss"] == b[row]["final_epoch"]["train/loss"]
+    a = json.loads((manual / "fsr_table1.json").read_text())["jobs"]
+    b = json.loads((par / "fsr_table1.json").read_text())["jobs"]
+    assert list(a) == list(b) == ["at/seed-0", "at-fsr/seed-0"]
+    for job in a:
+        assert a[job]["final_epoch"]["train/loss"] == b[job]["final_epoch"]["train/loss"], job
+    table = [ln for ln in (tmp_path / "manual.md").read_text().splitlines() if ln.startswith("| ")]
+    assert len(table) >= 4  # header, rule and the two rows
+    assert table == [
+        ln for ln in (tmp_path / "workers.md").read_text().splitlines() if ln.startswith("| ")
+    ]
     logs = sorted(p.name for p in (par / "jobs").glob("*.log"))
     assert logs == ["00-at.log", "01-at-fsr.log"]
     # resumable: a second call reuses both finished jobs (no training, cached evaluations)
     again = _replicate(par, "--rows", "at,at-fsr", "--workers", "2")
-    assert "evaluation cached" in (par / "jobs" / "00-at.log").read_text()
-    c = json.loads((par / "fsr_table1.json").read_text())["rows"]
-    assert {r: c[r]["accuracy"] for r in c} == {r: b[r]["accuracy"] for r in b}
+    assert "finished run reused" in (par / "jobs" / "00-at.log").read_text()
+    c = json.loads((par / "fsr_table1.json").read_text())["jobs"]
+    assert all(j["training"] == "reused" and j["evaluation"] == "reused" for j in c.values())
     assert "2 job(s) finished" in again.stdout

@@ -138,10 +138,15 @@ class Results:
     def modes(self) -> tuple[str, ...]:
         return ("final", "best") if self.mode == "both" else (self.mode,)
 
-    def check(self, name: str, status: str, message: str) -> None:
-        self.checks.append(Check(name, status, message))
+    def check(self, name: str, status: str, message: str, *, masking: bool = False) -> None:
+        self.checks.append(Check(name, status, message, masking))
         if status != "ok" and not self.quiet:
             log.warning("%s: %s", name, message)
+
+    def add(self, outcome: Outcome) -> Outcome:
+        outcome.correct = outcome.correct.detach().to("cpu", torch.bool)
+        self.outcomes.append(outcome)
+        return outcome
 
 
 def _slice_of(report: EvalReport) -> Shard:
@@ -189,10 +194,10 @@ def check_slices(partials: Sequence[EvalReport]) -> None:
 
 def merge_checks(groups: Sequence[Sequence[Check]]) -> list[Check]:
     """Union of the slices' checks in order; an ``ok`` is dropped when the same check warned."""
-    seen: dict[tuple[str, str, str], Check] = {}
+    seen: dict[tuple[str, str, str, bool], Check] = {}
     for checks in groups:
         for c in checks:
-            seen.setdefault((c.name, c.status, c.message), c)
+            seen.setdefault((c.name, c.status, c.message, c.masking), c)
     bad = {c.name for c in seen.values() if c.status != "ok"}
     return [c for c in seen.values() if c.status != "ok" or c.name not in bad]
 
@@ -211,10 +216,24 @@ def merge_partials(partials: Sequence[EvalReport]) -> EvalReport:
     outcomes = []
     for j, o in enumerate(ref.outcomes):
         correct = torch.zeros(n, dtype=torch.bool)
+        ran = torch.zeros(n, dtype=torch.bool)
         for p, m in zip(partials, masks, strict=True):
-            correct |= p.outcomes[j].correct.to(torch.bool) & m
+            po = p.outcomes[j]
+            correct |= po.correct.to(torch.bool) & m
+            ran |= (torch.ones(n, dtype=torch.bool) if po.ran is None else po.ran) & m
         seconds = max(p.outcomes[j].seconds for p in partials)
-        outcomes.append(Outcome(o.name, correct, o.mode, o.ensemble, seconds, o.note, o.computed))
+        outcomes.append(
+            Outcome(
+                o.name,
+                correct,
+                o.mode,
+                o.ensemble,
+                seconds,
+                o.note,
+                ran=ran,
+                computed=o.computed,
+            )
+        )
     data = None
     if ref.extras.get(CHECK_DATA) is not None:
         data = dict(ref.extras[CHECK_DATA])

@@ -16,7 +16,7 @@ from fortify.evaluate.core import (
     first_points_note,
     register_suite,
 )
-from fortify.evaluate.report import MODE_FREE, Outcome, ensemble_of
+from fortify.evaluate.report import MODE_FREE, Outcome, ensemble_of, first_mask
 
 log = logging.getLogger("fortify.evaluate.suites")
 
@@ -63,8 +63,9 @@ class AutoAttackOptions:
 
     Attributes:
         autoattack_points: run AutoAttack on the first N points only (None: all); the other
-            points keep their clean outcome in the AutoAttack column, and the column's note and
-            the report's ``autoattack_points`` setting say how many were attacked.
+            points are not counted in the AutoAttack column (nor in any worst case containing
+            it), and the column's n, its note and the report's ``autoattack_points`` setting say
+            how many were attacked.
         autoattack_scope: ``"all"`` (default): AutoAttack attacks every clean-correct point and
             its column is a standalone AutoAttack accuracy. ``"robust"`` (suite ``full`` only):
             AutoAttack attacks only the points that survived every attack of the paper suite,
@@ -103,7 +104,7 @@ def run_autoattack(
 
     Args:
         points: attack only the first ``points`` points (None: all). The others are not attacked
-            and keep their clean outcome in the column; the note and ``ctx.settings`` say so.
+            and not counted (``Outcome.ran``); the note and ``ctx.settings`` say so.
         survivors: bool (N,) — the points no earlier attack broke. When given, each chunk's
             survivors and its other clean-correct points are attacked in two separate calls, so
             the survivors' outcomes do not depend on ``scope``.
@@ -150,7 +151,7 @@ def run_autoattack(
     groups = [attack] if survivors is None else [attack & survivors, attack & ~survivors]
     if scope == "robust":
         groups = groups[:1]
-    # Points not attacked: clean outcome beyond the limit, broken (by earlier attacks) otherwise.
+    # Not attacked: beyond the limit (not counted: ``ran``), or broken by earlier attacks.
     correct = ctx.clean_correct & ~in_limit
     handler = _CaptureLog()
     aa_log = logging.getLogger("auto-attack")
@@ -178,13 +179,14 @@ def run_autoattack(
     dt = time.perf_counter() - t0
     if found:
         for msg in dict.fromkeys(found):
-            ctx.check("AutoAttack's own checks", "warn", msg)
+            ctx.check("AutoAttack's own checks", "warn", msg, masking=True)
     else:
         ctx.check(
             "AutoAttack's own checks",
             "ok",
             "no warnings (randomness, probability outputs, dynamic defence, classes, zero "
             "gradients, Square vs APGD)",
+            masking=True,
         )
     if scope == "robust":
         notes.append(
@@ -202,6 +204,7 @@ def run_autoattack(
             ensemble=scope == "robust",
             seconds=dt,
             note=note,
+            ran=first_mask(ctx.n, limit),
             computed=scope == "all",
         )
     )
