@@ -161,7 +161,9 @@ def _input_grad(
         logits = _logits(model, xa)
         obj = attack_loss(logits, y, target, loss=loss, targeted=targeted, kappa=kappa).sum()
         (grad,) = torch.autograd.grad(obj, xa)
-    return logits.detach(), grad
+    # A model whose output depends on x only through a reduction yields an expanded (stride-0)
+    # gradient; the in-place steps need a tensor of their own.
+    return logits.detach(), grad.contiguous()
 
 
 def _pgd_single(
