@@ -27,6 +27,8 @@ class Mart(Objective):
     ``BCE = −log p_y(x_adv) − log(1 − max_{k≠y} p_k(x_adv))``; ``x_adv`` from ``train.attack``.
     """
 
+    options: dict[str, object] | None = {}
+
     def compute(
         self,
         model: nn.Module,
