@@ -62,6 +62,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, arg, path)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:  # X | None: the one real type's message is the precise one
+            raise ConfigError(errors[0])
         raise ConfigError(f"{path}: {value!r} does not fit type {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

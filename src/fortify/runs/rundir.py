@@ -34,6 +34,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -213,6 +214,11 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 info = _lock_info(fd)
+                for _ in range(20):  # the holder may not have written its record yet
+                    if info:
+                        break
+                    time.sleep(0.01)
+                    info = _lock_info(fd)
                 os.close(fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise RunDirError(self._busy_message(info)) from exc
@@ -244,6 +250,30 @@ class RunLock:
             _HELD[key] = _Held(fd, os.getpid())
             self.key = key
             return self
+
+    def holder(self) -> str | None:
+        """The :class:`RunDirError` message if another process holds this lock now, else None
+        (creates nothing: a folder without a lock file is not locked)."""
+        import fcntl
+
+        with _GUARD:
+            try:
+                st = os.stat(self.path.parent)
+                held = _HELD.get((st.st_dev, st.st_ino))
+                if held is not None and held.pid == os.getpid():
+                    return None
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError:
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return self._busy_message(_lock_info(fd))
+                return None
+            finally:
+                os.close(fd)  # closing also drops the shared lock taken for the probe
+            return None
 
     def _busy_message(self, info: dict[str, Any]) -> str:
         pid, host = info.get("pid"), info.get("host")
@@ -415,6 +445,9 @@ class RunDir:
             raise RunDirError(f"run directory {path} exists but is not a directory")
         contents = cls._listing(path) if path.is_dir() else []
         has_run = any(m in contents for m in RUN_MARKERS)
+        busy = RunLock(path).holder() if contents else None
+        if busy is not None:  # another process is writing this run right now
+            raise RunDirError(busy)
         if mode == "new" and contents:
             state = _read_state(path)
             if state == "finished":

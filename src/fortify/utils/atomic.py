@@ -84,11 +84,12 @@ def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> 
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise RunDirError(
-            f"{what} {str(path)!r} cannot be created: {str(probe)!r} is a file, not a folder"
+            f"cannot create or write the {what} {str(path)!r}: {str(probe)!r} is a file, not a "
+            "folder; choose another location"
         )
     if not os.access(probe, os.W_OK | os.X_OK):
         raise RunDirError(
-            f"{what} {str(path)!r} is not writable (no write permission on {str(probe)!r}); "
-            "choose another location"
+            f"cannot create or write the {what} {str(path)!r}: no write permission on "
+            f"{str(probe)!r}; choose another location"
         )
     return path
