@@ -30,6 +30,10 @@ class EvaluationError(FortifyError, RuntimeError):
     """An evaluation produced an invalid result (e.g. an adversarial example outside the ball)."""
 
 
+class ComparisonError(FortifyError, ValueError):
+    """Two results cannot be compared (different points, ε, norm, suite, mode or seeds)."""
+
+
 def unknown_name(kind: str, name: str, known: Iterable[str]) -> FortifyError:
     """Build an error for an unknown registry name, listing known names and close matches."""
     known = sorted(known)
