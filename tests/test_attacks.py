@@ -320,17 +320,15 @@ def test_both_mode_with_restarts_gives_the_final_mode_row(small_model):
     x, y = fortify.data.load_dataset("digits").test.floats()
     x, y = x[:300], y[:300]
     kw = dict(eps=0.1, steps=5, step_size=0.1, random_start=True)
-    one = A.pgd_attack(
-        small_model, x, y, mode="both", restarts=1, generator=torch.Generator().manual_seed(1), **kw
-    )
+
+    def run(mode: str, restarts: int) -> A.AttackResult:
+        gen = torch.Generator().manual_seed(1)
+        return A.pgd_attack(small_model, x, y, mode=mode, restarts=restarts, generator=gen, **kw)
+
+    one = run("both", 1)
     # the situation that matters: some points fooled only at an intermediate iterate
     assert int((one.success_best & ~one.success).sum()) > 0
-    fin = A.pgd_attack(
-        small_model, x, y, mode="final", restarts=3, generator=torch.Generator().manual_seed(1), **kw
-    )
-    both = A.pgd_attack(
-        small_model, x, y, mode="both", restarts=3, generator=torch.Generator().manual_seed(1), **kw
-    )
+    fin, both = run("final", 3), run("both", 3)
     assert torch.equal(both.x_adv, fin.x_adv) and torch.equal(both.success, fin.success)
     assert bool((both.success_best >= both.success).all())
     # every point counted in the best row has an example that fools
