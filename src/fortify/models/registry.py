@@ -157,7 +157,7 @@ def _check_option(model: str, key: str, value: object, default: object) -> None:
         bad = None if isinstance(value, str) else "a string"
     if bad is not None:
         raise ConfigError(
-            f"model {model!r}: option {key}={value!r} is not allowed; it must be {bad} "
+            f"model {model!r}: option {key}={value!r} is not allowed; {key} must be {bad} "
             f"(default {default!r})"
         )
 
