@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${FORTIFY_VENV:-.venv}
-if ! "$VENV/bin/python" -c "import fortify, torch, pytest, xdist, torchattacks, tensorboard" >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -W ignore -c "import fortify, torch, pytest, xdist, torchattacks, tensorboard, timm, pkg_resources, importlib.util as u; assert u.find_spec('robustbench')" >/dev/null 2>&1; then
   FORTIFY_SKIP_DEMO=1 bash scripts/setup.sh
 fi
 echo "==> ruff check"; "$VENV/bin/ruff" check src tests bench

@@ -315,6 +315,21 @@ def test_tiny_imagenet_tree_and_val_regrouping(tmp_path):
         load_dataset("tiny-imagenet", str(tmp_path))
 
 
+def test_tiny_imagenet_sorted_class_order(tmp_path):
+    """class_order="sorted" labels classes as torchvision ImageFolder does (sorted wnids)."""
+    wnids = make_tiny_imagenet(tmp_path)
+    s = load_dataset("tiny-imagenet", str(tmp_path), val_size=0, class_order="sorted")
+    assert s.classes == sorted(wnids) == ["n001", "n002", "n003"]
+    red = s.test.images[:, 0].float().mean((1, 2))
+    # pixel value 40·(wnids.txt index) + 10: n001 (index 1) is now label 0, n002 label 1
+    expected = torch.tensor([40 * wnids.index(s.classes[k]) + 10 for k in s.test.labels.tolist()])
+    assert torch.allclose(red, expected.float(), atol=3)
+    default = load_dataset("tiny-imagenet", str(tmp_path), val_size=0)
+    assert default.classes == wnids and not torch.equal(default.test.labels, s.test.labels)
+    with pytest.raises(DataError, match="class_order 'random'"):
+        load_dataset("tiny-imagenet", str(tmp_path), class_order="random")
+
+
 def make_caltech(base: Path, counts: dict[str, int], skip: str) -> None:
     k = 0
     for cls, n in counts.items():

@@ -251,7 +251,7 @@ def test_bad_options_raise_config_errors() -> None:
         create("resnet18", width=4, mean=[0.5, 0.5, 0.5])
     with pytest.raises(ConfigError, match="activation"):
         create("resnet18", width=4, activation="gelu")
-    assert describe_kwargs("wrn-34-10") == {"dropout": 0.0, "sub_block1": True}
+    assert describe_kwargs("wrn-34-10") == {"dropout": 0.0, "sub_block1": True, "pool_grid": 1}
 
 
 @pytest.mark.parametrize(

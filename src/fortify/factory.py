@@ -9,6 +9,7 @@ from torch import nn
 from fortify.config.schema import DefenseConfig, ModelConfig
 from fortify.defenses.registry import defence_builder
 from fortify.models import create
+from fortify.models.sources import check_logits, is_source
 
 
 def build_model(
@@ -16,11 +17,17 @@ def build_model(
     defenses: Sequence[DefenseConfig],
     num_classes: int,
     image_shape: tuple[int, int, int],
+    load_weights: bool = True,
 ) -> nn.Module:
     """Create the backbone named in ``model_cfg`` and apply each defence in order.
 
     Args:
         image_shape: (C, H, W) of one input image in [0, 1].
+        load_weights: for model sources (``torchvision:…``, ``timm:…``, ``robustbench:…``,
+            ``python:…``), load the source's pretrained weights; False builds the architecture
+            only (rebuilding a checkpoint, whose tensors replace all weights).
+    Raises:
+        ConfigError: also when a model source does not map (2, C, H, W) images to (2, K) logits.
     """
     model = create(
         model_cfg.name,
@@ -28,8 +35,11 @@ def build_model(
         in_channels=image_shape[0],
         mean=model_cfg.mean,
         std=model_cfg.std,
+        load_weights=load_weights,
         **model_cfg.kwargs,
     )
+    if is_source(model_cfg.name):
+        check_logits(model, model_cfg.name, num_classes, tuple(image_shape))
     for d in defenses:
         model = defence_builder(d.kind)(
             model,

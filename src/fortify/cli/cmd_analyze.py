@@ -19,9 +19,35 @@ WHATS = ("params", "flops", "features", "masks")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run directory or checkpoint (.safetensors with JSON sidecar)")
+    parser.add_argument(
+        "run",
+        nargs="?",
+        help="run directory or checkpoint (.safetensors with JSON sidecar); or use --model",
+    )
     parser.add_argument(
         "--what", choices=WHATS, action="append", help="analysis (repeatable); default params+flops"
+    )
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="list the modules a defence can attach after (defenses[].at), with feature shapes",
+    )
+    parser.add_argument(
+        "--all-layers", action="store_true", help="with --layers: list every module, marked"
+    )
+    from fortify.cli._source import add_source_arguments
+
+    add_source_arguments(parser)
+    parser.add_argument(
+        "--input-shape",
+        type=int,
+        nargs=3,
+        metavar=("C", "H", "W"),
+        default=None,
+        help="with --model and no --dataset: input image shape",
+    )
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="with --model and no --dataset: classes"
     )
     parser.add_argument(
         "--tag", default=None, help="checkpoint tag in a run dir (default: best, else last/final)"
@@ -69,14 +95,34 @@ def run(args: argparse.Namespace) -> int:
     from fortify.errors import FortifyError
     from fortify.runs import load_model, write_json_atomic, write_text_atomic
 
-    whats = args.what or ["params", "flops"]
-    path, tag = _resolve(args.run, args.tag)
-    model, meta = load_model(path, tag=tag or "best", device=args.device)
+    whats = args.what or ([] if args.layers else ["params", "flops"])
+    if args.model is not None:
+        model, meta = _source_model(args)
+        cfg = from_dict(ExperimentConfig, meta["config"])
+        out = Path(args.out) if args.out else Path("runs") / cfg.name / "reports"
+    else:
+        if args.run is None:
+            raise FortifyError("give RUN (a run directory or checkpoint) or --model SOURCE")
+        path, tag = _resolve(args.run, args.tag)
+        model, meta = load_model(path, tag=tag or "best", device=args.device)
+        cfg = from_dict(ExperimentConfig, meta["config"])
+        out = Path(args.out) if args.out else (path / "reports" if path.is_dir() else path.parent)
+    # a layer listing of a model that is not a run is only printed, unless --out is given
+    write = bool(whats) or args.model is None or args.out is not None
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     shape = tuple(meta["image_shape"])
-    cfg = from_dict(ExperimentConfig, meta["config"])
-    out = Path(args.out) if args.out else (path / "reports" if path.is_dir() else path.parent)
-    out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
+    if args.layers:
+        from fortify.analysis.layers import layers_table, list_layers
+
+        layers = list_layers(model, shape)
+        table = layers_table(layers, all_layers=args.all_layers)
+        results["layers"] = [x.as_dict() for x in layers]
+        print(f"modules a defence can attach after (input {'x'.join(map(str, shape))}):")
+        print(table)
+        if write:
+            write_text_atomic(out / "layers.md", table + "\n")
 
     if "params" in whats or "flops" in whats:
         from fortify.analysis.cost import cost_report
@@ -122,5 +168,30 @@ def run(args: argparse.Namespace) -> int:
             )
             print(f"wrote {png}")
             print(json.dumps(results["masks"], indent=1))
-    write_json_atomic(out / "analysis.json", results)
+    if write:
+        write_json_atomic(out / "analysis.json", results)
     return 0
+
+
+def _source_model(args: argparse.Namespace) -> tuple:
+    """``--model SOURCE`` with ``--dataset`` or ``--input-shape C H W --num-classes K``."""
+    from fortify.cli._source import build_source_model
+    from fortify.errors import ConfigError
+
+    if args.run is not None:
+        raise ConfigError("give either RUN or --model, not both")
+    if args.dataset:
+        from fortify.data import load_from_config
+
+        data = {"name": args.dataset, "root": args.data_root}
+        splits = load_from_config(data, subsets=False)
+        return build_source_model(args, splits.num_classes, tuple(splits.image_shape), data)
+    if args.input_shape is None or args.num_classes is None:
+        raise ConfigError(
+            "--model needs --dataset NAME, or --input-shape C H W and --num-classes K"
+        )
+    if min(args.input_shape) < 1 or args.num_classes < 1:
+        raise ConfigError(
+            f"--input-shape {args.input_shape} and --num-classes {args.num_classes} must be >= 1"
+        )
+    return build_source_model(args, args.num_classes, tuple(args.input_shape), {})

@@ -21,8 +21,14 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "target", metavar="TARGET", help="run directory or checkpoint file (.safetensors)"
+        "target",
+        metavar="TARGET",
+        nargs="?",
+        help="run directory or checkpoint file (.safetensors); or use --model",
     )
+    from fortify.cli._source import add_source_arguments
+
+    add_source_arguments(parser)
     parser.add_argument(
         "--tag", default="best", help="checkpoint tag when TARGET is a run directory"
     )
@@ -100,20 +106,28 @@ def check_data_matches_checkpoint(meta: dict, splits: DataSplits, target: Path) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from fortify.errors import RunDirError
+    from fortify.errors import ConfigError, RunDirError
     from fortify.utils.atomic import check_writable_dir
     from fortify.utils.runtime import resolve_device
 
-    target = Path(args.target)
-    if not target.exists():
-        raise RunDirError(
-            f"{target} does not exist; TARGET must be a run directory or a checkpoint file"
-        )
+    target = None
+    if args.model is None:
+        if args.target is None:
+            raise ConfigError("give TARGET (a run or checkpoint) or --model SOURCE --dataset NAME")
+        target = Path(args.target)
+        if not target.exists():
+            raise RunDirError(
+                f"{target} does not exist; TARGET must be a run directory or a checkpoint file"
+            )
     check_eval_args(args)
     device = resolve_device(args.device)
     # The report folder is checked (and a run directory locked) before anything is computed.
-    out_dir = check_writable_dir(_report_dir(target, args.out), "report folder (--out)")
-    lock = _lock_run_for_reports(target, out_dir)
+    out_dir, lock = None, None
+    if target is not None:
+        out_dir = check_writable_dir(_report_dir(target, args.out), "report folder (--out)")
+        lock = _lock_run_for_reports(target, out_dir)
+    elif args.out:
+        out_dir = check_writable_dir(args.out, "report folder (--out)")
     try:
         return _evaluate(args, target, device, out_dir)
     finally:
@@ -156,14 +170,22 @@ def _lock_run_for_reports(target: Path, out_dir: Path) -> Any:
     return RunDir.lock(run_path)
 
 
-def _evaluate(args: argparse.Namespace, target: Path, device: Any, out_dir: Path) -> int:
+def _evaluate(
+    args: argparse.Namespace, target: Path | None, device: Any, out_dir: Path | None
+) -> int:
+    from fortify.cli._source import load_source_target
     from fortify.data import load_from_config
     from fortify.errors import ConfigError
     from fortify.evaluate import eps_curve, evaluate, plot_eps_curve
     from fortify.evaluate.plot import default_eps_values
     from fortify.runs import load_model
 
-    model, meta = load_model(target, tag=args.tag, device=device)
+    if args.model is not None:  # a model that is not a fortify run
+        model, meta, target = load_source_target(args, device)
+        out_dir = out_dir or _report_dir(target, args.out)
+    else:
+        assert target is not None and out_dir is not None
+        model, meta = load_model(target, tag=args.tag, device=device)
     data_cfg = (meta.get("config") or {}).get("data") or {}
     name = data_cfg.get("name")
     if not name:
@@ -203,6 +225,7 @@ def _evaluate(args: argparse.Namespace, target: Path, device: Any, out_dir: Path
             "dataset": name,
             "split": args.split,
             "eps_source": "--eps" if args.eps is not None else "dataset default",
+            **({"model_source": args.model, "weights": args.weights} if args.model else {}),
         },
     )
     md, js = report.save(out_dir, stem=f"eval-{args.suite}")

@@ -35,7 +35,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fortify.cli.cmd_rift",
         "robust critical fine-tuning: mrc, finetune, interpolate, run",
     ),
-    "import": ("fortify.cli.cmd_import", "import released checkpoints (fsr-release, rift-release)"),
+    "import": (
+        "fortify.cli.cmd_import",
+        "import released checkpoints (fsr-release, rift-release, robustbench)",
+    ),
+    "export": ("fortify.cli.cmd_export", "write a run in another tool's layout (robustbench)"),
     "analyze": ("fortify.cli.cmd_analyze", "parameter/FLOP counts and feature analyses of a run"),
     "replicate": ("fortify.cli.cmd_replicate", "CPU-scale replications of the papers' tables"),
 }

@@ -16,6 +16,13 @@ import torch
 from torch import nn
 
 from fortify.errors import ConfigError, FortifyError, unknown_name
+from fortify.models.sources import (
+    available_sources,
+    is_source,
+    source_description,
+    split_source,
+)
+from fortify.models.sources import build as build_source
 
 Builder = Callable[..., nn.Module]
 
@@ -59,10 +66,19 @@ def available() -> list[str]:
 
 
 def spec(name: str) -> ModelSpec:
-    """The registry entry for ``name`` (raises listing known names)."""
+    """The registry entry for ``name`` (raises listing known names).
+
+    A model source (``torchvision:resnet50``, see :mod:`fortify.models.sources`) gets an entry
+    without default positions: defences on it name their modules explicitly.
+    """
     _ensure_loaded()
+    if is_source(name):
+        return ModelSpec(name, _source_builder(name), source_description(name))
     if name not in _REGISTRY:
-        raise unknown_name("model", name, _REGISTRY)
+        err = unknown_name("model", name, _REGISTRY)
+        raise type(err)(
+            f"{err} Models from elsewhere: " + ", ".join(available_sources().values()) + "."
+        )
     return _REGISTRY[name]
 
 
@@ -85,22 +101,27 @@ def create(
     *,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    load_weights: bool = True,
     **kwargs: object,
 ) -> nn.Module:
     """Build backbone ``name``; with ``mean``/``std`` the model normalises its [0,1] input itself.
 
     Args:
-        name: a registered name (see :func:`available`).
+        name: a registered name (see :func:`available`) or a model source
+            (``torchvision:<name>``, ``timm:<name>``, ``robustbench:<dataset>/<threat>/<model>``,
+            ``python:<module>:<callable>``; see :mod:`fortify.models.sources`).
         num_classes: K, the number of logits.
         in_channels: C of the (N, C, H, W) input images.
         mean, std: per-channel statistics in [0, 1] pixel units (``C`` values each); the model's
             ``normalize`` submodule then computes ``(x - mean) / std`` first in ``forward``.
-        kwargs: backbone options such as ``width`` (see :func:`describe_kwargs`).
+        load_weights: for model sources, load the source's pretrained weights (False: the
+            architecture only, e.g. when a fortify checkpoint overwrites every tensor anyway).
+        kwargs: backbone options such as ``width`` (see :func:`describe_kwargs`); for model
+            sources, the source's own options (passed through).
     Raises:
         FortifyError: unknown name (the message lists the known names).
         ConfigError: unknown keyword arguments, bad mean/std, bad option values.
     """
-    entry = spec(name)
     for what, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"model {name!r}: {what} must be an integer >= 1, got {value!r}")
@@ -114,6 +135,9 @@ def create(
             )
         if not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in std):
             raise ConfigError(f"std values must be finite and > 0, got {list(std)}")
+    if is_source(name):
+        return build_source(name, num_classes, in_channels, mean, std, dict(kwargs), load_weights)
+    entry = spec(name)
     allowed = describe_kwargs(name)
     takes_any = any(
         prm.kind is inspect.Parameter.VAR_KEYWORD
@@ -163,7 +187,13 @@ def _check_option(model: str, key: str, value: object, default: object) -> None:
 
 
 def describe_kwargs(name: str) -> dict[str, object]:
-    """Options of backbone ``name`` (beyond num_classes / in_channels) with their defaults."""
+    """Options of backbone ``name`` (beyond num_classes / in_channels) with their defaults.
+
+    Model sources pass their options through to the source, so they list none here.
+    """
+    if is_source(name):
+        split_source(name)
+        return {}
     builder = spec(name).builder
     out: dict[str, object] = {}
     for pname, param in inspect.signature(builder).parameters.items():
@@ -174,6 +204,13 @@ def describe_kwargs(name: str) -> dict[str, object]:
             continue
         out[pname] = None if param.default is inspect.Parameter.empty else param.default
     return out
+
+
+def _source_builder(name: str) -> Builder:
+    def builder(num_classes: int = 10, in_channels: int = 3, **kwargs: object) -> nn.Module:
+        return create(name, num_classes, in_channels, **kwargs)
+
+    return builder
 
 
 def _ensure_loaded() -> None:

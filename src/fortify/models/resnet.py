@@ -94,6 +94,11 @@ class ResNet(nn.Module):
         stem: ``"cifar"`` (3×3 stride-1 conv, no max-pool) or ``"imagenet"`` (7×7 stride-2 conv
             and 3×3 stride-2 max-pool).
         activation: ``"relu"`` or ``"elu"``.
+        pool_grid: the head pools ``layer4`` to a ``pool_grid``×``pool_grid`` grid (adaptive
+            average) and its ``linear`` takes ``feature_dim·pool_grid²`` inputs (flattened
+            channel-major). 1 (default) is global average pooling. 2 is the RiFT release's
+            Tiny-ImageNet head: ``avg_pool2d(·, 4)`` of the 8×8 ``layer4`` at 64×64 input
+            feeding a 2048-input linear (ResNet-18/34).
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class ResNet(nn.Module):
         stem: str = "cifar",
         activation: str = "relu",
         name: str = "resnet",
+        pool_grid: int = 1,
     ):
         super().__init__()
         check_positive_int(num_classes, "num_classes")
@@ -115,6 +121,7 @@ class ResNet(nn.Module):
             raise ConfigError(f"{name} needs 4 stage depths, got {list(num_blocks)}")
         for n in num_blocks:
             check_positive_int(n, f"{name} blocks per stage")
+        check_positive_int(pool_grid, f"{name} pool_grid")
         if stem not in STEMS:
             raise ConfigError(f"{name} stem {stem!r} is not allowed; choose one of {list(STEMS)}")
         self.model_name = name
@@ -135,8 +142,8 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, 4 * width, num_blocks[2], 2, activation)
         self.layer4 = self._make_layer(block, 8 * width, num_blocks[3], 2, activation)
         self.feature_dim = 8 * width * block.expansion
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(self.feature_dim, num_classes)
+        self.avgpool = nn.AdaptiveAvgPool2d(pool_grid)
+        self.linear = nn.Linear(self.feature_dim * pool_grid * pool_grid, num_classes)
         init_conv_bn_linear(self)
 
     def _make_layer(
@@ -170,7 +177,9 @@ class ResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-_RESNET_DOC = "kwargs: width (64), stem ('cifar' | 'imagenet'), activation ('relu' | 'elu')"
+_RESNET_DOC = (
+    "kwargs: width (64), stem ('cifar' | 'imagenet'), activation ('relu' | 'elu'), pool_grid (1)"
+)
 
 
 def _resnet(
@@ -182,8 +191,9 @@ def _resnet(
     width: int,
     stem: str,
     activation: str,
+    pool_grid: int = 1,
 ) -> ResNet:
-    return ResNet(block, blocks, num_classes, in_channels, width, stem, activation, name)
+    return ResNet(block, blocks, num_classes, in_channels, width, stem, activation, name, pool_grid)
 
 
 @register(
@@ -198,10 +208,19 @@ def resnet18(
     width: int = 64,
     stem: str = "cifar",
     activation: str = "relu",
+    pool_grid: int = 1,
 ) -> ResNet:
     """ResNet-18: 11,173,962 parameters for 10 classes at width 64 (CIFAR stem)."""
     return _resnet(
-        "resnet18", BasicBlock, (2, 2, 2, 2), num_classes, in_channels, width, stem, activation
+        "resnet18",
+        BasicBlock,
+        (2, 2, 2, 2),
+        num_classes,
+        in_channels,
+        width,
+        stem,
+        activation,
+        pool_grid,
     )
 
 
@@ -217,10 +236,19 @@ def resnet34(
     width: int = 64,
     stem: str = "cifar",
     activation: str = "relu",
+    pool_grid: int = 1,
 ) -> ResNet:
     """ResNet-34: 21,282,122 parameters for 10 classes at width 64 (CIFAR stem)."""
     return _resnet(
-        "resnet34", BasicBlock, (3, 4, 6, 3), num_classes, in_channels, width, stem, activation
+        "resnet34",
+        BasicBlock,
+        (3, 4, 6, 3),
+        num_classes,
+        in_channels,
+        width,
+        stem,
+        activation,
+        pool_grid,
     )
 
 
@@ -236,10 +264,19 @@ def resnet50(
     width: int = 64,
     stem: str = "cifar",
     activation: str = "relu",
+    pool_grid: int = 1,
 ) -> ResNet:
     """ResNet-50: 23,520,842 parameters for 10 classes at width 64 (CIFAR stem)."""
     return _resnet(
-        "resnet50", Bottleneck, (3, 4, 6, 3), num_classes, in_channels, width, stem, activation
+        "resnet50",
+        Bottleneck,
+        (3, 4, 6, 3),
+        num_classes,
+        in_channels,
+        width,
+        stem,
+        activation,
+        pool_grid,
     )
 
 
@@ -255,10 +292,19 @@ def resnet101(
     width: int = 64,
     stem: str = "cifar",
     activation: str = "relu",
+    pool_grid: int = 1,
 ) -> ResNet:
     """ResNet-101: 42,512,970 parameters for 10 classes at width 64 (CIFAR stem)."""
     return _resnet(
-        "resnet101", Bottleneck, (3, 4, 23, 3), num_classes, in_channels, width, stem, activation
+        "resnet101",
+        Bottleneck,
+        (3, 4, 23, 3),
+        num_classes,
+        in_channels,
+        width,
+        stem,
+        activation,
+        pool_grid,
     )
 
 
@@ -275,8 +321,17 @@ def small_resnet(
     width: int = 16,
     stem: str = "cifar",
     activation: str = "relu",
+    pool_grid: int = 1,
 ) -> ResNet:
     """ResNet-18 layout at width 16: 701,178 parameters (1 channel); layer4 is 128×4×4 at 28×28."""
     return _resnet(
-        "small-resnet", BasicBlock, (2, 2, 2, 2), num_classes, in_channels, width, stem, activation
+        "small-resnet",
+        BasicBlock,
+        (2, 2, 2, 2),
+        num_classes,
+        in_channels,
+        width,
+        stem,
+        activation,
+        pool_grid,
     )

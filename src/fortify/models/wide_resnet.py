@@ -95,11 +95,13 @@ class WideResNet(nn.Module):
         dropout: float = 0.0,
         sub_block1: bool = True,
         name: str = "wide-resnet",
+        pool_grid: int = 1,
     ):
         super().__init__()
         check_positive_int(num_classes, "num_classes")
         check_positive_int(in_channels, "in_channels")
         check_positive_int(widen, f"{name} widen")
+        check_positive_int(pool_grid, f"{name} pool_grid")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
             raise ConfigError(
                 f"{name} depth must be 6n+4 with n >= 1 (e.g. 16, 22, 28, 34, 40), got {depth!r}"
@@ -120,8 +122,10 @@ class WideResNet(nn.Module):
         self.block3 = WideGroup(n, ch[2], ch[3], 2, dropout)
         self.bn1 = nn.BatchNorm2d(ch[3])
         self.relu = nn.ReLU(inplace=False)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(ch[3], num_classes)
+        # pool_grid 2: the RiFT release's Tiny-ImageNet head (avg_pool2d(·, 8) of the 16×16 map at
+        # 64×64 input → 2×2, flattened channel-major into a 4·64·widen-input fc)
+        self.avgpool = nn.AdaptiveAvgPool2d(pool_grid)
+        self.fc = nn.Linear(ch[3] * pool_grid * pool_grid, num_classes)
         self.feature_dim = ch[3]
         self.unused_modules: tuple[str, ...] = ("sub_block1",) if sub_block1 else ()
         for m in self.modules():
@@ -151,7 +155,7 @@ _WRN_STAGES = ("block1", "block2", "block3")
 @register(
     "wide-resnet",
     description="Wide ResNet, release layout; kwargs: depth (34), widen (10), dropout (0.0), "
-    "sub_block1 (False)",
+    "sub_block1 (False), pool_grid (1)",
     fsr_position="relu",
     stages=_WRN_STAGES,
 )
@@ -162,33 +166,44 @@ def wide_resnet(
     widen: int = 10,
     dropout: float = 0.0,
     sub_block1: bool = False,
+    pool_grid: int = 1,
 ) -> WideResNet:
     """Generic WRN-depth-widen (without the unused ``sub_block1`` unless asked for)."""
-    return WideResNet(depth, widen, num_classes, in_channels, dropout, sub_block1, "wide-resnet")
+    return WideResNet(
+        depth, widen, num_classes, in_channels, dropout, sub_block1, "wide-resnet", pool_grid
+    )
 
 
 @register(
     "wrn-34-10",
     description="WRN-34-10 (TRADES / FSR / RiFT release layout); kwargs: dropout, "
-    "sub_block1 (True)",
+    "sub_block1 (True), pool_grid (1)",
     fsr_position="relu",
     stages=_WRN_STAGES,
 )
 def wrn_34_10(
-    num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0, sub_block1: bool = True
+    num_classes: int = 10,
+    in_channels: int = 3,
+    dropout: float = 0.0,
+    sub_block1: bool = True,
+    pool_grid: int = 1,
 ) -> WideResNet:
     """WRN-34-10: 46,160,474 used parameters for 10 classes (+ 2,102,112 in ``sub_block1``)."""
-    return WideResNet(34, 10, num_classes, in_channels, dropout, sub_block1, "wrn-34-10")
+    return WideResNet(34, 10, num_classes, in_channels, dropout, sub_block1, "wrn-34-10", pool_grid)
 
 
 @register(
     "wrn-28-10",
-    description="WRN-28-10; kwargs: dropout, sub_block1 (False)",
+    description="WRN-28-10; kwargs: dropout, sub_block1 (False), pool_grid (1)",
     fsr_position="relu",
     stages=_WRN_STAGES,
 )
 def wrn_28_10(
-    num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0, sub_block1: bool = False
+    num_classes: int = 10,
+    in_channels: int = 3,
+    dropout: float = 0.0,
+    sub_block1: bool = False,
+    pool_grid: int = 1,
 ) -> WideResNet:
     """WRN-28-10: 36,479,194 used parameters for 10 classes."""
-    return WideResNet(28, 10, num_classes, in_channels, dropout, sub_block1, "wrn-28-10")
+    return WideResNet(28, 10, num_classes, in_channels, dropout, sub_block1, "wrn-28-10", pool_grid)

@@ -429,7 +429,9 @@ def load_model(
         )
     try:
         cfg = from_dict(ExperimentConfig, meta["config"])
-        model = build_model(cfg.model, cfg.defenses, meta["num_classes"], tuple(shape))
+        model = build_model(
+            cfg.model, cfg.defenses, meta["num_classes"], tuple(shape), load_weights=False
+        )
     except FortifyError as exc:
         raise CheckpointError(
             f"checkpoint {path}: cannot rebuild the model from its config: {exc}"

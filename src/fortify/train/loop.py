@@ -371,7 +371,10 @@ def _fit(
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
-        model = build_model(cfg.model, cfg.defenses, splits.num_classes, splits.image_shape)
+        model = build_model(  # a resumed run's checkpoint replaces pretrained source weights
+            cfg.model, cfg.defenses, splits.num_classes, splits.image_shape,
+            load_weights=mode != "resume",
+        )  # fmt: skip
     probe_model(model, splits.image_shape, splits.num_classes)
 
     # -- parameters, optimiser, batches (still nothing written) -----------------------------

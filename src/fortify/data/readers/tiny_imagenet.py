@@ -24,6 +24,7 @@ from fortify.errors import DataError
 log = logging.getLogger("fortify.data.readers.tiny_imagenet")
 
 FOLDER = "tiny-imagenet-200"
+CLASS_ORDERS = ("wnids", "sorted")
 READER_VERSION = 1  # bump when the output for the same files changes (invalidates caches)
 
 
@@ -60,14 +61,21 @@ def read_tiny_imagenet(
     download: bool = False,
     image_size: int | None = None,
     cache_dir: CacheDirOption = None,
+    class_order: str = "wnids",
 ) -> ReaderResult:
     """Tiny-ImageNet: 100k/10k RGB 64×64 images, 200 classes; ε = 8/255, crop-flip.
 
     ``image_size``: resize (shorter side + centre crop) to this size; None keeps 64×64.
-    Classes are the WordNet ids in ``wnids.txt`` order. ``cache_dir``: see
+    Classes are the WordNet ids in ``wnids.txt`` order, or with ``class_order="sorted"`` in
+    sorted order — torchvision ``ImageFolder``'s order, which releases trained through it use
+    (e.g. RiFT's Tiny-ImageNet checkpoints). ``cache_dir``: see
     :func:`fortify.data.cache.resolve_cache_dir`.
     """
     check_image_size(image_size, "tiny-imagenet", allow_none=True)
+    if class_order not in CLASS_ORDERS:
+        raise DataError(
+            f"tiny-imagenet class_order {class_order!r} is not one of {list(CLASS_ORDERS)}"
+        )
     d, looked = _locate(root)
     if d is None:
         raise missing(
@@ -80,6 +88,8 @@ def read_tiny_imagenet(
     wnids = [w.strip() for w in (d / "wnids.txt").read_text().splitlines() if w.strip()]
     if not wnids or len(set(wnids)) != len(wnids):
         raise DataError(f"{d / 'wnids.txt'}: expected unique class ids, one per line")
+    if class_order == "sorted":
+        wnids = sorted(wnids)
     index = {w: i for i, w in enumerate(wnids)}
     train_items: list[tuple[Path, int]] = []
     for w, label in index.items():
@@ -105,7 +115,8 @@ def read_tiny_imagenet(
         {"train": train_items, "test": test_items},
         image_size,
         "RGB",
-        {},  # the split rules are in the items: which files, their labels and order
+        # the split rules are in the items: which files, their labels and order
+        {} if class_order == "wnids" else {"class_order": class_order},
         cache_dir,
     )
     train, test = sets["train"], sets["test"]

@@ -1,0 +1,1 @@
+"""``fortify export <kind>`` plugins: fortify checkpoints → other tools' layouts."""

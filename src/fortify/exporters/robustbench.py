@@ -1,0 +1,55 @@
+"""``fortify export robustbench RUN --out DIR --name NAME``: RobustBench's per-model layout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+NAME = "robustbench"
+HELP = "weights + model_info JSON in RobustBench's layout (models/…/<name>.pt, model_info/…)"
+DESCRIPTION = (
+    "Write a fortify run or checkpoint as RobustBench keeps a model: OUT/models/<dataset>/<threat>/"
+    "<name>.pt (the state dict of the plain nn.Module, normalisation and defences inside) and "
+    "OUT/model_info/<dataset>/<threat>/<name>.json (RobustBench's fields plus a 'fortify' block "
+    "that rebuilds the model: fortify import robustbench). clean_acc / autoattack_acc come from "
+    "the run's latest AutoAttack evaluation report (eval-full or eval-autoattack) if there is one."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run directory or checkpoint (.safetensors)")
+    parser.add_argument("--out", required=True, help="folder receiving models/ and model_info/")
+    parser.add_argument("--name", required=True, help="model name, e.g. Me2026FSR_R18")
+    parser.add_argument("--threat", default="Linf", choices=("Linf", "L2", "corruptions"))
+    parser.add_argument("--tag", default="best", help="checkpoint tag in a run directory")
+    parser.add_argument(
+        "--report", default=None, help="evaluation report JSON for the accuracies (default: found)"
+    )
+
+
+def _find_report(run: Path) -> Path | None:
+    folder = run / "reports" if run.is_dir() else run.parent.parent / "reports"
+    for stem in ("eval-full", "eval-autoattack"):
+        if (folder / f"{stem}.json").is_file():
+            return folder / f"{stem}.json"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from fortify.errors import ConfigError
+    from fortify.interop.robustbench import export_robustbench
+
+    report_path = Path(args.report) if args.report else _find_report(Path(args.run))
+    report = None
+    if report_path is not None:
+        try:
+            report = json.loads(report_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the report {report_path}: {exc}") from exc
+    weights, info = export_robustbench(
+        args.run, args.out, name=args.name, threat=args.threat, tag=args.tag, report=report
+    )
+    print(f"wrote {weights}")
+    print(f"wrote {info}" + (f" (accuracies from {report_path})" if report_path else ""))
+    return 0
