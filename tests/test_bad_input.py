@@ -426,3 +426,42 @@ def test_unexpected_errors_get_a_short_message_and_debug_shows_the_traceback(
         main(["--debug", "train", "--config", str(tiny)])
     with pytest.raises(ZeroDivisionError):
         main(["train", "--config", str(tiny), "--debug"])
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["report", "{run}", "--out", "{file}/x.md"], "is a file, not a folder"),
+        (["report", "{run}", "--out", "{tmp}"], "is a folder"),
+        (["analyze", "{run}", "--out", "{file}/out"], "is a file, not a folder"),
+        (["analyze", "{run}", "--steps", "0"], "--steps.*0"),
+        (["analyze", "{run}", "--points", "-1"], "--points.*-1"),
+        (["rift", "run", "{run}", "--out", "{file}/out"], "is a file, not a folder"),
+        (["rift", "run", "{run}", "--tag", "../x"], "bad checkpoint tag '../x'"),
+        (["demo", "--run-dir", "{file}/demo"], "is a file, not a folder"),
+    ],
+)
+def test_other_commands_check_their_outputs_first(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, argv, words
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    fill = {"run": str(finished_run), "file": str(blocker), "tmp": str(tmp_path)}
+    before = _snapshot(finished_run)
+    rc, err = _cli(capsys, *[a.format(**fill) for a in argv])
+    assert rc == 2 and re.search(words, err), err
+    assert "Traceback" not in err and "unexpected error" not in err
+    assert _snapshot(finished_run) == before and blocker.read_text() == "x"
+
+
+def test_file_system_refusals_are_exit_2_with_the_path(
+    tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    import fortify.cli.cmd_train as cmd_train
+
+    def refuse(args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "secret"))
+
+    monkeypatch.setattr(cmd_train, "run", refuse)
+    rc, err = _cli(capsys, "train", "--config", str(tiny))
+    assert rc == 2 and "secret" in err and "Permission denied" in err

@@ -133,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system refused (full disk, permissions, a file in the way)
+        if args.debug or os.environ.get("FORTIFY_DEBUG", "") not in ("", "0"):
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"fortify {args.command}: error: cannot use{where}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 2
     except Exception as exc:  # noqa: BLE001 - the last line of defence, see docs/cli.md
         if args.debug or os.environ.get("FORTIFY_DEBUG", "") not in ("", "0"):
             raise
