@@ -86,11 +86,77 @@ def test_feature_analysis_and_masks(tmp_path):
     torch.manual_seed(1)
     x, y = torch.rand(12, 1, 8, 8), torch.randint(0, 3, (12,))
     xm, ym = torch.rand(30, 1, 8, 8), torch.randint(0, 3, (30,))
-    rep = feature_analysis(model, x, y, xm, ym, num_classes=3, eps=0.1, steps=3, ks=(1, 5))
+    rep = feature_analysis(
+        model, x, y, xm, ym, num_classes=3, eps=0.1, attack="pgd", steps=3, ks=(1, 5)
+    )
     assert set(rep.adv_acc) == {"f+", "f-", "f~-", "f~-+f+"}
+    assert rep.columns == ["PGD-3"] and rep.attack == "PGD-3 (random start)"
     for v in rep.adv_acc:
-        assert 0 <= rep.adv_acc[v] <= 100 and set(rep.knn_acc[v]) == {1, 5}
-    assert "5-NN" in rep.table()
+        assert 0 <= rep.adv_acc[v]["PGD-3"] <= rep.clean_acc[v] and set(rep.knn_acc[v]) == {1, 5}
+    assert "5-NN" in rep.table() and "PGD-3 (random start)" in rep.table()
+    with pytest.raises(FortifyError, match="AutoAttack.*>= 4 classes.*'ensemble' or 'pgd'"):
+        feature_analysis(model, x, y, xm, ym, num_classes=3, eps=0.1)
+    with pytest.raises(FortifyError, match="unknown feature-analysis attack 'fgsm'"):
+        feature_analysis(model, x, y, xm, ym, num_classes=3, eps=0.1, attack="fgsm")
     summary = plot_masks(model, x[:3], x[:3].clamp(0.05, 0.95), y[:3], tmp_path / "masks.png")
     assert (tmp_path / "masks.png").read_bytes()[:4] == b"\x89PNG"
     assert 0 <= summary["mean_mask_adv"] <= 1
+
+
+def _quadrant_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8×8 images whose class (0-3) is the bright quadrant."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = 0.3 * torch.rand(n, 1, 8, 8, generator=g)
+    for i, c in enumerate(y.tolist()):
+        r, q = divmod(c, 2)
+        x[i, 0, 4 * r : 4 * r + 4, 4 * q : 4 * q + 4] += 0.6
+    return x, y
+
+
+def test_feature_analysis_defaults_to_the_slides_attacks():
+    """The default classification attacks are the slides' (Ensemble and AutoAttack), in the
+    Python API and in ``fortify analyze``."""
+    import argparse
+    import inspect
+
+    from fortify.analysis.features import ATTACKS
+    from fortify.cli import cmd_analyze
+
+    assert inspect.signature(feature_analysis).parameters["attack"].default == "paper"
+    assert "Ensemble" in ATTACKS["paper"] and "AutoAttack" in ATTACKS["paper"]
+    parser = argparse.ArgumentParser()
+    cmd_analyze.add_arguments(parser)
+    assert parser.parse_args(["run"]).attack == "paper"
+
+
+def test_feature_analysis_under_the_paper_suite_matches_evaluate():
+    """``attack="ensemble"`` (the paper suite's Ensemble column; the default adds AutoAttack)
+    on a trained 4-class model: the report names the attack, and the full-model row equals a
+    direct evaluation of the model with the same suite."""
+    import torch.nn.functional as F
+
+    from fortify.evaluate import evaluate
+
+    model = tiny_model(k=4)
+    xt, yt = _quadrant_data(128, 0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(30):  # a model that attacks can break (a random one predicts one class)
+        opt.zero_grad()
+        F.cross_entropy(model.train()(xt), yt).backward()
+        opt.step()
+    model.eval()
+    x, y = _quadrant_data(8, 1)
+    xm, ym = _quadrant_data(16, 2)
+    eps = 0.25
+    rep = feature_analysis(
+        model, x, y, xm, ym, num_classes=4, eps=eps, attack="ensemble", steps=3, ks=(1,)
+    )
+    assert rep.columns == ["Ensemble"] and rep.attack.startswith("Ensemble (FGSM, PGD-20")
+    assert "white-box as that network with Ensemble" in rep.table()
+    for v, accs in rep.adv_acc.items():
+        assert 0 <= accs["Ensemble"] <= rep.clean_acc[v]
+    assert rep.clean_acc["f~-+f+"] > 50
+    direct = evaluate(model, x, y, suite="paper", eps=eps, checks=False).table()["final"]
+    assert rep.adv_acc["f~-+f+"]["Ensemble"] == pytest.approx(direct["Ensemble"])
+    assert rep.adv_acc["f~-+f+"]["Ensemble"] < rep.clean_acc["f~-+f+"]  # the attacks bite

@@ -321,3 +321,89 @@ def test_rift_finds_the_stages_of_a_source_model():
         and keep
         and all(k.startswith(("layer2.", "layer3.")) for k in keep)
     )
+
+
+def test_cli_train_analyze_and_eval_a_run_of_user_code(tmp_path, cifar_root, user_module, capsys):
+    from fortify.cli.main import main
+
+    run = tmp_path / "run"
+    overrides = [
+        f"model.name=python:{user_module}:build", "model.kwargs={width: 4}",
+        "defenses=[{kind: fsr, at: [block1]}]", "data.name=cifar10", f"data.root={cifar_root}",
+        "data.val_size=4", "train.epochs=1", "train.batch_size=8", "train.milestones=[]",
+        "train.attack.steps=1", "train.val_points=4", "train.val_attack_steps=1",
+    ]  # fmt: skip
+    assert main(["train", "--run-dir", str(run), "--no-progress", *overrides]) == 0
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert "| `block2` | Sequential | 8×8×8 | yes |" in out  # FSR after block1 keeps block2's shape
+    assert "fortify_defenses" not in out and (run / "reports" / "layers.md").is_file()
+    assert main(["eval", str(run), "--suite", "quick", "--n-points", "8", "--no-checks"]) in (0, 1)
+    assert (run / "reports" / "eval-quick.json").is_file()
+    sys.modules.pop(user_module, None)
+    without = [p for p in sys.path if p != str(tmp_path)]
+    saved, sys.path[:] = list(sys.path), without
+    try:  # the run cannot be rebuilt without the user's module: a clear error
+        assert main(["eval", str(run), "--suite", "quick", "--n-points", "8"]) == 2
+        assert f"cannot import module '{user_module}'" in capsys.readouterr().err
+    finally:
+        sys.path[:] = saved
+
+
+def test_rift_release_wrn_head_detection():
+    from fortify.importers.rift_release import check_head, detect
+
+    for grid, dataset in ((1, "cifar100"), (2, "tiny-imagenet")):
+        with torch.device("meta"):
+            net = create("wrn-34-10", 200, 3, pool_grid=grid)
+        state = {k: v for k, v in net.state_dict().items() if not k.startswith("normalize")}
+        arch, kwargs, classes, _ = detect(state)
+        assert (arch, kwargs["pool_grid"], classes) == ("wrn-34-10", grid, 200)
+        assert net.fc.in_features == 640 * grid * grid
+        head = check_head(arch, grid, dataset)
+        assert ("avg_pool2d(·, 8)" in head) == (grid == 2)
+
+
+def test_import_model_writes_a_run_that_rebuilds_the_source(tmp_path, cifar_root, user_module):
+    from fortify.cli.main import main
+
+    torch.manual_seed(7)
+    ref = create(f"python:{user_module}:build", 10, 3, width=4).eval()
+    bare = {k: v for k, v in ref.state_dict().items() if not k.startswith("normalize.")}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in bare.items()}}, tmp_path / "w.pth")
+    args = ["import", "model", "--model", f"python:{user_module}:build", "--model-arg", "width=4"]
+    args += [
+        "--weights",
+        str(tmp_path / "w.pth"),
+        "--dataset",
+        "cifar10",
+        "--data-root",
+        cifar_root,
+    ]
+    args += ["--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    model, meta = load_model(tmp_path / "run")
+    assert meta["config"]["train"]["attack"]["eps"] == pytest.approx(8 / 255)
+    assert meta["source"]["key_changes"] == ["stripped 'module.'"]
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref((x - 0.5) / 0.25), atol=1e-6)
+
+
+def test_the_command_line_parser_does_not_import_torch():
+    """--model options live in every parser; building it must stay cheap (no torch import)."""
+    import subprocess
+
+    import fortify
+
+    code = (
+        "import sys; from fortify.cli.main import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'timm', 'robustbench') if m in sys.modules))"
+    )
+    src = str(Path(fortify.__file__).parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src}
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -203,16 +203,63 @@ def test_select_alpha_hand_made_grid():
         GridPoint(0.8, 85.0, 45.0),
         GridPoint(1.0, 86.0, 40.0),
     ]
-    best, reason = select_alpha(pts, tolerance=0.1)
+    best, reason = select_alpha(pts, tolerance=0.1, rule="fixed")
     assert best.alpha == 0.4
     assert "0.6" in reason and "0.8" in reason
-    best, _ = select_alpha(pts, tolerance=0.2)
+    best, _ = select_alpha(pts, tolerance=0.2, rule="fixed")
     assert best.alpha == 0.6
     # nothing better than AT: keep AT
-    best, _ = select_alpha([GridPoint(0.0, 80, 50), GridPoint(1.0, 79, 40)])
+    best, _ = select_alpha([GridPoint(0.0, 80, 50), GridPoint(1.0, 79, 40)], rule="fixed")
     assert best.alpha == 0.0
     with pytest.raises(ConfigError):
-        select_alpha([GridPoint(0.5, 80, 50)])
+        select_alpha([GridPoint(0.5, 80, 50)], rule="fixed")
+    with pytest.raises(ConfigError, match="needs the per-point outcomes"):
+        select_alpha(pts)  # the default paired rule
+    with pytest.raises(ConfigError, match="unknown α rule 'median'"):
+        select_alpha(pts, rule="median")
+
+
+def _outcome_point(alpha: float, clean: torch.Tensor, robust: torch.Tensor) -> GridPoint:
+    n = len(clean)
+    return GridPoint(
+        alpha,
+        100.0 * float(clean.sum()) / n,
+        100.0 * float(robust.sum()) / n,
+        outcomes={"clean": clean.bool(), "robust": robust.bool()},
+    )
+
+
+def test_select_alpha_paired_rule_ignores_noise_and_catches_real_changes():
+    """On 1,000 points: α whose clean gain is a few flipped points (noise) is not chosen, a
+    10-point clean gain is; a 10-point robustness loss is rejected although the paper's fixed
+    rule would see the same loss; a 0.2-point loss (2 points) is not detectable."""
+    g = torch.Generator().manual_seed(0)
+    n = 1000
+    clean0 = torch.rand(n, generator=g) < 0.8
+    robust0 = clean0 & (torch.rand(n, generator=g) < 0.7)
+
+    def flip(t: torch.Tensor, k: int, to: bool) -> torch.Tensor:
+        t = t.clone()
+        idx = (t != to).nonzero().squeeze(1)[:k]
+        t[idx] = to
+        return t
+
+    at = _outcome_point(0.0, clean0, robust0)
+    noisy = _outcome_point(0.3, flip(clean0, 3, True), robust0)  # +0.3 clean: noise
+    real = _outcome_point(0.6, flip(clean0, 100, True), flip(robust0, 2, False))  # +10 / −0.2
+    lossy = _outcome_point(1.0, flip(clean0, 150, True), flip(robust0, 100, False))  # −10 robust
+    best, reason = select_alpha([at, noisy, real, lossy])
+    assert best.alpha == 0.6, reason
+    assert "rejected for a detectable robustness loss: [1.0]" in reason
+    assert noisy.clean_ci is not None and noisy.clean_ci[0] <= 0 < noisy.clean_ci[1]
+    assert real.robust_ci is not None and real.robust_ci[0] < -0.2 < real.robust_ci[1]
+    assert lossy.robust_ci is not None and lossy.robust_ci[1] < -5
+    # the fixed rule rejects the 0.2-point loss (one-image noise at this n) and takes the noise
+    best_fixed, _ = select_alpha([at, noisy, real, lossy], rule="fixed")
+    assert best_fixed.alpha == 0.3
+    # only noise: keep θ_AT
+    best, reason = select_alpha([at, noisy])
+    assert best.alpha == 0.0 and "no α has a detectable clean gain" in reason
 
 
 # --------------------------------------------------------------------------------- fine-tuning
@@ -254,6 +301,36 @@ def test_finetune_changes_only_the_chosen_weight(tmp_path, digits, bn):
         assert bn_buffers
     assert all(torch.equal(before[k], at.state_dict()[k]) for k in before)  # AT untouched
     assert summary["best_epoch"] == 0 and summary["module"] == "features.1.0"
+
+
+def test_finetune_default_lets_bn_statistics_adapt_as_the_release(tmp_path, digits):
+    """Default options (no ``bn`` given): BN running statistics move to clean-data statistics
+    during a short fine-tuning run, as in the authors' release; the shipped YAML agrees."""
+    from pathlib import Path
+
+    from fortify.config import ExperimentConfig
+    from fortify.config.loader import from_dict
+    from fortify.rift import load_rift_config
+    from fortify.rift.finetune import FinetuneOptions, finetune
+
+    assert FinetuneOptions().bn == "adapt"
+    root = Path(__file__).resolve().parents[1]
+    assert load_rift_config(root / "configs/rift/default.yaml").finetune.bn == "adapt"
+    cfg = from_dict(
+        ExperimentConfig,
+        {"data": {"name": "digits"}, "model": {"name": "small-cnn", "kwargs": {"width": 4}}},
+    )
+    at = _tiny()
+    before = {k: v.clone() for k, v in at.state_dict().items()}
+    model, _ = finetune(
+        at, cfg, "features.1.0", tmp_path / "ft", FinetuneOptions(epochs=1, lr=0.05), splits=digits
+    )
+    after = model.state_dict()
+    means = [k for k in before if k.endswith("running_mean")]
+    assert means
+    for k in means:
+        shift = (after[k] - before[k]).abs().max().item()
+        assert shift > 1e-4, f"{k} did not adapt (max change {shift:g})"
 
 
 def test_finetune_unknown_module_errors(tmp_path, digits):

@@ -38,6 +38,9 @@ def at_run(tmp_path_factory):
     return d
 
 
+BN_BUFFERS = {"running_mean", "running_var", "num_batches_tracked"}
+
+
 def _opts(extra: list[str] | None = None):
     from fortify.rift.pipeline import load_rift_config
 
@@ -82,8 +85,14 @@ def test_full_workflow_and_resume(at_run, caplog):
     assert mrc["extra"]["split"] == "validation" and mrc["n_points"] == 64
     grid = json.loads((out / "interpolate/grid.json").read_text())
     assert [p["alpha"] for p in grid["points"]] == [0.0, 0.5, 1.0]
+    assert grid["rule"]["rule"] == "paired" and grid["rule"]["n_points"] == 64
+    assert all(len(p["clean_ci"]) == 2 and len(p["robust_ci"]) == 2 for p in grid["points"])
+    assert grid["points"][0]["robust_ci"] == [0.0, 0.0]  # α = 0 is θ_AT itself
     ft = json.loads((out / "finetune/finetune.json").read_text())
-    assert ft["changed_tensors"] == [ft["module"] + ".weight"]
+    # default BN adapt (the release): the module's weight and BN running statistics change
+    assert ft["options"]["bn"] == "adapt" and ft["module"] + ".weight" in ft["changed_tensors"]
+    others = set(ft["changed_tensors"]) - {ft["module"] + ".weight"}
+    assert others and all(k.rsplit(".", 1)[1] in BN_BUFFERS for k in others)
     assert "auto: chose" in ft["reason"]
     assert set(summary["models"]) == {"AT", "RiFT"}
     assert summary["models"]["AT"]["ood_mean"] is not None

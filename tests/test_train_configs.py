@@ -45,7 +45,7 @@ def test_paper_recipes_carry_the_papers_numbers():
     fsr = load_config(ExperimentConfig, ROOT / "configs/train/cifar10/resnet18-trades-fsr.yaml")
     assert fsr.train.objective == "trades" and fsr.train.beta == 6.0
     assert fsr.train.attack.eps == pytest.approx(8 / 255)
-    assert fsr.train.attack.step_size == pytest.approx(2 / 255)
+    assert fsr.train.attack.step_size == 0.007  # the TRADES paper / release inner step
     assert fsr.train.milestones == [75, 90] and fsr.train.epochs == 100
     assert [d.kind for d in fsr.defenses] == ["fsr"]
     svhn = load_config(ExperimentConfig, ROOT / "configs/train/svhn/vgg16-at.yaml")
@@ -53,6 +53,22 @@ def test_paper_recipes_carry_the_papers_numbers():
     assert svhn.defenses == []
     rift = load_config(ExperimentConfig, ROOT / "configs/train/rift/cifar10-resnet18-at.yaml")
     assert rift.train.epochs == 110 and rift.train.milestones == [100, 105]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg16", "wrn-34-10"])
+@pytest.mark.parametrize("objective", ["trades", "mart"])
+def test_cifar10_trades_and_mart_presets_use_the_release_inner_step(arch, objective):
+    """TRADES and MART presets (with and without FSR) craft with the releases' 10 steps of
+    0.007; the AT rows keep the FSR release's 2/255."""
+    for suffix in ("", "-fsr"):
+        cfg = load_config(
+            ExperimentConfig, ROOT / f"configs/train/cifar10/{arch}-{objective}{suffix}.yaml"
+        )
+        assert cfg.train.objective == objective
+        assert cfg.train.attack.step_size == 0.007 and cfg.train.attack.steps == 10
+        assert cfg.train.attack.eps == pytest.approx(8 / 255)
+    at = load_config(ExperimentConfig, ROOT / f"configs/train/cifar10/{arch}-at.yaml")
+    assert at.train.attack.step_size == pytest.approx(2 / 255)
 
 
 @pytest.mark.parametrize("preset", ["cifar10/resnet18-at-fsr.yaml", "svhn/vgg16-mart-fsr.yaml"])

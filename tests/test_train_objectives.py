@@ -125,7 +125,7 @@ def test_mart_loss_matches_hand_computation(batch):
     total = 0.0
     for i, label in enumerate(y.tolist()):  # per-sample, straight from the MART equations
         others = [pa[i, k] for k in range(pa.shape[1]) if k != label]
-        bce = -math.log(pa[i, label]) - math.log(1 - max(others))
+        bce = -math.log(pa[i, label]) - math.log(1.0001 - max(others))  # the release's 1.0001
         kl = sum(pc[i, k] * math.log(pc[i, k] / pa[i, k]) for k in range(pc.shape[1]))
         total += bce + 6.0 * kl * (1 - pc[i, label])
     assert loss.item() == pytest.approx(total / len(y), rel=1e-5)
@@ -231,3 +231,52 @@ def test_step_refuses_non_finite_loss(batch):
 
     with pytest.raises(NonFiniteLossError, match="nan"):
         ctx.step(torch.tensor(float("nan"), requires_grad=True))
+
+
+def _first_crafting_input(name: str, batch, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, the input of the model's first forward while ``name`` crafts x_adv)."""
+    x, y = batch
+    model = _model().train()
+    obj = get_objective(name, _cfg(options=options))
+    seen: list[torch.Tensor] = []
+    handle = model.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().clone()))
+    try:
+        obj.perturb(model, x, y, _ctx(model, obj.cfg))
+    finally:
+        handle.remove()
+    return x, seen[0]
+
+
+def test_mart_inner_attack_starts_from_the_release_gaussian(batch):
+    """Default MART start = x + 0.001·N(0, 1) (the release): on pixels away from the [0, 1]
+    box the start's offsets pass a normality test with σ ≈ 0.001."""
+    from scipy import stats
+
+    x, start = _first_crafting_input("mart", batch)
+    interior = (x > 0.01) & (x < 0.99)
+    delta = (start - x)[interior].double()
+    assert delta.numel() > 500
+    assert abs(delta.mean().item()) < 5e-5
+    assert delta.std().item() == pytest.approx(0.001, rel=0.1)
+    assert stats.kstest((delta / 0.001).numpy(), "norm").pvalue > 0.01
+    # σ is the option mart_init
+    x, start = _first_crafting_input("mart", batch, mart_init=0.004)
+    assert (start - x)[interior].double().std().item() == pytest.approx(0.004, rel=0.1)
+
+
+def test_mart_uniform_start_is_the_labelled_option(batch):
+    x, start = _first_crafting_input("mart", batch, mart_start="uniform")
+    interior = (x > EPS) & (x < 1 - EPS)
+    delta = (start - x)[interior].double()
+    assert delta.abs().max().item() <= EPS + 1e-6
+    # uniform on [-ε, ε]: std ε/√3, far from the Gaussian start's 0.001
+    assert delta.std().item() == pytest.approx(EPS / math.sqrt(3), rel=0.1)
+
+
+def test_mart_options_are_checked():
+    with pytest.raises(FortifyError, match="mart_start='box'.*gaussian.*uniform"):
+        get_objective("mart", _cfg(options={"mart_start": "box"}))
+    with pytest.raises(FortifyError, match="mart_init must be >= 0"):
+        get_objective("mart", _cfg(options={"mart_init": -1}))
+    with pytest.raises(FortifyError, match="unknown train.options.*mart_sigma"):
+        get_objective("mart", _cfg(options={"mart_sigma": 0.1}))

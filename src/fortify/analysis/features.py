@@ -14,8 +14,12 @@ variant    tensor                      meaning
 :func:`feature_analysis` measures
 
 - **classification accuracy** of the network whose FSR output is *replaced* by the variant,
-  on clean test images and under white-box L∞ PGD crafted against that same network (the
-  variant network, eval mode, so the mask is deterministic);
+  on clean test images and under white-box L∞ attacks crafted against that same network (the
+  variant network, eval mode, so the mask is deterministic). ``attack="paper"`` (default) runs
+  the slides' attacks: **Ensemble** (per-point worst case of FGSM, PGD-20, PGD-100 and C&W,
+  the ``paper`` suite) and **AutoAttack** (standard), both through
+  :func:`fortify.evaluate.evaluate`; ``"ensemble"`` / ``"autoattack"`` run one of them;
+  ``"pgd"`` is the cheap option: PGD-``steps`` with random start, step max(ε/4, 2.5ε/steps);
 - **weighted k-NN accuracy** (k = 5, 20 by default) of ``GAP(variant)``: queries are the
   adversarial test images (PGD against the full FSR model), the memory is ``GAP(variant)`` of
   *clean training images* (the split the model was fitted on). Similarity is cosine; a
@@ -41,6 +45,7 @@ log = logging.getLogger("fortify.analysis.features")
 VARIANTS = {"f+": "f_pos", "f-": "f_neg", "f~-": "f_neg_rec", "f~-+f+": "out"}
 
 __all__ = [
+    "ATTACKS",
     "VARIANTS",
     "FeatureReport",
     "block_features",
@@ -135,9 +140,26 @@ def weighted_knn(
     return torch.cat(preds)
 
 
+ATTACKS = {
+    "paper": "Ensemble (FGSM, PGD-20, PGD-100, C&W κ=50) and AutoAttack (standard)",
+    "ensemble": "Ensemble (FGSM, PGD-20, PGD-100, C&W κ=50)",
+    "autoattack": "AutoAttack (standard)",
+    "pgd": "PGD (random start)",
+}
+_SUITE_COLUMNS = {
+    "paper": ("full", ("Ensemble", "AutoAttack")),
+    "ensemble": ("paper", ("Ensemble",)),
+    "autoattack": ("autoattack", ("AutoAttack",)),
+}
+
+
 @dataclass
 class FeatureReport:
-    """Accuracies (%) per variant; see the module docstring for the protocol."""
+    """Accuracies (%) per variant; see the module docstring for the protocol.
+
+    ``attack`` names the classification attacks that ran, ``columns`` their column names;
+    ``adv_acc[variant][column]`` is the accuracy under that column's attack.
+    """
 
     block: str
     eps: float
@@ -145,8 +167,10 @@ class FeatureReport:
     n_test: int
     n_memory: int
     ks: list[int]
+    columns: list[str] = field(default_factory=list)
+    knn_attack: str = ""
     clean_acc: dict[str, float] = field(default_factory=dict)
-    adv_acc: dict[str, float] = field(default_factory=dict)
+    adv_acc: dict[str, dict[str, float]] = field(default_factory=dict)
     knn_acc: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -156,24 +180,25 @@ class FeatureReport:
         return d
 
     def table(self) -> str:
-        """Markdown table: variant, clean acc, adversarial acc, k-NN accuracies."""
+        """Markdown table: variant, clean acc, one column per attack, k-NN accuracies."""
         head = (
             "| feature | clean | "
-            + self.attack
+            + " | ".join(self.columns)
             + " | "
             + " | ".join(f"{k}-NN" for k in self.ks)
             + " |"
         )
-        rows = [head, "|" + "---|" * (3 + len(self.ks))]
+        rows = [head, "|" + "---|" * (2 + len(self.columns) + len(self.ks))]
         for v in self.adv_acc:
+            adv = " | ".join(f"{self.adv_acc[v][c]:.2f}" for c in self.columns)
             knn = " | ".join(f"{self.knn_acc[v][k]:.2f}" for k in self.ks)
-            rows.append(f"| {v} | {self.clean_acc[v]:.2f} | {self.adv_acc[v]:.2f} | {knn} |")
+            rows.append(f"| {v} | {self.clean_acc[v]:.2f} | {adv} | {knn} |")
         notes = (
             f"\n\nFSR block after `{self.block}`, L∞ ε = {self.eps:g}, {self.n_test} test images. "
             f"Classification: the network with the block output replaced by the feature, attacked "
-            f"white-box ({self.attack}) as that network. k-NN: GAP features of adversarial test "
-            f"images (PGD against the full model) against a memory of {self.n_memory} clean "
-            "training images, cosine similarity, weights exp(sim/0.07)."
+            f"white-box as that network with {self.attack}. k-NN: GAP features of adversarial "
+            f"test images ({self.knn_attack} against the full model) against a memory of "
+            f"{self.n_memory} clean training images, cosine similarity, weights exp(sim/0.07)."
         )
         return "\n".join(rows) + notes
 
@@ -219,6 +244,35 @@ def pgd_batches(
     return torch.cat(outs)
 
 
+def _attacked_accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    attack: str,
+    eps: float,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    x_adv: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Accuracy (%) under ``attack`` of ``model`` as it is now (variant already selected)."""
+    if attack == "pgd":
+        if x_adv is None:
+            x_adv = pgd_batches(model, x, y, eps, steps, batch_size, seed)
+        return {f"PGD-{steps}": _accuracy(model, x_adv, y, batch_size)}
+    from fortify.evaluate import evaluate
+
+    suite, columns = _SUITE_COLUMNS[attack]
+    device = next(model.parameters()).device
+    report = evaluate(
+        model, x, y, suite=suite, eps=eps, batch_size=batch_size, seed=seed, checks=False,
+        device=device, progress=False,
+    )  # fmt: skip
+    row = report.table()["final"]
+    return {c: row[c] for c in columns}
+
+
 def feature_analysis(
     model: nn.Module,
     x_test: torch.Tensor,
@@ -228,6 +282,7 @@ def feature_analysis(
     *,
     num_classes: int,
     eps: float,
+    attack: str = "paper",
     steps: int = 20,
     ks: tuple[int, ...] = (5, 20),
     block: str | None = None,
@@ -239,19 +294,39 @@ def feature_analysis(
     Args:
         x_test, y_test: (N, C, H, W) images in [0, 1] and (N,) labels (e.g. the test split).
         x_memory, y_memory: clean training images and labels forming the k-NN memory.
-        eps: L∞ radius in pixel units; steps: PGD steps (random start).
+        eps: L∞ radius in pixel units.
+        attack: classification attacks, one of :data:`ATTACKS` (default ``"paper"``: Ensemble
+            and AutoAttack as the FSR slides; AutoAttack needs >= 4 classes).
+        steps: PGD steps of the k-NN queries (random start, against the full model) and of the
+            classification attack when ``attack="pgd"``.
+    Raises:
+        FortifyError: unknown ``attack``; no FSR block; AutoAttack on fewer than 4 classes.
     """
+    if attack not in ATTACKS:
+        raise FortifyError(
+            f"unknown feature-analysis attack {attack!r}; allowed: {', '.join(ATTACKS)}"
+        )
+    if attack in ("paper", "autoattack") and num_classes < 4:
+        raise FortifyError(
+            f"attack {attack!r} includes AutoAttack, whose standard version needs >= 4 classes "
+            f"(the model has {num_classes}); use attack='ensemble' or 'pgd'"
+        )
     name, blk = pick_block(model, block)
     was = model.training
     model.eval()
+    columns = [f"PGD-{steps}"] if attack == "pgd" else list(_SUITE_COLUMNS[attack][1])
+    description = f"PGD-{steps} (random start)" if attack == "pgd" else ATTACKS[attack]
     report = FeatureReport(
         block=name,
         eps=eps,
-        attack=f"PGD-{steps}",
+        attack=description,
         n_test=len(x_test),
         n_memory=len(x_memory),
         ks=list(ks),
+        columns=columns,
+        knn_attack=f"PGD-{steps} (random start)",
     )
+    log.info("feature analysis: classification under %s", description)
     try:
         x_adv_full = pgd_batches(model, x_test, y_test, eps, steps, batch_size, seed)
         memory = block_features(model, blk, x_memory, batch_size)
@@ -261,21 +336,19 @@ def feature_analysis(
                 continue
             with use_part(blk, attr):
                 report.clean_acc[variant] = _accuracy(model, x_test, y_test, batch_size)
-                x_adv = (
-                    x_adv_full
-                    if attr == "out"
-                    else pgd_batches(model, x_test, y_test, eps, steps, batch_size, seed)
-                )
-                report.adv_acc[variant] = _accuracy(model, x_adv, y_test, batch_size)
+                report.adv_acc[variant] = _attacked_accuracy(
+                    model, x_test, y_test, attack=attack, eps=eps, steps=steps,
+                    batch_size=batch_size, seed=seed,
+                    x_adv=x_adv_full if attr == "out" else None,
+                )  # fmt: skip
             report.knn_acc[variant] = {}
             for k in ks:
                 pred = weighted_knn(memory[variant], y_memory, queries[variant], k, num_classes)
                 report.knn_acc[variant][k] = 100.0 * float((pred == y_test).float().mean())
             log.info(
-                "%s: clean %.2f, %s %.2f, kNN %s",
+                "%s: clean %.2f, %s, kNN %s",
                 variant,
                 report.clean_acc[variant],
-                report.attack,
                 report.adv_acc[variant],
                 report.knn_acc[variant],
             )

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # the parser is built without importing torch
+    import torch
+    from torch import nn
 
 
 def add_source_arguments(parser: argparse.ArgumentParser, need_dataset: bool = True) -> None:

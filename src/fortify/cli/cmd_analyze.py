@@ -11,7 +11,8 @@ HELP = "parameter/FLOP counts and feature analyses of a run"
 DESCRIPTION = (
     "Analyse a trained run or checkpoint. params/flops: cost with and without the attached "
     "defences (FLOPs = 2 x multiply-adds, torch.utils.flop_counter). features: accuracy and "
-    "weighted k-NN accuracy of FSR's f+, f-, recalibrated f- and f+ + recalibrated f- under PGD. "
+    "weighted k-NN accuracy of FSR's f+, f-, recalibrated f- and f+ + recalibrated f- under the "
+    "slides' attacks (Ensemble and AutoAttack; --attack pgd for PGD only). "
     "masks: PNG of FSR masks / robustness maps for a few test images. Results go to "
     "RUN/reports/ (or --out)."
 )
@@ -58,7 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eps", type=float, default=None, help="L-inf radius (default: the config's / dataset's)"
     )
-    parser.add_argument("--steps", type=int, default=20, help="PGD steps for features/masks")
+    parser.add_argument(
+        "--attack",
+        choices=("paper", "ensemble", "autoattack", "pgd"),
+        default="paper",
+        help="features: classification attacks; paper = Ensemble + AutoAttack as the FSR slides "
+        "(default), pgd = PGD-<steps> with random start (cheap)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=20, help="PGD steps (k-NN queries, masks, --attack pgd)"
+    )
     parser.add_argument("--points", type=int, default=1000, help="test images for features")
     parser.add_argument(
         "--memory", type=int, default=5000, help="training images in the k-NN memory"
@@ -156,9 +166,11 @@ def run(args: argparse.Namespace) -> int:
             xm, ym = splits.train.head(args.memory).floats()
             rep = feature_analysis(
                 model, x, y, xm, ym, num_classes=int(meta["num_classes"]), eps=eps,
-                steps=args.steps, ks=tuple(args.k or (5, 20)), block=args.block, seed=cfg.eval.seed,
+                attack=args.attack, steps=args.steps, ks=tuple(args.k or (5, 20)), block=args.block,
+                seed=cfg.eval.seed,
             )  # fmt: skip
             results["features"] = rep.as_dict()
+            print(f"classification attack: {rep.attack}")
             print(rep.table())
             write_text_atomic(out / "fsr_features.md", rep.table() + "\n")
         if "masks" in whats:

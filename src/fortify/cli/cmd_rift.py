@@ -64,9 +64,9 @@ def _ft_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--module", default=None, help="module to fine-tune, or auto (default auto)")
     g.add_argument(
         "--bn",
-        choices=["frozen", "adapt"],
+        choices=["adapt", "frozen"],
         default=None,
-        help="BatchNorm statistics frozen (default) or adapting to clean data",
+        help="BatchNorm statistics adapting to clean data (default, the release) or frozen",
     )
     g.add_argument("--epochs", type=int, default=None, help="(10)")
     g.add_argument("--ft-lr", type=float, default=None, help="SGD lr (0.001)")
@@ -82,6 +82,13 @@ def _interp_opts(p: argparse.ArgumentParser) -> None:
         default=None,
         help="allowed robust-accuracy loss vs AT, points (0.1)",
     )
+    g.add_argument(
+        "--alpha-rule",
+        choices=["paired", "fixed"],
+        default=None,
+        help="α* rule: paired = CIs over the validation points (default), fixed = the paper's "
+        "0.1-point gap on estimates",
+    )
     g.add_argument("--val-points", type=int, default=None, help="validation images (2000)")
     g.add_argument("--test-points", type=int, default=None, help="test images (1000)")
     g.add_argument(
@@ -95,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "mrc": ("module robust criticality of every Conv2d/Linear weight", [_mrc_opts]),
         "finetune": ("fine-tune one module's weight on clean data", [_mrc_opts, _ft_opts]),
         "interpolate": (
-            "α grid on validation, α* by the paper's rule, evaluation on test",
+            "α grid on validation, α* by the paired rule, evaluation on test",
             [_mrc_opts, _ft_opts, _interp_opts],
         ),
         "run": ("all steps, resumable", [_mrc_opts, _ft_opts, _interp_opts]),
@@ -127,6 +134,7 @@ _MAP = {
     "ft_batch_size": "finetune.batch_size",
     "alpha_step": "interpolate.step",
     "tolerance": "interpolate.tolerance",
+    "alpha_rule": "interpolate.rule",
     "val_points": "interpolate.n_points",
     "test_points": "evaluate.n_points",
     "tag": "tag",

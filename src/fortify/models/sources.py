@@ -230,9 +230,16 @@ def build(
         use_mean, use_std, origin = built.mean, built.std, built.origin
     else:
         use_mean, use_std, origin = None, None, "none"
-    log.info(
-        "model %s: input normalisation from %s (mean %s, std %s)", name, origin, use_mean, use_std
-    )
+    if use_mean is None:
+        log.info("model %s: no input normalisation (inputs stay in [0, 1])", name)
+    else:
+        log.info(
+            "model %s: input normalisation from %s: mean %s, std %s",
+            name,
+            origin,
+            use_mean,
+            use_std,
+        )
     return adapt(built.module, in_channels, use_mean, use_std)
 
 
@@ -558,22 +565,24 @@ def import_callable(spec: str) -> Callable[..., Any]:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"python model {spec!r} must be <module>:<callable>, e.g. mynets:build")
+    top = module_name.split(".")[0]
+    cwd = str(Path.cwd())
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        top = module_name.split(".")[0]
-        cwd = str(Path.cwd())
-        if (
-            exc.name != top
-            or cwd in sys.path
-            or not (Path(cwd, f"{top}.py").is_file() or Path(cwd, top).is_dir())
-        ):
+    except ImportError as exc:
+        local = Path(cwd, f"{top}.py").is_file() or Path(cwd, top).is_dir()
+        if getattr(exc, "name", None) != top or cwd in sys.path or not local:
             raise ConfigError(
                 f"cannot import module {module_name!r} for model python:{spec} ({exc}); put its "
                 "folder on PYTHONPATH"
             ) from exc
-        sys.path.insert(0, cwd)
-        module = importlib.import_module(module_name)
+        sys.path.insert(0, cwd)  # the console script does not search the current folder
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc2:
+            raise ConfigError(
+                f"cannot import module {module_name!r} for model python:{spec}: {exc2}"
+            ) from exc2
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):

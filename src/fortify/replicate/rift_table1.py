@@ -160,10 +160,20 @@ def render(
         if sys.argv
         else "fortify replicate rift-table1"
     )
-    grid_rows = ["| α | clean (val) | PGD-10 (val) |", "|---:|---:|---:|"]
+    grid_rows = [
+        "| α | clean (val) | PGD-10 (val) | clean − AT [95 % CI] | PGD-10 − AT [95 % CI] |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+
+    def ci(v: Any) -> str:
+        return f"[{v[0]:+.2f}, {v[1]:+.2f}]" if v else "–"
+
     for p in grid["points"]:
         mark = " (α*)" if p["alpha"] == grid["chosen"]["alpha"] else ""
-        grid_rows.append(f"| {p['alpha']:.1f}{mark} | {p['clean']:.2f} | {p['robust']:.2f} |")
+        grid_rows.append(
+            f"| {p['alpha']:.1f}{mark} | {p['clean']:.2f} | {p['robust']:.2f} | "
+            f"{ci(p.get('clean_ci'))} | {ci(p.get('robust_ci'))} |"
+        )
     return "\n".join(
         [
             f"# RiFT Table 1 — CPU-scale replication ({rr.exp.data.name})",

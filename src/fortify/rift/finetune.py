@@ -6,12 +6,11 @@ chosen by clean accuracy on the VALIDATION split (``train.select = clean``).
 
 BatchNorm (``bn=``):
 
-* ``"frozen"`` (default): BatchNorm layers stay in eval mode, so the fine-tuned model differs
-  from θ_AT in exactly one tensor. This is what "fine-tune the non-robust-critical module"
-  means, and it keeps the robust BatchNorm statistics that the interpolation relies on.
-* ``"adapt"`` (the authors' release): BatchNorm layers are in train mode, so every running
-  mean/variance drifts towards clean-data statistics (they are interpolated later as well);
-  BatchNorm affine parameters stay fixed either way.
+* ``"adapt"`` (default, the authors' release): BatchNorm layers are in train mode, so every
+  running mean/variance drifts towards clean-data statistics (they are interpolated in step 3
+  as well); BatchNorm affine parameters stay fixed.
+* ``"frozen"`` (option): BatchNorm layers stay in eval mode, so the fine-tuned model differs
+  from θ_AT in exactly one tensor and keeps the robust BatchNorm statistics.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ class FinetuneOptions:
     batch_size: int = 128
     milestone: int | None = None  # 0-based epoch at which lr *= gamma; None: epochs // 2
     gamma: float = 0.1
-    bn: str = "frozen"
+    bn: str = "adapt"  # adapt (release) | frozen
     val_points: int | None = None  # validation images for selection; None: the whole split
 
     def validate(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,37 +91,129 @@ def interpolate_state(sd_at: StateDict, sd_ft: StateDict, alpha: float) -> dict[
 # grid evaluation and the selection rule
 
 
+ALPHA_RULES = ("paired", "fixed")
+
+
 @dataclass
 class GridPoint:
-    """Validation accuracies (percent) of θ_α."""
+    """Validation accuracies (percent) of θ_α.
+
+    ``clean_ci`` / ``robust_ci``: the paired-bootstrap CI (percentage points) of θ_α's accuracy
+    minus θ_AT's on the same points, filled by :func:`select_alpha` with ``rule="paired"``.
+    ``outcomes``: per-point 0/1 tensors ``{"clean", "robust"}`` (N,) from
+    :func:`evaluate_grid` (not written to ``grid.json``).
+    """
 
     alpha: float
     clean: float
     robust: float
+    clean_ci: tuple[float, float] | None = None
+    robust_ci: tuple[float, float] | None = None
+    outcomes: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict without the per-point outcomes."""
+        return {
+            "alpha": self.alpha,
+            "clean": self.clean,
+            "robust": self.robust,
+            "clean_ci": list(self.clean_ci) if self.clean_ci is not None else None,
+            "robust_ci": list(self.robust_ci) if self.robust_ci is not None else None,
+        }
 
 
-def select_alpha(points: Sequence[GridPoint], tolerance: float = 0.1) -> tuple[GridPoint, str]:
-    """The paper's rule: the largest clean-accuracy gain over θ_AT (α = 0) among the α whose
-    robust accuracy is at least ``robust(θ_AT) − tolerance`` (percentage points).
+def select_alpha(
+    points: Sequence[GridPoint],
+    tolerance: float = 0.1,
+    *,
+    rule: str = "paired",
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[GridPoint, str]:
+    """Choose α* on the validation grid; α = 0 (θ_AT) is the reference and always admissible.
+
+    ``rule="paired"`` (default): for every α, paired-bootstrap CIs (``level``, ``resamples``,
+    ``seed``; :func:`fortify.stats.paired_bootstrap` over the same validation points) of its
+    clean and robust accuracy minus θ_AT's. α is rejected for robustness when its robust
+    accuracy is *detectably* more than ``tolerance`` points below θ_AT's (the CI's upper end
+    < −tolerance); among the others α* is the largest clean gain that is itself detectable (the
+    clean CI's lower end > 0). Without a detectable clean gain α* = 0. Needs the per-point
+    ``outcomes`` of :func:`evaluate_grid`; fills ``clean_ci`` / ``robust_ci`` of every point.
+
+    ``rule="fixed"`` (the paper): the largest clean gain among the α whose robust accuracy is at
+    least ``robust(θ_AT) − tolerance`` points, estimates only.
 
     Ties are broken by higher robust accuracy, then by smaller α. Returns the chosen point and a
-    one-line reason. α = 0 is always admissible, so a point is always chosen.
+    one-line reason.
     """
+    if rule not in ALPHA_RULES:
+        raise ConfigError(f"unknown α rule {rule!r}; allowed: {', '.join(ALPHA_RULES)}")
     if tolerance < 0:
         raise ConfigError(f"robust-accuracy tolerance must be >= 0 points, got {tolerance!r}")
     base = [p for p in points if p.alpha == 0.0]
     if not base:
         raise ConfigError("the α grid must contain α = 0 (the AT model) as the reference")
     ref = base[0]
-    floor = ref.robust - tolerance - 1e-9
-    admissible = [p for p in points if p.robust >= floor]
-    best = max(admissible, key=lambda p: (p.clean - ref.clean, p.robust, -p.alpha))
-    rejected = [p.alpha for p in points if p.robust < floor]
-    reason = (
-        f"α* = {best.alpha:g}: clean {best.clean:.2f}% ({best.clean - ref.clean:+.2f} vs AT), "
-        f"robust {best.robust:.2f}% (AT {ref.robust:.2f}%, floor {ref.robust - tolerance:.2f}%)"
-        + (f"; α rejected for robustness: {rejected}" if rejected else "")
-    )
+
+    def key(p: GridPoint) -> tuple[float, float, float]:
+        return (p.clean - ref.clean, p.robust, -p.alpha)
+
+    if rule == "fixed":
+        floor = ref.robust - tolerance - 1e-9
+        admissible = [p for p in points if p.robust >= floor]
+        best = max(admissible, key=key)
+        rejected = [p.alpha for p in points if p.robust < floor]
+        reason = (
+            f"α* = {best.alpha:g} (fixed rule): clean {best.clean:.2f}% "
+            f"({best.clean - ref.clean:+.2f} vs AT), robust {best.robust:.2f}% "
+            f"(AT {ref.robust:.2f}%, floor {ref.robust - tolerance:.2f}%)"
+            + (f"; α rejected for robustness: {rejected}" if rejected else "")
+        )
+        return best, reason
+
+    from fortify.stats import paired_bootstrap
+
+    if any(p.outcomes is None for p in points):
+        raise ConfigError(
+            "α rule 'paired' needs the per-point outcomes of every grid point (evaluate_grid "
+            "records them); use rule='fixed' for accuracies alone"
+        )
+    assert ref.outcomes is not None
+    for p in points:
+        assert p.outcomes is not None
+        c = paired_bootstrap(
+            ref.outcomes["clean"], p.outcomes["clean"], resamples=resamples, seed=seed, level=level
+        )
+        r = paired_bootstrap(
+            ref.outcomes["robust"], p.outcomes["robust"], resamples=resamples, seed=seed,
+            level=level,
+        )  # fmt: skip
+        p.clean_ci, p.robust_ci = (c.low, c.high), (r.low, r.high)
+    rejected = [p.alpha for p in points if p.robust_ci is not None and p.robust_ci[1] < -tolerance]
+    gains = [
+        p
+        for p in points
+        if p.alpha not in rejected and p.clean_ci is not None and p.clean_ci[0] > 0
+    ]
+    best = max(gains, key=key) if gains else ref
+    n = len(ref.outcomes["clean"])
+    if best is ref:
+        reason = (
+            f"α* = 0 (paired rule, {100 * level:g}% CIs on {n} validation points): no α has a "
+            "detectable clean gain" + (" without a detectable robustness loss" if rejected else "")
+        )
+    else:
+        assert best.clean_ci is not None and best.robust_ci is not None
+        reason = (
+            f"α* = {best.alpha:g} (paired rule, {100 * level:g}% CIs on {n} validation points): "
+            f"clean {best.clean:.2f}% ({best.clean - ref.clean:+.2f} "
+            f"[{best.clean_ci[0]:+.2f}, {best.clean_ci[1]:+.2f}] vs AT), robust "
+            f"{best.robust:.2f}% ({best.robust - ref.robust:+.2f} "
+            f"[{best.robust_ci[0]:+.2f}, {best.robust_ci[1]:+.2f}], tolerance {tolerance:g})"
+        )
+    if rejected:
+        reason += f"; α rejected for a detectable robustness loss: {rejected}"
     return best, reason
 
 
@@ -142,12 +234,14 @@ def evaluate_grid(
 ) -> list[GridPoint]:
     """Clean and PGD-``steps`` (L∞, random start) accuracy of θ_α on (x, y) for each α.
 
+    A point counts as robust when it is classified correctly both clean and under the attack;
+    each :class:`GridPoint` keeps the per-point outcomes for the paired α rule.
+
     ``model`` is a module of the right architecture; its state is overwritten by each θ_α and
     restored to ``sd_at`` at the end. x: float (N, C, H, W) in [0, 1] from the VALIDATION split.
     Each α is attacked with the same random-start seed.
     """
     from fortify.attacks import pgd
-    from fortify.rift.mrc import loss_and_accuracy
 
     alphas = list(alphas) if alphas is not None else alpha_grid()
     for a in alphas:
@@ -163,9 +257,9 @@ def evaluate_grid(
             if progress is not None:
                 progress(a)
             model.load_state_dict(interpolate_state(sd_at, sd_ft, a))
-            _, clean = loss_and_accuracy(model, x, y, batch_size)
             gen = torch.Generator(device=x.device).manual_seed(seed)
-            correct = 0
+            clean_ok = torch.zeros(len(x), dtype=torch.bool)
+            robust_ok = torch.zeros(len(x), dtype=torch.bool)
             for i in range(0, len(x), batch_size):
                 xb, yb = x[i : i + batch_size], y[i : i + batch_size]
                 xa = pgd(
@@ -180,10 +274,18 @@ def evaluate_grid(
                     generator=gen,
                 )
                 with torch.no_grad():
-                    correct += int((model(xa).argmax(1) == yb).sum())
-            robust = 100.0 * correct / max(len(x), 1)
+                    ok = (model(xb).argmax(1) == yb).cpu()
+                    clean_ok[i : i + len(xb)] = ok
+                    robust_ok[i : i + len(xb)] = ok & (model(xa).argmax(1) == yb).cpu()
+            n = max(len(x), 1)
+            clean = 100.0 * float(clean_ok.sum()) / n
+            robust = 100.0 * float(robust_ok.sum()) / n
             log.info("α=%.2f clean %.2f%% PGD-%d %.2f%%", a, clean, steps, robust)
-            points.append(GridPoint(float(a), clean, robust))
+            points.append(
+                GridPoint(
+                    float(a), clean, robust, outcomes={"clean": clean_ok, "robust": robust_ok}
+                )
+            )
     finally:
         model.load_state_dict(dict(sd_at))
         model.train(was_training)
@@ -191,14 +293,19 @@ def evaluate_grid(
 
 
 def save_grid(
-    points: Sequence[GridPoint], chosen: GridPoint, reason: str, out_dir: str | Path
+    points: Sequence[GridPoint],
+    chosen: GridPoint,
+    reason: str,
+    out_dir: str | Path,
+    rule: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``grid.json`` and the trade-off plot ``tradeoff.png`` into ``out_dir``."""
+    """Write ``grid.json`` (``rule``: the selection options) and ``tradeoff.png``."""
     out = Path(out_dir)
     data: dict[str, Any] = {
-        "points": [asdict(p) for p in points],
-        "chosen": asdict(chosen),
+        "points": [p.to_dict() for p in points],
+        "chosen": chosen.to_dict(),
         "reason": reason,
+        "rule": rule or {},
     }
     atomic_write_text(out / "grid.json", json.dumps(data, indent=2))
     plot_tradeoff(points, chosen, out / "tradeoff.png")

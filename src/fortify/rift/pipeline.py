@@ -5,7 +5,7 @@ skips finished steps (``force=True`` redoes them). Steps:
 
 1. ``mrc``: fixed PGD-10 set from the VALIDATION split → MRC of every Conv2d/Linear weight.
 2. ``finetune``: the chosen module's weight on clean training data (a fit run in the folder).
-3. ``interpolate``: θ_α grid on VALIDATION (clean + PGD-10), α* by the paper's rule, the chosen
+3. ``interpolate``: θ_α grid on VALIDATION (clean + PGD-10), α* by the paired rule, the chosen
    model saved as ``rift.safetensors`` (a fortify checkpoint).
 4. ``evaluate``: θ_AT and θ_α* on TEST with the paper suite, AutoAttack and OOD.
 """
@@ -57,6 +57,21 @@ class InterpolateOptions:
     n_points: int = 2000  # validation images for the α grid
     attack_steps: int = 10
     batch_size: int = 512
+    rule: str = "paired"  # paired (CIs over the validation points) | fixed (the paper's gap)
+    level: float = 0.95  # confidence level of the paired rule's CIs
+    resamples: int = 2000  # bootstrap resamples of the paired rule
+
+    def validate(self) -> None:
+        from fortify.rift.interpolate import ALPHA_RULES
+
+        if self.rule not in ALPHA_RULES:
+            raise ConfigError(
+                f"interpolate.rule must be one of {list(ALPHA_RULES)}, got {self.rule!r}"
+            )
+        if not 0.0 < self.level < 1.0:
+            raise ConfigError(f"interpolate.level must be in (0, 1), got {self.level!r}")
+        if self.tolerance < 0:
+            raise ConfigError(f"interpolate.tolerance must be >= 0 points, got {self.tolerance!r}")
 
 
 @dataclass
@@ -274,9 +289,13 @@ class RiftRun:
             batch_size=o.batch_size,
             seed=self.cfg.seed,
         )
-        chosen, reason = select_alpha(points, o.tolerance)
+        chosen, reason = select_alpha(
+            points, o.tolerance, rule=o.rule, level=o.level, resamples=o.resamples,
+            seed=self.cfg.seed,
+        )  # fmt: skip
         log.info("interpolate: %s", reason)
-        save_grid(points, chosen, reason, d)
+        rule = {"rule": o.rule, "tolerance": o.tolerance, "level": o.level, "n_points": len(x)}
+        save_grid(points, chosen, reason, d, rule=rule)
         model = self._copy_with(interpolate_state(sd_at, sd_ft, chosen.alpha))
         meta = {
             "config": self.meta["config"],

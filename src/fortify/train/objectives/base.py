@@ -216,6 +216,42 @@ def kl_clean_adv(logits_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.
     return (log_p.exp() * (log_p - F.log_softmax(logits_adv.float(), dim=1))).sum(1)
 
 
+def gaussian_start(
+    x: torch.Tensor, sigma: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``clamp(x + sigma·N(0, I), 0, 1)``: the small Gaussian start of the TRADES / MART releases.
+
+    The noise is drawn on the generator's device (``x``'s without one) and moved to ``x``.
+    """
+    dev = generator.device if generator is not None else x.device
+    noise = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+    return (x + sigma * noise).clamp(0.0, 1.0)
+
+
+def signed_ascent(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    x_start: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+) -> torch.Tensor:
+    """L∞ signed-gradient ascent of ``loss_fn(x_adv)`` (a scalar) from ``x_start``.
+
+    Each step: ``x_adv += step_size · sign(∇ loss)``, then projection onto the ε-ball around
+    ``x`` and [0, 1] (pixel units). Gradients are taken w.r.t. the input only. Returns the last
+    iterate, detached.
+    """
+    x_adv = x_start.detach()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn(x_adv), x_adv)
+        x_adv = x_adv.detach() + step_size * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+    return x_adv.detach()
+
+
 class Objective:
     """Base class: override :meth:`compute` (and :meth:`perturb` if the inner attack differs).
 

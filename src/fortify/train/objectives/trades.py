@@ -20,8 +20,10 @@ from fortify.train.objectives.base import (
     StepContext,
     accuracy,
     forward_aux,
+    gaussian_start,
     kl_clean_adv,
     register_objective,
+    signed_ascent,
     with_aux,
 )
 
@@ -54,15 +56,14 @@ class Trades(Objective):
         with ctx.crafting(net), ctx.autocast():
             with torch.no_grad():
                 target = net(x).float()
-            noise = torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
-            x_adv = (x + sigma * noise).clamp(0, 1)
-            for _ in range(1 if a.kind == "fgsm-rs" else a.steps):
-                x_adv.requires_grad_(True)
-                kl = kl_clean_adv(target, net(x_adv)).sum()
-                (grad,) = torch.autograd.grad(kl, x_adv)
-                x_adv = x_adv.detach() + a.step_size * grad.sign()
-                x_adv = torch.min(torch.max(x_adv, x - a.eps), x + a.eps).clamp(0, 1)
-        return x_adv.detach()
+            return signed_ascent(
+                lambda xa: kl_clean_adv(target, net(xa)).sum(),
+                x,
+                gaussian_start(x, sigma, ctx.generator),
+                eps=a.eps,
+                step_size=a.step_size,
+                steps=1 if a.kind == "fgsm-rs" else a.steps,
+            )
 
     def compute(
         self,
