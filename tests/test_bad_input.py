@@ -81,6 +81,7 @@ def _cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
         (["data.split_seed=99999999999999999999"], "data.split_seed"),
         (["device=tpu"], "'tpu'"),
         (["device=cuda:x"], "'cuda:x'"),
+        (["device=cuda:999999999999999999999"], "'cuda:999999999999999999999'"),
         (["train.milestones=[1,"], r"'\[1,'.*not valid YAML"),
         (["train.lr=.nan"], "train.lr.*nan"),
         (["train.lr=.inf"], "train.lr.*inf"),
@@ -465,3 +466,26 @@ def test_file_system_refusals_are_exit_2_with_the_path(
     monkeypatch.setattr(cmd_train, "run", refuse)
     rc, err = _cli(capsys, "train", "--config", str(tiny))
     assert rc == 2 and "secret" in err and "Permission denied" in err
+
+
+def test_attach_refuses_bad_arguments() -> None:
+    from fortify.defenses import attach
+    from fortify.models import create
+
+    model = create("small-cnn", 10, 1, width=4)
+
+    def factory(shape):
+        return torch.nn.Identity()
+
+    for kwargs, words in [
+        (dict(defence=factory, at=5, input_shape=(1, 8, 8)), "at must be.*5"),
+        (dict(defence=factory, at=["nope"], input_shape=(1, 8, 8)), "nope"),
+        (dict(defence=factory, at=[], input_shape=(1, 8, 8)), "at least one"),
+        (
+            dict(defence=factory, at=["features"], input_shape=(1, 0, 8)),
+            r"input_shape.*\(1, 0, 8\)",
+        ),
+        (dict(defence=5, at=["features"], input_shape=(1, 8, 8)), "defence must be.*int"),
+    ]:
+        with pytest.raises(FortifyError, match=words):
+            attach(model, **kwargs)

@@ -125,7 +125,7 @@ def test_per_pass_bn_statistics():
     import copy
 
     torch.manual_seed(0)
-    f = _fpd().train()
+    f = _fpd(bn_stats="per-pass").train()
     front_only = copy.deepcopy(f)
     x = torch.rand(8, 1, 28, 28)
     f(x)
@@ -149,16 +149,50 @@ def test_per_pass_bn_statistics():
         assert not torch.allclose(f.unbounded_logits(x), logits)
 
 
-def test_defaults_are_per_pass_statistics_and_channel_scaled_denoising():
+def test_defaults_are_the_release():
     f = _fpd()
-    assert (f.bn_stats, f.denoise_scale) == ("per-pass", "nc")
+    assert (f.bn_stats, f.denoise_scale, f.pyramid) == ("shared", "n", "raw")
+    assert f.decoder.kind == "linear" and len(f.back_stats) == 0
+
+
+_LEGACY = {"pyramid": "denoised", "decoder": "activated"}
+
+
+def _legacy_state(**options) -> dict:
+    """Weights as FPD saved them before the release structure: no fpd_format entry."""
+    sd = _fpd(**_LEGACY, **options).state_dict()
+    del sd["fpd_format"]
+    return sd
 
 
 def test_weights_without_back_pass_statistics_are_refused_with_the_way_out():
-    old = _fpd(bn_stats="shared").state_dict()  # what FPD weights looked like before bn_stats
+    old = _legacy_state(bn_stats="per-pass")
+    del_keys = [k for k in old if k.startswith("back_stats.")]
+    for k in del_keys:
+        del old[k]
     with pytest.raises(RuntimeError, match="bn_stats: shared, denoise_scale: n"):
-        _fpd().load_state_dict(old, strict=False)
-    _fpd(bn_stats="shared", denoise_scale="n").load_state_dict(old)
+        _fpd(**_LEGACY, bn_stats="per-pass").load_state_dict(old, strict=False)
+    _fpd(**_LEGACY, bn_stats="shared", denoise_scale="n").load_state_dict(old)
+
+
+@pytest.mark.parametrize(
+    "saved,hint",
+    [
+        ({"bn_stats": "per-pass", "denoise_scale": "nc"}, "bn_stats: per-pass, denoise_scale: nc"),
+        ({"bn_stats": "shared", "denoise_scale": "n"}, "bn_stats: shared, denoise_scale: n"),
+    ],
+)
+def test_pre_release_structure_weights_are_refused_naming_the_options(saved, hint):
+    old = _legacy_state(**saved)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=f"pyramid: denoised, decoder: activated, {hint}"):
+            _fpd().load_state_dict(old, strict=strict)
+    f = _fpd(**_LEGACY, **saved)
+    f.load_state_dict(old)  # the named options load them, and compute what they computed
+    ref = _fpd(**_LEGACY, **saved)
+    ref.load_state_dict({**old, "fpd_format": torch.tensor(2)})
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(f.eval()(x), ref.eval()(x))
 
 
 def test_shared_bn_statistics_option_has_no_copies():
@@ -414,8 +448,53 @@ def test_second_step_is_a_fresh_forward():
     obj.train_step(f, x, y, _ctx(f))
     # passes: [front, back] step 1; [front] fresh restore; [front, back] step 2
     assert len(inputs) == 5 and len(restored) == 3
-    torch.testing.assert_close(inputs[3], restored[1].clamp(0, 1))
+    torch.testing.assert_close(inputs[3], restored[1])  # release: x′ fed back unclipped
+    assert restored[1].min() < 0 or restored[1].max() > 1  # (so clipping would show)
     assert not torch.allclose(restored[1], restored[0])  # weights moved between them
+
+
+def test_clamp_option_clips_noisy_and_fed_back_inputs():
+    torch.manual_seed(0)
+    f = _fpd().train()
+    obj = get_objective(
+        "fpd", TrainConfig(objective="fpd", options={"threshold": 1e9, "clamp": True})
+    )
+    inputs = []
+    f.net.conv1.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()))
+    x = torch.rand(4, 1, 28, 28)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = 0.0, 1.0
+    obj.train_step(f, x, torch.randint(0, 10, (4,)), _ctx(f))
+    assert 0 <= inputs[0].min() and inputs[0].max() <= 1  # x_noisy
+    assert 0 <= inputs[3].min() and inputs[3].max() <= 1  # x′ fed back
+    unclamped = get_objective("fpd", TrainConfig(objective="fpd", options={"threshold": 1e9}))
+    inputs.clear()
+    unclamped.train_step(f, x, torch.randint(0, 10, (4,)), _ctx(f))
+    assert inputs[0].min() < 0 or inputs[0].max() > 1  # release: x + U(-δ, δ) not clipped
+
+
+def test_phase1_has_its_own_optimiser_by_default():
+    """The release steps phase 1 with a separate optimiser: the run's optimiser keeps no state
+    for phase-1 steps, and the phase-1 optimiser holds only the phase-1 parameters."""
+    torch.manual_seed(0)
+    f = _fpd().train()
+    ctx = _ctx(f)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    obj = get_objective("fpd", TrainConfig(objective="fpd", options={"threshold": 1e-9}))
+    assert obj.train_step(f, x, y, ctx)["fpd_phase2"] == 0.0
+    assert len(ctx.optimizer.state) == 0
+    p1 = obj._phase1_opt
+    assert p1 is not None and p1 is not ctx.optimizer
+    ids = {id(p) for g in p1.param_groups for p in g["params"]}
+    assert ids == {id(p) for p in f.phase1_parameters("front")}
+    assert id(f.net.linear.weight) not in ids and len(p1.state) == len(ids)
+    shared = get_objective(
+        "fpd",
+        TrainConfig(objective="fpd", options={"threshold": 1e-9, "phase1_optimizer": "shared"}),
+    )
+    shared.train_step(f, x, y, ctx)
+    assert shared._phase1_opt is None and len(ctx.optimizer.state) == len(ids)
+    with pytest.raises(ConfigError, match="phase1_optimizer"):
+        get_objective("fpd", TrainConfig(objective="fpd", options={"phase1_optimizer": "own"}))
 
 
 def test_warns_when_phase2_never_starts(caplog):

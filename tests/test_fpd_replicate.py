@@ -21,10 +21,64 @@ def test_row_configs_share_the_fine_tuning_recipe():
     assert set(cfgs) == set(ft.ROWS)
     assert [d.kind for d in cfgs["fpd"].defenses] == ["fpd"]
     assert cfgs["plain+at"].defenses == [] and cfgs["plain"].defenses == []
+    assert cfgs["plain+at-eq"].train.attack == cfgs["plain+at"].train.attack
+    opts = cfgs["fpd"].defenses[0].options
+    assert (opts["decoder"], opts["pyramid"], opts["bn_stats"], opts["denoise_scale"]) == (
+        "linear",
+        "raw",
+        "shared",
+        "n",
+    )
+    assert cfgs["fpd"].train.options["threshold"] == 3.0  # the release's T
     # the plain+at baseline differs from fpd+at only in the defence (and its name)
     a, b = cfgs["fpd+at"], cfgs["plain+at"]
     assert a.train == b.train and a.data == b.data and a.model == b.model
     assert a.train.objective == "at" and a.train.attack.eps == 0.1
+
+
+def test_equal_compute_epochs_count_passes():
+    cfgs = ft._configs(_args())  # plain 5 epochs, FPD 8, fine-tuning 2 epochs of FGSM-RS
+    all_phase2 = [{"train/fpd_phase2": 1.0}] * 8
+    # FPD: 8 epochs x 2 passes + fine-tuning 2 x 2 = 20; plain 5 x 1; (20 - 5) / 2 = 7.5 -> 8
+    assert ft.equal_compute_epochs(cfgs, all_phase2) == 8
+    half = [{"train/fpd_phase2": 0.0}] * 4 + [{"train/fpd_phase2": 1.0}] * 4
+    # 4 + 8 + 4 - 5 = 11 passes left -> 5.5 -> 6 epochs
+    assert ft.equal_compute_epochs(cfgs, half) == 6
+    pgd = ft._configs(_args("--ft-attack", "pgd"))  # PGD-10: 11 passes per step
+    assert ft.passes_per_step(pgd["plain+at"]) == 11
+    assert ft.equal_compute_epochs(pgd, all_phase2) == round((16 + 22 - 5) / 11)
+
+
+def test_combine_writes_means_and_per_seed_values(tmp_path):
+    a = _args("--n-points", "4", "--aa-points", "2", "--steps", "40")
+    files = []
+    for seed, bits in ((0, "1100"), (1, "1110")):
+        rep = _report(4, {})
+        better = _report(4, {})  # a model right on every point, against every attack
+        rep.outcomes[0].correct = torch.tensor([True] * 4)
+        from fortify.evaluate import Outcome
+
+        rep.outcomes.append(Outcome("PGD-40 C&W", torch.tensor([b == "1" for b in bits])))
+        rep.outcomes.append(Outcome("AutoAttack", torch.tensor([True, False, True, True])))
+        a.seed = seed
+        d = ft.outcomes_json(a, {"plain": rep, "fpd": better}, {})
+        assert d["rows"]["plain"]["PGD-40 C&W"] == bits
+        p = tmp_path / f"s{seed}.json"
+        import json
+
+        p.write_text(json.dumps(d))
+        files.append(str(p))
+    out = tmp_path / "page.md"
+    ft.run(_args("--combine", *files, "--results", str(out)))
+    text = out.read_text()
+    # worst case on all 4 points without AutoAttack: 50 and 75 -> mean 62.5
+    assert "**62.5 ± 17.7 (50.0 / 75.0)**" in text
+    # first 2 points with AutoAttack: point 1 broken by AutoAttack in both seeds -> 50
+    assert "**50.0 ± 0.0 (50.0 / 50.0)**" in text
+    # fpd − plain, worst case without AutoAttack: +37.5 points on average
+    row = next(ln for ln in text.splitlines() if "plain → fpd | worst case, no AutoAttack" in ln)
+    assert "| 4 | +37.5 [" in row
+    assert row.endswith("| no detectable difference at this scale |")  # 4 points only
 
 
 def test_rows_to_train_include_starting_models_and_the_surrogate():
@@ -51,12 +105,14 @@ def test_autoattack_columns_cover_only_the_attacked_points():
     assert ft.subset_accuracy(rep, "AutoAttack", 4) == 50.0
     assert ft.subset_accuracy(rep, "Square", 4) is None
     text = ft._markdown(a, {"fpd": rep}, {"train fpd": 60.0, "eval fpd": 120.0})
-    all_points, aa = text.split("## AutoAttack, on the first 4 points")
+    all_points, aa = text.split("## The first 4 points, AutoAttack included (n = 4)")
     assert "AutoAttack" not in all_points.split("| model |")[1].split("\n")[0]
-    # all 10 points: clean 100, C&W 60, worst case over everything 50 (points 0,1,5,6,7 broken)
-    assert "| fpd | 100.0 | – | – | 60.0 | – | – | – | – | 50.0 |" in all_points
-    # first 4 points: clean 100, AutoAttack 50, logits AutoAttack absent, worst case 50
-    assert "| fpd | 100.0 | 50.0 | – | 50.0 |" in aa
+    # all 10 points: clean 100, C&W 60; the worst case leaves AutoAttack out (it ran on 4 of
+    # the 10 points): 60, not the 50 that mixing it in would give (points 0,1,5,6,7 broken)
+    assert "| fpd | 100.0 | – | – | 60.0 | – | – | – | – | **60.0** |" in all_points
+    # first 4 points: clean 100, AutoAttack 50, logits AutoAttack absent, worst case over every
+    # column there 50 (C&W also broke point 0)
+    assert "| fpd | 100.0 | 50.0 | – | **50.0** |" in aa
     assert "Compute time 3.0 min" in text
 
 

@@ -156,13 +156,19 @@ def test_two_process_run_killed_mid_training_resumes_bit_identically(tmp_path):
         assert_same_state(sa[key], sb[key], key)
 
 
+# The FPD structure before the release one (its phase mix at T = 0.1 is what the test needs).
+FPD_EARLIER = (
+    "width: 8, pyramid: denoised, decoder: activated, bn_stats: per-pass, denoise_scale: nc"
+)
+
+
 def test_two_process_fpd_run_takes_the_same_phase_on_every_rank(tmp_path):
     """FPD decides phase 1 / phase 2 per step from the restoration loss; the decision uses the
     loss averaged over ranks, otherwise ranks would take different numbers of DDP steps."""
     run_dir = tmp_path / "fpd"
     _run(
         "--run-dir", str(run_dir), *BASE, "data.train_subset=256", "train.epochs=2",
-        "model.name=small-resnet", "defenses=[{kind: fpd, options: {width: 8}}]",
+        "model.name=small-resnet", f"defenses=[{{kind: fpd, options: {{{FPD_EARLIER}}}}}]",
         "train.objective=fpd", "train.optimizer=adam", "train.lr=0.003",
         "train.options={threshold: 0.1}", "train.val_attack_steps=0",
     )  # fmt: skip

@@ -307,3 +307,43 @@ def mean_sd(values: Sequence[float]) -> MeanSd:
         raise DataError(f"mean_sd values must be finite, got {vals.tolist()}")
     sd = float(vals.std(ddof=1)) if vals.size > 1 else float("nan")
     return MeanSd(float(vals.mean()), sd, int(vals.size))
+
+
+@dataclass(frozen=True)
+class AccuracyInterval:
+    """One model's accuracy in percent with a confidence interval over its ``n`` points."""
+
+    estimate: float
+    low: float
+    high: float
+    level: float
+    n: int
+    method: str = "Wilson score interval"
+
+
+def accuracy_interval(outcomes: Any, *, level: float = 0.95) -> AccuracyInterval:
+    """Wilson score interval of one model's accuracy, in percent (not a difference).
+
+    ``outcomes``: per-point 0/1 results of shape ``(n,)``. ``estimate`` is ``100 * mean``;
+    ``low``/``high`` the Wilson bounds (well-behaved at 0 % and 100 %, unlike the normal
+    approximation). For error bars of a single column; compare two models with
+    :func:`paired_bootstrap`.
+    """
+    from scipy.stats import norm
+
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+        raise ConfigError(f"level must be a number in (0, 1) such as 0.95, got {level!r}")
+    x = as_outcomes(outcomes)
+    n = int(x.size)
+    p = float(x.mean())
+    z = float(norm.ppf(0.5 + level / 2))
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return AccuracyInterval(
+        estimate=100.0 * p,
+        low=100.0 * max(0.0, centre - half),
+        high=100.0 * min(1.0, centre + half),
+        level=float(level),
+        n=n,
+    )

@@ -4,7 +4,9 @@ FLOPs are counted with :class:`torch.utils.flop_counter.FlopCounterMode`, which 
 **2 FLOPs per multiply-add** for convolutions and matrix products and ignores BN, activations,
 pooling and other element-wise work. Under this convention a CIFAR ResNet-18 (32×32) is ≈1.11
 GFLOPs, the figure the FSR paper reports (Table 7); tools that count multiply-adds (MACs, e.g.
-``thop``) report half of it.
+``thop``) report half of it. PyTorch's CPU fused attention kernel (used by FD's Gaussian
+non-local blocks) has no formula in the counter; this module registers one (the same count as
+the other attention kernels: the two matrix products, as executed).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from fortify.defenses.attach import DEFENSES_ATTR, attached, infer_feature_shapes
@@ -21,7 +24,16 @@ from fortify.models import count_parameters
 
 log = logging.getLogger("fortify.analysis.cost")
 
-__all__ = ["CostReport", "cost_report", "count_flops", "count_params"]
+_CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_FLASH not in flop_counter.flop_registry:
+
+    @flop_counter.register_flop_formula(_CPU_FLASH)
+    def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        """(B, H, S_q, D) x (B, H, S_k, D) → 2·B·H·S_q·S_k·(D_qk + D_v)."""
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+__all__ = ["CostReport", "cost_report", "cost_table", "count_flops", "count_params"]
 
 
 def count_params(model: nn.Module, *, include_defences: bool = True) -> int:
@@ -100,3 +112,35 @@ def cost_report(model: nn.Module, input_shape: tuple[int, int, int]) -> CostRepo
         flops_backbone=total - sum(per_defence.values()),
         flops_defences=per_defence,
     )
+
+
+def cost_table(models: dict[str, nn.Module], input_shape: tuple[int, int, int]) -> str:
+    """A Table-7-style Markdown comparison of several defended versions of one backbone.
+
+    Args:
+        models: row label -> model (e.g. ``{"AT+FSR": ..., "AT+CAS": ...}``); the first model's
+            backbone (defences excluded) is the reference row.
+        input_shape: (C, H, W) of one image; costs are per image.
+    Returns: the table, with parameters in millions, GFLOPs and each row's FLOP ratio to the
+    backbone (the expected training-step time ratio when compute-bound).
+    """
+    if not models:
+        raise ValueError("cost_table needs at least one model")
+    reports = {label: cost_report(m, input_shape) for label, m in models.items()}
+    ref = next(iter(reports.values()))
+    rows = [
+        "| model | params (M) | +params (M) | GFLOPs | +GFLOPs | FLOP ratio |",
+        "|---|---|---|---|---|---|",
+        f"| backbone | {ref.params_backbone / 1e6:.2f} | 0 | {ref.flops_backbone / 1e9:.4f} | 0 "
+        "| 1.000 |",
+    ]
+    for label, r in reports.items():
+        if r.params_backbone != ref.params_backbone or r.flops_backbone != ref.flops_backbone:
+            log.warning("%s has a different backbone from the first model's", label)
+        dp = r.params_total - r.params_backbone
+        df = r.flops_total - r.flops_backbone
+        rows.append(
+            f"| {label} | {r.params_total / 1e6:.2f} | {dp / 1e6:.2f} | {r.flops_total / 1e9:.4f}"
+            f" | {df / 1e9:.4f} | {r.flops_total / ref.flops_backbone:.3f} |"
+        )
+    return "\n".join(rows) + f"\n\n{ref.convention}; input {tuple(input_shape)}, batch 1."

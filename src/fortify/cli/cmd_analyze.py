@@ -13,10 +13,13 @@ DESCRIPTION = (
     "defences (FLOPs = 2 x multiply-adds, torch.utils.flop_counter). features: accuracy and "
     "weighted k-NN accuracy of FSR's f+, f-, recalibrated f- and f+ + recalibrated f- under the "
     "slides' attacks (Ensemble and AutoAttack; --attack pgd for PGD only). "
-    "masks: PNG of FSR masks / robustness maps for a few test images. Results go to "
-    "RUN/reports/ (or --out)."
+    "masks: PNG of FSR masks / robustness maps for a few test images. selection: the CAS/CIFS "
+    "gradient-masking check (PGD on true-label-selection and differentiable-mask variants, "
+    "transferred to the model, vs direct PGD). Results go to RUN/reports/ (or --out). With "
+    "--compare CONFIG... (no RUN) it prints a Table-7-style cost comparison of the models the "
+    "configs describe (untrained; cost does not depend on weights)."
 )
-WHATS = ("params", "flops", "features", "masks")
+WHATS = ("params", "flops", "features", "masks", "selection")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "run",
         nargs="?",
         help="run directory or checkpoint (.safetensors with JSON sidecar); or use --model",
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="CONFIG",
+        help="experiment configs to compare by parameters/FLOPs (instead of RUN); input shape "
+        "from --input-shape (default 3 32 32), classes from --num-classes (default 10)",
     )
     parser.add_argument(
         "--what", choices=WHATS, action="append", help="analysis (repeatable); default params+flops"
@@ -112,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be an integer >= 1, got {value}")
     if args.out:
         check_writable_dir(args.out, "report folder (--out)")
+    if args.compare:
+        return _compare(args)
     whats = args.what or ([] if args.layers else ["params", "flops"])
     if args.model is not None:
         model, meta = _source_model(args)
@@ -149,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         print(rep.table())
         write_text_atomic(out / "cost.md", rep.table() + "\n")
 
-    if "features" in whats or "masks" in whats:
+    if "features" in whats or "masks" in whats or "selection" in whats:
         from fortify.data import load_dataset
 
         splits = load_dataset(
@@ -173,6 +185,24 @@ def run(args: argparse.Namespace) -> int:
             print(f"classification attack: {rep.attack}")
             print(rep.table())
             write_text_atomic(out / "fsr_features.md", rep.table() + "\n")
+        if "selection" in whats:
+            from fortify.analysis.selection import SelectionCheckOptions, selection_check
+
+            x, y = splits.test.head(args.points).floats()
+            opts = SelectionCheckOptions(eps=eps, steps=args.steps, seed=cfg.eval.seed)
+            results["selection"] = sel = selection_check(model, x, y, opts)
+            lines = [
+                f"direct PGD-{args.steps}: {sel['direct']:.2f} % (natural {sel['natural']:.2f} %,"
+                f" n = {sel['n']})"
+            ]
+            for name, v in sel["variants"].items():
+                lines.append(
+                    f"{name} variant -> model: {v['transfer']:.2f} %, worst case "
+                    f"{v['worst']:.2f} %, transfer - direct {v['difference']['text']} "
+                    f"({v['difference']['verdict']}) [{v['status']}]"
+                )
+            print("\n".join(lines))
+            write_text_atomic(out / "selection_check.md", "\n".join(lines) + "\n")
         if "masks" in whats:
             from fortify.analysis.features import pgd_batches
             from fortify.analysis.masks import plot_masks
@@ -189,6 +219,34 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(results["masks"], indent=1))
     if write:
         write_json_atomic(out / "analysis.json", results)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fortify.analysis.cost import cost_table
+    from fortify.config import ExperimentConfig, load_config
+    from fortify.errors import FortifyError
+    from fortify.factory import build_model
+    from fortify.runs import write_text_atomic
+
+    if args.run is not None or args.model is not None:
+        raise FortifyError("--compare takes configs only; drop RUN / --model")
+    shape = tuple(args.input_shape) if args.input_shape is not None else (3, 32, 32)
+    classes = args.num_classes if args.num_classes is not None else 10
+    if min(shape) < 1 or classes < 2:
+        raise FortifyError(
+            f"--input-shape {list(shape)} must be positive and --num-classes {classes} >= 2"
+        )
+    models = {}
+    for path in args.compare:
+        cfg = load_config(ExperimentConfig, path)
+        models[cfg.name] = build_model(cfg.model, cfg.defenses, classes, shape)  # type: ignore[arg-type]
+    table = cost_table(models, shape)  # type: ignore[arg-type]
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "cost_comparison.md", table + "\n")
     return 0
 
 

@@ -15,8 +15,14 @@ DESCRIPTION = (
     "paper (Natural, FGSM, PGD-20, PGD-100, C&W, Ensemble), autoattack (pyautoattack, standard), "
     "quick (PGD-20), full (paper + autoattack) or a registered suite. Honest-evaluation checks "
     "(ε-ball, robust ≤ clean, gradient-masking indicators) run by default and are printed with "
-    "the table. Reports go to <run>/reports/eval-<suite>.md/.json."
+    "the table. Reports go to <run>/reports/eval-<suite>.md/.json. A column on fewer points "
+    "than the table says (n=k); unattacked points are never counted. Exit status: 0 = reliable; "
+    "1 = a check failed; 3 = a gradient-masking check warned, so the robust accuracies are not "
+    "trustworthy (--allow-unreliable turns 3 into 0); 2 = bad input."
 )
+
+EXIT_CHECK_FAILED = 1
+EXIT_UNRELIABLE = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="suites autoattack/full/adaptive: run AutoAttack on the first N points only (the "
-        "others keep their clean outcome in the AutoAttack column); default: every point",
+        "AutoAttack column and every worst case containing it count only those N, and say so); "
+        "default: every point",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for random starts, Square and AutoAttack"
@@ -64,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="final: last PGD iterate; best: broken once any iterate fools; both: two rows",
     )
     parser.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
+    parser.add_argument(
+        "--allow-unreliable",
+        action="store_true",
+        help=f"exit 0 instead of {EXIT_UNRELIABLE} when a gradient-masking check warns (the "
+        "report still says UNRELIABLE)",
+    )
     parser.add_argument(
         "--split", choices=("test", "val"), default="test", help="which split to evaluate on"
     )
@@ -250,4 +263,21 @@ def _evaluate(
             title=f"PGD-20 robust accuracy vs ε ({m} points)",
         )
         print(f"wrote {png}")
-    return 0 if report.ok else 1
+    return exit_status(report, allow_unreliable=args.allow_unreliable)
+
+
+def exit_status(report: Any, *, allow_unreliable: bool = False) -> int:
+    """0 reliable, 1 a check failed, 3 a masking check warned (0 with ``allow_unreliable``)."""
+    if any(c.status == "fail" for c in report.checks):
+        return EXIT_CHECK_FAILED
+    if not report.reliable:
+        import sys
+
+        print(
+            "fortify eval: the report is UNRELIABLE (gradient masking suspected: "
+            + ", ".join(dict.fromkeys(report.unreliable_reasons))
+            + f"); exit status {0 if allow_unreliable else EXIT_UNRELIABLE}",
+            file=sys.stderr,
+        )
+        return 0 if allow_unreliable else EXIT_UNRELIABLE
+    return 0

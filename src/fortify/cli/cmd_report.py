@@ -9,7 +9,8 @@ DESCRIPTION = (
     "Put the evaluation tables of several runs side by side (markdown). Reads "
     "<run>/reports/eval.json "
     "(the latest `fortify eval`), or eval-<suite>.json with --suite; a path to an eval.json "
-    "works too."
+    "works too. With --compare, each later run is also compared with the first one (B − A per "
+    "column, paired-bootstrap CI, McNemar p, verdict; as `fortify compare`)."
 )
 
 
@@ -20,9 +21,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checks", action="store_true", help="list each run's non-ok checks below the table"
     )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="compare every later run with the first (paired CI, McNemar p, verdict)",
+    )
+    from fortify.cli.cmd_compare import add_compare_options
+
+    add_compare_options(parser)
 
 
-def _find(run: Path, suite: str | None) -> Path:
+def run_label(p: Path) -> str:
+    """A short name for a run directory or report file."""
+    if p.is_dir():
+        return p.name
+    return p.parent.parent.name if p.parent.name == "reports" else p.stem
+
+
+def find_report(run: Path, suite: str | None) -> Path:
+    """The report file of a run directory (or the file itself)."""
     if run.is_file():
         return run
     name = f"eval-{suite}.json" if suite else "eval.json"
@@ -44,16 +61,14 @@ def run(args: argparse.Namespace) -> int:
             raise RunDirError(f"--out {args.out!r} is a folder; give a file name (e.g. report.md)")
         check_writable_dir(Path(args.out).parent, "folder of --out")
     reports = {}
+    paths = {}
     for r in args.runs:
         p = Path(r)
-        label = (
-            p.name
-            if p.is_dir()
-            else (p.parent.parent.name if p.parent.name == "reports" else p.stem)
-        )
+        label = run_label(p)
         while label in reports:
             label += "'"
-        reports[label] = EvalReport.load(_find(p, args.suite))
+        reports[label] = EvalReport.load(find_report(p, args.suite))
+        paths[label] = p
     text = side_by_side(reports)
     if args.checks:
         lines = []
@@ -62,6 +77,17 @@ def run(args: argparse.Namespace) -> int:
                 if c.status != "ok":
                     lines.append(f"- {label}: [{c.status}] {c.name}: {c.message}")
         text += "\n" + ("\n".join(lines) if lines else "All checks ok.") + "\n"
+    if args.compare:
+        from fortify.cli.cmd_compare import compare_paths
+
+        labels = list(paths)
+        if len(labels) < 2:
+            from fortify.errors import ConfigError
+
+            raise ConfigError("--compare needs at least two runs (the first is the baseline)")
+        for other in labels[1:]:
+            comp = compare_paths(paths[labels[0]], paths[other], args, (labels[0], other))
+            text += "\n" + comp.to_markdown()
     print(text, end="")
     if args.out:
         atomic_write_text(args.out, text)

@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "eval": ("fortify.cli.cmd_eval", "evaluate a run, checkpoint or model with an attack suite"),
     "report": ("fortify.cli.cmd_report", "put the evaluation tables of several runs side by side"),
+    "compare": (
+        "fortify.cli.cmd_compare",
+        "paired comparison of two evaluations: B − A per column with CI, McNemar p, verdict",
+    ),
     "rift": (
         "fortify.cli.cmd_rift",
         "robust critical fine-tuning: mrc, finetune, interpolate, run",

@@ -60,7 +60,7 @@ class ModelConfig:
 class DefenseConfig:
     """One defence attached at one or more positions (empty ``at``: the backbone's default)."""
 
-    kind: Literal["fsr", "fpd"] = "fsr"
+    kind: Literal["fsr", "fpd", "fd", "cas", "cifs"] = "fsr"
     at: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
 

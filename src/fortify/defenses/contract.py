@@ -17,6 +17,11 @@ extra training signals (FSR's separation/recalibration losses, FPD's restoration
    providers (e.g. several FSR blocks) are averaged, matching the papers' ``1/|L| Σ_l``.
 3. The objective adds the total to its loss and logs each term separately.
 
+Defences whose *forward pass* depends on the true label in training (CAS and CIFS pick a
+class-specific channel mask from it) read it from :func:`labels_for` while a
+``capture_aux(model, labels=y)`` or :func:`provide_labels` context is active. Outside such a
+context they see no label and must behave as at test time; in evaluation mode they must ignore it.
+
 Example::
 
     with capture_aux(model) as cap:
@@ -76,6 +81,37 @@ class AuxLossProvider(Protocol):
 # Recorded tensors live outside the modules (keyed weakly by module) so that deep copies,
 # pickling and state dicts never see them, even between a forward pass and ``losses()``.
 _RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# True labels handed to label-reading modules for the forward passes inside a context.
+_LABELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def labels_for(module: nn.Module) -> torch.Tensor | None:
+    """The labels (N,) provided to ``module`` by the active context, or None."""
+    return _LABELS.get(module)
+
+
+@contextlib.contextmanager
+def provide_labels(model: nn.Module, labels: torch.Tensor | None) -> Iterator[None]:
+    """Hand ``labels`` (N,) to every module of ``model`` that reads labels (``reads_labels``).
+
+    Only modules with a true ``reads_labels`` attribute see them; each decides how to use them
+    (CAS/CIFS: the training-mode mask). ``labels=None`` is a no-op.
+    """
+    if labels is None:
+        yield
+        return
+    readers = [m for m in model.modules() if getattr(m, "reads_labels", False)]
+    previous = {m: _LABELS.get(m) for m in readers}
+    for m in readers:
+        _LABELS[m] = labels
+    try:
+        yield
+    finally:
+        for m, old in previous.items():
+            if old is None:
+                _LABELS.pop(m, None)
+            else:
+                _LABELS[m] = old
 
 
 class CaptureMixin:
@@ -131,13 +167,19 @@ class AuxCapture:
 
 
 @contextlib.contextmanager
-def capture_aux(model: nn.Module) -> Iterator[AuxCapture]:
-    """Record auxiliary state of every provider in ``model`` for forward passes in the block."""
+def capture_aux(model: nn.Module, labels: torch.Tensor | None = None) -> Iterator[AuxCapture]:
+    """Record auxiliary state of every provider in ``model`` for forward passes in the block.
+
+    Args:
+        labels: the true labels (N,) of the captured batch, handed to label-reading modules
+            (see :func:`provide_labels`) for the forward passes inside the block.
+    """
     providers = aux_providers(model)
     for p in providers:
         p.start_capture()
     try:
-        yield AuxCapture(providers)
+        with provide_labels(model, labels):
+            yield AuxCapture(providers)
     finally:
         for p in providers:
             p.stop_capture()

@@ -48,12 +48,18 @@ Activation = Literal["relu", "elu"]
 Phase1Params = Literal["front", "decoder"]
 BNStats = Literal["per-pass", "shared"]
 DenoiseScale = Literal["n", "nc"]
+DecoderKind = Literal["linear", "activated"]
+PyramidSource = Literal["raw", "denoised"]
 
 _BOUNDS = ("tanh", "spectral", "none")
 _MIDDLE = ("input", "restored")
 _ACTS = ("relu", "elu")
 _BN_STATS = ("per-pass", "shared")
 _SCALES = ("n", "nc")
+_DECODERS = ("linear", "activated")
+_PYRAMIDS = ("raw", "denoised")
+FORMAT_VERSION = 2  # FPD state-dict layout: 2 = release structure (raw pyramid, linear decoder)
+_FORMAT_KEY = "fpd_format"
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _CLASSIFIER_NAMES = ("linear", "fc", "classifier")
 _PROBE = 64  # input side used to measure a backbone's total stride for small image shapes
@@ -124,12 +130,18 @@ class FPDDecoder(nn.Module):
 
     1×1 lateral convs map every stage output to ``width`` channels; starting from the deepest,
     each level is bilinearly upsampled to the next shallower one and added; a 3×3 conv smooths
-    the sum; ``n_up`` stride-2 transposed convs (halving the width each time, at least 8
-    channels) bring it back towards the input resolution; a final 3×3 conv outputs
-    ``out_channels``. Any residual size mismatch (odd input sizes) is closed by bilinear
-    interpolation to the exact input size. There is no output non-linearity. With
-    ``lateral_norm`` (a fortify option) each lateral conv is followed by BatchNorm, so stage
-    outputs of very different scales (the cubic denoising term) enter the sum on equal terms.
+    the sum. Then, with ``kind="linear"`` (the release), ``n_up`` transposed convs of kernel 2,
+    stride 2 (64, 16, 4, … channels, as the release's 64 and 16) bring it back to the input
+    resolution and a 1×1 transposed conv outputs ``out_channels`` — no activation anywhere after
+    the lateral sum, so the decoder is affine in the pyramid. Conv2d weights are drawn from
+    N(0, 2 / (k²·C_out)) as in the release. ``kind="activated"`` is fortify's earlier decoder
+    (kept to load its weights): an activation after the smoothing conv and after each
+    kernel-4 transposed conv (halving the width, at least 8), then a 3×3 output conv.
+
+    Any residual size mismatch (inputs whose side is not a multiple of the stride) is closed by
+    bilinear interpolation to the input size before the output conv. There is no output
+    non-linearity. With ``lateral_norm`` (a fortify option) each lateral conv is followed by
+    BatchNorm.
     """
 
     def __init__(
@@ -141,8 +153,10 @@ class FPDDecoder(nn.Module):
         n_up: int = 0,
         activation: str = "relu",
         lateral_norm: bool = False,
+        kind: DecoderKind = "linear",
     ):
         super().__init__()
+        self.kind: str = kind
         self.laterals = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, width, 1), nn.BatchNorm2d(width))
             if lateral_norm
@@ -150,15 +164,28 @@ class FPDDecoder(nn.Module):
             for c in stage_channels
         )
         self.smooth = nn.Conv2d(width, width, 3, padding=1)
-        self.act = _act(activation)
         ups: list[nn.Module] = []
         ch = width
-        for _ in range(n_up):
-            nxt = max(ch // 2, 8)
-            ups += [nn.ConvTranspose2d(ch, nxt, 4, stride=2, padding=1), _act(activation)]
-            ch = nxt
-        self.upsample = nn.Sequential(*ups)
-        self.head = nn.Conv2d(ch, out_channels, 3, padding=1)
+        if kind == "linear":
+            self.act: nn.Module = nn.Identity()
+            for i in range(n_up):
+                nxt = max(64 // 4**i, 4)
+                ups.append(nn.ConvTranspose2d(ch, nxt, 2, stride=2))
+                ch = nxt
+            self.upsample = nn.Sequential(*ups)
+            self.head: nn.Module = nn.ConvTranspose2d(ch, out_channels, 1)
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                    nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / k))
+        else:
+            self.act = _act(activation)
+            for _ in range(n_up):
+                nxt = max(ch // 2, 8)
+                ups += [nn.ConvTranspose2d(ch, nxt, 4, stride=2, padding=1), _act(activation)]
+                ch = nxt
+            self.upsample = nn.Sequential(*ups)
+            self.head = nn.Conv2d(ch, out_channels, 3, padding=1)
 
     def forward(self, feats: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """Args: feats: stage outputs shallow→deep, each (N, C_i, H_i, W_i); size: (H, W) of x.
@@ -252,6 +279,45 @@ def _explain_missing_back_stats(
         )
 
 
+LEGACY_OPTIONS = {"pyramid": "denoised", "decoder": "activated"}
+
+
+def _check_format(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Refuse (even with strict=False) FPD weights saved before the release structure
+    (format 2): their decoder read the denoised first stage through an activated decoder, so
+    loading them into the release structure would silently compute something else. Models built
+    with the legacy options accept them."""
+    key = prefix + _FORMAT_KEY
+    if key in state_dict:
+        return
+    legacy = module.pyramid == "denoised" and module.decoder.kind == "activated"
+    if legacy:
+        state_dict[key] = torch.tensor(FORMAT_VERSION)
+        return
+    has_back = any(k.startswith(prefix + "back_stats.") for k in state_dict)
+    old = (
+        "bn_stats: per-pass, denoise_scale: nc (the defaults they were saved with, unless their "
+        "run config says otherwise)"
+        if has_back
+        else "bn_stats: shared, denoise_scale: n"
+    )
+    error_msgs.append(
+        "these FPD weights predate fortify's release-faithful FPD structure (no fpd_format "
+        "entry): they were trained with the decoder reading the first stage after the denoising "
+        "operation, through a decoder with activations. Rebuild the model with FPD options "
+        f"pyramid: denoised, decoder: activated, {old} to load them"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The whole-model wrapper
 # --------------------------------------------------------------------------------------------
@@ -312,13 +378,17 @@ class FPD(nn.Module):
         classifier: name of the backbone's final ``nn.Linear`` (default: first of linear/fc/
             classifier that exists).
         restore_weight: weight of ``fpd_restore`` returned through the aux-loss contract.
-        bn_stats: "per-pass" (default; the back pass keeps its own BatchNorm running
-            statistics in ``FPD.back_stats``, affine parameters stay shared) or "shared" (the
-            release: one set of statistics averaged over both passes, which breaks eval-mode
-            accuracy when the passes' inputs differ — see docs/fpd.md).
-        denoise_scale: "nc" (default; the non-local term divided by C·H·W) or "n" (the paper,
-            divided by H·W; its cubic term made FPD untrainable at CPU scale — docs/fpd.md).
+        bn_stats: "shared" (the release: one set of BatchNorm running statistics for both
+            passes) or "per-pass" (the back pass keeps its own running statistics in
+            ``FPD.back_stats``; affine parameters stay shared). See docs/fpd.md.
+        denoise_scale: "n" (the paper and release: D's non-local term divided by H·W) or "nc"
+            (divided by C·H·W, a fortify option).
         lateral_norm: BatchNorm after each decoder lateral conv (see :class:`FPDDecoder`).
+        decoder: "linear" (the release: no activation after the lateral sum, kernel-2
+            transposed convs, 1×1 output) or "activated" (fortify's earlier decoder; see
+            :class:`FPDDecoder`).
+        pyramid: "raw" (the release: the decoder reads every stage's output before D) or
+            "denoised" (fortify's earlier wiring: the first level after D).
     """
 
     def __init__(
@@ -335,9 +405,11 @@ class FPD(nn.Module):
         activation: Activation = "relu",
         classifier: str | None = None,
         restore_weight: float = 1.0,
-        bn_stats: BNStats = "per-pass",
-        denoise_scale: DenoiseScale = "nc",
+        bn_stats: BNStats = "shared",
+        denoise_scale: DenoiseScale = "n",
         lateral_norm: bool = False,
+        decoder: DecoderKind = "linear",
+        pyramid: PyramidSource = "raw",
     ):
         super().__init__()
         if bound not in _BOUNDS:
@@ -362,6 +434,15 @@ class FPD(nn.Module):
                 f"{list(_SCALES)}"
             )
         self.denoise_scale: str = denoise_scale
+        if decoder not in _DECODERS:
+            raise ConfigError(
+                f"FPD option decoder={decoder!r} is not allowed; choose one of {list(_DECODERS)}"
+            )
+        if pyramid not in _PYRAMIDS:
+            raise ConfigError(
+                f"FPD option pyramid={pyramid!r} is not allowed; choose one of {list(_PYRAMIDS)}"
+            )
+        self.pyramid: str = pyramid
         if not 0.0 <= float(dropout) < 1.0:
             raise ConfigError(f"FPD option dropout must be in [0, 1), got {dropout}")
         if int(width) < 1:
@@ -444,8 +525,11 @@ class FPD(nn.Module):
             n_up=n_up,
             activation=activation,
             lateral_norm=bool(lateral_norm),
+            kind=decoder,
         )
         self.aux = FPDAux(restore_weight)
+        self.register_buffer(_FORMAT_KEY, torch.tensor(FORMAT_VERSION))
+        self._register_load_state_dict_pre_hook(_check_format, with_module=True)
         self._register_load_state_dict_pre_hook(_explain_missing_back_stats, with_module=True)
         self.bn_stats: str = bn_stats
         self.back_stats = nn.ModuleDict()
@@ -567,6 +651,28 @@ class FPD(nn.Module):
             f"least {mh}×{mw}{hint}"
         )
 
+    @contextlib.contextmanager
+    def _front_hooks(self) -> Iterator[None]:
+        """Denoising and pyramid collection for the front pass. Forward hooks run in the order
+        they were registered: with ``pyramid="raw"`` the collection hooks come first, so they
+        see each stage's output before D (the release's c2), and D then feeds the next stage."""
+        if self.pyramid == "raw":
+            with self._collect_hooks(), self._denoise_hooks():
+                yield
+        else:
+            with self._denoise_hooks(), self._collect_hooks():
+                yield
+
+    def pyramid_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The front pass's pyramid c2..c5 (what the decoder reads), shallow → deep.
+
+        Args: x: images (N, C, H, W) in [0, 1]. Returns: one (N, C_i, H_i, W_i) tensor per stage.
+        """
+        self._check_input(x)
+        with self._front_hooks():
+            self.net(x)
+            return [self._pyramid[i] for i in range(len(self.stages))]
+
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         """Front pass + decoder only.
 
@@ -574,7 +680,7 @@ class FPD(nn.Module):
         Returns: the restored image x′ (N, C, H, W), in pixel units, unclamped.
         """
         self._check_input(x)
-        with self._denoise_hooks(), self._collect_hooks():
+        with self._front_hooks():
             self.net(x)
             feats = [self._pyramid[i] for i in range(len(self.stages))]
         return self.decoder(feats, (x.shape[-2], x.shape[-1]))
@@ -623,7 +729,8 @@ class FPD(nn.Module):
             f"stages={self.stages}, bound={self.bound!r}, middle={self.middle!r}, "
             f"denoise_at={self.denoise_at}, dropout={self.dropout}, "
             f"activation={self.activation!r}, bn_stats={self.bn_stats!r}, "
-            f"denoise_scale={self.denoise_scale!r}"
+            f"denoise_scale={self.denoise_scale!r}, decoder={self.decoder.kind!r}, "
+            f"pyramid={self.pyramid!r}"
         )
 
 
@@ -671,6 +778,8 @@ _OPTION_KEYS = {
     "bn_stats",
     "denoise_scale",
     "lateral_norm",
+    "decoder",
+    "pyramid",
 }
 
 

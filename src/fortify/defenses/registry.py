@@ -7,13 +7,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any, TypeVar
 
 from torch import nn
 
-from fortify.errors import unknown_name
+from fortify.errors import ConfigError, unknown_name
 
 DefenceBuilder = Callable[..., nn.Module]
+_Opts = TypeVar("_Opts")
 _BUILDERS: dict[str, DefenceBuilder] = {}
 
 
@@ -40,9 +44,83 @@ def available_defences() -> list[str]:
 def _ensure_loaded() -> None:
     import importlib
 
-    for mod in ("fortify.defenses.fsr", "fortify.defenses.fpd"):
+    for mod in (
+        "fortify.defenses.fsr",
+        "fortify.defenses.fpd",
+        "fortify.defenses.fd",
+        "fortify.defenses.cas",
+        "fortify.defenses.cifs",
+    ):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:  # a defence module not written yet
             if exc.name != mod:
                 raise
+
+
+def options_from_dict(cls: type[_Opts], options: dict[str, Any], kind: str) -> _Opts:
+    """Build the options dataclass ``cls`` of defence ``kind`` from a config dict and validate it.
+
+    Unknown keys raise :class:`ConfigError` listing the allowed ones.
+    """
+    allowed = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown {kind} option(s) {unknown}; allowed options: {allowed}")
+    opts = cls(**options)
+    opts.validate()  # type: ignore[attr-defined]
+    return opts
+
+
+def check_number(kind: str, name: str, value: object, *, low: float, strict: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a finite number ≥ ``low`` (> if strict)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(float(value))  # type: ignore[arg-type]
+    ok = ok and (float(value) > low if strict else float(value) >= low)  # type: ignore[arg-type]
+    if not ok:
+        raise ConfigError(
+            f"{kind} option {name} must be a finite number {'>' if strict else '>='} {low:g}, "
+            f"got {value!r}"
+        )
+
+
+def check_choice(kind: str, name: str, value: object, allowed: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(
+            f"{kind} option {name}={value!r} is not allowed; choose one of {list(allowed)}"
+        )
+
+
+def stage_positions(model_name: str, kind: str) -> list[str]:
+    """The residual stages of a registered backbone (shallow to deep), for default placements.
+
+    Backbones without stages fall back to their FSR position (the last feature block).
+    """
+    from fortify.models import spec
+
+    entry = spec(model_name)
+    if entry.stages:
+        return list(entry.stages)
+    if entry.fsr_position:
+        return [entry.fsr_position]
+    raise ConfigError(
+        f"model {model_name!r} has no known stages, so {kind} has no default position; "
+        "list module names in defenses[].at"
+    )
+
+
+def last_stage_blocks(model: nn.Module, model_name: str, kind: str, count: int = 2) -> list[str]:
+    """Names of the last ``count`` blocks of a backbone's last stage (e.g. layer4.0, layer4.1).
+
+    Backbones without stages (or with a last stage of fewer blocks) give their last stage or FSR
+    position alone.
+    """
+    from fortify.models import spec
+
+    last = stage_positions(model_name, kind)[-1]
+    if not spec(model_name).stages:
+        return [last]
+    module = dict(model.named_modules())[last]
+    children = [f"{last}.{name}" for name, _ in module.named_children()]
+    return children[-count:] if len(children) >= count else [last]

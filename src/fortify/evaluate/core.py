@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import logging
@@ -199,9 +200,8 @@ def attack_first(
 ) -> torch.Tensor:
     """``attack(x, y)`` on the first ``n_in`` points of a batch; the rest are returned unchanged.
 
-    Re-classifying the result therefore gives the points beyond ``n_in`` their *clean* outcome:
-    the convention for attacks run on a prefix of the points (say so with
-    :func:`first_points_note`).
+    The points beyond ``n_in`` were not attacked: their column must not count them (give the
+    outcome ``ran=first_mask(n, k)``) and its note says so (:func:`first_points_note`).
     """
     n_in = max(0, min(len(xb), n_in))
     if n_in == 0:
@@ -215,8 +215,8 @@ def first_points_note(what: str, k: int, n: int) -> str:
     if k >= n:
         return ""
     return (
-        f"{what} on the first {k} of {n} points; the other {n - k} were not attacked and keep "
-        "their clean outcome in this column"
+        f"{what} on the first {k} of {n} points; the other {n - k} were not attacked and this "
+        f"column (and every worst case containing it) counts only those {k}"
     )
 
 
@@ -270,9 +270,13 @@ class SuiteContext:
         dev = self.device if self.device.type in ("cpu", "cuda") else torch.device("cpu")
         return torch.Generator(device=dev).manual_seed(self.seed * 1000003 + salt)
 
-    def check(self, name: str, status: str, message: str) -> None:
-        """Record a check (status ``ok`` / ``warn`` / ``fail``); warnings are also logged."""
-        self.checks.append(Check(name, status, message))
+    def check(self, name: str, status: str, message: str, *, masking: bool = False) -> None:
+        """Record a check (status ``ok`` / ``warn`` / ``fail``); warnings are also logged.
+
+        ``masking``: the check looks for gradient masking; its warning makes the report
+        unreliable.
+        """
+        self.checks.append(Check(name, status, message, masking))
         if status != "ok":
             log.warning("%s: %s", name, message)
 
@@ -322,11 +326,13 @@ class SuiteContext:
         ensemble: bool = True,
         note: str = "",
         eps: float | None = None,
+        ran: torch.Tensor | None = None,
     ) -> list[Outcome]:
         """Run a single-shot attack ``fn(x_batch, y_batch, slice) -> x_adv`` batch by batch.
 
         Every batch is checked against the ball, re-classified with one forward, and added as
         one column per row (in ``best`` rows clean-misclassified points also count as broken).
+        ``ran`` (bool (N,), None: all) marks the points ``fn`` really attacks; only they count.
         """
         t0 = time.perf_counter()
         correct = torch.zeros(self.n, dtype=torch.bool)
@@ -341,7 +347,7 @@ class SuiteContext:
         out = []
         for m in self.modes:
             c = correct if m == "final" else correct & self.clean_correct
-            out.append(self.add(Outcome(name, c, m, ensemble, dt, note)))
+            out.append(self.add(Outcome(name, c, m, ensemble, dt, note, ran)))
         return out
 
     def run_fgsm(self, name: str = "FGSM", *, ensemble: bool = True, **kw: Any) -> list[Outcome]:
@@ -470,6 +476,16 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def points_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """SHA-256 of the evaluated points (images as float32, labels as int64): two reports with the
+    same fingerprint were computed on the same points in the same order."""
+    h = hashlib.sha256()
+    h.update(str(tuple(x.shape)).encode())
+    h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    h.update(y.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def evaluate(
     model: nn.Module,
     x: torch.Tensor,
@@ -591,6 +607,7 @@ def evaluate(
         "check_points": min(check_points, len(x)) if checks else 0,
         "num_classes": num_classes,
         "image_shape": list(x.shape[1:]),
+        "points_sha256": points_fingerprint(x, y),
         "model": type(model).__name__,
         "device": str(dev),
         "seconds": round(time.perf_counter() - t_start, 2),

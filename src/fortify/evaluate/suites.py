@@ -17,7 +17,7 @@ from fortify.evaluate.core import (
     first_points_note,
     register_suite,
 )
-from fortify.evaluate.report import MODE_FREE, Outcome
+from fortify.evaluate.report import MODE_FREE, Outcome, first_mask
 
 log = logging.getLogger("fortify.evaluate.suites")
 
@@ -59,8 +59,9 @@ class AutoAttackOptions:
 
     Attributes:
         autoattack_points: run AutoAttack on the first N points only (None: all); the other
-            points keep their clean outcome in the AutoAttack column, and the column's note and
-            the report's ``autoattack_points`` setting say how many were attacked.
+            points are not counted in the AutoAttack column (nor in any worst case containing
+            it), and the column's n, its note and the report's ``autoattack_points`` setting say
+            how many were attacked.
     """
 
     autoattack_points: int | None = None
@@ -81,7 +82,7 @@ def run_autoattack(
 
     Args:
         points: attack only the first ``points`` points (None: all). The others are not attacked
-            and keep their clean outcome in the column; the note and ``ctx.settings`` say so.
+            and not counted (``Outcome.ran``); the note and ``ctx.settings`` say so.
     """
     check_point_count(points, "autoattack_points")
     try:
@@ -134,16 +135,27 @@ def run_autoattack(
     dt = time.perf_counter() - t0
     if found:
         for msg in dict.fromkeys(found):
-            ctx.check("AutoAttack's own checks", "warn", msg)
+            ctx.check("AutoAttack's own checks", "warn", msg, masking=True)
     else:
         ctx.check(
             "AutoAttack's own checks",
             "ok",
             "no warnings (randomness, probability outputs, dynamic defence, classes, zero "
             "gradients, Square vs APGD)",
+            masking=True,
         )
     note = "; ".join(n for n in notes if n)
-    return ctx.add(Outcome(name, correct, MODE_FREE, ensemble=False, seconds=dt, note=note))
+    return ctx.add(
+        Outcome(
+            name,
+            correct,
+            MODE_FREE,
+            ensemble=False,
+            seconds=dt,
+            note=note,
+            ran=first_mask(ctx.n, limit),
+        )
+    )
 
 
 @register_suite(

@@ -410,6 +410,8 @@ def evaluate_models(
             if suite == "ood":
                 res["ood_mean"] = report.extras.get("ood", {}).get("mean")
             res[f"seconds_{suite}"] = round(time.perf_counter() - t0, 1)
+            res[f"checks_{suite}"] = report.checks_status()
+            res[f"points_{suite}"] = report.table_n().get("final", {})
         out["models"][name] = res
     return out
 

@@ -40,24 +40,24 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = check_device_name(device)
-    dev = torch.device(name)
-    if dev.type == "cuda":
+    kind, _, index = name.partition(":")
+    if kind == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise ConfigError(
                 f"device {name!r} was requested but this machine has no usable CUDA GPU; "
                 "use device=cpu (or auto)"
             )
-        if dev.index is not None and dev.index >= count:
+        if index and int(index) >= count:
             raise ConfigError(
                 f"device {name!r} does not exist: this machine has {count} CUDA GPU(s), "
                 f"cuda:0..cuda:{count - 1}"
             )
-    if dev.type == "mps" and not (
+    if kind == "mps" and not (
         getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     ):
         raise ConfigError(f"device {name!r} is not available on this machine; use cpu or auto")
-    return dev
+    return torch.device(name)
 
 
 def check_seed(seed: object, what: str = "seed") -> int:

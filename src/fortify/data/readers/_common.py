@@ -234,3 +234,35 @@ def decode_splits(
     return cached_imagesets(
         dataset, source_root, splits, key_settings, versions, decode, cache_dir=cache_dir
     )
+
+
+def reshape_set(
+    images: ImageSet, dataset: str, image_size: int | None = None, channels: int | None = None
+) -> ImageSet:
+    """Resize ``images`` to ``image_size``² (bilinear, as torchvision's ``Resize`` of the FPD
+    release) and/or repeat a grey channel to ``channels`` (1 or 3), in chunks; uint8 out.
+
+    Args:
+        images: uint8 (N, C, H, W). image_size: side of the square output, None: unchanged.
+        channels: None (unchanged), 1, or 3 (only from 1 channel: the grey copied three times).
+    """
+    check_image_size(image_size, dataset, allow_none=True)
+    c = images.images.shape[1]
+    if channels is not None and (
+        isinstance(channels, bool) or channels not in (1, 3) or (channels != c and c != 1)
+    ):
+        raise DataError(
+            f"{dataset}: channels must be None, {c} or (from grey images) 3, got {channels!r}"
+        )
+    out = images.images
+    if image_size is not None and tuple(out.shape[-2:]) != (image_size, image_size):
+        parts = []
+        for chunk in out.split(4096):
+            r = torch.nn.functional.interpolate(
+                chunk.float(), size=(image_size, image_size), mode="bilinear", antialias=True
+            )
+            parts.append(r.round_().clamp_(0, 255).to(torch.uint8))
+        out = torch.cat(parts)
+    if channels is not None and channels != out.shape[1]:
+        out = out.expand(-1, channels, -1, -1).contiguous()
+    return ImageSet(out, images.labels)

@@ -12,7 +12,13 @@ import numpy as np
 import torch
 
 from fortify.data.base import ImageSet
-from fortify.data.readers._common import candidate_dirs, download_root, first_existing, missing
+from fortify.data.readers._common import (
+    candidate_dirs,
+    download_root,
+    first_existing,
+    missing,
+    reshape_set,
+)
 from fortify.data.registry import ReaderResult, register_reader
 from fortify.errors import DataError
 
@@ -165,15 +171,44 @@ def _read(name: str, root: str | None, download: bool) -> tuple[ImageSet, ImageS
     return train, test
 
 
+def _reshaped(
+    name: str, root: str | None, download: bool, image_size: int | None, channels: int | None
+) -> tuple[ImageSet, ImageSet]:
+    train, test = _read(name, root, download)
+    if image_size is None and channels is None:
+        return train, test
+    return (
+        reshape_set(train, name, image_size, channels),
+        reshape_set(test, name, image_size, channels),
+    )
+
+
 @register_reader("fashion-mnist")
-def read_fashion_mnist(root: str | None = None, download: bool = False) -> ReaderResult:
-    """Fashion-MNIST: 60k/10k grey 28×28 images, 10 classes; ε = 0.1, no augmentation."""
-    train, test = _read("fashion-mnist", root, download)
+def read_fashion_mnist(
+    root: str | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    channels: int | None = None,
+) -> ReaderResult:
+    """Fashion-MNIST: 60k/10k grey 28×28 images, 10 classes; ε = 0.1, no augmentation.
+
+    ``image_size``: resize to that square side (bilinear); ``channels=3``: grey copied to RGB.
+    """
+    train, test = _reshaped("fashion-mnist", root, download, image_size, channels)
     return train, test, 10, list(FASHION_CLASSES), 0.1, "none"
 
 
 @register_reader("mnist")
-def read_mnist(root: str | None = None, download: bool = False) -> ReaderResult:
-    """MNIST: 60k/10k grey 28×28 digits, 10 classes; ε = 0.3, no augmentation."""
-    train, test = _read("mnist", root, download)
+def read_mnist(
+    root: str | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    channels: int | None = None,
+) -> ReaderResult:
+    """MNIST: 60k/10k grey 28×28 digits, 10 classes; ε = 0.3, no augmentation.
+
+    ``image_size``: resize to that square side (bilinear; the FPD release used 64);
+    ``channels=3``: grey copied to three channels (as the FPD release).
+    """
+    train, test = _reshaped("mnist", root, download, image_size, channels)
     return train, test, 10, [str(i) for i in range(10)], 0.3, "none"

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fortify.data.base import ImageSet
-from fortify.data.readers._common import candidate_dirs, download_root, missing
+from fortify.data.readers._common import candidate_dirs, download_root, missing, reshape_set
 from fortify.data.registry import ReaderResult, register_reader
 from fortify.errors import DataError
 
@@ -56,8 +56,13 @@ def _locate(root: str | None) -> Path | None:
 
 
 @register_reader("svhn")
-def read_svhn(root: str | None = None, download: bool = False) -> ReaderResult:
-    """SVHN: 73,257/26,032 RGB 32×32 digits (the ``extra`` set is not used); ε = 8/255, no aug."""
+def read_svhn(
+    root: str | None = None, download: bool = False, image_size: int | None = None
+) -> ReaderResult:
+    """SVHN: 73,257/26,032 RGB 32×32 digits (the ``extra`` set is not used); ε = 8/255, no aug.
+
+    ``image_size``: resize to that square side (bilinear; the FPD release used 64).
+    """
     d = _locate(root)
     if d is None and download:
         import torchvision
@@ -79,4 +84,6 @@ def read_svhn(root: str | None = None, download: bool = False) -> ReaderResult:
             "http://ufldl.stanford.edu/housenumbers/",
         )
     train, test = read_svhn_mat(d / FILES["train"]), read_svhn_mat(d / FILES["test"])
+    if image_size is not None:
+        train, test = reshape_set(train, "svhn", image_size), reshape_set(test, "svhn", image_size)
     return train, test, 10, [str(i) for i in range(10)], 8 / 255, "none"

@@ -141,6 +141,7 @@ class StepContext:
         params: Iterable[nn.Parameter] | None = None,
         *,
         zero_grad: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         """Backward ``loss`` and take one optimiser step.
 
@@ -149,10 +150,15 @@ class StepContext:
             params: update only these parameters (others get no gradient and are skipped by
                 the optimiser this step); None = all trainable parameters.
             zero_grad: clear gradients first (False to accumulate into existing ones).
+            optimizer: step this optimiser instead of the run's (e.g. an objective's own
+                optimiser over ``params``; the LR schedule only drives the run's).
         """
+        opt = self.optimizer if optimizer is None else optimizer
         self.check_finite(loss)
         if zero_grad:
             self.optimizer.zero_grad(set_to_none=True)
+            if opt is not self.optimizer:
+                opt.zero_grad(set_to_none=True)
         scaled = self.scaler.scale(loss) if self.scaler is not None else loss
         subset = None if params is None else list(params)
         if subset is None or self.world_size > 1:
@@ -167,13 +173,13 @@ class StepContext:
         clip_params = self.params if subset is None else subset
         if self.cfg.grad_clip is not None:
             if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
+                self.scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(clip_params, self.cfg.grad_clip)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(opt)
             self.scaler.update()
         else:
-            self.optimizer.step()
+            opt.step()
 
 
 def forward_aux(
@@ -184,9 +190,10 @@ def forward_aux(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward ``inputs`` while capturing auxiliary losses of attached defences.
 
-    Returns ``(logits, terms)``; ``terms`` is empty for models without loss providers.
+    Returns ``(logits, terms)``; ``terms`` is empty for models without loss providers. The
+    labels ``y`` are visible to label-reading defences (CAS, CIFS) during this forward pass.
     """
-    with capture_aux(model) as cap:
+    with capture_aux(model, labels=y) as cap:
         logits = model(inputs)
         terms: dict[str, torch.Tensor] = {}
         if cap.providers:

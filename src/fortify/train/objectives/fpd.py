@@ -14,8 +14,12 @@ restored image x′ and the bounded output ŷ:
 
 Options (``train.options``): ``threshold`` (T, > 0, default 3.0 as the release), ``noise`` (δ in
 pixel units, default 0.01), ``second_weight`` (w, default 1.0), ``second_step`` (default true),
-``phase1_params`` ("front" | "decoder", default "front"), ``warn_after_epochs`` (default 5:
-warn once if no step has reached phase 2 by then). Metrics: ``fpd_phase2`` (1 if the step ran
+``phase1_params`` ("front" | "decoder", default "front"), ``phase1_optimizer`` ("separate", the
+release: phase 1 steps its own optimiser of the run's kind and learning rate over the phase-1
+parameters, with its own moments and no LR schedule; "shared": the run's optimiser),
+``clamp`` (default false, the release: x_noisy and the fed-back x′ are not clipped; true clips
+both to [0, 1]), ``warn_after_epochs`` (default 5: warn once if no step has reached phase 2 by
+then). Metrics: ``fpd_phase2`` (1 if the step ran
 phase 2; its epoch mean is the fraction of phase-2 steps), ``fpd_l2``, ``ce``, ``ce2``,
 ``fpd_l2_2``, ``loss``, ``acc``.
 """
@@ -49,6 +53,8 @@ _OPTIONS = {
     "second_weight": 1.0,
     "second_step": True,
     "phase1_params": "front",
+    "phase1_optimizer": "separate",
+    "clamp": False,
     "warn_after_epochs": 5,
 }
 
@@ -88,6 +94,16 @@ class FPDTwoPhase(Objective):
                 f"train.options.phase1_params={self.phase1_params!r} is not allowed; "
                 "choose 'front' (decoder + backbone feature extractor) or 'decoder'"
             )
+        self.phase1_optimizer = str(merged["phase1_optimizer"])
+        if self.phase1_optimizer not in ("separate", "shared"):
+            raise ConfigError(
+                f"train.options.phase1_optimizer={self.phase1_optimizer!r} is not allowed; choose "
+                "'separate' (the release: phase 1 has its own optimiser) or 'shared'"
+            )
+        if not isinstance(merged["clamp"], bool):
+            raise ConfigError(f"train.options.clamp must be true or false, got {merged['clamp']!r}")
+        self.clamp = merged["clamp"]
+        self._phase1_opt: torch.optim.Optimizer | None = None
         self.warn_after_epochs = int(merged["warn_after_epochs"])
         self.phase2_steps = 0
         self.min_l2 = math.inf
@@ -99,7 +115,18 @@ class FPDTwoPhase(Objective):
         gen = ctx.generator
         dev = gen.device if gen is not None else x.device
         u = torch.rand(x.shape, generator=gen, device=dev, dtype=x.dtype).to(x.device)
-        return (x + (2 * u - 1) * self.noise).clamp_(0.0, 1.0)
+        noisy = x + (2 * u - 1) * self.noise
+        return noisy.clamp_(0.0, 1.0) if self.clamp else noisy
+
+    def _phase1_optimizer(self, subset: list[nn.Parameter]) -> torch.optim.Optimizer | None:
+        """The phase-1 optimiser (built on first use, over ``subset``); None when shared."""
+        if self.phase1_optimizer == "shared":
+            return None
+        if self._phase1_opt is None:
+            from fortify.train.optim import build_optimizer
+
+            self._phase1_opt = build_optimizer(subset, self.cfg)
+        return self._phase1_opt
 
     def _maybe_warn(self, ctx: StepContext) -> None:
         if (
@@ -139,7 +166,7 @@ class FPDTwoPhase(Objective):
                 # DDP's reducer waits for a gradient of every parameter; the classifier has no
                 # path to L2, so give it an exact zero one (ctx.step then skips it).
                 loss1 = l2 + 0.0 * bounded.float().sum()
-            ctx.step(loss1, params=subset)
+            ctx.step(loss1, params=subset, optimizer=self._phase1_optimizer(subset))
             return {
                 "fpd_phase2": 0.0,
                 "fpd_l2": l2.detach(),
@@ -162,7 +189,9 @@ class FPDTwoPhase(Objective):
             return metrics
         # Second step: a fresh front pass with the updated weights; x′ is an input (detached).
         with torch.no_grad(), ctx.autocast():
-            x_restored = fpd.restore(x_noisy).float().clamp_(0.0, 1.0)
+            x_restored = fpd.restore(x_noisy).float()
+            if self.clamp:
+                x_restored = x_restored.clamp_(0.0, 1.0)
         with ctx.autocast():
             bounded2, restored2 = _forward(model, fpd, x_restored)
             ce2 = F.cross_entropy(bounded2.float(), y)

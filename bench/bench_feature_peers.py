@@ -1,0 +1,107 @@
+"""Benchmark: one AT step with each feature-level defence ÷ one plain AT step, next to FLOP ratios.
+
+For FD, CAS, CIFS (and FSR for reference), placed as in ``configs/fsr/cifar10/resnet18-at-*.yaml``,
+the script times ``fortify.train`` AT steps (PGD-10 inner attack in eval mode, then the
+train-mode update with the defence's auxiliary losses) on random CIFAR-shaped data, CPU, fp32,
+interleaving the models so machine-load drift hits all of them. Times are the process's CPU
+time per step (``time.process_time``; with one thread this is what the step costs, and it is far
+less disturbed than wall time on a shared, oversubscribed machine), minimum over the rounds;
+wall-time minima are printed too. It prints, per defence, the time ratio to plain AT, the
+forward-FLOP ratio (``fortify.analysis.cost``, as executed) and their quotient.
+Target: time ratio ÷ FLOP ratio ≤ 1.15 (the defence costs no more than its arithmetic).
+The backbone is narrowed by default (``--width 16``); FSR's hidden width scales with it.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_feature_peers.py --width 16 --batch 32 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from bench_fsr import make_step
+
+PEERS = ("fsr", "fd", "cas", "cifs")
+
+
+def build(kind: str, width: int):
+    from fortify.config.schema import DefenseConfig, ModelConfig
+    from fortify.factory import build_model
+
+    defences = {
+        "at": [],
+        "fsr": [DefenseConfig("fsr", ["layer4"], {"hidden": max(1, width)})],
+        "fd": [DefenseConfig("fd", [])],
+        "cas": [DefenseConfig("cas", ["layer4.0", "layer4.1"])],
+        "cifs": [DefenseConfig("cifs", ["layer4.0", "layer4.1"])],
+    }[kind]
+    torch.manual_seed(0)
+    mcfg = ModelConfig(name="resnet18", kwargs={"width": width})
+    return build_model(mcfg, defences, 10, (3, 32, 32))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--width", type=int, default=16, help="ResNet-18 width (paper: 64)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per model (interleaved)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--attack-steps", type=int, default=10)
+    ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset")
+    args = ap.parse_args()
+    from fortify.analysis.cost import cost_report
+    from fortify.config.schema import TrainConfig
+
+    peers = [p for p in args.peers.split(",") if p]
+    tc = TrainConfig(objective="at")
+    tc.attack.steps = args.attack_steps
+    device = torch.device("cpu")
+    models = {k: build(k, args.width) for k in ["at", *peers]}
+    flops = {k: cost_report(m, (3, 32, 32)).flops_total for k, m in models.items()}
+    steps = {k: make_step(m, tc, device) for k, m in models.items()}
+    x = torch.rand(args.batch, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch,))
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step(x, y)
+    cpu: dict[str, list[float]] = {k: [] for k in models}
+    wall: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(args.steps):
+        for k, step in steps.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            step(x, y)
+            cpu[k].append(time.process_time() - c0)
+            wall[k].append(time.perf_counter() - w0)
+    base = min(cpu["at"])  # the minimum is the least-disturbed step
+    rows = {}
+    for k in peers:
+        t_ratio = min(cpu[k]) / base
+        f_ratio = flops[k] / flops["at"]
+        rows[k] = {
+            "cpu_s_min": round(min(cpu[k]), 4),
+            "wall_s_min": round(min(wall[k]), 4),
+            "time_ratio": round(t_ratio, 4),
+            "wall_ratio": round(min(wall[k]) / min(wall["at"]), 4),
+            "flop_ratio": round(f_ratio, 4),
+            "time_over_flop_ratio": round(t_ratio / f_ratio, 4),
+            "within_target": t_ratio / f_ratio <= 1.15,
+        }
+    result = {
+        "backbone": f"resnet18 width {args.width} (paper: 64)",
+        "batch": args.batch,
+        "attack_steps": args.attack_steps,
+        "threads": torch.get_num_threads(),
+        "at_cpu_s_min": round(base, 4),
+        "at_wall_s_min": round(min(wall["at"]), 4),
+        "target": "time_ratio / flop_ratio <= 1.15",
+        "peers": rows,
+    }
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
