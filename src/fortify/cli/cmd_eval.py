@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,10 +135,12 @@ def check_data_matches_checkpoint(meta: dict, splits: DataSplits, target: Path) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from fortify.errors import ConfigError, RunDirError, check_point_count
+    from fortify.errors import ConfigError, RunDirError
     from fortify.evaluate.shard import Shard
     from fortify.train import distributed
+    from fortify.utils.atomic import check_writable_dir
 
+    target = None
     if args.model is None:
         if args.target is None:
             raise ConfigError("give TARGET (a run or checkpoint) or --model SOURCE --dataset NAME")
@@ -146,27 +149,70 @@ def run(args: argparse.Namespace) -> int:
             raise RunDirError(
                 f"{target} does not exist; TARGET must be a run directory or a checkpoint file"
             )
-    if args.n_points < 1:
-        raise ConfigError(f"--n-points must be >= 1, got {args.n_points}")
-    check_point_count(args.aa_points, "--aa-points")
+    check_eval_args(args)
     shard = Shard.parse(args.shard) if args.shard is not None else None
     if shard is not None and args.plot:
         raise ConfigError("--plot cannot be combined with --shard (plot from the merged report)")
+    # The report folder is checked (and a run directory locked) before anything is computed.
+    out_dir, lock = None, None
+    if target is not None:
+        out_dir = check_writable_dir(_report_dir(target, args.out), "report folder (--out)")
+        lock = _lock_run_for_reports(target, out_dir)
+    elif args.out:
+        out_dir = check_writable_dir(args.out, "report folder (--out)")
     info = distributed.setup(args.device)
-    if info.distributed and shard is not None:
-        distributed.teardown(info)
-        raise ConfigError(
-            "--shard cannot be used under torchrun: the ranks already split the points; use "
-            "--shard only for separate processes (job arrays)"
-        )
     try:
-        return _run(args, info, shard)
+        if info.distributed and shard is not None:
+            raise ConfigError(
+                "--shard cannot be used under torchrun: the ranks already split the points; use "
+                "--shard only for separate processes (job arrays)"
+            )
+        return _evaluate(args, target, info, out_dir, shard)
     finally:
         distributed.finish(info)
         distributed.teardown(info)
+        if lock is not None:
+            lock.close()
 
 
-def _run(args: argparse.Namespace, info: Any, shard: Any) -> int:
+def check_eval_args(args: argparse.Namespace) -> None:
+    """Refuse bad ``fortify eval`` options before any file is read."""
+    from fortify.errors import ConfigError, check_point_count
+    from fortify.evaluate.core import get_suite
+    from fortify.runs.rundir import check_tag
+    from fortify.utils.runtime import check_seed
+
+    if args.n_points < 1:
+        raise ConfigError(f"--n-points must be >= 1, got {args.n_points}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_point_count(args.aa_points, "--aa-points")
+    check_seed(args.seed, "--seed")
+    check_tag(args.tag)
+    get_suite(args.suite)  # an unknown suite fails before the model and data are loaded
+    if args.eps is not None and not (math.isfinite(args.eps) and args.eps > 0):
+        raise ConfigError(f"--eps must be a positive number in pixel units, got {args.eps}")
+
+
+def _lock_run_for_reports(target: Path, out_dir: Path) -> Any:
+    """Lock the run directory the reports go into (None when they go elsewhere)."""
+    from fortify.runs import RunDir
+
+    run_path = target if target.is_dir() else None
+    if run_path is None and target.parent.name == "checkpoints":
+        run_path = target.parent.parent
+    if run_path is None or not (run_path / "config.yaml").is_file():
+        return None
+    try:
+        out_dir.resolve().relative_to(run_path.resolve())
+    except ValueError:
+        return None  # the reports go elsewhere: reading checkpoints needs no lock
+    return RunDir.lock(run_path)
+
+
+def _evaluate(
+    args: argparse.Namespace, target: Path | None, info: Any, out_dir: Path | None, shard: Any
+) -> int:
     from fortify.cli._source import load_source_target
     from fortify.data import load_from_config
     from fortify.errors import ConfigError
@@ -177,8 +223,9 @@ def _run(args: argparse.Namespace, info: Any, shard: Any) -> int:
     device = info.device
     if args.model is not None:  # a model that is not a fortify run
         model, meta, target = load_source_target(args, device)
+        out_dir = out_dir or _report_dir(target, args.out)
     else:
-        target = Path(args.target)
+        assert target is not None and out_dir is not None
         model, meta = load_model(target, tag=args.tag, device=device)
     data_cfg = (meta.get("config") or {}).get("data") or {}
     name = data_cfg.get("name")
@@ -226,7 +273,6 @@ def _run(args: argparse.Namespace, info: Any, shard: Any) -> int:
             **({"model_source": args.model, "weights": args.weights} if args.model else {}),
         },
     )
-    out_dir = _report_dir(target, args.out)
     if shard is not None:
         stem = f"eval-{args.suite}.shard-{shard.index}-of-{shard.count}"
         md, js = report.save(out_dir, stem=stem)
