@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fortify.config.schema import TrainConfig
-from fortify.defenses.contract import AuxContext, capture_aux
+from fortify.defenses.contract import AuxContext, capture_aux, provide_labels
 from fortify.errors import FortifyError, unknown_name
 
 Metrics = dict[str, torch.Tensor | float]
@@ -199,6 +199,13 @@ def forward_aux(
         if cap.providers:
             terms = cap.losses(AuxContext(y=y, logits=logits, x=inputs, x_clean=x_clean))
     return logits, terms
+
+
+def forward_labelled(model: nn.Module, inputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``model(inputs)`` with the labels ``y`` visible to label-reading defences (CAS, CIFS),
+    for training passes outside :func:`forward_aux` (e.g. TRADES's and MART's clean pass)."""
+    with provide_labels(model, y):
+        return model(inputs)
 
 
 def with_aux(

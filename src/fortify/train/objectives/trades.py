@@ -16,6 +16,7 @@ from fortify.train.objectives.base import (
     StepContext,
     accuracy,
     forward_aux,
+    forward_labelled,
     gaussian_start,
     kl_clean_adv,
     register_objective,
@@ -53,7 +54,7 @@ class Trades(Objective):
         x_adv: torch.Tensor,
         ctx: StepContext,
     ) -> tuple[torch.Tensor, Metrics]:
-        logits_clean = model(x)
+        logits_clean = forward_labelled(model, x, y)
         logits_adv, terms = forward_aux(model, x_adv, y, x_clean=x)
         ce = F.cross_entropy(logits_clean.float(), y)
         kl = kl_clean_adv(logits_clean, logits_adv).mean()
