@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,14 +119,11 @@ def check_data_matches_checkpoint(meta: dict, splits: DataSplits, target: Path) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from fortify.cli._source import load_source_target
-    from fortify.data import load_from_config
-    from fortify.errors import ConfigError, RunDirError, check_point_count
-    from fortify.evaluate import eps_curve, evaluate, plot_eps_curve
-    from fortify.evaluate.plot import default_eps_values
-    from fortify.runs import load_model
+    from fortify.errors import ConfigError, RunDirError
+    from fortify.utils.atomic import check_writable_dir
     from fortify.utils.runtime import resolve_device
 
+    target = None
     if args.model is None:
         if args.target is None:
             raise ConfigError("give TARGET (a run or checkpoint) or --model SOURCE --dataset NAME")
@@ -134,13 +132,72 @@ def run(args: argparse.Namespace) -> int:
             raise RunDirError(
                 f"{target} does not exist; TARGET must be a run directory or a checkpoint file"
             )
+    check_eval_args(args)
+    device = resolve_device(args.device)
+    # The report folder is checked (and a run directory locked) before anything is computed.
+    out_dir, lock = None, None
+    if target is not None:
+        out_dir = check_writable_dir(_report_dir(target, args.out), "report folder (--out)")
+        lock = _lock_run_for_reports(target, out_dir)
+    elif args.out:
+        out_dir = check_writable_dir(args.out, "report folder (--out)")
+    try:
+        return _evaluate(args, target, device, out_dir)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def check_eval_args(args: argparse.Namespace) -> None:
+    """Refuse bad ``fortify eval`` options before any file is read."""
+    from fortify.errors import ConfigError, check_point_count
+    from fortify.evaluate.core import get_suite
+    from fortify.runs.rundir import check_tag
+    from fortify.utils.runtime import check_seed
+
     if args.n_points < 1:
         raise ConfigError(f"--n-points must be >= 1, got {args.n_points}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_point_count(args.aa_points, "--aa-points")
-    device = resolve_device(args.device)
+    check_seed(args.seed, "--seed")
+    check_tag(args.tag)
+    get_suite(args.suite)  # an unknown suite fails before the model and data are loaded
+    if args.eps is not None and not (math.isfinite(args.eps) and args.eps > 0):
+        raise ConfigError(f"--eps must be a positive number in pixel units, got {args.eps}")
+
+
+def _lock_run_for_reports(target: Path, out_dir: Path) -> Any:
+    """Lock the run directory the reports go into (None when they go elsewhere)."""
+    from fortify.runs import RunDir
+
+    run_path = target if target.is_dir() else None
+    if run_path is None and target.parent.name == "checkpoints":
+        run_path = target.parent.parent
+    if run_path is None or not (run_path / "config.yaml").is_file():
+        return None
+    try:
+        out_dir.resolve().relative_to(run_path.resolve())
+    except ValueError:
+        return None  # the reports go elsewhere: reading checkpoints needs no lock
+    return RunDir.lock(run_path)
+
+
+def _evaluate(
+    args: argparse.Namespace, target: Path | None, device: Any, out_dir: Path | None
+) -> int:
+    from fortify.cli._source import load_source_target
+    from fortify.data import load_from_config
+    from fortify.errors import ConfigError
+    from fortify.evaluate import eps_curve, evaluate, plot_eps_curve
+    from fortify.evaluate.plot import default_eps_values
+    from fortify.runs import load_model
+
     if args.model is not None:  # a model that is not a fortify run
         model, meta, target = load_source_target(args, device)
+        out_dir = out_dir or _report_dir(target, args.out)
     else:
+        assert target is not None and out_dir is not None
         model, meta = load_model(target, tag=args.tag, device=device)
     data_cfg = (meta.get("config") or {}).get("data") or {}
     name = data_cfg.get("name")
@@ -184,7 +241,6 @@ def run(args: argparse.Namespace) -> int:
             **({"model_source": args.model, "weights": args.weights} if args.model else {}),
         },
     )
-    out_dir = _report_dir(target, args.out)
     md, js = report.save(out_dir, stem=f"eval-{args.suite}")
     report.save(out_dir, stem="eval")  # the latest evaluation, read by `fortify report`
     print(report.to_markdown())

@@ -52,9 +52,14 @@ def find_report(run: Path, suite: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fortify.errors import RunDirError
     from fortify.evaluate import EvalReport, side_by_side
-    from fortify.utils.atomic import atomic_write_text
+    from fortify.utils.atomic import atomic_write_text, check_writable_dir
 
+    if args.out:
+        if Path(args.out).is_dir():
+            raise RunDirError(f"--out {args.out!r} is a folder; give a file name (e.g. report.md)")
+        check_writable_dir(Path(args.out).parent, "folder of --out")
     reports = {}
     paths = {}
     for r in args.runs:

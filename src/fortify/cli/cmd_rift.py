@@ -161,8 +161,11 @@ def build_config(args: argparse.Namespace):  # noqa: ANN201 - RiftConfig, import
 
 def run(args: argparse.Namespace) -> int:
     from fortify.rift.pipeline import RiftRun, summary_markdown
+    from fortify.utils.atomic import check_writable_dir
 
     cfg = build_config(args)
+    if args.out:
+        check_writable_dir(args.out, "output folder (--out)")
     rr = RiftRun(args.run, cfg, out=args.out)
     if args.step == "mrc":
         report = rr.mrc(force=args.force)

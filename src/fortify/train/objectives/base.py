@@ -19,7 +19,7 @@ from torch import nn
 
 from fortify.config.schema import TrainConfig
 from fortify.defenses.contract import AuxContext, capture_aux, provide_labels
-from fortify.errors import FortifyError, unknown_name
+from fortify.errors import ConfigError, FortifyError, unknown_name
 
 Metrics = dict[str, torch.Tensor | float]
 
@@ -279,9 +279,21 @@ class Objective:
     name: str = "base"
     adversarial: bool = True
     ddp_find_unused_parameters: bool = False
+    # ``train.options`` this objective reads, with defaults; None: not declared (the objective
+    # checks them itself). Declared options are checked on construction: an unknown name is a
+    # ConfigError instead of being silently ignored.
+    options: dict[str, object] | None = None
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        if self.options is not None:
+            unknown = sorted(set(cfg.options) - set(self.options))
+            if unknown:
+                allowed = ", ".join(f"{k} (default {v!r})" for k, v in self.options.items())
+                raise ConfigError(
+                    f"unknown train.options {unknown} for objective {self.name!r}; "
+                    f"allowed: {allowed or 'none'}"
+                )
 
     def perturb(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext

@@ -47,6 +47,8 @@ class Mart(Objective):
     say (module docstring).
     """
 
+    options: dict[str, object] | None = dict(_OPTIONS)
+
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
         opts = {k: v for k, v in cfg.options.items() if k.startswith("mart_")}
