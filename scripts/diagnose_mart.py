@@ -76,7 +76,7 @@ def main() -> None:
         seed=a.seed, train_subset=a.subset, width=4, fsr_hidden=8, epochs=a.epochs,
         batch_size=128, attack_steps=7, test_points=1000,
     )  # fmt: skip
-    cfg = to_dict(row_config(a.objective, ns))
+    cfg = to_dict(row_config(a.objective, ns, seed=a.seed))
     cfg["train"]["beta"] = a.beta
     start = a.start or ("uniform" if a.former else "gaussian")
     if a.objective == "mart":

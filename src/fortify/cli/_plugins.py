@@ -27,9 +27,15 @@ def discover(package: str) -> dict[str, ModuleType]:
     return found
 
 
-def add_plugin_parsers(parser: argparse.ArgumentParser, package: str, dest: str) -> None:
-    """Add one sub-parser per plugin of ``package``; the chosen module lands in ``args._plugin``."""
+def add_plugin_parsers(
+    parser: argparse.ArgumentParser, package: str, dest: str
+) -> dict[str, tuple[ModuleType, argparse.ArgumentParser]]:
+    """Add one sub-parser per plugin of ``package``; the chosen module lands in ``args._plugin``.
+
+    Returns ``{name: (module, sub-parser)}`` (to add options common to several plugins).
+    """
     sub = parser.add_subparsers(dest=dest, metavar=dest.upper(), required=True)
+    added = {}
     for name, mod in sorted(discover(package).items()):
         p = sub.add_parser(
             name,
@@ -39,6 +45,8 @@ def add_plugin_parsers(parser: argparse.ArgumentParser, package: str, dest: str)
         )
         mod.add_arguments(p)
         p.set_defaults(_plugin=mod)
+        added[name] = (mod, p)
+    return added
 
 
 def run_plugin(args: argparse.Namespace) -> int:

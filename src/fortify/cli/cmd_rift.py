@@ -188,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fortify.errors import RunDirError
     from fortify.rift.pipeline import RiftRun, summary_markdown
+    from fortify.utils.atomic import check_writable_dir
 
     cfg = build_config(args)
     if not Path(args.run).is_dir():
@@ -196,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
             "trained run (e.g. runs/fmnist-at from fortify train --config "
             "configs/train/cpu/fmnist-at.yaml)"
         )
+    if args.out:
+        check_writable_dir(args.out, "output folder (--out)")
     rr = RiftRun(args.run, cfg, out=args.out)
     if args.step == "mrc":
         report = rr.mrc(force=args.force)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 DESCRIPTION = (
@@ -93,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from fortify.config import ExperimentConfig, load_config
     from fortify.errors import ConfigError
     from fortify.train import fit
-    from fortify.utils.runtime import configure_threads
+    from fortify.utils.runtime import configure_threads, env_int
 
     configure_threads()
     overrides = list(args.sets) + list(args.overrides)
@@ -125,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         mode = "overwrite" if args.overwrite else "new"
 
     result = fit(cfg, run_dir, mode=mode, progress=not args.no_progress, force=args.force)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if env_int("RANK", 0) == 0:
         last = result.history[-1] if result.history else {}
         print(f"run: {result.run_dir}")
         print(f"epochs trained now: {result.epochs_run} (of {cfg.train.epochs})")

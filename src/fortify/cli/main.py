@@ -8,9 +8,12 @@ invoked. The plug-in commands under ``import`` and ``replicate`` also expose ``N
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import logging
+import os
+import signal
 import sys
 
 from fortify import __version__
@@ -63,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fortify {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full Python traceback of an unexpected error (report it with it)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _available_commands().items():
         mod = importlib.import_module(module)
@@ -73,13 +81,32 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=HelpFormatter,
         )
         mod.add_arguments(p)
+        p.add_argument(  # also accepted after the subcommand; SUPPRESS keeps the top-level value
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
         p.set_defaults(_module=module)
     return parser
+
+
+def _quiet_file_size_signal() -> None:
+    """A write past ``ulimit -f`` then fails with an ``OSError`` (EFBIG) that fortify reports,
+    instead of SIGXFSZ killing the process without a word."""
+    sig = getattr(signal, "SIGXFSZ", None)
+    if sig is not None:
+        with contextlib.suppress(ValueError, OSError):  # not the main thread
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_file_size_signal()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -96,6 +123,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system refused (full disk, permissions, a file in the way)
+        if args.debug or os.environ.get("FORTIFY_DEBUG", "") not in ("", "0"):
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"fortify {args.command}: error: cannot use{where}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the last line of defence, see docs/cli.md
+        if args.debug or os.environ.get("FORTIFY_DEBUG", "") not in ("", "0"):
+            raise
+        print(
+            f"fortify {args.command}: unexpected error: {_short(exc)}\n"
+            "this is a bug in fortify or an input it does not check yet; rerun with "
+            "`fortify --debug ...` for the full traceback and report it",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

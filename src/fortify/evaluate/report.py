@@ -70,7 +70,9 @@ class Outcome:
     ``mode`` is ``"final"``, ``"best"`` or ``"-"`` (does not depend on the semantics);
     ``ensemble`` marks columns that enter the Ensemble column (every column enters Worst case).
     ``ran`` (bool (N,)) marks the points the attack ran on; None means every point. Only those
-    points count: ``correct`` is meaningless elsewhere.
+    points count: ``correct`` is meaningless elsewhere. ``computed=False``: the attack ran only
+    where it could change the worst case (AutoAttack with ``autoattack_scope="robust"``), so the
+    column enters the Ensemble but has no accuracy of its own.
     """
 
     name: str
@@ -80,6 +82,7 @@ class Outcome:
     seconds: float = 0.0
     note: str = ""
     ran: torch.Tensor | None = None  # bool (N,); None: every point
+    computed: bool = True
 
     def __post_init__(self) -> None:
         if self.ran is not None:
@@ -265,6 +268,9 @@ class EvalReport:
         for mode in self.modes:
             row: dict[str, float] = {}
             for col in self.columns:
+                o = self.outcome(col, mode)
+                if o is not None and not o.computed:
+                    continue
                 c = self.column(col, mode)
                 if c is not None:
                     row[col] = accuracy_on(c[0], c[1])
@@ -344,7 +350,7 @@ class EvalReport:
             "|---|" + "---|" * len(cols),
         ]
         for mode, row in table.items():
-            cells = [f"{row[c]:.2f}" if c in row else "" for c in cols]
+            cells = [f"{row[c]:.2f}" if c in row else self._blank(c, mode) for c in cols]
             lines.append(f"| {MODE_LABELS.get(mode, mode)} | " + " | ".join(cells) + " |")
         notes = [
             f"- {o.name}: {o.note}"
@@ -369,6 +375,10 @@ class EvalReport:
             lines.append(f"- {k}: {v}")
         return "\n".join(lines) + "\n"
 
+    def _blank(self, col: str, mode: str) -> str:
+        o = self.outcome(col, mode)
+        return "not computed" if o is not None and not o.computed else ""
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: settings, table (with per-column n), reliability, checks and the
         per-sample outcomes as base64 bit strings (:func:`pack_bits`; ``ran`` null = every
@@ -388,7 +398,8 @@ class EvalReport:
                     "ensemble": o.ensemble,
                     "seconds": round(o.seconds, 3),
                     "note": o.note,
-                    "accuracy": o.accuracy,
+                    "accuracy": o.accuracy if o.computed else None,
+                    "computed": o.computed,
                     "n": o.n,
                     "points": len(o.correct),
                     "correct": pack_bits(o.correct),
@@ -432,6 +443,7 @@ class EvalReport:
                     o.get("seconds", 0.0),
                     o.get("note", ""),
                     ran,
+                    o.get("computed", True),
                 )
             )
         checks = []

@@ -120,9 +120,7 @@ def row_config(row: str, spec: Row, seed: int, args: argparse.Namespace) -> Any:
     from fortify.config.loader import from_dict, to_dict
     from fortify.config.schema import ExperimentConfig
 
-    a = copy.copy(args)
-    a.seed = seed
-    data = to_dict(t1.row_config("at", a))
+    data = to_dict(t1.row_config("at", args, seed=seed))
     data["name"] = f"fsr-feature-{row}-seed{seed}"
     data["defenses"] = _expand(spec.defences, args)
     return from_dict(ExperimentConfig, data)

@@ -299,17 +299,48 @@ def _last_record(run_dir: Path) -> dict[str, Any]:
     return {k: v for k, v in records[-1].items() if isinstance(v, (int, float, str))}
 
 
-def _command(args: argparse.Namespace) -> str:
-    parts = ["fortify", "replicate", NAME]
+def _argv(args: argparse.Namespace, **override: str) -> list[str]:
+    """``replicate fsr-table1 --flag value ...`` of ``args`` (``override``: flag -> value)."""
+    parts = ["replicate", NAME]
     for flag in (
         "out", "doc", "epochs", "train_subset", "width", "fsr_hidden", "batch_size",
         "attack_steps", "test_points", "aa_points", "val_points", "rows",
     ):  # fmt: skip
-        parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    parts += ["--seeds", ",".join(str(s) for s in _seeds(args))]
+        parts += [f"--{flag.replace('_', '-')}", str(override.get(flag, getattr(args, flag)))]
+    seeds = override.get("seeds", ",".join(str(s) for s in _seeds(args)))
+    parts += ["--seeds", seeds]
     if args.no_checks:
         parts.append("--no-checks")
-    return " ".join(shlex.quote(p) for p in parts)
+    return parts
+
+
+def _command(args: argparse.Namespace) -> str:
+    return " ".join(shlex.quote(p) for p in ["fortify", *_argv(args)])
+
+
+def jobs(args: argparse.Namespace) -> list[Any]:
+    """One independent job per (row, seed) for ``--workers``: trains and evaluates that one.
+
+    A job writes its one-row page under ``<out>/jobs/`` (not ``--doc``); the full table is
+    assembled afterwards from the finished jobs' reports.
+    """
+    from fortify.errors import ConfigError
+    from fortify.replicate.workers import Job
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise ConfigError(f"unknown row(s) {bad}; choose from {list(ROWS)}")
+    out = Path(args.out) / "jobs"
+    seeds = _seeds(args)
+    return [
+        Job(
+            f"{row}" if len(seeds) == 1 else f"{row}-seed{seed}",
+            tuple(_argv(args, rows=row, seeds=str(seed), doc=str(out / f"{row}-{seed}.md"))),
+        )
+        for seed in seeds
+        for row in rows
+    ]
 
 
 # --------------------------------------------------------------------------- estimate
