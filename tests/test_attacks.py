@@ -309,3 +309,149 @@ def test_bad_tensors_and_models():
             steps=1,
             loss="dlr",
         )
+
+
+def test_both_mode_with_restarts_gives_the_final_mode_row(small_model):
+    """Restarts in mode "both" re-attack every point whose *final* example does not fool, so
+    its final row is exactly a mode="final" run (before, points fooled only at an intermediate
+    iterate were skipped and the final row came out weaker)."""
+    import fortify.data
+
+    x, y = fortify.data.load_dataset("digits").test.floats()
+    x, y = x[:300], y[:300]
+    kw = dict(eps=0.1, steps=5, step_size=0.1, random_start=True)
+
+    def run(mode: str, restarts: int) -> A.AttackResult:
+        gen = torch.Generator().manual_seed(1)
+        return A.pgd_attack(small_model, x, y, mode=mode, restarts=restarts, generator=gen, **kw)
+
+    one = run("both", 1)
+    # the situation that matters: some points fooled only at an intermediate iterate
+    assert int((one.success_best & ~one.success).sum()) > 0
+    fin, both = run("final", 3), run("both", 3)
+    assert torch.equal(both.x_adv, fin.x_adv) and torch.equal(both.success, fin.success)
+    assert bool((both.success_best >= both.success).all())
+    # every point counted in the best row has an example that fools
+    with torch.no_grad():
+        fooled = small_model(both.x_best).argmax(1) != y
+    assert bool(fooled[both.success_best].all())
+
+
+class _DetachedPlusZero(nn.Module):
+    """Gradient masking by construction: the input gradient is an expanded (stride-0) zero."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).detach() + 0 * x.sum()
+
+
+class _FullyDetached(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).detach()
+
+
+@pytest.mark.parametrize("wrapper", [_DetachedPlusZero, _FullyDetached])
+def test_attacks_survive_masked_gradients(small_model, digits, wrapper):
+    """Stride-0 or missing input gradients: no crash, the examples stay in the ball and the
+    point is simply not moved by the gradient (the masking checks of `evaluate` flag it)."""
+    _, _, x, y = digits
+    x, y = x[:16], y[:16]
+    model = wrapper(small_model).eval()
+    out = A.fgsm(model, x, y, eps=0.1)
+    assert torch.equal(out, x)  # zero gradient: sign 0, no step
+    for norm in ("linf", "l2"):
+        for mode in ("final", "best"):
+            adv = A.pgd(model, x, y, eps=0.1, steps=3, norm=norm, mode=mode, random_start=False)
+            assert torch.equal(adv, x), (norm, mode)
+    r = A.pgd_attack(model, x, y, eps=0.1, steps=3, mode="both", restarts=2)
+    assert float((r.x_adv - x).abs().max()) <= 0.1 + 1e-6
+
+
+def test_evaluate_survives_a_stride_zero_gradient_model(small_model, digits):
+    from fortify.evaluate import evaluate
+
+    _, _, x, y = digits
+    model = _DetachedPlusZero(small_model).eval()
+    report = evaluate(model, x[:16], y[:16], suite="paper", eps=0.1, batch_size=16)
+    table = report.table()[report.modes[0]]
+    assert table["Natural"] >= table["PGD-20"]
+    text = report.to_markdown()
+    assert "zero gradients" in text and "WARN" in text  # the masking check fires
+
+
+@pytest.mark.parametrize(
+    "x_fn, words",
+    [
+        (lambda x: x * 2, r"\[0, 2\]"),
+        (lambda x: x - 0.5, r"\[-0.5, 0.5\]"),
+        (lambda x: x.index_fill(0, torch.tensor([1]), float("nan")), "NaN"),
+        (lambda x: x.index_fill(0, torch.tensor([1]), float("inf")), "inf"),
+        (lambda x: x[:0], "no pixels"),
+    ],
+)
+def test_attacks_refuse_images_outside_the_unit_cube(x_fn, words):
+    model = _linear(3)
+    x = x_fn(torch.linspace(0, 1, 64).view(4, 1, 4, 4))
+    y = torch.zeros(len(x), dtype=torch.long)
+    with pytest.raises(DataError, match=words):
+        A.pgd(model, x, y, eps=0.1, steps=1)
+    with pytest.raises(DataError, match=words):
+        A.fgsm(model, x, y, eps=0.1)
+    with pytest.raises(DataError, match=words):
+        A.PGD(model, eps=0.1, steps=1)(x, y)
+
+
+@pytest.mark.parametrize(
+    "y, words",
+    [
+        (torch.tensor([0, 1, 3, 0]), r"\[0, 3\).*got 3"),
+        (torch.tensor([0, 1, 7, 0]), "got 7"),
+        (torch.tensor([0, -1, 2, 0]), "negative value -1"),
+        (torch.tensor([0.0, 1.0, 2.0, 0.0]), "float32"),
+        (torch.tensor([True, False, True, False]), "bool"),
+    ],
+)
+def test_attacks_refuse_bad_labels(y, words):
+    model = _linear(3)
+    x = torch.rand(4, 1, 4, 4)
+    for attack in (
+        lambda: A.pgd(model, x, y, eps=0.1, steps=2),
+        lambda: A.pgd(model, x, y, eps=0.1, steps=2, mode="best", restarts=2),
+        lambda: A.fgsm(model, x, y, eps=0.1),
+        lambda: A.pgd(
+            model, x, torch.zeros(4, dtype=torch.long), eps=0.1, steps=1, targeted=True, target=y
+        ),
+    ):
+        with pytest.raises(DataError, match=words):
+            attack()
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(eps=1.5), r"eps \(linf.*\(0, 1\].*1.5"),
+        (dict(eps=float("nan")), "eps.*nan"),
+        (dict(eps=float("inf")), "eps.*inf"),
+        (dict(eps=True), "eps.*True"),
+        (dict(eps=0.1, norm="l2", steps=1) | dict(eps=4.5), r"eps \(l2.*\(0, 4\].*4.5"),
+        (dict(eps=0.1, step_size=float("inf")), "step_size.*inf"),
+        (dict(eps=0.1, kappa=-1.0, loss="cw"), "kappa.*-1.0"),
+        (dict(eps=0.1, kappa=float("nan"), loss="cw"), "kappa.*nan"),
+        (dict(eps=0.1, steps=2.0), "steps.*2.0"),
+        (dict(eps=0.1, restarts=0), "restarts.*0"),
+        (dict(eps=0.1, generator=3), "generator"),
+    ],
+)
+def test_attacks_refuse_bad_budgets(kwargs, words):
+    model = _linear(3)
+    x, y = torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)
+    args = dict(steps=1) | kwargs
+    with pytest.raises(ConfigError, match=words):
+        A.pgd(model, x, y, **args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -23,13 +24,18 @@ def splits():
 
 @pytest.fixture(scope="module")
 def model(splits):
+    return trained_cnn(splits, epochs=30)
+
+
+def trained_cnn(splits, epochs: int) -> nn.Module:
+    """small-cnn width 4 trained with Adam on the digits training set (seed 0), in eval mode."""
     import fortify.models
 
     torch.manual_seed(0)
     m = fortify.models.create("small-cnn", 10, 1, width=4)
     x, y = splits.train.floats()
     opt = torch.optim.Adam(m.parameters(), lr=0.02)
-    for _ in range(30):
+    for _ in range(epochs):
         perm = torch.randperm(len(x))
         for i in range(0, len(x), 128):
             b = perm[i : i + 128]
@@ -65,14 +71,25 @@ def both_report(model, data):
 
 def test_paper_suite_layout_and_semantics(both_report, model, data):
     r = both_report
-    assert r.columns == ["Natural", "FGSM", "PGD-20", "PGD-100", "C&W", "Ensemble"]
+    assert r.columns == [
+        "Natural",
+        "FGSM",
+        "PGD-20",
+        "PGD-100",
+        "C&W",
+        "Ensemble",
+        "Check attacks",
+        "Worst case",
+    ]
     t = r.table()
+    n = r.table_n()["final"]
+    assert n["Ensemble"] == 96 and n["Check attacks"] == 64 and n["Worst case"] == 64
     assert set(t) == {"final", "best"}
     x, y = data
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item() * 100
     assert t["final"]["Natural"] == pytest.approx(clean)
-    for col in r.columns[1:]:
+    for col in r.columns[1:6]:
         assert t["best"][col] <= t["final"][col] + 1e-9
         assert t["final"][col] <= clean + 1e-9
     assert t["final"]["PGD-20"] < clean  # the attack does something
@@ -82,7 +99,13 @@ def test_paper_suite_layout_and_semantics(both_report, model, data):
         for col in ["Natural", "FGSM", "PGD-20", "PGD-100", "C&W"]:
             ens &= r.correct(col, mode)
         assert t[mode]["Ensemble"] == pytest.approx(100 * ens.float().mean().item())
-        assert t[mode]["Ensemble"] <= min(v for k, v in t[mode].items() if k != "Ensemble")
+        assert t[mode]["Ensemble"] <= min(
+            v for k, v in t[mode].items() if k not in ("Ensemble", "Check attacks", "Worst case")
+        )
+        # Worst case: every column, the checks' attacks included, on the 64 checked points
+        worst = ens[:64] & r.correct("Check attacks", mode)[:64]
+        assert t[mode]["Worst case"] == pytest.approx(100 * worst.float().mean().item())
+    assert r.reliable and r.ok and r.checks_status() == "ok"
     statuses = {c.name: c.status for c in r.checks}
     for name in (
         "robust ≤ clean",
@@ -103,17 +126,32 @@ def test_report_json_roundtrip_and_save(both_report, tmp_path):
         and d["settings"]["mode"] == "both"
         and "torch" in d["settings"]["versions"]
     )
-    per = {(o["name"], o["mode"]): o["correct"] for o in d["outcomes"]}
-    assert len(per[("PGD-20", "final")]) == 96 and all(
-        isinstance(v, bool) for v in per[("PGD-20", "final")]
-    )
+    from fortify.evaluate.report import unpack_bits
+
+    assert d["format"] == "fortify-eval/2" and d["reliable"] is True
+    per = {
+        (o["name"], o["mode"]): unpack_bits(o["correct"], o["points"])
+        for o in d["outcomes"]
+        if o["ensemble"]
+    }
+    assert len(per[("PGD-20", "final")]) == 96
+    assert len(d["outcomes"][1]["correct"]) == 16  # 96 points in 12 bytes, base64
     # recompute Ensemble from the per-sample outcomes
     ens = [all(per[(c, m)][i] for c, m in per if m in ("final", "-")) for i in range(96)]
     assert d["table"]["final"]["Ensemble"] == pytest.approx(100 * sum(ens) / 96)
+    checked = next(o for o in d["outcomes"] if o["name"] == "Check attacks")
+    assert checked["n"] == 64 and unpack_bits(checked["ran"], 96).sum() == 64
+    assert d["table_n"]["final"]["Worst case"] == 64
     again = EvalReport.load(tmp_path)
     assert again.table() == both_report.table()
+    assert again.table_n() == both_report.table_n()
+    for a, b in zip(again.outcomes, both_report.outcomes):
+        assert torch.equal(a.correct, b.correct) and a.n == b.n
     text = md.read_text()
-    assert "| mode | Natural | FGSM | PGD-20 | PGD-100 | C&W | Ensemble |" in text
+    assert (
+        "| mode | Natural | FGSM | PGD-20 | PGD-100 | C&W | Ensemble | Check attacks (n=64) "
+        "| Worst case (n=64) |" in text
+    )
     assert "final (last PGD iterate counts)" in text and "best (" in text and "### Checks" in text
     assert not list(tmp_path.glob(".*tmp"))
 
@@ -130,7 +168,7 @@ def test_best_mode_alone_not_above_final(model, data):
 def test_autoattack_suite_runs_pyautoattack(model, data):
     x, y = data
     r = evaluate(model, x[:24], y[:24], suite="full", eps=EPS, checks=False, batch_size=24)
-    assert r.columns[-1] == "AutoAttack"
+    assert r.columns[-2:] == ["AutoAttack", "Worst case"]
     t = r.table()["final"]
     assert t["AutoAttack"] <= t["Natural"]
     # AutoAttack is at least as strong as PGD-20 here (tiny undefended model)
@@ -172,6 +210,43 @@ def test_checks_flag_gradient_masking(model, data):
     assert st["large ε → 0"] == "warn"
     assert st["Square vs white-box"] == "warn", r.to_markdown()
     assert "WARN" in r.to_markdown()
+
+
+class _Wrong(nn.Module):
+    """An untrained stand-in: always predicts class ``k``."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = -torch.ones(len(x), 10) + self.w * x.flatten(1).mean(1, keepdim=True)
+        logits[:, self.k] = 3.0
+        return logits
+
+
+def test_checks_say_when_an_untrained_model_leaves_nothing_to_test(data):
+    x, y = data
+    keep = y != 3
+    r = evaluate(_Wrong(3), x[keep][:32], y[keep][:32], suite="quick", eps=0.1, check_points=32)
+    st = {c.name: (c.status, c.message) for c in r.checks}
+    assert st["anything to test"][0] == "warn" and "test nothing" in st["anything to test"][1]
+    assert st["PGD increases the loss"][0] == "warn"  # constant logits: the loss cannot rise
+    assert "did not increase the CE loss for 32/32" in st["PGD increases the loss"][1]
+
+
+def test_progress_is_logged_periodically_without_a_terminal(data, monkeypatch, caplog):
+    import fortify.evaluate.core as core
+
+    x, y = data
+    monkeypatch.setattr(core, "PROGRESS_LOG_SECONDS", 0.0)
+    monkeypatch.setattr(core.sys.stderr, "isatty", lambda: False, raising=False)
+    with caplog.at_level("INFO", logger="fortify.evaluate"):
+        evaluate(_Wrong(3), x[:32], y[:32], suite="quick", eps=0.1, batch_size=8, checks=False)
+    lines = [r.getMessage() for r in caplog.records if "batches" in r.getMessage()]
+    assert lines and all("s so far, about" in m and "s left" in m for m in lines), lines
+    assert any(m.split(":")[1].strip().startswith("1/4 batches") for m in lines), lines
 
 
 def test_ball_violation_is_a_hard_error(model, data):
@@ -465,13 +540,18 @@ def test_autoattack_points_attacks_only_the_first_k(model, data, monkeypatch):
     )
     assert sizes == [k]
     aa, clean = r.correct("AutoAttack"), r.correct("Natural")
-    assert torch.equal(aa[k:], clean[k:])  # not attacked: the clean outcome
     assert int(aa[:k].sum()) < int(clean[:k].sum())  # attacked: some points broken
+    # not attacked: not counted, in the column and in the worst case
+    assert r.ran("AutoAttack").tolist() == [True] * k + [False] * (n - k)
+    t, counts = r.table()["final"], r.table_n()["final"]
+    assert counts["AutoAttack"] == k and counts["Worst case"] == k and counts["Natural"] == n
+    assert t["AutoAttack"] == pytest.approx(100 * aa[:k].float().mean().item())
+    assert f"AutoAttack (n={k})" in r.to_markdown()
     assert r.settings["autoattack_points"] == k
     assert r.settings["suite_options"] == {"autoattack_points": k}
     note = r.outcome("AutoAttack", "final").note
     assert f"AutoAttack on the first {k} of {n} points" in note
-    assert f"the other {n - k} were not attacked" in note
+    assert f"the other {n - k} were not attacked" in note and f"counts only those {k}" in note
     assert f"AutoAttack on the first {k} of {n} points" in r.to_markdown()
     # a limit at or above the point count attacks every point and adds no note
     sizes.clear()
@@ -513,7 +593,9 @@ def test_adaptive_options_through_suite_options():
     assert r.settings["suite_options"]["steps"] == 3
     assert r.extras["adaptive"]["steps"] == 3 and r.settings["autoattack_points"] == 2
     assert "AutoAttack on the first 2 of 8 points" in r.outcome("AutoAttack", "final").note
-    assert torch.equal(r.correct("AutoAttack")[2:], r.correct("Natural")[2:])
+    assert r.table_n()["final"]["AutoAttack"] == 2 and r.table_n()["final"]["Ensemble"] == 2
+    assert r.extras["adaptive"]["headline_points"] == 2
+    assert r.extras["adaptive"]["headline"] == pytest.approx(r.table()["final"]["Ensemble"])
     with pytest.raises(ConfigError, match="allowed: .*steps"):
         evaluate(lin, x, y, suite="adaptive", eps=0.05, suite_options={"stepz": 3})
     with pytest.raises(ConfigError, match="adaptive steps"):
@@ -546,7 +628,207 @@ def test_cli_eval_aa_points(model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'quick'" in err and "autoattack_points" in err
     assert main([*base, "--suite", "autoattack", "--aa-points", "3"]) == 0
-    assert "AutoAttack on the first 3 of 8 points" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "AutoAttack on the first 3 of 8 points" in out and "AutoAttack (n=3)" in out
     saved = EvalReport.load(run / "reports")
+    assert saved.table_n()["final"]["AutoAttack"] == 3  # the 5 unattacked points not counted
+    assert main(["report", str(run)]) == 0
+    assert "(n=3)" in capsys.readouterr().out
     assert saved.settings["autoattack_points"] == 3
     assert saved.settings["suite_options"] == {"autoattack_points": 3}
+
+
+class _ZeroGrad(nn.Module):
+    """Logits of ``inner`` with an input gradient that is exactly zero everywhere."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        with torch.no_grad():
+            out = self.inner(x)
+        return out + 0.0 * x.sum(dim=(1, 2, 3)).unsqueeze(1)
+
+
+@pytest.mark.parametrize("wrap", [_ZeroGrad, _Masked], ids=["zero-gradient", "quantised-input"])
+def test_masking_makes_the_report_unreliable_and_square_counts(model, data, wrap):
+    x, y = data
+    r = evaluate(
+        wrap(model), x[:64], y[:64], suite="paper", eps=0.1, check_points=48, square_queries=200
+    )
+    assert not r.reliable and not r.ok
+    assert "zero gradients" in r.unreliable_reasons
+    assert r.checks_status().startswith("unreliable (")
+    assert "**UNRELIABLE:**" in r.to_markdown()
+    d = r.to_dict()
+    assert d["reliable"] is False and "zero gradients" in d["unreliable_reasons"]
+    # the checks' attacks (Square among them) count in the worst case, on the points they ran on
+    t, counts = r.table()["final"], r.table_n()["final"]
+    assert counts["Check attacks"] == 48 and counts["Worst case"] == 48
+    ens, checked = r.correct("Ensemble"), r.correct("Check attacks")
+    worst = ens[:48] & checked[:48]
+    assert t["Worst case"] == pytest.approx(100 * worst.float().mean().item())
+    broken_only_by_checks = int((ens[:48] & ~checked[:48]).sum())
+    assert broken_only_by_checks > 0, r.to_markdown()
+    assert t["Worst case"] < 100 * ens[:48].float().mean().item()
+    again = EvalReport.from_dict(json.loads(r.to_json()))
+    assert not again.reliable and again.table_n() == r.table_n()
+
+
+def test_cli_eval_exit_status_on_masking(model, tmp_path, capsys, monkeypatch):
+    import fortify.runs
+    from fortify.cli.main import main
+
+    run = _digits_run(model, tmp_path / "run")
+    real_load = fortify.runs.load_model
+
+    def load_masked(*a, **kw):
+        m, meta = real_load(*a, **kw)
+        return _ZeroGrad(m), meta
+
+    monkeypatch.setattr(fortify.runs, "load_model", load_masked)
+    base = ["eval", str(run), "--suite", "quick", "--n-points", "32", "--eps", "0.1"]
+    assert main(base) == 3
+    captured = capsys.readouterr()
+    assert "UNRELIABLE" in captured.out and "exit status 3" in captured.err
+    assert main([*base, "--allow-unreliable"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    assert "unreliable (zero gradients" in capsys.readouterr().out
+    monkeypatch.setattr(fortify.runs, "load_model", real_load)
+    assert main(base) == 0  # the same model without masking is reliable
+
+
+class _WrongOn(nn.Module):
+    """``inner``, except that it predicts the wrong class on the given (clean) images."""
+
+    def __init__(self, inner: nn.Module, bad: torch.Tensor):
+        super().__init__()
+        self.inner, self.bad = inner, bad.flatten(1)
+
+    def forward(self, x):
+        out = self.inner(x)
+        hit = (x.flatten(1)[:, None, :] == self.bad[None]).all(-1).any(1)
+        if hit.any():
+            out = out.clone()
+            out[hit] = -out[hit]  # the former top class becomes the lowest
+        return out
+
+
+def test_compare_identical_and_worse_copy(model, splits):
+    from fortify.evaluate import compare_reports
+    from fortify.stats import LOWER, NO_DIFFERENCE
+
+    x, y = splits.test.floats()
+    x, y = x[:300], y[:300]
+    kw = dict(suite="quick", eps=EPS, checks=False, batch_size=150)
+    a = evaluate(model, x, y, **kw)
+    same = compare_reports(a, evaluate(model, x, y, **kw))
+    for r in same.rows:
+        iv = r.interval
+        assert (iv.estimate, iv.low, iv.high, r.p_value) == (0.0, 0.0, 0.0, 1.0), r
+        assert r.verdict == NO_DIFFERENCE
+    # a copy wrong on a fixed extra 5 % of the points (15 of 300, all correct for A)
+    with torch.no_grad():
+        right = torch.nonzero(model(x).argmax(1) == y).flatten()[:15]
+    b = evaluate(_WrongOn(model, x[right]), x, y, **kw)
+    comp = compare_reports(a, b, labels=("model", "copy"))
+    nat = comp.get("Natural")
+    assert nat.n == 300 and nat.b - nat.a == pytest.approx(-5.0)
+    assert nat.interval.estimate == pytest.approx(-5.0)
+    assert nat.interval.low < -5.0 < nat.interval.high and nat.interval.high < 0
+    assert nat.p_value < 0.01 and (nat.a_only, nat.b_only) == (15, 0)
+    assert nat.verdict == LOWER
+    assert {r.column for r in comp.rows} == {"Natural", "PGD-20", "Ensemble"}
+    text = comp.to_markdown()
+    assert "| final | Natural | 300 |" in text and "lower" in text
+    assert json.loads(comp.to_json())["rows"][0]["difference"]["verdict"] == LOWER
+
+
+def test_compare_refuses_mismatched_evaluations(model, data):
+    from fortify.errors import ComparisonError
+    from fortify.evaluate import compare_reports
+
+    x, y = data
+    kw = dict(suite="quick", checks=False, batch_size=48)
+    a = evaluate(model, x[:40], y[:40], eps=EPS, **kw)
+    cases = {
+        "ε": evaluate(model, x[:40], y[:40], eps=2 * EPS, **kw),
+        "number of points": evaluate(model, x[:30], y[:30], eps=EPS, **kw),
+        "different points": evaluate(model, x[40:80], y[40:80], eps=EPS, **kw),
+        "mode": evaluate(model, x[:40], y[:40], eps=EPS, mode="best", **kw),
+        "suite": evaluate(model, x[:40], y[:40], eps=EPS, suite="paper", checks=False),
+        "norm": evaluate(model, x[:40], y[:40], eps=EPS, norm="l2", **kw),
+    }
+    for words, b in cases.items():
+        with pytest.raises(ComparisonError, match=words):
+            compare_reports(a, b)
+    with pytest.raises(ComparisonError, match="not in both"):
+        compare_reports(a, a, columns=["AutoAttack"])
+
+
+def test_compare_autoattack_on_a_subset(model, data):
+    from fortify.evaluate import compare_reports
+
+    x, y = data
+    kw = dict(suite="autoattack", eps=0.1, checks=False, batch_size=16)
+    a = evaluate(model, x[:16], y[:16], suite_options={"autoattack_points": 6}, **kw)
+    b = evaluate(model, x[:16], y[:16], suite_options={"autoattack_points": 10}, **kw)
+    comp = compare_reports(a, b)
+    aa = comp.get("AutoAttack")
+    assert aa.n == 6 and aa.interval.n == 6  # only the points both attacked
+    assert any("compared on the 6 points where both ran" in n for n in comp.notes)
+
+
+def test_cli_compare_and_report_compare(model, tmp_path, capsys):
+    from fortify.cli.main import main
+
+    torch.manual_seed(1)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    runs = [_digits_run(m, tmp_path / n) for m, n in ((model, "base"), (other, "noisy"))]
+    for r in runs:
+        assert main(["eval", str(r), "--suite", "quick", "--n-points", "60", "--no-checks"]) == 0
+    capsys.readouterr()
+    js = tmp_path / "cmp.json"
+    assert main(["compare", str(runs[0]), str(runs[1]), "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "## noisy − base" in out and "| final | Ensemble | 60 |" in out
+    d = json.loads(js.read_text())
+    assert d["rows"][0]["column"] == "Natural" and d["rows"][0]["n"] == 60
+    assert main(["report", str(runs[0]), str(runs[1]), "--compare"]) == 0
+    assert "## noisy − base" in capsys.readouterr().out
+    assert main(["eval", str(runs[1]), "--suite", "quick", "--n-points", "50", "--no-checks"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(runs[0]), str(runs[1])]) == 2
+    assert "number of points" in capsys.readouterr().err
+    assert main(["compare", str(runs[0]), str(runs[0]), "--resamples", "10"]) == 2
+    assert "resamples must be" in capsys.readouterr().err
+
+
+def test_legacy_reports_do_not_count_unattacked_points(model, data):
+    """A fortify-eval/1 report (lists of booleans, unattacked AutoAttack points holding their
+    clean outcome) is read with its AutoAttack column restricted to the attacked points."""
+    x, y = data
+    r = evaluate(
+        model,
+        x[:12],
+        y[:12],
+        suite="full",
+        eps=0.1,
+        checks=False,
+        batch_size=12,
+        suite_options={"autoattack_points": 5},
+    )
+    d = r.to_dict()
+    d["format"] = "fortify-eval/1"
+    for o in d["outcomes"]:
+        bits = r.outcome(o["name"], o["mode"]).correct
+        o["correct"] = [bool(v) for v in bits.tolist()]
+        del o["ran"], o["points"], o["n"]
+    old = EvalReport.from_dict(d)
+    assert old.table_n()["final"]["AutoAttack"] == 5 and old.table_n()["final"]["PGD-20"] == 12
+    assert old.table() == r.table()

@@ -358,7 +358,7 @@ def test_save_load_and_bit_identical_resume(tmp_path, splits, kind):
     assert any(k.startswith(f"train/{kind}") for k in full.history[-1]) == (kind != "fd")
 
     def crash(epoch, record):
-        if epoch == 0:
+        if epoch == 1:  # epochs are numbered from 1
             raise Crash("simulated kill")
 
     with pytest.raises(Crash):
@@ -390,3 +390,23 @@ def test_torchattacks_pgd_runs_on_the_defended_model(kind):
     ours = pgd(model, x, y, eps=0.1, steps=3, step_size=0.05, random_start=False)
     torch.testing.assert_close(x_adv, ours)
     assert not model.training
+
+
+@pytest.mark.parametrize("objective", ["at", "trades", "mart"])
+def test_training_passes_hand_the_labels_to_cas(objective):
+    from fortify.config.schema import TrainConfig
+    from fortify.defenses.contract import labels_for
+    from fortify.train import get_objective
+
+    net = create("small-cnn", num_classes=4, in_channels=1, width=4)
+    model = attach_cas(net, ["features.1"], 4, (1, 8, 8)).train()
+    block = next(iter(cas_blocks(model).values()))
+    seen = []
+    block.register_forward_hook(lambda m, i, o: seen.append(labels_for(m)))
+    x, y = torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    obj = get_objective(objective, TrainConfig(objective=objective))
+    loss, metrics = obj.compute(model, x, y, x.clone(), None)
+    assert "cas" in metrics and torch.isfinite(loss)
+    assert seen and all(s is not None and torch.equal(s, y) for s in seen)
+    model(x)  # outside the objective's passes: no labels
+    assert seen[-1] is None

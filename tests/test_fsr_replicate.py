@@ -38,27 +38,70 @@ def test_bad_rows_and_numbers_raise():
         t1.run(_args("--epochs", "0"))
 
 
-def test_report_and_verdict(tmp_path):
-    args = _args("--test-points", "10", "--aa-points", "5")
-    rows = {}
-    for i, row in enumerate(t1.ROWS):
-        acc = {c: 50.0 + i for c in t1.COLUMNS}
-        rows[row] = {"accuracy": acc, "seconds": {"train_total": 60, "paper": 6, "autoattack": 6}}
-    results = {
-        "rows": rows,
-        "wall_time_min": 7.2,
-        "wall_time_this_call_min": 1.0,
-        "settings": {"machine": "test"},
-    }
-    text = t1.write_report(results, args, tmp_path / "t.md", t1._command(args))
-    assert "| AT + FSR | 51.00 |" in text
-    assert "yes, in every pair" in text and "+1.00 points (AutoAttack)" in text
-    assert "fortify replicate fsr-table1 --out" in text
-    assert (
-        json.loads((tmp_path / "t.json").read_text())["rows"]["mart"]["accuracy"]["Natural"] == 54.0
+def test_lr_schedule_text_says_what_runs():
+    four = t1.lr_schedule_text(4)
+    assert four.startswith(
+        "epoch 1: linear warm-up to 0.05; epochs 2–3: lr 0.05; epoch 4: lr 0.0005 (×0.01)"
     )
-    rows["mart-fsr"]["accuracy"]["AutoAttack"] = 10.0
-    assert "mixed: in 2 of 3 pairs" in t1._verdict(results)
+    assert "epoch 4: lr 0.005 (×0.1); epoch 5: lr 0.0005 (×0.01)" in t1.lr_schedule_text(5)
+
+
+def test_seeds_are_parsed_and_checked():
+    assert t1._seeds(_args("--seeds", "0,1,2")) == [0, 1, 2]
+    assert t1._seeds(_args("--seeds", "0,1", "--seed", "5")) == [5]
+    assert t1.row_config("at", _args("--seeds", "3,4")).seed == 3
+    assert t1.row_config("at", _args(), 7).seed == 7
+    from fortify.errors import ConfigError
+
+    for bad in ("0,0", "a", "-1", ""):
+        with pytest.raises(ConfigError, match="--seeds"):
+            t1.run(_args("--seeds", bad))
+
+
+@pytest.mark.slow
+def test_two_rows_two_seeds_end_to_end(tmp_path, capsys, monkeypatch):
+    """Train and evaluate AT and AT+FSR with seeds 0 and 1 (tiny budget), then re-run: every
+    (row, seed) job is reused and the page is regenerated from the intervals."""
+    from fortify.replicate.common import SeedGrid
+
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "--out", "runs", "--doc", "docs/t.md", "--epochs", "1", "--train-subset", "64",
+        "--width", "2", "--fsr-hidden", "4", "--batch-size", "32", "--attack-steps", "2",
+        "--test-points", "24", "--aa-points", "8", "--val-points", "50", "--rows", "at,at-fsr",
+        "--seeds", "0,1",
+        "--no-checks",
+    ]  # fmt: skip
+    assert t1.run(_args(*argv)) == 0
+    first = (tmp_path / "docs" / "t.md").read_text()
+    for row in ("at", "at-fsr"):
+        for s in (0, 1):
+            assert (tmp_path / "runs" / row / f"seed-{s}" / "checkpoints").is_dir()
+            per_seed = tmp_path / "docs" / "t" / f"{row}-seed{s}.json"
+            assert per_seed.stat().st_size < 20_000
+    assert "| AT | 2 (0,1) |" in first and "| AT + FSR | 2 (0,1) |" in first
+    assert "AutoAttack (n=8)" in first and "Worst case (n=8)" in first
+    assert "| AT + FSR − AT | AutoAttack | 2 | 8 |" in first
+    assert "| AT + FSR − AT | Natural | 2 | 24 |" in first
+    assert "yes, in every pair" not in first
+    summary = json.loads((tmp_path / "docs" / "t.json").read_text())
+    verdicts = {r["column"]: r["verdict"] for r in summary["readings"]}
+    assert set(verdicts) == {"Natural", "PGD-20", "Ensemble", "AutoAttack", "Worst case"}
+    assert all(
+        v in ("higher", "lower", "no detectable difference at this scale")
+        for v in verdicts.values()
+    )
+    assert {j["training"] for j in summary["jobs"].values()} == {"new"}
+    # second call: everything reused, same page body
+    assert t1.run(_args(*argv)) == 0
+    summary2 = json.loads((tmp_path / "docs" / "t.json").read_text())
+    assert {j["training"] for j in summary2["jobs"].values()} == {"reused"}
+    assert {j["evaluation"] for j in summary2["jobs"].values()} == {"reused"}
+    assert summary2["readings"] == summary["readings"]
+    grid = SeedGrid.load_per_seed(tmp_path / "docs" / "t", labels=t1.LABELS)
+    assert sorted(grid.reports) == ["at", "at-fsr"] and sorted(grid.reports["at"]) == [0, 1]
+    again = grid.reading("at", "at-fsr", "AutoAttack")
+    assert again.to_dict() == summary["readings"][3]
 
 
 def test_analyze_cli_params_on_saved_checkpoint(tmp_path, capsys):

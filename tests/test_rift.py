@@ -300,7 +300,7 @@ def test_finetune_changes_only_the_chosen_weight(tmp_path, digits, bn):
     else:
         assert bn_buffers
     assert all(torch.equal(before[k], at.state_dict()[k]) for k in before)  # AT untouched
-    assert summary["best_epoch"] == 0 and summary["module"] == "features.1.0"
+    assert summary["best_epoch"] == 1 and summary["module"] == "features.1.0"
 
 
 def test_finetune_default_lets_bn_statistics_adapt_as_the_release(tmp_path, digits):

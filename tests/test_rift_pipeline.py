@@ -102,7 +102,29 @@ def test_full_workflow_and_resume(at_run, caplog):
     caplog.set_level("INFO")
     RiftRun(at_run, _opts()).run_all()  # everything is skipped
     assert (out / "mrc/done.json").stat().st_mtime_ns == stamp
-    assert "done already" in caplog.text
+    assert "reusing the finished result" in caplog.text and "options changed" not in caplog.text
+
+
+def test_rerun_with_changed_options_redoes_the_step_and_says_so(at_run, tmp_path, caplog):
+    from fortify.rift.pipeline import RiftRun
+
+    out = tmp_path / "r"
+    first = RiftRun(at_run, _opts(), out=out)
+    with caplog.at_level("INFO", logger="fortify.rift"):
+        first.interpolate()
+    assert "reusing" not in caplog.text  # a step just computed is not announced as reused
+    stamp = (out / "finetune/done.json").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fortify.rift"):
+        grid = RiftRun(at_run, _opts(["interpolate.step=0.25"]), out=out).interpolate()
+    assert [p["alpha"] for p in grid["points"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert "interpolate: options changed" in caplog.text and "step: 0.5 -> 0.25" in caplog.text
+    assert (out / "finetune/done.json").stat().st_mtime_ns == stamp  # unchanged: reused
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fortify.rift"):
+        RiftRun(at_run, _opts(["finetune.lr=0.02"]), out=out).interpolate()
+    assert "finetune: options changed" in caplog.text and "lr: 0.01 -> 0.02" in caplog.text
+    assert "interpolate: options changed" in caplog.text  # depends on the fine-tuned weights
 
 
 def test_cli_mrc_with_given_module_error(at_run, tmp_path, capsys):

@@ -197,7 +197,7 @@ def test_interrupted_weights_write_keeps_previous_pair(
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt_mod, "st_save_file", half_then_crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RunDirError, match="disk full.*is intact"):
         save_checkpoint(path, _model(seed=5), {"epoch": 2})
     assert _files(tmp_path) == ["best.json", "best.safetensors"]  # no temp files left
     _pair_ok(path, _logits(old))
@@ -212,7 +212,7 @@ def test_failed_rename_keeps_previous_pair(tmp_path: Path, monkeypatch: pytest.M
         raise OSError("rename failed")
 
     monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="rename failed"):
+    with pytest.raises(RunDirError, match="rename failed"):
         save_checkpoint(path, _model(seed=5), {"epoch": 2})
     monkeypatch.undo()
     assert _files(tmp_path) == ["best.json", "best.safetensors"]
@@ -232,7 +232,7 @@ def test_crash_between_renames_is_detected(tmp_path: Path, monkeypatch: pytest.M
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace_weights_only)
-    with pytest.raises(OSError, match="killed"):
+    with pytest.raises(RunDirError, match="killed.*after its weights were replaced"):
         save_checkpoint(path, _model(seed=5), {"epoch": 2})
     monkeypatch.undo()
     assert calls == ["best.safetensors", "best.json"]  # weights first, then sidecar

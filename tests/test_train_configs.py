@@ -98,7 +98,7 @@ def test_cli_trains_resumes_and_reports_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train.epochs: 1 -> 2" in err and "--force" in err
     assert main(["train", "--resume", str(run), "--force", "--no-progress", "train.epochs=2"]) == 0
-    assert [r["epoch"] for r in RunDir(run).read_metrics()] == [0, 1]
+    assert [r["epoch"] for r in RunDir(run).read_metrics()] == [1, 2]
     # a new run into the same folder is refused; bad values name the field and the choices
     assert main(["train", "--run-dir", str(run), *TINY]) == 2
     assert "--resume" in capsys.readouterr().err

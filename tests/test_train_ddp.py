@@ -39,11 +39,11 @@ def test_two_process_gloo_run_trains_and_rank0_checkpoint_loads(tmp_path):
     proc = _run("--run-dir", str(run_dir), *TINY, "data.train_subset=400", "train.epochs=2")
     assert proc.stdout.count("run: ") == 1  # only rank 0 reports
     records = RunDir(run_dir).read_metrics()
-    assert [r["epoch"] for r in records] == [0, 1]  # rank 0 logs once per epoch
+    assert [r["epoch"] for r in records] == [1, 2]  # rank 0 logs once per epoch
     assert records[-1]["train/samples"] == 400  # two shards of 200 cover the subset
     assert records[-1]["val/n"] == 100  # sharded validation, counts all-reduced
     model, meta = load_model(run_dir, tag="last")
-    assert meta["world_size"] == 2 and meta["epoch"] == 1
+    assert meta["world_size"] == 2 and meta["epoch"] == 2
     x = torch.rand(4, 1, 8, 8)
     assert model(x).shape == (4, 10)
     assert RunDir(run_dir).state == "finished"
@@ -90,7 +90,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def _kill_after_first_epoch(cmd: list[str], run_dir: Path) -> None:
-    """Run ``cmd`` in its own session and SIGKILL it as soon as epoch 0 is in the metrics."""
+    """Run ``cmd`` in its own session and SIGKILL it as soon as epoch 1 is in the metrics."""
     proc = subprocess.Popen(
         cmd, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -120,13 +120,13 @@ def kill_two_process_run(tmp_path: Path, config: list[str]) -> tuple[Path, int, 
         cut = tmp_path / f"cut-{epochs}"
         cmd = _torchrun("--run-dir", str(cut), *config, f"train.epochs={epochs}")
         _kill_after_first_epoch(cmd, cut)
-        if RunDir(cut).state != "finished" and _last_epoch(cut) < epochs - 1:
+        if RunDir(cut).state != "finished" and _last_epoch(cut) < epochs:
             break
     else:
         raise AssertionError("every run finished before it could be killed")
     killed_at = _last_epoch(cut)
     assert RunDir(cut).state == "running"  # SIGKILL: no chance to record "failed"
-    assert 0 <= killed_at < epochs - 1
+    assert 1 <= killed_at < epochs
     assert [r["epoch"] for r in RunDir(cut).read_metrics()][-1] <= killed_at
     return cut, epochs, killed_at
 
@@ -136,22 +136,22 @@ def test_two_process_run_killed_mid_training_resumes_bit_identically(tmp_path):
     config = [*TINY, "data.train_subset=1000", f"train.epochs={epochs}"]
 
     proc = _run("--resume", str(cut))
-    assert f"epochs trained now: {epochs - 1 - killed_at} (of {epochs})" in proc.stdout
+    assert f"epochs trained now: {epochs - killed_at} (of {epochs})" in proc.stdout
     full = tmp_path / "full"
     _run("--run-dir", str(full), *config)
 
     assert RunDir(cut).state == "finished"
-    assert [r["epoch"] for r in RunDir(cut).read_metrics()] == list(range(epochs))
+    assert [r["epoch"] for r in RunDir(cut).read_metrics()] == list(range(1, epochs + 1))
     a, _, meta_a = read_checkpoint(full / "checkpoints" / "last.safetensors")
     b, _, meta_b = read_checkpoint(cut / "checkpoints" / "last.safetensors")
-    assert meta_a["epoch"] == meta_b["epoch"] == epochs - 1
+    assert meta_a["epoch"] == meta_b["epoch"] == epochs
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after a killed + resumed DDP run"
     assert meta_a["metrics"]["val/clean"] == meta_b["metrics"]["val/clean"]
     assert meta_a["metrics"]["train/loss"] == meta_b["metrics"]["train/loss"]
-    sa = load_state(full / "checkpoints" / "last.safetensors", epochs - 1)
-    sb = load_state(cut / "checkpoints" / "last.safetensors", epochs - 1)
+    sa = load_state(full / "checkpoints" / "last.safetensors", epochs)
+    sb = load_state(cut / "checkpoints" / "last.safetensors", epochs)
     for key in ("optimizer", "schedule", "rng", "best_metric", "best_epoch"):
         assert_same_state(sa[key], sb[key], key)
 
@@ -173,7 +173,7 @@ def test_two_process_fpd_run_takes_the_same_phase_on_every_rank(tmp_path):
         "train.options={threshold: 0.1}", "train.val_attack_steps=0",
     )  # fmt: skip
     records = RunDir(run_dir).read_metrics()
-    assert [r["epoch"] for r in records] == [0, 1]
+    assert [r["epoch"] for r in records] == [1, 2]
     assert records[-1]["train/samples"] == 256
     # both phases ran in the second epoch (a quarter of the steps in phase 2 on this setup)
     assert 0.0 < records[-1]["train/fpd_phase2"] < 1.0

@@ -75,12 +75,12 @@ def test_kill_and_resume_gives_bit_identical_weights(tmp_path, splits, extra):
     cfg = _cfg("train.epochs=3", "train.milestones=[1]", "train.warmup_epochs=1", *extra)
     full = fit(cfg, tmp_path / "full", splits=splits, progress=False)
 
-    def crash_after_epoch_1(epoch, record):
-        if epoch == 1:
+    def crash_after_epoch_2(epoch, record):  # epochs are numbered from 1
+        if epoch == 2:
             raise Crash("simulated kill")
 
     with pytest.raises(Crash):
-        fit(cfg, tmp_path / "cut", splits=splits, callbacks=[crash_after_epoch_1])
+        fit(cfg, tmp_path / "cut", splits=splits, callbacks=[crash_after_epoch_2])
     assert RunDir(tmp_path / "cut").state == "failed"
     # a kill between writing `last` and appending its metrics line loses the line
     metrics = tmp_path / "cut" / "metrics.jsonl"
@@ -93,16 +93,16 @@ def test_kill_and_resume_gives_bit_identical_weights(tmp_path, splits, extra):
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     records = RunDir(tmp_path / "cut").read_metrics()
-    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
     assert records[1] == json.loads(lines[-1])  # restored from the checkpointed history
     assert resumed.history[-1]["train/loss"] == full.history[-1]["train/loss"]
     assert resumed.history[-1]["val/robust"] == full.history[-1]["val/robust"]
     assert RunDir(tmp_path / "cut").state == "finished"
     # only the final epoch's training state remains next to `last`
     states = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("*.pt"))
-    assert states == ["last.state-2.pt"]
+    assert states == ["last.state-3.pt"]
     # ... and it equals the uninterrupted run's: optimiser, schedule, GradScaler, RNG
-    sa, sb = (load_state(tmp_path / r / "checkpoints" / "last.safetensors", 2) for r in RUNS)
+    sa, sb = (load_state(tmp_path / r / "checkpoints" / "last.safetensors", 3) for r in RUNS)
     for key in ("optimizer", "schedule", "scaler", "rng", "best_metric", "best_epoch"):
         assert_same_state(sa[key], sb[key], key)
     if "train.precision=fp16" in extra:  # the scaler ran (and kept counting) across the resume
@@ -161,12 +161,12 @@ class _NanLater(Objective):
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path, splits):
     cfg = _cfg("train.epochs=3", "train.objective=test-nan-at-epoch-1")
-    with pytest.raises(NonFiniteLossError, match="epoch 1.*last good checkpoint is kept"):
+    with pytest.raises(NonFiniteLossError, match="epoch 2.*last good checkpoint is kept"):
         fit(cfg, tmp_path / "run", splits=splits)
     last = tmp_path / "run" / "checkpoints" / "last.safetensors"
     model = create("small-cnn", 10, 1, width=4)
     meta = load_checkpoint(last, model)
-    assert meta["epoch"] == 0
+    assert meta["epoch"] == 1
     assert all(
         torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()
     )
@@ -182,7 +182,7 @@ def test_disk_full_while_checkpointing_keeps_previous_last(tmp_path, splits, mon
 
     def flaky(tensors, path, metadata=None):
         calls["n"] += 1
-        if calls["n"] == 3:  # epoch 0 wrote last + best; the next write fails
+        if calls["n"] == 3:  # epoch 1 wrote last + best; the next write fails
             with open(path, "wb") as fh:
                 fh.write(b"half")
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -193,7 +193,7 @@ def test_disk_full_while_checkpointing_keeps_previous_last(tmp_path, splits, mon
         fit(cfg, tmp_path / "run", splits=splits)
     monkeypatch.setattr(ck, "st_save_file", real)
     model, meta = load_model(tmp_path / "run", tag="last")
-    assert meta["epoch"] == 0
+    assert meta["epoch"] == 1
     leftovers = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if "tmp" in p.name]
     assert leftovers == []
     result = fit(cfg, tmp_path / "run", mode="resume", splits=splits)
@@ -295,19 +295,19 @@ def test_tensorboard_logs_each_epoch_and_resume_continues_the_steps(tmp_path, sp
 
     def check_then_crash(epoch, record):
         seen[epoch] = _scalars(tmp_path / "run")  # flushed per epoch: readable while running
-        if epoch == 1:
+        if epoch == 2:
             raise Crash("simulated kill")
 
     with pytest.raises(Crash):
         fit(cfg, tmp_path / "run", splits=splits, callbacks=[check_then_crash])
-    assert [s for s, _ in seen[0]["train/loss"]] == [0]
-    assert [s for s, _ in seen[1]["val/clean"]] == [0, 1], seen[1]
+    assert [s for s, _ in seen[1]["train/loss"]] == [1]
+    assert [s for s, _ in seen[2]["val/clean"]] == [1, 2], seen[2]
     result = fit(cfg, tmp_path / "run", mode="resume", splits=splits)
     scalars = _scalars(tmp_path / "run")
     assert len(list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))) == 2
     for tag in ("train/loss", "val/clean", "val/robust", "lr", "train/acc_adv"):
         steps = [s for s, _ in scalars[tag]]
-        assert steps == [0, 1, 2], f"{tag}: steps {steps}"  # continued, not restarted at 0
+        assert steps == [1, 2, 3], f"{tag}: steps {steps}"  # continued, not restarted at 1
         values = [r[tag] for r in result.history]
         assert [v for _, v in scalars[tag]] == pytest.approx(values, rel=1e-6), tag
     assert "epoch" not in scalars
@@ -332,7 +332,7 @@ def test_checkpoint_meta_rebuilds_model_and_best_is_selected_on_validation(tmp_p
     for key in ("config", "num_classes", "image_shape", "epoch", "metrics", "seed"):
         assert key in meta
     cleans = [r["val/clean"] for r in result.history]
-    assert meta["epoch"] == max(range(2), key=lambda e: (cleans[e], -e))
+    assert meta["epoch"] == 1 + max(range(2), key=lambda e: (cleans[e], -e))
     assert meta["metrics"]["val/clean"] == max(cleans)
 
 

@@ -45,7 +45,7 @@ def _check_continuation(run: Path, epochs: int, sizes: list[int]) -> None:
     the ``best`` checkpoint the first epoch with the highest validation robustness."""
     assert RunDir(run).state == "finished"
     records = RunDir(run).read_metrics()
-    assert [r["epoch"] for r in records] == list(range(epochs))
+    assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
     assert [r["world_size"] for r in records] == sizes
     assert all(r["train/samples"] == 400 and r["val/n"] == 100 for r in records)
     tc = _cfg(f"train.epochs={epochs}").train
@@ -53,12 +53,12 @@ def _check_continuation(run: Path, epochs: int, sizes: list[int]) -> None:
     expected_lr = [tc.lr * schedule.factor(e, STEPS - 1) for e in range(epochs)]  # last step
     assert [r["lr"] for r in records] == pytest.approx(expected_lr, rel=1e-12)
     robust = [r["val/robust"] for r in records]
-    best = robust.index(max(robust))
+    best = robust.index(max(robust)) + 1  # epochs are numbered from 1
     assert records[-1]["best_epoch"] == best
     assert read_checkpoint(run / "checkpoints" / "best.safetensors")[2]["epoch"] == best
     last_meta = read_checkpoint(run / "checkpoints" / "last.safetensors")[2]
-    assert last_meta["epoch"] == epochs - 1 and last_meta["world_size"] == sizes[-1]
-    state = load_state(run / "checkpoints" / "last.safetensors", epochs - 1)
+    assert last_meta["epoch"] == epochs and last_meta["world_size"] == sizes[-1]
+    state = load_state(run / "checkpoints" / "last.safetensors", epochs)
     assert state["global_step"] == epochs * STEPS
     assert state["history"] == records
 
@@ -70,7 +70,7 @@ def _assert_same_run(a: Path, b: Path, epochs: int) -> None:
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k} differs between two identical resumes"
-    sa, sb = (load_state(r / "checkpoints" / "last.safetensors", epochs - 1) for r in (a, b))
+    sa, sb = (load_state(r / "checkpoints" / "last.safetensors", epochs) for r in (a, b))
     for key in ("optimizer", "schedule", "rng", "best_metric", "best_epoch"):
         assert_same_state(sa[key], sb[key], key)
     losses = [[r["train/loss"] for r in RunDir(r).read_metrics()] for r in (a, b)]
@@ -87,7 +87,7 @@ def test_two_process_run_resumes_with_one_process(tmp_path, caplog):
             assert main(["train", "--no-progress", "--resume", str(run)]) == 0
         assert _changed(2, 1) in caplog.text and NOT_EXACT in caplog.text
         assert "global batch stays 64 images (64 per process instead of 32)" in caplog.text
-    sizes = [2] * (killed_at + 1) + [1] * (epochs - killed_at - 1)
+    sizes = [2] * killed_at + [1] * (epochs - killed_at)
     _check_continuation(cut, epochs, sizes)
     _assert_same_run(cut, again, epochs)
 
@@ -110,7 +110,7 @@ def test_one_process_run_resumes_with_two_processes(tmp_path):
     epochs = 4
     cut = tmp_path / "cut"
     with pytest.raises(Crash):
-        fit(_cfg(f"train.epochs={epochs}"), cut, progress=False, callbacks=[_crash_after(1)])
+        fit(_cfg(f"train.epochs={epochs}"), cut, progress=False, callbacks=[_crash_after(2)])
     again = tmp_path / "again"
     shutil.copytree(cut, again)
     for run in (cut, again):
@@ -125,7 +125,7 @@ def test_one_process_run_resumes_with_two_processes(tmp_path):
 def test_resume_refuses_a_changed_global_batch_unless_forced(tmp_path, caplog):
     run = tmp_path / "run"
     with pytest.raises(Crash):
-        fit(_cfg("train.epochs=2"), run, progress=False, callbacks=[_crash_after(0)])
+        fit(_cfg("train.epochs=2"), run, progress=False, callbacks=[_crash_after(1)])
     # as if the run had been trained by 3 processes of 21 images (global batch 63)
     sidecar = run / "checkpoints" / "last.json"
     meta = json.loads(sidecar.read_text())

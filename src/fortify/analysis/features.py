@@ -350,7 +350,7 @@ def feature_analysis(
                 variant,
                 report.clean_acc[variant],
                 report.adv_acc[variant],
-                report.knn_acc[variant],
+                ", ".join(f"k={k} {v:.2f}" for k, v in report.knn_acc[variant].items()),
             )
     finally:
         model.train(was)

@@ -55,6 +55,7 @@ def plot_masks(
     *,
     block: str | None = None,
     class_names: list[str] | None = None,
+    title: str | None = None,
 ) -> dict[str, float]:
     """Save a grid (one row per image): clean image, adversarial image, mean mask (clean),
     mean mask (adversarial), mean robustness map r (adversarial).
@@ -63,6 +64,7 @@ def plot_masks(
         x, x_adv: (N, C, H, W) clean and adversarial images in [0, 1] (N ≤ 16 is sensible).
         y: (N,) labels (shown in the row titles).
         path: PNG file to write (atomically).
+        title: figure title, e.g. the attack and ε that made ``x_adv``.
     Returns:
         summary numbers: mean mask on clean and adversarial inputs and the fraction of units
         with m > 0.5 ("robust") for each.
@@ -79,7 +81,7 @@ def plot_masks(
     with torch.no_grad():
         pred = model(x_adv.to(next(model.parameters()).device)).argmax(1).cpu()
     n = len(x)
-    fig, axes = plt.subplots(n, 5, figsize=(10, 2.1 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 5, figsize=(10.5, 2.1 * n + 0.6), squeeze=False)
     titles = ["clean", "adversarial", "mask m (clean)", "mask m (adv)", "r (adv)"]
 
     def show_img(ax: Any, img: torch.Tensor) -> None:
@@ -94,9 +96,11 @@ def plot_masks(
         show_img(row[0], x[i])
         show_img(row[1], x_adv[i])
         row[2].imshow(clean["mask"][i].numpy(), cmap="viridis", vmin=0, vmax=1)
-        row[3].imshow(adv["mask"][i].numpy(), cmap="viridis", vmin=0, vmax=1)
+        im_m = row[3].imshow(adv["mask"][i].numpy(), cmap="viridis", vmin=0, vmax=1)
         lim = float(adv["r"][i].abs().max()) or 1.0
-        row[4].imshow(adv["r"][i].numpy(), cmap="coolwarm", vmin=-lim, vmax=lim)
+        im_r = row[4].imshow(adv["r"][i].numpy(), cmap="coolwarm", vmin=-lim, vmax=lim)
+        fig.colorbar(im_m, ax=row[2:4].tolist(), fraction=0.046, pad=0.02)
+        fig.colorbar(im_r, ax=row[4], fraction=0.046, pad=0.04, label="r")
         label, guess = int(y[i]), int(pred[i])
         if class_names:
             label, guess = class_names[label], class_names[guess]
@@ -106,9 +110,9 @@ def plot_masks(
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(titles[j], fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(title or "FSR masks: clean vs adversarial inputs", fontsize=10)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(Path(path), buf.getvalue())
     summary = {

@@ -17,6 +17,7 @@ Two semantics for iterative attacks:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,33 @@ class AttackResult:
     success_best: torch.Tensor | None = None
 
 
+def _check_labels(t: object, n: int, what: str) -> tuple[torch.Tensor, int]:
+    """``t`` as int64 (N,) and its largest value; raise :class:`DataError` for anything else."""
+    if not isinstance(t, torch.Tensor) or t.shape != (n,):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise DataError(f"{what} must be an int64 tensor of shape ({n},), got {got}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise DataError(
+            f"{what} must hold integer class indices (int64), got dtype {t.dtype}; convert with "
+            ".long() only if the values are whole class numbers"
+        )
+    lo, hi = (int(v) for v in torch.aminmax(t))
+    if lo < 0:
+        raise DataError(f"{what} must be class indices in [0, K), got a negative value {lo}")
+    return t.long(), hi
+
+
+def _check_number(value: object, what: str, low: float, high: float, *, open_low: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        v = float(value)
+        ok = math.isfinite(v) and (v > low if open_low else v >= low) and v <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ConfigError(f"{what} must be a number in {bracket}{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
 def _check_common(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -60,37 +88,62 @@ def _check_common(
     loss: str,
     targeted: bool,
     target: torch.Tensor | None,
-) -> None:
+    kappa: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Validate the arguments shared by every attack (one pass over ``x``, one over ``y``).
+
+    Returns ``(y, target, largest class index)`` with labels as int64; the index is checked
+    against the model's number of logits at the first forward pass.
+    """
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        raise DataError(f"x must be a tensor (N, ...) of images in [0, 1], got {type(x).__name__}")
+        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DataError(f"x must be a tensor (N, C, H, W) of images in [0, 1], got {got}")
     if not torch.is_floating_point(x):
         raise DataError(f"x must be a float tensor in [0, 1], got dtype {x.dtype}")
-    if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
+    if x.shape[0] == 0 or x.numel() == 0:
+        raise DataError(f"x holds no pixels (shape {tuple(x.shape)}); pass at least one image")
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if not (lo >= 0.0 and hi <= 1.0):  # also False for NaN
+        if math.isnan(lo) or math.isnan(hi):
+            raise DataError("x holds NaN pixels; attacks need finite images in [0, 1]")
         raise DataError(
-            f"y must be an int64 tensor of shape ({x.shape[0]},), got "
-            f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
+            f"x must hold pixel values in [0, 1] (fortify models normalise inside), got values "
+            f"in [{lo:g}, {hi:g}]; divide uint8 images by 255 and do not pre-normalise"
         )
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ConfigError(f"eps must be a positive number (pixel units), got {eps!r}")
+    y, y_max = _check_labels(y, x.shape[0], "y")
     if norm not in NORMS:
         raise ConfigError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
+    # L∞: a change of at most 1 per pixel already spans [0, 1]; L2: the cube's diameter.
+    top = 1.0 if norm == "linf" else math.sqrt(x[0].numel())
+    _check_number(eps, f"eps ({norm}, pixel units)", 0.0, top, open_low=True)
     if loss not in LOSSES:
         raise ConfigError(f"unknown attack loss {loss!r}; allowed: {', '.join(LOSSES)}")
+    _check_number(kappa, "kappa (C&W confidence)", 0.0, math.inf, open_low=False)
     if targeted:
         if target is None:
             raise ConfigError(
                 "targeted=True needs target= (int64 tensor of target classes, one per point)"
             )
-        if target.shape != y.shape:
-            raise DataError(f"target must have shape {tuple(y.shape)}, got {tuple(target.shape)}")
+        target, t_max = _check_labels(target, x.shape[0], "target")
+        y_max = max(y_max, t_max)
+    elif target is not None:
+        target, t_max = _check_labels(target, x.shape[0], "target")
+        y_max = max(y_max, t_max)
+    return y, target, y_max
 
 
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _logits(model: nn.Module, x: torch.Tensor, max_label: int = -1) -> torch.Tensor:
     out = model(x)
-    if not isinstance(out, torch.Tensor):
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise EvaluationError(
-            f"the model returned a {type(out).__name__}, attacks need a tensor of logits (N, K); "
+            f"the model returned {got}, attacks need a tensor of logits ({x.shape[0]}, K); "
             "wrap the model so that forward(x) returns logits only"
+        )
+    if max_label >= out.shape[1]:
+        raise DataError(
+            f"labels must be class indices in [0, K) = [0, {out.shape[1]}) for this model's "
+            f"{out.shape[1]} logits, got {max_label}"
         )
     return out
 
@@ -154,13 +207,25 @@ def _input_grad(
     loss: str,
     targeted: bool,
     kappa: float,
+    max_label: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward + backward: (logits detached, d loss / d x_adv)."""
+    """One forward + backward: (logits detached, d loss / d x_adv).
+
+    The gradient is always a tensor the caller may change in place: a model whose output does
+    not depend on its input (fully detached) gives zeros, and an expanded (stride-0) gradient,
+    as ``model(x).detach() + 0 * x.sum()`` produces, is copied first.
+    """
     with torch.enable_grad():
         xa = x_adv.detach().requires_grad_(True)
-        logits = _logits(model, xa)
+        logits = _logits(model, xa, max_label)
         obj = attack_loss(logits, y, target, loss=loss, targeted=targeted, kappa=kappa).sum()
-        (grad,) = torch.autograd.grad(obj, xa)
+        grad = None
+        if obj.requires_grad:
+            (grad,) = torch.autograd.grad(obj, xa, allow_unused=True)
+    if grad is None:
+        grad = torch.zeros_like(xa)
+    elif 0 in grad.stride() and grad.numel() > 1:
+        grad = grad.clone(memory_format=torch.contiguous_format)
     return logits.detach(), grad
 
 
@@ -181,6 +246,7 @@ def _pgd_single(
     mode: str,
     generator: torch.Generator | None,
     need_success: bool,
+    max_label: int = -1,
 ) -> AttackResult:
     """One restart of PGD on all of ``x``."""
     x = x.detach()
@@ -193,7 +259,7 @@ def _pgd_single(
         idx = torch.arange(len(x), device=x.device)
         xa_x, xa_y, xa_t = x, y, target
         for _ in range(steps):
-            logits, grad = _input_grad(model, x_adv, xa_y, xa_t, loss, targeted, kappa)
+            logits, grad = _input_grad(model, x_adv, xa_y, xa_t, loss, targeted, kappa, max_label)
             fooled = _fooled(logits, xa_y, xa_t, targeted)
             if bool(fooled.any()):
                 out[idx[fooled]] = x_adv[fooled]  # the iterate whose logits we just saw fool
@@ -223,7 +289,7 @@ def _pgd_single(
         x_best = torch.empty_like(x)
         success_best = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for _ in range(steps):
-        logits, grad = _input_grad(model, x_adv, y, target, loss, targeted, kappa)
+        logits, grad = _input_grad(model, x_adv, y, target, loss, targeted, kappa, max_label)
         if track:
             new = _fooled(logits, y, target, targeted) & ~success_best
             if bool(new.any()):
@@ -283,17 +349,18 @@ def pgd_attack(
     Returns:
         :class:`AttackResult` with detached tensors of the same shape as ``x``.
     """
-    _check_common(x, y, eps, norm, loss, targeted, target)
-    if not (isinstance(steps, int) and steps >= 1):
-        raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
-    if not (isinstance(restarts, int) and restarts >= 1):
-        raise ConfigError(f"restarts must be an integer >= 1, got {restarts!r}")
+    y, target, max_label = _check_common(x, y, eps, norm, loss, targeted, target, kappa)
+    for what, n in (("steps", steps), ("restarts", restarts)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"{what} must be an integer >= 1, got {n!r}")
     if mode not in MODES:
         raise ConfigError(f"unknown PGD mode {mode!r}; allowed: {', '.join(MODES)}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ConfigError(f"generator must be a torch.Generator or None, got {generator!r}")
     if step_size is None:
         step_size = 2.5 * eps / steps
-    elif not step_size > 0:
-        raise ConfigError(f"step_size must be > 0 (pixel units), got {step_size!r}")
+    else:
+        _check_number(step_size, "step_size (pixel units)", 0.0, math.inf, open_low=True)
     y = y.to(x.device)
     target = target.to(x.device) if target is not None else None
     kw = dict(
@@ -307,13 +374,17 @@ def pgd_attack(
         kappa=float(kappa),
         mode=mode,
         generator=generator,
+        max_label=max_label,
     )
     if restarts == 1:
         return _pgd_single(model, x, y, target, need_success=need_success, **kw)
 
     result = _pgd_single(model, x, y, target, need_success=True, **kw)
     for _ in range(restarts - 1):
-        todo = ~(result.success_best if result.success_best is not None else result.success)
+        # Later restarts attack the points whose *returned* example does not fool yet: in
+        # mode "both" that is the final example, so the final row equals a mode="final" run
+        # (a point fooled only at an intermediate iterate is attacked again for that row).
+        todo = ~result.success
         if not bool(todo.any()):
             break
         t_sub = target[todo] if target is not None else None
@@ -323,8 +394,10 @@ def pgd_attack(
         result.x_adv[idx] = r.x_adv
         result.success[idx] = r.success
         if result.x_best is not None and r.x_best is not None and r.success_best is not None:
-            result.x_best[idx] = r.x_best
-            result.success_best[idx] = r.success_best
+            assert result.success_best is not None
+            fresh = ~result.success_best[idx]  # keep an iterate already seen to fool
+            result.x_best[idx[fresh]] = r.x_best[fresh]
+            result.success_best[idx] |= r.success_best
     return result
 
 
@@ -394,11 +467,11 @@ def fgsm_attack(
     need_success: bool = True,
 ) -> AttackResult:
     """FGSM (L∞): ``clamp(x + eps * sign(∇ loss), 0, 1)`` with per-sample success mask."""
-    _check_common(x, y, eps, "linf", loss, targeted, target)
+    y, target, max_label = _check_common(x, y, eps, "linf", loss, targeted, target, kappa)
     x = x.detach()
     y = y.to(x.device)
     target = target.to(x.device) if target is not None else None
-    _, grad = _input_grad(model, x, y, target, loss, targeted, kappa)
+    _, grad = _input_grad(model, x, y, target, loss, targeted, kappa, max_label)
     x_adv = torch.empty_like(x).copy_(x)
     x_adv.add_(grad.sign_(), alpha=float(eps)).clamp_(0.0, 1.0)
     if not need_success:

@@ -11,6 +11,8 @@ import importlib
 import pkgutil
 from types import ModuleType
 
+from fortify.cli._help import HelpFormatter
+
 
 def discover(package: str) -> dict[str, ModuleType]:
     """Import every plugin module of ``package`` and map ``NAME`` to the module."""
@@ -25,18 +27,26 @@ def discover(package: str) -> dict[str, ModuleType]:
     return found
 
 
-def add_plugin_parsers(parser: argparse.ArgumentParser, package: str, dest: str) -> None:
-    """Add one sub-parser per plugin of ``package``; the chosen module lands in ``args._plugin``."""
+def add_plugin_parsers(
+    parser: argparse.ArgumentParser, package: str, dest: str
+) -> dict[str, tuple[ModuleType, argparse.ArgumentParser]]:
+    """Add one sub-parser per plugin of ``package``; the chosen module lands in ``args._plugin``.
+
+    Returns ``{name: (module, sub-parser)}`` (to add options common to several plugins).
+    """
     sub = parser.add_subparsers(dest=dest, metavar=dest.upper(), required=True)
+    added = {}
     for name, mod in sorted(discover(package).items()):
         p = sub.add_parser(
             name,
             help=mod.HELP,
             description=getattr(mod, "DESCRIPTION", mod.HELP),
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         mod.add_arguments(p)
         p.set_defaults(_plugin=mod)
+        added[name] = (mod, p)
+    return added
 
 
 def run_plugin(args: argparse.Namespace) -> int:

@@ -112,9 +112,16 @@ def _resolve(run: str, tag: str | None) -> tuple[Path, str | None]:
 
 def run(args: argparse.Namespace) -> int:
     from fortify.config import ExperimentConfig, from_dict
-    from fortify.errors import FortifyError
+    from fortify.errors import ConfigError, FortifyError
     from fortify.runs import load_model, write_json_atomic, write_text_atomic
+    from fortify.utils.atomic import check_writable_dir
 
+    counts = (("--steps", args.steps), ("--points", args.points), ("--images", args.images))
+    for flag, value in counts:
+        if value < 1:
+            raise ConfigError(f"{flag} must be an integer >= 1, got {value}")
+    if args.out:
+        check_writable_dir(args.out, "report folder (--out)")
     if args.compare:
         return _compare(args)
     whats = args.what or ([] if args.layers else ["params", "flops"])
@@ -206,8 +213,10 @@ def run(args: argparse.Namespace) -> int:
             x_adv = pgd_batches(model, x, y, eps, args.steps, 256, cfg.eval.seed)
             png = out / "fsr_masks.png"
             results["masks"] = plot_masks(
-                model, x, x_adv, y, png, block=args.block, class_names=splits.classes or None
-            )
+                model, x, x_adv, y, png, block=args.block, class_names=splits.classes or None,
+                title=f"FSR masks at {args.block or 'the FSR block'} — clean vs PGD-{args.steps} "
+                f"L∞ ε={eps:.3g} (first {len(x)} test images)",
+            )  # fmt: skip
             print(f"wrote {png}")
             print(json.dumps(results["masks"], indent=1))
     if write:

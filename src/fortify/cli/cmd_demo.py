@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         t_train = time.perf_counter() - t_train
         if result.best_epoch is not None and result.best_metric is not None:
             print(
-                f"[{label}] best epoch: {result.best_epoch + 1} of {cfg.train.epochs}, chosen on "
+                f"[{label}] best epoch: {result.best_epoch} of {cfg.train.epochs}, chosen on "
                 f"validation robust accuracy ({100 * result.best_metric:.1f}%), never on test"
             )
         model, _meta = load_model(run_dir, tag="best")

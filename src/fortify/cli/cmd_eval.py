@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +15,16 @@ DESCRIPTION = (
     "paper (Natural, FGSM, PGD-20, PGD-100, C&W, Ensemble), autoattack (pyautoattack, standard), "
     "quick (PGD-20), full (paper + autoattack) or a registered suite. Honest-evaluation checks "
     "(ε-ball, robust ≤ clean, gradient-masking indicators) run by default and are printed with "
-    "the table. Reports go to <run>/reports/eval-<suite>.md/.json."
+    "the table. Reports go to <run>/reports/eval-<suite>.md/.json. A column on fewer points "
+    "than the table says (n=k); unattacked points are never counted. Exit status: 0 = reliable; "
+    "1 = a check failed; 3 = a gradient-masking check warned, so the robust accuracies are not "
+    "trustworthy (--allow-unreliable turns 3 into 0); 2 = bad input. Under torchrun the chunks "
+    "of points are split over the ranks and rank 0 writes the report; --shard i/n evaluates one "
+    "slice (job arrays), joined by `fortify report --merge`. See docs/scaling.md."
 )
+
+EXIT_CHECK_FAILED = 1
+EXIT_UNRELIABLE = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +60,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="suites autoattack/full/adaptive: run AutoAttack on the first N points only (the "
-        "others keep their clean outcome in the AutoAttack column); default: every point",
+        "AutoAttack column and every worst case containing it count only those N, and say so); "
+        "default: every point",
+    )
+    parser.add_argument(
+        "--aa-scope",
+        choices=("all", "robust"),
+        default=None,
+        help="suite full: 'robust' runs AutoAttack only on the points every paper attack left "
+        "unbroken (same worst case, AutoAttack column marked not computed); default: all",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="evaluate slice I of N (0 <= I < N) and write eval-<suite>.shard-I-of-N.json; "
+        "join the N slices with `fortify report --merge`",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for random starts, Square and AutoAttack"
@@ -63,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="final: last PGD iterate; best: broken once any iterate fools; both: two rows",
     )
     parser.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
+    parser.add_argument(
+        "--allow-unreliable",
+        action="store_true",
+        help=f"exit 0 instead of {EXIT_UNRELIABLE} when a gradient-masking check warns (the "
+        "report still says UNRELIABLE)",
+    )
     parser.add_argument(
         "--split", choices=("test", "val"), default="test", help="which split to evaluate on"
     )
@@ -105,14 +135,12 @@ def check_data_matches_checkpoint(meta: dict, splits: DataSplits, target: Path) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from fortify.cli._source import load_source_target
-    from fortify.data import load_from_config
-    from fortify.errors import ConfigError, RunDirError, check_point_count
-    from fortify.evaluate import eps_curve, evaluate, plot_eps_curve
-    from fortify.evaluate.plot import default_eps_values
-    from fortify.runs import load_model
-    from fortify.utils.runtime import resolve_device
+    from fortify.errors import ConfigError, RunDirError
+    from fortify.evaluate.shard import Shard
+    from fortify.train import distributed
+    from fortify.utils.atomic import check_writable_dir
 
+    target = None
     if args.model is None:
         if args.target is None:
             raise ConfigError("give TARGET (a run or checkpoint) or --model SOURCE --dataset NAME")
@@ -121,13 +149,83 @@ def run(args: argparse.Namespace) -> int:
             raise RunDirError(
                 f"{target} does not exist; TARGET must be a run directory or a checkpoint file"
             )
+    check_eval_args(args)
+    shard = Shard.parse(args.shard) if args.shard is not None else None
+    if shard is not None and args.plot:
+        raise ConfigError("--plot cannot be combined with --shard (plot from the merged report)")
+    # The report folder is checked (and a run directory locked) before anything is computed.
+    out_dir, lock = None, None
+    if target is not None:
+        out_dir = check_writable_dir(_report_dir(target, args.out), "report folder (--out)")
+        lock = _lock_run_for_reports(target, out_dir)
+    elif args.out:
+        out_dir = check_writable_dir(args.out, "report folder (--out)")
+    info = distributed.setup(args.device)
+    try:
+        if info.distributed and shard is not None:
+            raise ConfigError(
+                "--shard cannot be used under torchrun: the ranks already split the points; use "
+                "--shard only for separate processes (job arrays)"
+            )
+        return _evaluate(args, target, info, out_dir, shard)
+    finally:
+        distributed.finish(info)
+        distributed.teardown(info)
+        if lock is not None:
+            lock.close()
+
+
+def check_eval_args(args: argparse.Namespace) -> None:
+    """Refuse bad ``fortify eval`` options before any file is read."""
+    from fortify.errors import ConfigError, check_point_count
+    from fortify.evaluate.core import get_suite
+    from fortify.runs.rundir import check_tag
+    from fortify.utils.runtime import check_seed
+
     if args.n_points < 1:
         raise ConfigError(f"--n-points must be >= 1, got {args.n_points}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_point_count(args.aa_points, "--aa-points")
-    device = resolve_device(args.device)
+    check_seed(args.seed, "--seed")
+    check_tag(args.tag)
+    get_suite(args.suite)  # an unknown suite fails before the model and data are loaded
+    if args.eps is not None and not (math.isfinite(args.eps) and args.eps > 0):
+        raise ConfigError(f"--eps must be a positive number in pixel units, got {args.eps}")
+
+
+def _lock_run_for_reports(target: Path, out_dir: Path) -> Any:
+    """Lock the run directory the reports go into (None when they go elsewhere)."""
+    from fortify.runs import RunDir
+
+    run_path = target if target.is_dir() else None
+    if run_path is None and target.parent.name == "checkpoints":
+        run_path = target.parent.parent
+    if run_path is None or not (run_path / "config.yaml").is_file():
+        return None
+    try:
+        out_dir.resolve().relative_to(run_path.resolve())
+    except ValueError:
+        return None  # the reports go elsewhere: reading checkpoints needs no lock
+    return RunDir.lock(run_path)
+
+
+def _evaluate(
+    args: argparse.Namespace, target: Path | None, info: Any, out_dir: Path | None, shard: Any
+) -> int:
+    from fortify.cli._source import load_source_target
+    from fortify.data import load_from_config
+    from fortify.errors import ConfigError
+    from fortify.evaluate import eps_curve, evaluate, plot_eps_curve
+    from fortify.evaluate.plot import default_eps_values
+    from fortify.runs import load_model
+
+    device = info.device
     if args.model is not None:  # a model that is not a fortify run
         model, meta, target = load_source_target(args, device)
+        out_dir = out_dir or _report_dir(target, args.out)
     else:
+        assert target is not None and out_dir is not None
         model, meta = load_model(target, tag=args.tag, device=device)
     data_cfg = (meta.get("config") or {}).get("data") or {}
     name = data_cfg.get("name")
@@ -145,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
     suite_options: dict[str, Any] = {}
     if args.aa_points is not None:
         suite_options["autoattack_points"] = args.aa_points
+    if args.aa_scope is not None:
+        suite_options["autoattack_scope"] = args.aa_scope
     if args.suite == "ood":  # lets the suite find a published corrupted set (CIFAR-10-C, ...)
         suite_options.update(
             dataset=name, root=args.data_root or data_cfg.get("root"), classes=splits.classes
@@ -162,6 +262,8 @@ def run(args: argparse.Namespace) -> int:
         checks=not args.no_checks,
         device=device,
         suite_options=suite_options,
+        shard=shard,
+        distributed=info.distributed,
         settings={
             "target": str(target),
             "tag": args.tag,
@@ -171,7 +273,15 @@ def run(args: argparse.Namespace) -> int:
             **({"model_source": args.model, "weights": args.weights} if args.model else {}),
         },
     )
-    out_dir = _report_dir(target, args.out)
+    if shard is not None:
+        stem = f"eval-{args.suite}.shard-{shard.index}-of-{shard.count}"
+        md, js = report.save(out_dir, stem=stem)
+        pattern = out_dir / f"eval-{args.suite}.shard-*-of-{shard.count}.json"
+        print(f"slice {shard} of the evaluation: wrote {js}; join all {shard.count} slices with")
+        print(f"  fortify report --merge {pattern}")
+        return 0
+    if not info.is_main:
+        return 0 if report.ok else 1
     md, js = report.save(out_dir, stem=f"eval-{args.suite}")
     report.save(out_dir, stem="eval")  # the latest evaluation, read by `fortify report`
     print(report.to_markdown())
@@ -194,4 +304,21 @@ def run(args: argparse.Namespace) -> int:
             title=f"PGD-20 robust accuracy vs ε ({m} points)",
         )
         print(f"wrote {png}")
-    return 0 if report.ok else 1
+    return exit_status(report, allow_unreliable=args.allow_unreliable)
+
+
+def exit_status(report: Any, *, allow_unreliable: bool = False) -> int:
+    """0 reliable, 1 a check failed, 3 a masking check warned (0 with ``allow_unreliable``)."""
+    if any(c.status == "fail" for c in report.checks):
+        return EXIT_CHECK_FAILED
+    if not report.reliable:
+        import sys
+
+        print(
+            "fortify eval: the report is UNRELIABLE (gradient masking suspected: "
+            + ", ".join(dict.fromkeys(report.unreliable_reasons))
+            + f"); exit status {0 if allow_unreliable else EXIT_UNRELIABLE}",
+            file=sys.stderr,
+        )
+        return 0 if allow_unreliable else EXIT_UNRELIABLE
+    return 0

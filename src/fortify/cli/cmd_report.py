@@ -9,7 +9,10 @@ DESCRIPTION = (
     "Put the evaluation tables of several runs side by side (markdown). Reads "
     "<run>/reports/eval.json "
     "(the latest `fortify eval`), or eval-<suite>.json with --suite; a path to an eval.json "
-    "works too."
+    "works too. With --compare, each later run is also compared with the first one (B − A per "
+    "column, paired-bootstrap CI, McNemar p, verdict; as `fortify compare`). With --merge, join "
+    "the slices written by `fortify eval --shard i/n` into the report one process would have "
+    "written."
 )
 
 
@@ -20,9 +23,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checks", action="store_true", help="list each run's non-ok checks below the table"
     )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="compare every later run with the first (paired CI, McNemar p, verdict)",
+    )
+    from fortify.cli.cmd_compare import add_compare_options
+
+    add_compare_options(parser)
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="RUN... are the slices eval-<suite>.shard-I-of-N.json of one evaluation (or a "
+        "folder holding them): check that they match, join them and write eval-<suite>.md/.json "
+        "(and eval.md/.json) next to the slices, or into --merge-dir",
+    )
+    parser.add_argument("--merge-dir", default=None, help="--merge: folder for the joined report")
 
 
-def _find(run: Path, suite: str | None) -> Path:
+def run_label(p: Path) -> str:
+    """A short name for a run directory or report file."""
+    if p.is_dir():
+        return p.name
+    return p.parent.parent.name if p.parent.name == "reports" else p.stem
+
+
+def find_report(run: Path, suite: str | None) -> Path:
+    """The report file of a run directory (or the file itself)."""
     if run.is_file():
         return run
     name = f"eval-{suite}.json" if suite else "eval.json"
@@ -34,21 +61,54 @@ def _find(run: Path, suite: str | None) -> Path:
     raise RunDirError(f"no {name} in {run}/reports or {run}; run `fortify eval {run}` first")
 
 
-def run(args: argparse.Namespace) -> int:
-    from fortify.evaluate import EvalReport, side_by_side
-    from fortify.utils.atomic import atomic_write_text
+def _merge(args: argparse.Namespace) -> int:
+    from fortify.errors import RunDirError
+    from fortify.evaluate.shard import finalize, load_partials, merge_partials
 
-    reports = {}
+    paths: list[Path] = []
     for r in args.runs:
         p = Path(r)
-        label = (
-            p.name
-            if p.is_dir()
-            else (p.parent.parent.name if p.parent.name == "reports" else p.stem)
-        )
+        if p.is_dir():
+            found = sorted(p.glob("eval-*.shard-*-of-*.json")) or sorted(
+                p.glob("reports/eval-*.shard-*-of-*.json")
+            )
+            if not found:
+                raise RunDirError(f"no slices eval-<suite>.shard-I-of-N.json in {p}")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise RunDirError(f"{p} does not exist; give the slices' .json files or their folder")
+    report = finalize(merge_partials(load_partials(paths)))
+    out_dir = Path(args.merge_dir) if args.merge_dir else paths[0].parent
+    md, js = report.save(out_dir, stem=f"eval-{report.settings.get('suite')}")
+    report.save(out_dir, stem="eval")
+    print(report.to_markdown())
+    print(f"joined {len(paths)} slices: wrote {md} and {js}")
+    return 0 if report.ok else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    from fortify.errors import RunDirError
+    from fortify.evaluate import EvalReport, side_by_side
+    from fortify.utils.atomic import atomic_write_text, check_writable_dir
+
+    if args.merge:
+        return _merge(args)
+
+    if args.out:
+        if Path(args.out).is_dir():
+            raise RunDirError(f"--out {args.out!r} is a folder; give a file name (e.g. report.md)")
+        check_writable_dir(Path(args.out).parent, "folder of --out")
+    reports = {}
+    paths = {}
+    for r in args.runs:
+        p = Path(r)
+        label = run_label(p)
         while label in reports:
             label += "'"
-        reports[label] = EvalReport.load(_find(p, args.suite))
+        reports[label] = EvalReport.load(find_report(p, args.suite))
+        paths[label] = p
     text = side_by_side(reports)
     if args.checks:
         lines = []
@@ -57,6 +117,17 @@ def run(args: argparse.Namespace) -> int:
                 if c.status != "ok":
                     lines.append(f"- {label}: [{c.status}] {c.name}: {c.message}")
         text += "\n" + ("\n".join(lines) if lines else "All checks ok.") + "\n"
+    if args.compare:
+        from fortify.cli.cmd_compare import compare_paths
+
+        labels = list(paths)
+        if len(labels) < 2:
+            from fortify.errors import ConfigError
+
+            raise ConfigError("--compare needs at least two runs (the first is the baseline)")
+        for other in labels[1:]:
+            comp = compare_paths(paths[labels[0]], paths[other], args, (labels[0], other))
+            text += "\n" + comp.to_markdown()
     print(text, end="")
     if args.out:
         atomic_write_text(args.out, text)

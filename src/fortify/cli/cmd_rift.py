@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from fortify.cli._help import HelpFormatter
+
 NAME = "rift"
 HELP = "robust critical fine-tuning: mrc, finetune, interpolate, run"
 DESCRIPTION = (
@@ -17,39 +19,57 @@ DESCRIPTION = (
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory of the adversarially trained model")
-    p.add_argument("--config", default=None, help="RiFT options YAML (configs/rift/default.yaml)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="RiFT options YAML, e.g. configs/rift/default.yaml (default: built-in options)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override a RiFT option, e.g. --set mrc.passes=5",
+        help="override a RiFT option, e.g. --set mrc.passes=5 (repeatable; default: none)",
     )
-    p.add_argument("--tag", default=None, help="checkpoint tag of the AT run (default best)")
-    p.add_argument("--out", default=None, help="output folder (default RUN/rift)")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
-    p.add_argument("--force", action="store_true", help="redo steps even if marked done")
+    p.add_argument("--tag", default=None, help="checkpoint tag of the AT run (default: best)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/rift)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda[:N] (default: auto)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="redo steps even if marked done (default: reuse a finished step)",
+    )
 
 
 def _mrc_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("MRC")
-    g.add_argument("--eps", type=float, default=None, help="radius relative to ‖W‖ (0.1)")
-    g.add_argument("--passes", type=int, default=None, help="ascent passes over the set (10)")
-    g.add_argument("--lr", dest="mrc_lr", type=float, default=None, help="ascent step (1.0)")
-    g.add_argument("--batch-size", dest="mrc_batch", type=int, default=None, help="(512)")
+    g.add_argument("--eps", type=float, default=None, help="radius relative to ‖W‖ (default: 0.1)")
+    g.add_argument(
+        "--passes", type=int, default=None, help="ascent passes over the set (default: 10)"
+    )
+    g.add_argument(
+        "--lr", dest="mrc_lr", type=float, default=None, help="ascent step (default: 1.0)"
+    )
+    g.add_argument(
+        "--batch-size",
+        dest="mrc_batch",
+        type=int,
+        default=None,
+        help="ascent batch size (default: 512)",
+    )
     g.add_argument(
         "--variant",
         choices=["max", "first-projection"],
         default=None,
-        help="max over passes (release, default) or stop at the first projection (paper)",
+        help="max over passes (release) or stop at the first projection (paper) (default: max)",
     )
     g.add_argument(
         "--points",
         dest="mrc_points",
         type=int,
         default=None,
-        help="validation images in the adversarial set (10000, capped by the split)",
+        help="validation images in the adversarial set, capped by the split (default: 10000)",
     )
     g.add_argument(
         "--attack-eps",
@@ -61,38 +81,42 @@ def _mrc_opts(p: argparse.ArgumentParser) -> None:
 
 def _ft_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
-    g.add_argument("--module", default=None, help="module to fine-tune, or auto (default auto)")
+    g.add_argument("--module", default=None, help="module to fine-tune, or auto (default: auto)")
     g.add_argument(
         "--bn",
         choices=["adapt", "frozen"],
         default=None,
-        help="BatchNorm statistics adapting to clean data (default, the release) or frozen",
+        help="BatchNorm statistics adapting to clean data (the release) or frozen (default: adapt)",
     )
-    g.add_argument("--epochs", type=int, default=None, help="(10)")
-    g.add_argument("--ft-lr", type=float, default=None, help="SGD lr (0.001)")
-    g.add_argument("--ft-batch-size", type=int, default=None, help="(128)")
+    g.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: 10)")
+    g.add_argument("--ft-lr", type=float, default=None, help="SGD lr (default: 0.001)")
+    g.add_argument(
+        "--ft-batch-size", type=int, default=None, help="fine-tuning batch size (default: 128)"
+    )
 
 
 def _interp_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("interpolation")
-    g.add_argument("--alpha-step", type=float, default=None, help="α grid step (0.1)")
+    g.add_argument("--alpha-step", type=float, default=None, help="α grid step (default: 0.1)")
     g.add_argument(
         "--tolerance",
         type=float,
         default=None,
-        help="allowed robust-accuracy loss vs AT, points (0.1)",
+        help="allowed robust-accuracy loss vs AT, points (default: 0.1)",
     )
     g.add_argument(
         "--alpha-rule",
         choices=["paired", "fixed"],
         default=None,
-        help="α* rule: paired = CIs over the validation points (default), fixed = the paper's "
-        "0.1-point gap on estimates",
+        help="α* rule: paired = CIs over the validation points, fixed = the paper's "
+        "0.1-point gap on estimates (default: paired)",
     )
-    g.add_argument("--val-points", type=int, default=None, help="validation images (2000)")
-    g.add_argument("--test-points", type=int, default=None, help="test images (1000)")
+    g.add_argument("--val-points", type=int, default=None, help="validation images (default: 2000)")
+    g.add_argument("--test-points", type=int, default=None, help="test images (default: 1000)")
     g.add_argument(
-        "--suites", default=None, help="comma-separated TEST suites (pgd10,paper,autoattack,ood)"
+        "--suites",
+        default=None,
+        help="comma-separated TEST suites (default: pgd10,paper,autoattack,ood)",
     )
 
 
@@ -112,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             name,
             help=help_text,
             description=help_text,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         _common(p)
         for g in groups:
@@ -160,9 +184,21 @@ def build_config(args: argparse.Namespace):  # noqa: ANN201 - RiftConfig, import
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fortify.errors import RunDirError
     from fortify.rift.pipeline import RiftRun, summary_markdown
+    from fortify.utils.atomic import check_writable_dir
 
     cfg = build_config(args)
+    if not Path(args.run).is_dir():
+        raise RunDirError(
+            f"no run directory at {args.run!r}: RUN must be the folder of an adversarially "
+            "trained run (e.g. runs/fmnist-at from fortify train --config "
+            "configs/train/cpu/fmnist-at.yaml)"
+        )
+    if args.out:
+        check_writable_dir(args.out, "output folder (--out)")
     rr = RiftRun(args.run, cfg, out=args.out)
     if args.step == "mrc":
         report = rr.mrc(force=args.force)

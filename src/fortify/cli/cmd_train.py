@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 DESCRIPTION = (
@@ -25,7 +24,7 @@ def _show(value: object) -> str:
     if isinstance(value, float):
         short = f"{value:.6g}"
         k = round(value * 255)
-        if short != repr(value) and k > 0 and abs(value * 255 - k) < 1e-9:
+        if 0 < value < 1 and short != repr(value) and abs(value * 255 - k) < 1e-9:
             return f"{short} (={k}/255)"  # pixel budgets such as 8/255
         return short
     return str(value)
@@ -59,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--run-dir", metavar="DIR", default=None,
-        help="run directory for a new run (unset: runs/<config name>)",
+        help="run directory for a new run (default: runs/<config name>)",
     )  # fmt: skip
     parser.add_argument(
         "--resume", metavar="RUN", default=None,
@@ -93,13 +92,16 @@ def run(args: argparse.Namespace) -> int:
     from fortify.config import ExperimentConfig, load_config
     from fortify.errors import ConfigError
     from fortify.train import fit
-    from fortify.utils.runtime import configure_threads
+    from fortify.utils.runtime import configure_threads, env_int
 
     configure_threads()
     overrides = list(args.sets) + list(args.overrides)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.field=value")
+            hint = ""
+            if item.endswith((".yaml", ".yml")) or Path(item).is_file():
+                hint = f"; to train from a preset file use --config {item}"
+            raise ConfigError(f"override {item!r} must look like section.field=value{hint}")
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other; choose one")
     if args.resume and args.run_dir and Path(args.run_dir) != Path(args.resume):
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         mode = "overwrite" if args.overwrite else "new"
 
     result = fit(cfg, run_dir, mode=mode, progress=not args.no_progress, force=args.force)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if env_int("RANK", 0) == 0:
         last = result.history[-1] if result.history else {}
         print(f"run: {result.run_dir}")
         print(f"epochs trained now: {result.epochs_run} (of {cfg.train.epochs})")
@@ -131,5 +133,6 @@ def run(args: argparse.Namespace) -> int:
                 print(f"last epoch {key}: {last[key]:.4f}")
         if result.best_epoch is not None:
             metric = "n/a" if result.best_metric is None else f"{result.best_metric:.4f}"
-            print(f"best checkpoint: epoch {result.best_epoch + 1} ({cfg.train.select}: {metric})")
+            best = f"epoch {result.best_epoch} of {cfg.train.epochs}"
+            print(f"best checkpoint: {best} ({cfg.train.select}: {metric})")
     return 0

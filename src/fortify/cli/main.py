@@ -8,12 +8,16 @@ invoked. The plug-in commands under ``import`` and ``replicate`` also expose ``N
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import logging
+import os
+import signal
 import sys
 
 from fortify import __version__
+from fortify.cli._help import HelpFormatter
 from fortify.errors import FortifyError
 
 # name -> module; listed here so --help works without importing torch-heavy modules.
@@ -28,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "eval": ("fortify.cli.cmd_eval", "evaluate a run, checkpoint or model with an attack suite"),
     "report": ("fortify.cli.cmd_report", "put the evaluation tables of several runs side by side"),
+    "compare": (
+        "fortify.cli.cmd_compare",
+        "paired comparison of two evaluations: B − A per column with CI, McNemar p, verdict",
+    ),
     "rift": (
         "fortify.cli.cmd_rift",
         "robust critical fine-tuning: mrc, finetune, interpolate, run",
@@ -50,21 +58,6 @@ def _available_commands() -> dict[str, tuple[str, str]]:
     return out
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every option's default; keeps paragraphs whose lines are all indented (tables in an
-    epilog) as they are, and re-wraps every other paragraph to the terminal width."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        out = []
-        for para in text.split("\n\n"):
-            lines = para.strip("\n").splitlines()
-            if lines and all(line.startswith(" ") for line in lines):
-                out.append("\n".join(indent + line for line in para.strip("\n").splitlines()))
-            else:
-                out.append(super()._fill_text(para, width, indent))
-        return "\n\n".join(out)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fortify",
@@ -73,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fortify {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full Python traceback of an unexpected error (report it with it)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _available_commands().items():
         mod = importlib.import_module(module)
@@ -83,13 +81,32 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=HelpFormatter,
         )
         mod.add_arguments(p)
+        p.add_argument(  # also accepted after the subcommand; SUPPRESS keeps the top-level value
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
         p.set_defaults(_module=module)
     return parser
+
+
+def _quiet_file_size_signal() -> None:
+    """A write past ``ulimit -f`` then fails with an ``OSError`` (EFBIG) that fortify reports,
+    instead of SIGXFSZ killing the process without a word."""
+    sig = getattr(signal, "SIGXFSZ", None)
+    if sig is not None:
+        with contextlib.suppress(ValueError, OSError):  # not the main thread
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_file_size_signal()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -106,6 +123,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system refused (full disk, permissions, a file in the way)
+        if args.debug or os.environ.get("FORTIFY_DEBUG", "") not in ("", "0"):
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"fortify {args.command}: error: cannot use{where}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the last line of defence, see docs/cli.md
+        if args.debug or os.environ.get("FORTIFY_DEBUG", "") not in ("", "0"):
+            raise
+        print(
+            f"fortify {args.command}: unexpected error: {_short(exc)}\n"
+            "this is a bug in fortify or an input it does not check yet; rerun with "
+            "`fortify --debug ...` for the full traceback and report it",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Errors always name the dotted field path, the offending value, and what is allow
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -61,6 +62,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, arg, path)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:  # X | None: the one real type's message is the precise one
+            raise ConfigError(errors[0])
         raise ConfigError(f"{path}: {value!r} does not fit type {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -77,6 +80,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"{path}: option names must be strings, got {bad[0]!r}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -89,7 +95,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            out = float(value)
+        except OverflowError:  # an integer beyond the float range
+            out = math.inf
+        if not math.isfinite(out):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return out
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -117,37 +129,72 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     return obj
 
 
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+def _parse_scalar(text: str, item: str) -> Any:
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"override {item!r}: the value {text!r} is not valid YAML ({first}); quote strings "
+            "and close brackets, e.g. train.milestones=[1,2]"
+        ) from exc
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
-        if "=" not in item:
+        if not isinstance(item, str) or "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
+        if any(not p.strip() for p in parts):
+            raise ConfigError(
+                f"override {item!r}: {key.strip()!r} is not a field path; use section.field=value"
+            )
         node = data
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_scalar(raw)
+        node[parts[-1]] = _parse_scalar(raw, item)
     return data
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; an empty file is an empty mapping."""
+    """Read a YAML mapping; an empty file is an empty mapping.
+
+    Only plain YAML is read (``yaml.safe_load``: no Python objects, no code).
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {str(path)!r} {what}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}); a config is a "
+            "YAML text file"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"config file {str(path)!r} is nested too deeply") from exc
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(
+            f"config file {str(path)!r}: top-level keys must be section names, got {bad[0]!r}"
+        )
     return data
 
 
@@ -209,4 +256,14 @@ def _load_with_base(path: Path, depth: int = 0) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    return _merge(_load_with_base(path.parent / base, depth + 1), data)
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(
+            f"config {str(path)!r}: base must be the file name of another preset (a string, "
+            f"relative to this file), got {base!r}"
+        )
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(
+            f"config {str(path)!r}: base {base!r} does not exist (looked for {str(base_path)!r})"
+        )
+    return _merge(_load_with_base(base_path, depth + 1), data)

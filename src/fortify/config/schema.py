@@ -30,8 +30,16 @@ class DataConfig:
     options: dict[str, Any] = field(default_factory=dict)  # reader options, e.g. {image_size: 64}
 
     def validate(self) -> None:
+        if not self.name.strip():
+            raise ConfigError("data.name must name a dataset (see `fortify.data.available()`)")
         if self.val_size < 0:
             raise ConfigError(f"data.val_size must be >= 0, got {self.val_size}")
+        _check_seed(self.split_seed, "data.split_seed")
+        for what, n in (("train_subset", self.train_subset), ("test_subset", self.test_subset)):
+            if n is not None and n < 1:
+                raise ConfigError(f"data.{what} must be >= 1 or null (every image), got {n}")
+        if self.crop_padding < 0:
+            raise ConfigError(f"data.crop_padding must be >= 0 pixels, got {self.crop_padding}")
 
 
 @dataclass
@@ -42,6 +50,10 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {width: 16} for narrow ResNets
     mean: list[float] | None = None  # optional normalisation inside the model
     std: list[float] | None = None
+
+    def validate(self) -> None:
+        if not self.name.strip():
+            raise ConfigError("model.name must name a backbone (see `fortify.models.available()`)")
 
 
 @dataclass
@@ -179,6 +191,9 @@ class EvalConfig:
             raise ConfigError(f"eval.eps must be in (0, 1] (pixel units), got {self.eps}")
         if self.n_points < 1:
             raise ConfigError(f"eval.n_points must be >= 1, got {self.n_points}")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        _check_seed(self.seed, "eval.seed")
         check_point_count(self.autoattack_points, "eval.autoattack_points")
 
 
@@ -194,3 +209,21 @@ class ExperimentConfig:
     defenses: list[DefenseConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        from fortify.utils.runtime import check_device_name
+
+        name = self.name
+        if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise ConfigError(
+                f"name {name!r} must be a non-empty run name without path separators "
+                "(it names the default run directory runs/<name>)"
+            )
+        _check_seed(self.seed, "seed")
+        check_device_name(self.device, "device")
+
+
+def _check_seed(seed: int, what: str) -> None:
+    from fortify.utils.runtime import check_seed
+
+    check_seed(seed, what)

@@ -162,7 +162,27 @@ def attach(
         ``model`` itself (modified in place) or, for a plain-container root, a :class:`Defended`
         wrapper. Either way ``forward(x)`` returns logits.
     """
-    names = [at] if isinstance(at, str) else list(at)
+    if not isinstance(model, nn.Module):
+        raise FortifyError(f"attach needs an nn.Module to defend, got {type(model).__name__}")
+    if not isinstance(defence, nn.Module) and not callable(defence):
+        raise FortifyError(
+            f"defence must be an nn.Module or a factory (C, H, W) -> nn.Module, got "
+            f"{type(defence).__name__}"
+        )
+    if isinstance(at, str):
+        names = [at]
+    elif isinstance(at, Sequence) and all(isinstance(n, str) for n in at):
+        names = list(at)
+    else:
+        raise FortifyError(f"at must be a module name or a list of names, got {at!r}")
+    if input_shape is not None and not (
+        isinstance(input_shape, (tuple, list))
+        and len(input_shape) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in input_shape)
+    ):
+        raise FortifyError(
+            f"input_shape must be (C, H, W) with three integers >= 1, got {input_shape!r}"
+        )
     if not names:
         raise FortifyError("attach needs at least one module name in `at`")
     if len(set(names)) != len(names):

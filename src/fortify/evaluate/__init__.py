@@ -5,10 +5,13 @@ in [0, 1] (N, C, H, W) to logits and returns an :class:`EvalReport`
 (``to_markdown()``, ``to_json()``, ``save(dir)``). Suites live in a registry
 (``register_suite(name, fn, options=...)``); built-ins: ``paper``, ``autoattack``, ``quick``,
 ``full``. Suite options go in ``evaluate(..., suite_options={...})``.
+``compare_reports(a, b)`` compares two reports on the same points (B − A per column with a
+paired-bootstrap CI, McNemar p-value and verdict).
 See docs/evaluation.md for the semantics of ``mode="final"`` / ``"best"`` and of every check.
 """
 
 from fortify.evaluate import suites as _suites  # noqa: F401  registers the built-in suites
+from fortify.evaluate.compare import Comparison, compare_reports
 from fortify.evaluate.core import (
     SuiteContext,
     available_suites,
@@ -19,14 +22,23 @@ from fortify.evaluate.core import (
     register_suite,
 )
 from fortify.evaluate.plot import eps_curve, plot_eps_curve
-from fortify.evaluate.report import Check, EvalReport, Outcome, ensemble_of, side_by_side
+from fortify.evaluate.report import (
+    Check,
+    EvalReport,
+    Outcome,
+    ensemble_of,
+    side_by_side,
+    worst_case,
+)
 
 __all__ = [
     "Check",
+    "Comparison",
     "EvalReport",
     "Outcome",
     "SuiteContext",
     "available_suites",
+    "compare_reports",
     "ensemble_of",
     "eps_curve",
     "eval_config_options",
@@ -36,4 +48,5 @@ __all__ = [
     "plot_eps_curve",
     "register_suite",
     "side_by_side",
+    "worst_case",
 ]

@@ -47,7 +47,7 @@ from fortify.evaluate.core import (
     first_points_note,
     register_suite,
 )
-from fortify.evaluate.report import EvalReport, ensemble_of
+from fortify.evaluate.report import EvalReport, accuracy_on, first_mask, worst_case
 
 log = logging.getLogger("fortify.evaluate.adaptive")
 
@@ -111,7 +111,7 @@ class AdaptiveOptions:
         kappa: C&W confidence on the pre-bound logits.
         autoattack: "both" (bounded output and logits), "bounded", "logits" or "none".
         autoattack_points: run AutoAttack on the first N points only (None: all); the others
-            keep their clean outcome in those columns.
+            are not counted in those columns nor in the worst case (its n says so).
         square_queries: Square's query budget per point (0 disables the Square columns).
         square_on: which outputs Square sees ("bounded", "logits").
         surrogate: plain model, run directory or checkpoint for the transfer column; None skips.
@@ -348,7 +348,7 @@ def adaptive_suite(ctx: SuiteContext) -> None:
 
         if limit < ctx.n:
             note += "; " + first_points_note("AutoAttack", limit, ctx.n)
-        columns[name] = ctx.run_attack(name, aa_fn, note=note)
+        columns[name] = ctx.run_attack(name, aa_fn, note=note, ran=first_mask(ctx.n, limit))
     if aa_nets:
         ctx.settings["autoattack_points"] = limit
     # -- black box ----------------------------------------------------------------------------
@@ -426,7 +426,12 @@ def adaptive_suite(ctx: SuiteContext) -> None:
     )
     if zero_logit is not None:
         msg += f", {100 * zero_logit:.1f}% a zero C&W gradient on the pre-bound logits"
-    ctx.check("zero gradients (output vs logits)", "warn" if zero_out > 0.05 else "ok", msg)
+    ctx.check(
+        "zero gradients (output vs logits)",
+        "warn" if zero_out > 0.05 else "ok",
+        msg,
+        masking=True,
+    )
     if has_logits:
         big = min(1.0, max(0.5, 4 * eps)) if norm == "linf" else 4 * eps
         broken = 0
@@ -454,6 +459,7 @@ def adaptive_suite(ctx: SuiteContext) -> None:
             "warn" if acc_big > 5.0 else "ok",
             f"DLR on the pre-bound logits at ε={big:.3g} leaves {acc_big:.1f}% accuracy "
             f"(first {m} points)" + ("; should be near 0" if acc_big > 5.0 else ""),
+            masking=True,
         )
     ce_acc, best_logit = acc(columns["ce"]), min(acc(columns["cw"]), acc(columns["dlr"]))
     gap = ce_acc - best_logit
@@ -479,11 +485,14 @@ def adaptive_suite(ctx: SuiteContext) -> None:
                 if best_black < best_white - GAP_WARN
                 else ""
             ),
+            masking=True,
         )
-    ens = ensemble_of(ctx.outcomes, mode)
-    headline = 100.0 * float(ens.float().mean()) if ens is not None else float("nan")
+    ens = worst_case(ctx.outcomes, mode)
+    headline = accuracy_on(*ens) if ens is not None else float("nan")
+    headline_n = ctx.n if ens is None or ens[1] is None else int(ens[1].sum())
     ctx.extras["adaptive"] = {
         "headline": headline,
+        "headline_points": headline_n,
         "mode": mode,
         "logits_available": has_logits,
         "ce_minus_logit_attacks": gap,

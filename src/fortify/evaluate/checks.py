@@ -3,7 +3,9 @@
 ``result_checks`` are free (computed from the suite's per-sample outcomes). ``masking_checks``
 look for gradient masking and run on the first ``check_points`` points to stay cheap:
 zero input gradients, an ε sweep (monotonicity, loss increase), robust accuracy at a very large
-ε, and black-box Square vs the white-box attacks.
+ε, and black-box Square vs the white-box attacks. A warning of any of them makes the report
+unreliable. The checks' own attacks at the threat-model ε (the sweep's PGD-20 at ε and Square)
+become the column ``Check attacks`` on those points, so they count in the Worst case column.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from fortify.attacks import pgd_attack
-from fortify.evaluate.report import ENSEMBLE, MODE_FREE, NATURAL, ensemble_of
+from fortify.evaluate.report import MODE_FREE, NATURAL, Outcome, accuracy_on, first_mask, worst_case
+
+CHECK_ATTACKS = "Check attacks"
 
 log = logging.getLogger("fortify.evaluate.checks")
 
@@ -30,17 +34,30 @@ def result_checks(ctx: Any) -> None:
     """Robust ≤ clean per attack; more PGD iterations must not help the model; best ≤ final."""
     clean = 100.0 * float(ctx.clean_correct.float().mean())
     n = ctx.n
-    tol = 100.0 / n * 0.5
+    if not bool(ctx.clean_correct.any()):
+        ctx.check(
+            "anything to test",
+            "warn",
+            f"the model classifies none of the {n} points correctly (clean 0%): every attack "
+            "trivially 'succeeds', so the robust columns and the checks below test nothing — "
+            "is the model trained (and are the inputs in [0, 1])?",
+        )
     bad = []
     for o in ctx.outcomes:
-        if o.name != NATURAL and len(o.correct) == n and o.accuracy > clean + tol:
-            bad.append(f"{o.name} [{o.mode}] {o.accuracy:.2f}% > clean {clean:.2f}%")
+        if o.name == NATURAL or len(o.correct) != n or o.n == 0:
+            continue
+        clean_o = accuracy_on(ctx.clean_correct, o.ran)  # clean accuracy on the same points
+        if o.accuracy > clean_o + 50.0 / o.n:
+            bad.append(f"{o.name} [{o.mode}] {o.accuracy:.2f}% > clean {clean_o:.2f}%")
     if bad:
         ctx.check(
-            "robust ≤ clean", "warn", "robust accuracy above clean accuracy: " + "; ".join(bad)
+            "robust ≤ clean",
+            "warn",
+            "robust accuracy above clean accuracy: " + "; ".join(bad),
         )
     else:
         ctx.check("robust ≤ clean", "ok", f"every attack's accuracy ≤ clean ({clean:.2f}%)")
+    tol = 100.0 / n * 0.5
     for m in ctx.modes:
         get = {o.name: o for o in ctx.outcomes if o.mode in (m, MODE_FREE)}
         if "PGD-20" in get and "PGD-100" in get:
@@ -52,10 +69,14 @@ def result_checks(ctx: Any) -> None:
                     f"PGD-100 ({a100:.2f}%) is weaker than PGD-20 ({a20:.2f}%): a sign of "
                     "gradient masking "
                     "or an unsuitable step size",
+                    masking=True,
                 )
             else:
                 ctx.check(
-                    f"more iterations [{m}]", "ok", f"PGD-100 {a100:.2f}% ≤ PGD-20 {a20:.2f}%"
+                    f"more iterations [{m}]",
+                    "ok",
+                    f"PGD-100 {a100:.2f}% ≤ PGD-20 {a20:.2f}%",
+                    masking=True,
                 )
     if ctx.mode == "both":
         worse = []
@@ -74,52 +95,137 @@ def result_checks(ctx: Any) -> None:
 
 
 def _sweep(
-    ctx: Any, xs: torch.Tensor, ys: torch.Tensor, eps: float, steps: int = 20
+    ctx: Any, xb: torch.Tensor, yb: torch.Tensor, eps: float, steps: int = 20
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PGD-``steps`` (CE, no random start, step 2.5ε/steps): (correct, loss increased)."""
-    correct = torch.zeros(len(xs), dtype=torch.bool)
-    increased = torch.zeros(len(xs), dtype=torch.bool)
-    for i in range(0, len(xs), ctx.batch_size):
-        xb = xs[i : i + ctx.batch_size].to(ctx.device)
-        yb = ys[i : i + ctx.batch_size].to(ctx.device)
-        r = pgd_attack(
-            ctx.model,
-            xb,
-            yb,
-            eps=eps,
-            steps=steps,
-            norm=ctx.norm,
-            random_start=False,
-            need_success=False,
+    """PGD-``steps`` on one batch (CE, no random start, step 2.5ε/steps): (correct, loss up)."""
+    r = pgd_attack(
+        ctx.model,
+        xb,
+        yb,
+        eps=eps,
+        steps=steps,
+        norm=ctx.norm,
+        random_start=False,
+        need_success=False,
+    )
+    ctx.verify_ball(f"ε-sweep PGD-{steps} at ε={eps:.4g}", r.x_adv, xb, eps)
+    with torch.no_grad():
+        la, lc = ctx.model(r.x_adv), ctx.model(xb)
+        gain = F.cross_entropy(la.float(), yb, reduction="none") - F.cross_entropy(
+            lc.float(), yb, reduction="none"
         )
-        ctx.verify_ball(f"ε-sweep PGD-{steps} at ε={eps:.4g}", r.x_adv, xb, eps)
-        with torch.no_grad():
-            la, lc = ctx.model(r.x_adv), ctx.model(xb)
-            correct[i : i + len(xb)] = (la.argmax(1) == yb).cpu()
-            gain = F.cross_entropy(la.float(), yb, reduction="none") - F.cross_entropy(
-                lc.float(), yb, reduction="none"
-            )
-            increased[i : i + len(xb)] = (gain > 0).cpu()
-    return correct, increased
+    return (la.argmax(1) == yb).cpu(), (gain > 0).cpu()
+
+
+def sweep_eps_values(eps: float, norm: str, dim: int) -> list[float]:
+    """The ε values of the sweep (``SWEEP_FACTORS`` × ε, capped at the largest useful ε)."""
+    cap = 1.0 if norm == "linf" else math.sqrt(dim)
+    return sorted({min(f * eps, cap) for f in SWEEP_FACTORS})
+
+
+def masking_data(
+    ctx: Any, *, check_points: int = 200, square_queries: int = 1000
+) -> dict[str, Any]:
+    """The per-point measurements of the masking checks on the first ``check_points`` points.
+
+    Only the points of the context's own chunks are measured (``ctx.batches()``, cut at
+    ``check_points``), so slices of a sharded evaluation measure disjoint points; the
+    ``pt_*`` entries are bool tensors (False where not measured) that slices join by OR.
+    Keys: ``points``, ``dim``, ``sweep_eps``, ``large_eps``, ``square_queries`` and the
+    per-point ``pt_zero_grad`` (m,), ``pt_sweep_correct`` / ``pt_sweep_increased`` (len(ε), m),
+    ``pt_large_correct`` (m,), ``pt_square_correct`` (m,) or None without pyautoattack.
+    """
+    m = min(check_points, ctx.n)
+    dim = math.prod(ctx.x.shape[1:])
+    eps_values = sweep_eps_values(ctx.eps, ctx.norm, dim)
+    big = LARGE_EPS_LINF if ctx.norm == "linf" else LARGE_EPS_LINF * math.sqrt(dim)
+    zero = torch.zeros(m, dtype=torch.bool)
+    s_correct = torch.zeros(len(eps_values), m, dtype=torch.bool)
+    s_up = torch.zeros(len(eps_values), m, dtype=torch.bool)
+    large = torch.zeros(m, dtype=torch.bool)
+    try:
+        from pyautoattack.square import SquareAttack
+    except ImportError:  # pragma: no cover
+        SquareAttack = None
+    square = torch.zeros(m, dtype=torch.bool) if SquareAttack is not None else None
+    sq = None
+    if SquareAttack is not None:
+        sq = SquareAttack(
+            ctx.model,
+            norm={"linf": "Linf", "l2": "L2"}[ctx.norm],
+            n_queries=square_queries,
+            eps=ctx.eps,
+            p_init=0.8,
+            n_restarts=1,
+            seed=ctx.seed,
+            verbose=False,
+            device=ctx.device,
+            resc_schedule=True,
+        )
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    for sl, xb, yb in ctx.batches():
+        if sl.start >= m:
+            break
+        stop = min(sl.stop, m)
+        xb, yb, sl = xb[: stop - sl.start], yb[: stop - sl.start], slice(sl.start, stop)
+        # 1. zero input gradients at the clean points
+        xg = xb.clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(ctx.model(xg).float(), yb, reduction="sum")
+            (g,) = torch.autograd.grad(loss, xg)
+        zero[sl] = (g.flatten(1).abs().sum(1) == 0).cpu()
+        # 2. ε sweep; 3. very large ε
+        for j, e in enumerate(eps_values):
+            s_correct[j, sl], s_up[j, sl] = _sweep(ctx, xb, yb, e)
+        large[sl] = _sweep(ctx, xb, yb, big)[0]
+        # 4. black-box Square (seeded per batch by pyautoattack)
+        if sq is not None and square is not None:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                adv = sq.perturb(xb, yb)
+                ctx.verify_ball("Square", adv, xb)
+                square[sl] = (ctx.model(adv).argmax(1) == yb).cpu()
+    return {
+        "points": m,
+        "dim": dim,
+        "sweep_eps": eps_values,
+        "large_eps": big,
+        "square_queries": square_queries,
+        "pt_zero_grad": zero,
+        "pt_sweep_correct": s_correct,
+        "pt_sweep_increased": s_up,
+        "pt_large_correct": large,
+        "pt_square_correct": square,
+    }
 
 
 def masking_checks(ctx: Any, *, check_points: int = 200, square_queries: int = 1000) -> None:
     """Cheap gradient-masking indicators on the first ``check_points`` points (see module doc)."""
-    m = min(check_points, ctx.n)
-    xs, ys = ctx.x[:m], ctx.y[:m]
+    data = masking_data(ctx, check_points=check_points, square_queries=square_queries)
+    masking_verdicts(ctx, data)
+
+
+def _pt(data: dict[str, Any], key: str) -> torch.Tensor | None:
+    v = data.get(key)
+    return None if v is None else torch.as_tensor(v, dtype=torch.bool)
+
+
+def masking_verdicts(ctx: Any, data: dict[str, Any]) -> None:
+    """The masking checks' verdicts from :func:`masking_data` of every point (see module doc).
+
+    ``ctx`` needs ``clean_correct``, ``outcomes``, ``modes``, ``norm``, ``eps``, ``extras`` and
+    ``check(name, status, message)``: a :class:`~fortify.evaluate.core.SuiteContext` or the
+    joined results of a sharded evaluation.
+    """
+    m = int(data["points"])
     sub = f"on the first {m} points"
     clean_sub = ctx.clean_correct[:m]
+    zero_pt, large_pt = _pt(data, "pt_zero_grad"), _pt(data, "pt_large_correct")
+    s_correct, s_up = _pt(data, "pt_sweep_correct"), _pt(data, "pt_sweep_increased")
+    assert zero_pt is not None and large_pt is not None
+    assert s_correct is not None and s_up is not None
 
     # 1. zero input gradients at the clean points
-    zero = 0
-    for i in range(0, m, ctx.batch_size):
-        xb = xs[i : i + ctx.batch_size].to(ctx.device).requires_grad_(True)
-        with torch.enable_grad():
-            loss = F.cross_entropy(
-                ctx.model(xb).float(), ys[i : i + ctx.batch_size].to(ctx.device), reduction="sum"
-            )
-            (g,) = torch.autograd.grad(loss, xb)
-        zero += int((g.flatten(1).abs().sum(1) == 0).sum())
+    zero = int(zero_pt.sum())
     ctx.check(
         "zero gradients",
         "warn" if zero else "ok",
@@ -127,19 +233,18 @@ def masking_checks(ctx: Any, *, check_points: int = 200, square_queries: int = 1
         "cannot move them"
         if zero
         else f"no point has an all-zero input gradient ({sub})",
+        masking=True,
     )
 
     # 2. ε sweep: monotonicity and loss increase; 3. very large ε
-    d = math.prod(ctx.x.shape[1:])
-    cap = 1.0 if ctx.norm == "linf" else math.sqrt(d)
-    eps_values = sorted({min(f * ctx.eps, cap) for f in SWEEP_FACTORS})
-    curve = []
+    eps_values = [float(e) for e in data["sweep_eps"]]
+    curve = [(e, 100.0 * float(s_correct[j].float().mean())) for j, e in enumerate(eps_values)]
     loss_up = None
-    for e in eps_values:
-        c, inc = _sweep(ctx, xs, ys, e)
-        curve.append((e, 100.0 * float(c.float().mean())))
+    at_eps = torch.ones(m, dtype=torch.bool)  # survived the checks' attacks at ε
+    for j, e in enumerate(eps_values):
         if math.isclose(e, ctx.eps):
-            loss_up = inc
+            loss_up = s_up[j]
+            at_eps &= s_correct[j]
     ctx.extras["eps_sweep"] = {
         "norm": ctx.norm,
         "points": m,
@@ -164,6 +269,7 @@ def masking_checks(ctx: Any, *, check_points: int = 200, square_queries: int = 1
         + "} ("
         + sub
         + ")",
+        masking=True,
     )
     if loss_up is not None:
         stuck = int((~loss_up).sum())
@@ -171,11 +277,13 @@ def masking_checks(ctx: Any, *, check_points: int = 200, square_queries: int = 1
         ctx.check(
             "PGD increases the loss",
             "warn" if frac > 0.05 else "ok",
-            f"PGD-20 did not increase the CE loss for {stuck}/{m} points ({sub})",
+            f"PGD-20 did not increase the CE loss for {stuck}/{m} points ({sub})"
+            if frac > 0.05
+            else f"PGD-20 increased the CE loss for {m - stuck}/{m} points ({sub})",
+            masking=True,
         )
-    big = LARGE_EPS_LINF if ctx.norm == "linf" else LARGE_EPS_LINF * math.sqrt(d)
-    c_big, _ = _sweep(ctx, xs, ys, big)
-    acc_big = 100.0 * float(c_big.float().mean())
+    big = float(data["large_eps"])
+    acc_big = 100.0 * float(large_pt.float().mean())
     ctx.extras["large_eps"] = {"eps": big, "accuracy": acc_big, "points": m}
     ctx.check(
         "large ε → 0",
@@ -186,65 +294,73 @@ def masking_checks(ctx: Any, *, check_points: int = 200, square_queries: int = 1
             if acc_big > LARGE_EPS_MAX_ACC
             else "near 0 as expected"
         ),
+        masking=True,
     )
 
     # 4. black-box Square vs white-box attacks
-    try:
-        from pyautoattack.square import SquareAttack
-    except ImportError:  # pragma: no cover
+    square_queries = int(data["square_queries"])
+    sq_correct = _pt(data, "pt_square_correct")
+    if sq_correct is None:  # pragma: no cover
         ctx.check("Square vs white-box", "warn", "pyautoattack not installed; Square check skipped")
+        _add_check_attacks(ctx, at_eps & clean_sub, "PGD-20 CE at ε (step 2.5ε/20)")
         return
     mode = ctx.modes[0]
-    wb = ensemble_of(
-        [o for o in ctx.outcomes if o.name not in (NATURAL, ENSEMBLE) and o.mode != MODE_FREE], mode
-    )
-    norm = {"linf": "Linf", "l2": "L2"}[ctx.norm]
-    sq = SquareAttack(
-        ctx.model,
-        norm=norm,
-        n_queries=square_queries,
-        eps=ctx.eps,
-        p_init=0.8,
-        n_restarts=1,
-        seed=ctx.seed,
-        verbose=False,
-        device=ctx.device,
-        resc_schedule=True,
-    )
-    sq_correct = torch.zeros(m, dtype=torch.bool)
-    devices = [ctx.device] if ctx.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        for i in range(0, m, ctx.batch_size):
-            xb = xs[i : i + ctx.batch_size].to(ctx.device)
-            yb = ys[i : i + ctx.batch_size].to(ctx.device)
-            adv = sq.perturb(xb, yb)
-            ctx.verify_ball("Square", adv, xb)
-            sq_correct[i : i + len(xb)] = (ctx.model(adv).argmax(1) == yb).cpu()
-    sq_correct &= clean_sub
+    white = [o for o in ctx.outcomes if o.name != NATURAL and o.mode != MODE_FREE]
+    wb = worst_case(white, mode)
+    sq_correct = sq_correct & clean_sub
     acc_sq = 100.0 * float(sq_correct.float().mean())
     ctx.extras["square"] = {"queries": square_queries, "points": m, "accuracy": acc_sq}
+    _add_check_attacks(
+        ctx,
+        at_eps & sq_correct,
+        f"PGD-20 CE at ε (step 2.5ε/20, no random start) and Square ({square_queries} queries)",
+    )
     if wb is None:
         ctx.check(
             "Square vs white-box",
             "ok",
             f"Square ({square_queries} queries): {acc_sq:.1f}% ({sub}); no white-box attack to "
             "compare",
+            masking=True,
         )
         return
-    wb_sub = wb[:m]
-    acc_wb = 100.0 * float(wb_sub.float().mean())
-    only_sq = int((wb_sub & ~sq_correct).sum())
+    wb_correct, wb_ran = wb
+    both = torch.ones(m, dtype=torch.bool) if wb_ran is None else wb_ran[:m].clone()
+    wb_sub, sq_sub = wb_correct[:m][both], sq_correct[both]
+    k = int(both.sum())
+    acc_wb, acc_sq_both = accuracy_on(wb_sub, None), accuracy_on(sq_sub, None)
+    only_sq = int((wb_sub & ~sq_sub).sum())
     ctx.extras["square"].update(whitebox_accuracy=acc_wb, broken_only_by_square=only_sq)
     msg = (
-        f"Square ({square_queries} queries) {acc_sq:.1f}% vs white-box worst case {acc_wb:.1f}% "
-        f"[{mode}] ({sub}); "
+        f"Square ({square_queries} queries) {acc_sq_both:.1f}% vs white-box worst case "
+        f"{acc_wb:.1f}% [{mode}] (on {k} of the first {m} points); "
         f"{only_sq} point(s) broken only by Square"
     )
-    if acc_sq < acc_wb - SQUARE_MARGIN:
+    if k and acc_sq_both < acc_wb - SQUARE_MARGIN:
         ctx.check(
             "Square vs white-box",
             "warn",
             msg + " — a black-box attack beating white-box ones suggests gradient masking",
+            masking=True,
         )
     else:
-        ctx.check("Square vs white-box", "ok", msg)
+        ctx.check("Square vs white-box", "ok", msg, masking=True)
+
+
+def _add_check_attacks(ctx: Any, survived: torch.Tensor, what: str) -> None:
+    """Add the checks' attacks at ε as column ``Check attacks`` on the first ``len(survived)``
+    points (mode-free, outside the Ensemble, inside Worst case)."""
+    m = len(survived)
+    correct = torch.zeros(ctx.n, dtype=torch.bool)
+    correct[:m] = survived
+    ctx.add(
+        Outcome(
+            CHECK_ATTACKS,
+            correct,
+            MODE_FREE,
+            ensemble=False,
+            note=f"per-point worst case of the masking checks' attacks at ε: {what}, on the "
+            f"first {m} of {ctx.n} points",
+            ran=first_mask(ctx.n, m),
+        )
+    )

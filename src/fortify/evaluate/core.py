@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import logging
-import math
 import platform
 import sys
 import time
@@ -20,6 +20,15 @@ from torch import nn
 from fortify.attacks import fgsm_attack, pgd_attack
 from fortify.errors import ConfigError, DataError, EvaluationError, FortifyError, unknown_name
 from fortify.evaluate.report import MODE_FREE, NATURAL, Check, EvalReport, Outcome
+from fortify.evaluate.shard import (
+    Shard,
+    digest_tensors,
+    finalize,
+    gather,
+    merge_partials,
+    model_digest,
+    partial_report,
+)
 from fortify.evaluate.validation import (
     check_deterministic,
     check_eps,
@@ -44,6 +53,8 @@ class SuiteSpec:
         options: the option names the suite accepts (``evaluate(..., suite_options=...)``).
         options_type: a dataclass whose fields are those names; when set, the given options are
             checked by building it and calling its ``validate()`` (if any) before the run.
+        shardable: the suite attacks chunk by chunk through ``ctx.batches()`` with randomness
+            from (seed, chunk) only, so it may run sharded (``torchrun``, ``--shard i/n``).
     """
 
     name: str
@@ -51,6 +62,7 @@ class SuiteSpec:
     description: str = ""
     options: tuple[str, ...] = ()
     options_type: type | None = None
+    shardable: bool = False
 
     def check_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
         """A validated copy of ``given``; an unknown name raises :class:`ConfigError`."""
@@ -92,6 +104,7 @@ def register_suite(
     *,
     description: str = "",
     options: Sequence[str] | type | None = None,
+    shardable: bool = False,
 ) -> Any:
     """Register ``fn(ctx: SuiteContext) -> None`` as suite ``name`` (usable as a decorator).
 
@@ -102,6 +115,8 @@ def register_suite(
         options: the option names the suite accepts in ``ctx.options`` (from
             ``evaluate(..., suite_options=...)``), or a dataclass whose fields are those names
             (its ``validate()``, if any, checks the values before the run). None: no options.
+        shardable: True if the suite works only through ``ctx.batches()`` (chunks of points)
+            and draws randomness from (seed, chunk) only (see :mod:`fortify.evaluate.shard`).
     """
     if options is None:
         names: tuple[str, ...] = ()
@@ -124,7 +139,7 @@ def register_suite(
         if name in _SUITES and _SUITES[name].fn is not f:
             raise ConfigError(f"evaluation suite {name!r} is registered twice")
         desc = description or (f.__doc__ or "").strip().split("\n")[0]
-        _SUITES[name] = SuiteSpec(name, f, desc, names, options_type)
+        _SUITES[name] = SuiteSpec(name, f, desc, names, options_type, shardable)
         return f
 
     return deco(fn) if fn is not None else deco
@@ -199,9 +214,8 @@ def attack_first(
 ) -> torch.Tensor:
     """``attack(x, y)`` on the first ``n_in`` points of a batch; the rest are returned unchanged.
 
-    Re-classifying the result therefore gives the points beyond ``n_in`` their *clean* outcome:
-    the convention for attacks run on a prefix of the points (say so with
-    :func:`first_points_note`).
+    The points beyond ``n_in`` were not attacked: their column must not count them (give the
+    outcome ``ran=first_mask(n, k)``) and its note says so (:func:`first_points_note`).
     """
     n_in = max(0, min(len(xb), n_in))
     if n_in == 0:
@@ -215,16 +229,45 @@ def first_points_note(what: str, k: int, n: int) -> str:
     if k >= n:
         return ""
     return (
-        f"{what} on the first {k} of {n} points; the other {n - k} were not attacked and keep "
-        "their clean outcome in this column"
+        f"{what} on the first {k} of {n} points; the other {n - k} were not attacked and this "
+        f"column (and every worst case containing it) counts only those {k}"
     )
+
+
+#: Off a terminal, an attack logs its progress at most this often (seconds).
+PROGRESS_LOG_SECONDS = 30.0
+
+
+class _LogProgress:
+    """Progress for a run without a terminal (a log file, a CI job): a line at most every
+    :data:`PROGRESS_LOG_SECONDS` with the batches done, the time so far and an estimate of the
+    time left."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.done = total, desc, 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, k: int = 1) -> None:
+        self.done += k
+        now = time.monotonic()
+        if self.done < self.total and now - self.last >= PROGRESS_LOG_SECONDS:
+            left = (now - self.start) / self.done * (self.total - self.done)
+            log.info(
+                "%s: %d/%d batches, %.0f s so far, about %.0f s left",
+                self.desc, self.done, self.total, now - self.start, left,
+            )  # fmt: skip
+            self.last = now
+
+    def close(self) -> None:
+        pass
 
 
 def _progress(total: int, desc: str, enabled: bool | None) -> Any:
     from tqdm.auto import tqdm
 
-    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
-    return tqdm(total=total, desc=desc, disable=disable, leave=False)
+    if enabled is None and not sys.stderr.isatty():
+        return _LogProgress(total, desc)
+    return tqdm(total=total, desc=desc, disable=enabled is False, leave=False)
 
 
 @dataclass
@@ -249,10 +292,16 @@ class SuiteContext:
     checks: list[Check] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # added to the report's settings
+    shard: Shard = field(default_factory=Shard)  # the chunks this process evaluates
 
     @property
     def n(self) -> int:
         return len(self.x)
+
+    @property
+    def n_batches(self) -> int:
+        """How many chunks :meth:`batches` yields (this process's share)."""
+        return sum(self.shard.owns(i, self.batch_size) for i in range(0, self.n, self.batch_size))
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -260,8 +309,14 @@ class SuiteContext:
         return ("final", "best") if self.mode == "both" else (self.mode,)
 
     def batches(self) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-        """``(slice, x_batch, y_batch)`` on the evaluation device."""
+        """``(slice, x_batch, y_batch)`` on the evaluation device, one per chunk of this shard.
+
+        A chunk is ``batch_size`` consecutive points from a multiple of ``batch_size``; attacks
+        must take their randomness from (seed, ``slice.start``) only (see ``generator``).
+        """
         for i in range(0, self.n, self.batch_size):
+            if not self.shard.owns(i, self.batch_size):
+                continue
             sl = slice(i, min(i + self.batch_size, self.n))
             yield sl, self.x[sl].to(self.device), self.y[sl].to(self.device)
 
@@ -270,9 +325,13 @@ class SuiteContext:
         dev = self.device if self.device.type in ("cpu", "cuda") else torch.device("cpu")
         return torch.Generator(device=dev).manual_seed(self.seed * 1000003 + salt)
 
-    def check(self, name: str, status: str, message: str) -> None:
-        """Record a check (status ``ok`` / ``warn`` / ``fail``); warnings are also logged."""
-        self.checks.append(Check(name, status, message))
+    def check(self, name: str, status: str, message: str, *, masking: bool = False) -> None:
+        """Record a check (status ``ok`` / ``warn`` / ``fail``); warnings are also logged.
+
+        ``masking``: the check looks for gradient masking; its warning makes the report
+        unreliable.
+        """
+        self.checks.append(Check(name, status, message, masking))
         if status != "ok":
             log.warning("%s: %s", name, message)
 
@@ -322,15 +381,17 @@ class SuiteContext:
         ensemble: bool = True,
         note: str = "",
         eps: float | None = None,
+        ran: torch.Tensor | None = None,
     ) -> list[Outcome]:
         """Run a single-shot attack ``fn(x_batch, y_batch, slice) -> x_adv`` batch by batch.
 
         Every batch is checked against the ball, re-classified with one forward, and added as
         one column per row (in ``best`` rows clean-misclassified points also count as broken).
+        ``ran`` (bool (N,), None: all) marks the points ``fn`` really attacks; only they count.
         """
         t0 = time.perf_counter()
         correct = torch.zeros(self.n, dtype=torch.bool)
-        bar = _progress(math.ceil(self.n / self.batch_size), name, self.progress)
+        bar = _progress(self.n_batches, name, self.progress)
         for sl, xb, yb in self.batches():
             x_adv = fn(xb, yb, sl)
             self.verify_ball(name, x_adv, xb, eps)
@@ -341,7 +402,7 @@ class SuiteContext:
         out = []
         for m in self.modes:
             c = correct if m == "final" else correct & self.clean_correct
-            out.append(self.add(Outcome(name, c, m, ensemble, dt, note)))
+            out.append(self.add(Outcome(name, c, m, ensemble, dt, note, ran)))
         return out
 
     def run_fgsm(self, name: str = "FGSM", *, ensemble: bool = True, **kw: Any) -> list[Outcome]:
@@ -373,7 +434,7 @@ class SuiteContext:
         final = torch.zeros(self.n, dtype=torch.bool)
         best = torch.zeros(self.n, dtype=torch.bool)
         mismatches = 0
-        bar = _progress(math.ceil(self.n / self.batch_size), name, self.progress)
+        bar = _progress(self.n_batches, name, self.progress)
         for sl, xb, yb in self.batches():
             gen = self.generator(salt + sl.start) if kw.get("random_start", True) else None
             if self.mode == "final":
@@ -470,6 +531,16 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def points_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """SHA-256 of the evaluated points (images as float32, labels as int64): two reports with the
+    same fingerprint were computed on the same points in the same order."""
+    h = hashlib.sha256()
+    h.update(str(tuple(x.shape)).encode())
+    h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    h.update(y.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def evaluate(
     model: nn.Module,
     x: torch.Tensor,
@@ -488,6 +559,8 @@ def evaluate(
     progress: bool | None = None,
     settings: dict[str, Any] | None = None,
     suite_options: Mapping[str, Any] | None = None,
+    shard: Shard | str | None = None,
+    distributed: bool = False,
 ) -> EvalReport:
     """Evaluate ``model`` on ``(x, y)`` with an attack suite and honest-evaluation checks.
 
@@ -511,6 +584,15 @@ def evaluate(
             ``autoattack`` / ``full`` or the :class:`~fortify.evaluate.adaptive.AdaptiveOptions`
             fields for ``adaptive``; names the suite does not accept raise
             :class:`ConfigError`. Recorded in the report's settings as ``suite_options``.
+        shard: evaluate only slice ``i/n`` of the chunks (``Shard`` or ``"i/n"``) and return a
+            *partial* report (settings ``shard``); join the n slices with
+            :func:`fortify.evaluate.shard.merge_partials` + ``finalize`` (``fortify report
+            --merge``). Per-point outcomes equal a one-process run's bit for bit.
+        distributed: split the chunks over the ranks of the initialised default process group
+            (``torchrun``: gloo on CPU, nccl on GPU); every rank returns the joined report.
+
+    Only suites registered with ``shardable=True`` (``paper``, ``quick``, ``autoattack``,
+    ``full``) can be sharded.
 
     Returns:
         :class:`EvalReport` (table, per-sample outcomes, checks, settings).
@@ -523,6 +605,13 @@ def evaluate(
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     spec = get_suite(suite)
     options = spec.check_options(suite_options)
+    part = _resolve_shard(shard, distributed)
+    if part.count > 1 and not spec.shardable:
+        shardable = sorted(k for k, v in _SUITES.items() if v.shardable)
+        raise ConfigError(
+            f"evaluation suite {suite!r} cannot be sharded (it does not split its work into "
+            f"chunks of points); run it in one process. Shardable suites: {', '.join(shardable)}"
+        )
     dev = torch.device(device) if device is not None else _model_device(model)
     if device is not None:
         model.to(dev)
@@ -561,6 +650,7 @@ def evaluate(
             run_checks=checks,
             progress=progress,
             options=options,
+            shard=part,
         )
         if was_training:
             ctx.check(
@@ -574,9 +664,11 @@ def evaluate(
 
         from fortify.evaluate import checks as honesty
 
-        honesty.result_checks(ctx)
+        check_data = None
         if checks:
-            honesty.masking_checks(ctx, check_points=check_points, square_queries=square_queries)
+            check_data = honesty.masking_data(
+                ctx, check_points=check_points, square_queries=square_queries
+            )
 
     report_settings: dict[str, Any] = {
         "suite": suite,
@@ -589,16 +681,54 @@ def evaluate(
         "batch_size": batch_size,
         "checks": checks,
         "check_points": min(check_points, len(x)) if checks else 0,
+        "square_queries": square_queries if checks else 0,
         "num_classes": num_classes,
         "image_shape": list(x.shape[1:]),
+        "points_sha256": points_fingerprint(x, y),
         "model": type(model).__name__,
+        "model_digest": model_digest(model),
+        "data_digest": digest_tensors([x, y]),
         "device": str(dev),
         "seconds": round(time.perf_counter() - t_start, 2),
         "versions": _versions(),
     }
     report_settings.update(ctx.settings)
     report_settings.update(settings or {})
-    return EvalReport(report_settings, ctx.outcomes, ctx.checks, ctx.extras)
+    if part.count > 1:
+        report_settings["shard"] = str(part)
+    partial = partial_report(
+        EvalReport(report_settings, ctx.outcomes, ctx.checks, ctx.extras), check_data
+    )
+    if distributed and part.count > 1:
+        partials = gather(partial)
+    elif part.count > 1:
+        return partial  # one slice: `fortify report --merge` joins them
+    else:
+        partials = [partial]
+    return finalize(merge_partials(partials), quiet=part.index != 0)
+
+
+def _resolve_shard(shard: Shard | str | None, distributed: bool) -> Shard:
+    if distributed:
+        import torch.distributed as dist
+
+        if shard is not None:
+            raise ConfigError(
+                "shard and distributed exclude each other: under torchrun the ranks are the "
+                "shards; use --shard i/n only for separate (job-array) processes"
+            )
+        if not dist.is_available() or not dist.is_initialized():
+            raise ConfigError(
+                "distributed=True needs an initialised process group (start with torchrun)"
+            )
+        return Shard(dist.get_rank(), dist.get_world_size())
+    if shard is None:
+        return Shard()
+    part = Shard.parse(shard) if isinstance(shard, str) else shard
+    if not isinstance(part, Shard):
+        raise ConfigError(f"shard must be a Shard or 'i/n', got {type(shard).__name__}")
+    part.validate()
+    return part
 
 
 def evaluate_split(

@@ -1,12 +1,20 @@
-"""Evaluation reports: one table in the papers' column layout, per-sample outcomes, checks."""
+"""Evaluation reports: one table in the papers' column layout, per-sample outcomes, checks.
+
+One rule for subsets: a column's accuracy counts only the points its attack ran on
+(:attr:`Outcome.ran`) and the table says that count when it is below the report's point count;
+a worst-case column (Ensemble, Worst case) counts only the points on which *every* member ran.
+No column counts an unattacked point as robust.
+"""
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fortify.errors import DataError
@@ -15,7 +23,21 @@ from fortify.utils.atomic import atomic_write_text
 STATUSES = ("ok", "warn", "fail")
 MODE_FREE = "-"  # row label for outcomes that do not depend on final/best (Natural, AutoAttack)
 ENSEMBLE = "Ensemble"
+WORST_CASE = "Worst case"
 NATURAL = "Natural"
+FORMAT = "fortify-eval/2"  # per-sample outcomes as base64 bit strings
+READABLE_FORMATS = ("fortify-eval/1", FORMAT)
+# Checks that indicate gradient masking (used for reports written before ``Check.masking``).
+LEGACY_MASKING_CHECKS = frozenset(
+    {
+        "zero gradients",
+        "monotone in ε",
+        "PGD increases the loss",
+        "large ε → 0",
+        "Square vs white-box",
+        "AutoAttack's own checks",
+    }
+)
 
 MODE_LABELS = {
     "final": "final (last PGD iterate counts)",
@@ -25,11 +47,16 @@ MODE_LABELS = {
 
 @dataclass
 class Check:
-    """One honest-evaluation check: ``status`` is ``ok``, ``warn`` or ``fail``."""
+    """One honest-evaluation check: ``status`` is ``ok``, ``warn`` or ``fail``.
+
+    ``masking`` marks checks that look for gradient masking (or a broken attack): when such a
+    check warns, the report is unreliable (:attr:`EvalReport.reliable`).
+    """
 
     name: str
     status: str
     message: str
+    masking: bool = False
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -41,7 +68,11 @@ class Outcome:
     """Per-point outcome of one column: ``correct[i]`` is True if point i survived.
 
     ``mode`` is ``"final"``, ``"best"`` or ``"-"`` (does not depend on the semantics);
-    ``ensemble`` marks columns that enter the per-sample worst case.
+    ``ensemble`` marks columns that enter the Ensemble column (every column enters Worst case).
+    ``ran`` (bool (N,)) marks the points the attack ran on; None means every point. Only those
+    points count: ``correct`` is meaningless elsewhere. ``computed=False``: the attack ran only
+    where it could change the worst case (AutoAttack with ``autoattack_scope="robust"``), so the
+    column enters the Ensemble but has no accuracy of its own.
     """
 
     name: str
@@ -50,29 +81,114 @@ class Outcome:
     ensemble: bool = True
     seconds: float = 0.0
     note: str = ""
+    ran: torch.Tensor | None = None  # bool (N,); None: every point
+    computed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.ran is not None:
+            self.ran = self.ran.detach().to("cpu", torch.bool)
+            if self.ran.shape != self.correct.shape:
+                raise ValueError(
+                    f"outcome {self.name!r}: ran has shape {tuple(self.ran.shape)}, correct "
+                    f"{tuple(self.correct.shape)}"
+                )
+            if bool(self.ran.all()):
+                self.ran = None
+
+    @property
+    def n(self) -> int:
+        """How many points the attack ran on (the accuracy's denominator)."""
+        return len(self.correct) if self.ran is None else int(self.ran.sum())
 
     @property
     def accuracy(self) -> float:
-        """Accuracy in percent."""
-        return 100.0 * float(self.correct.float().mean()) if len(self.correct) else float("nan")
+        """Accuracy in percent over the points the attack ran on."""
+        return accuracy_on(self.correct, self.ran)
+
+
+def accuracy_on(correct: torch.Tensor, ran: torch.Tensor | None) -> float:
+    """Accuracy (%) of ``correct`` over the points ``ran`` marks (all when None); NaN if none."""
+    c = correct if ran is None else correct[ran]
+    return 100.0 * float(c.float().mean()) if len(c) else float("nan")
+
+
+def first_mask(n: int, k: int) -> torch.Tensor | None:
+    """``ran`` mask of an attack on the first ``k`` of ``n`` points (None when k >= n)."""
+    if k >= n:
+        return None
+    m = torch.zeros(n, dtype=torch.bool)
+    m[: max(k, 0)] = True
+    return m
+
+
+def _and_ran(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return None if b is None else b.clone()
+    return a.clone() if b is None else a & b
+
+
+def worst_case(
+    outcomes: list[Outcome], mode: str, *, ensemble_only: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Per-sample worst case of row ``mode``: ``(correct, ran)``.
+
+    Members: the ensemble columns of the row and the mode-free ones (``ensemble_only``), or every
+    column of the row. ``ran`` is the set of points on which every member ran (None: all);
+    ``correct`` means nothing outside it.
+    """
+    members = [
+        o for o in outcomes if (o.ensemble or not ensemble_only) and o.mode in (mode, MODE_FREE)
+    ]
+    if not members:
+        return None
+    out, ran = members[0].correct.clone(), members[0].ran
+    ran = None if ran is None else ran.clone()
+    for o in members[1:]:
+        out &= o.correct
+        ran = _and_ran(ran, o.ran)
+    return out, ran
 
 
 def ensemble_of(outcomes: list[Outcome], mode: str) -> torch.Tensor | None:
-    """Per-sample worst case over the ensemble columns of row ``mode`` (and mode-free ones)."""
-    members = [o for o in outcomes if o.ensemble and o.mode in (mode, MODE_FREE)]
-    if not members:
-        return None
-    out = members[0].correct.clone()
-    for o in members[1:]:
-        out &= o.correct
-    return out
+    """Per-sample worst case over the ensemble columns of row ``mode`` (and mode-free ones).
+
+    Meaningful only on the points every member ran on (see :func:`worst_case`).
+    """
+    wc = worst_case(outcomes, mode)
+    return None if wc is None else wc[0]
+
+
+def _legacy_ran(name: str, settings: dict[str, Any], n: int) -> torch.Tensor | None:
+    """Points an outcome of a ``fortify-eval/1`` report ran on: those reports gave AutoAttack
+    columns run on the first ``autoattack_points`` points the clean outcome elsewhere."""
+    k = settings.get("autoattack_points")
+    if name.startswith("AutoAttack") and isinstance(k, int) and 0 <= k < n:
+        return first_mask(n, k)
+    return None
+
+
+def pack_bits(t: torch.Tensor) -> str:
+    """A bool tensor (N,) as base64 text of its bits (little-endian bit order)."""
+    bits = np.packbits(t.detach().cpu().numpy().astype(bool), bitorder="little")
+    return base64.b64encode(bits.tobytes()).decode("ascii")
+
+
+def unpack_bits(text: str, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits` for ``n`` points."""
+    raw = np.frombuffer(base64.b64decode(text.encode("ascii"), validate=True), dtype=np.uint8)
+    bits = np.unpackbits(raw, bitorder="little")
+    if len(bits) < n or bits[n:].any():
+        raise DataError(f"per-sample bit string does not hold {n} points")
+    return torch.from_numpy(bits[:n].astype(bool))
 
 
 @dataclass
 class EvalReport:
     """Result of :func:`fortify.evaluate.evaluate`.
 
-    ``outcomes`` hold per-point booleans per column and row; ``table()`` gives accuracies in %.
+    ``outcomes`` hold per-point booleans per column and row; ``table()`` gives accuracies in %
+    and ``table_n()`` the number of points each accuracy is computed on. ``reliable`` is False
+    when a check failed or a gradient-masking check warned.
     """
 
     settings: dict[str, Any]
@@ -90,8 +206,16 @@ class EvalReport:
         ]
 
     @property
+    def n_points(self) -> int:
+        """The number of evaluated points."""
+        if self.outcomes:
+            return len(self.outcomes[0].correct)
+        return int(self.settings.get("n_points", 0))
+
+    @property
     def columns(self) -> list[str]:
-        """Column names in order, with Ensemble after the last ensemble member."""
+        """Column names in order: Ensemble after the last ensemble member, and Worst case last
+        when some column is outside the Ensemble."""
         cols: list[str] = []
         for o in self.outcomes:
             if o.name not in cols:
@@ -99,6 +223,8 @@ class EvalReport:
         ens_members = [o.name for o in self.outcomes if o.ensemble and o.name != NATURAL]
         if ens_members:
             cols.insert(cols.index(ens_members[-1]) + 1, ENSEMBLE)
+        if any(not o.ensemble for o in self.outcomes):
+            cols.append(WORST_CASE)
         return cols
 
     def outcome(self, name: str, mode: str) -> Outcome | None:
@@ -108,29 +234,86 @@ class EvalReport:
                 return o
         return None
 
+    def column(self, name: str, mode: str = "final") -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(correct, ran)`` of a column as bool (N,) tensors; ``ran`` marks the points that
+        count. Ensemble and Worst case are recomputed from their members."""
+        if name in (ENSEMBLE, WORST_CASE):
+            wc = worst_case(self.outcomes, mode, ensemble_only=name == ENSEMBLE)
+            if wc is None:
+                return None
+            correct, ran = wc
+        else:
+            o = self.outcome(name, mode)
+            if o is None:
+                return None
+            correct, ran = o.correct, o.ran
+        if ran is None:
+            ran = torch.ones(len(correct), dtype=torch.bool)
+        return correct, ran
+
     def correct(self, name: str, mode: str = "final") -> torch.Tensor | None:
-        """Per-point survival for a column (Ensemble is recomputed from the members)."""
-        if name == ENSEMBLE:
-            return ensemble_of(self.outcomes, mode)
-        o = self.outcome(name, mode)
-        return None if o is None else o.correct
+        """Per-point survival for a column (Ensemble is recomputed from the members); only the
+        points :meth:`ran` marks count."""
+        col = self.column(name, mode)
+        return None if col is None else col[0]
+
+    def ran(self, name: str, mode: str = "final") -> torch.Tensor | None:
+        """Bool (N,): the points a column counts (its attack, or every member, ran on them)."""
+        col = self.column(name, mode)
+        return None if col is None else col[1]
 
     def table(self) -> dict[str, dict[str, float]]:
-        """``{row (mode): {column: accuracy %}}``."""
+        """``{row (mode): {column: accuracy %}}`` (each over the points the column ran on)."""
         out: dict[str, dict[str, float]] = {}
         for mode in self.modes:
             row: dict[str, float] = {}
             for col in self.columns:
-                c = self.correct(col, mode)
+                o = self.outcome(col, mode)
+                if o is not None and not o.computed:
+                    continue
+                c = self.column(col, mode)
                 if c is not None:
-                    row[col] = 100.0 * float(c.float().mean()) if len(c) else float("nan")
+                    row[col] = accuracy_on(c[0], c[1])
+            out[mode] = row
+        return out
+
+    def table_n(self) -> dict[str, dict[str, int]]:
+        """``{row (mode): {column: number of points the accuracy is computed on}}``."""
+        out: dict[str, dict[str, int]] = {}
+        for mode in self.modes:
+            row: dict[str, int] = {}
+            for col in self.columns:
+                c = self.column(col, mode)
+                if c is not None:
+                    row[col] = int(c[1].sum())
             out[mode] = row
         return out
 
     @property
+    def unreliable_reasons(self) -> list[str]:
+        """Names of the failed checks and of the gradient-masking checks that warned."""
+        return [
+            c.name for c in self.checks if c.status == "fail" or (c.masking and c.status == "warn")
+        ]
+
+    @property
+    def reliable(self) -> bool:
+        """False when a check failed or a gradient-masking check warned: the robust accuracies
+        may then be overestimates (see :attr:`unreliable_reasons`)."""
+        return not self.unreliable_reasons
+
+    @property
     def ok(self) -> bool:
-        """True when no check failed."""
-        return all(c.status != "fail" for c in self.checks)
+        """Same as :attr:`reliable`: no check failed and no masking check warned."""
+        return self.reliable
+
+    def checks_status(self) -> str:
+        """One cell for tables: ``ok``, ``unreliable (names)`` or ``k warn``."""
+        bad = self.unreliable_reasons
+        if bad:
+            return "unreliable (" + ", ".join(dict.fromkeys(bad)) + ")"
+        n_warn = sum(c.status == "warn" for c in self.checks)
+        return f"{n_warn} warn" if n_warn else "ok"
 
     # -- rendering -------------------------------------------------------------------------------
     def to_markdown(self) -> str:
@@ -138,24 +321,47 @@ class EvalReport:
         s = self.settings
         cols = self.columns
         table = self.table()
+        counts = self.table_n()
+        n = self.n_points
+        heads = []
+        for c in cols:
+            k = max((counts[m].get(c, n) for m in counts), default=n)
+            heads.append(c if k == n else f"{c} (n={k})")
         lines = [
             f"## Robustness evaluation — suite `{s.get('suite')}`",
             "",
             f"Accuracy (%) on {s.get('n_points')} points, {s.get('norm')} ε = "
             f"{_fmt_eps(s.get('eps'))}, "
-            f"seed {s.get('seed')}, mode `{s.get('mode')}`.",
+            f"seed {s.get('seed')}, mode `{s.get('mode')}`. A column marked (n=k) counts only "
+            "the k points its attacks ran on.",
             "",
-            "| mode | " + " | ".join(cols) + " |",
+        ]
+        if not self.reliable:
+            lines += [
+                "**UNRELIABLE:** "
+                + ", ".join(dict.fromkeys(self.unreliable_reasons))
+                + " — gradient masking (or a failed check) was detected, so the robust "
+                "accuracies are likely overestimates; see the checks below and the Worst case "
+                "column.",
+                "",
+            ]
+        lines += [
+            "| mode | " + " | ".join(heads) + " |",
             "|---|" + "---|" * len(cols),
         ]
         for mode, row in table.items():
-            cells = [f"{row[c]:.2f}" if c in row else "" for c in cols]
+            cells = [f"{row[c]:.2f}" if c in row else self._blank(c, mode) for c in cols]
             lines.append(f"| {MODE_LABELS.get(mode, mode)} | " + " | ".join(cells) + " |")
         notes = [
             f"- {o.name}: {o.note}"
             for o in self.outcomes
             if o.note and o.mode in (MODE_FREE, self.modes[0])
         ]
+        if WORST_CASE in cols:
+            notes.append(
+                f"- {WORST_CASE}: per-point worst case over every column (checks' attacks "
+                "included), on the points where all of them ran"
+            )
         if notes:
             lines += ["", *notes]
         lines += ["", "### Checks", ""]
@@ -169,13 +375,22 @@ class EvalReport:
             lines.append(f"- {k}: {v}")
         return "\n".join(lines) + "\n"
 
+    def _blank(self, col: str, mode: str) -> str:
+        o = self.outcome(col, mode)
+        return "not computed" if o is not None and not o.computed else ""
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict with settings, table, per-sample outcomes and checks."""
+        """JSON-ready dict: settings, table (with per-column n), reliability, checks and the
+        per-sample outcomes as base64 bit strings (:func:`pack_bits`; ``ran`` null = every
+        point)."""
         return {
-            "format": "fortify-eval/1",
+            "format": FORMAT,
             "settings": self.settings,
             "columns": self.columns,
             "table": self.table(),
+            "table_n": self.table_n(),
+            "reliable": self.reliable,
+            "unreliable_reasons": self.unreliable_reasons,
             "outcomes": [
                 {
                     "name": o.name,
@@ -183,8 +398,12 @@ class EvalReport:
                     "ensemble": o.ensemble,
                     "seconds": round(o.seconds, 3),
                     "note": o.note,
-                    "accuracy": o.accuracy,
-                    "correct": [bool(v) for v in o.correct.tolist()],
+                    "accuracy": o.accuracy if o.computed else None,
+                    "computed": o.computed,
+                    "n": o.n,
+                    "points": len(o.correct),
+                    "correct": pack_bits(o.correct),
+                    "ran": None if o.ran is None else pack_bits(o.ran),
                 }
                 for o in self.outcomes
             ],
@@ -198,23 +417,40 @@ class EvalReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalReport:
-        """Rebuild a report from :meth:`to_dict` output (e.g. to recompute Ensemble)."""
-        if d.get("format") != "fortify-eval/1":
+        """Rebuild a report from :meth:`to_dict` output (``fortify-eval/1`` with per-sample
+        lists is read too)."""
+        fmt = d.get("format")
+        if fmt not in READABLE_FORMATS:
             raise DataError(
-                f"not a fortify eval.json (format {d.get('format')!r}, expected 'fortify-eval/1')"
+                f"not a fortify eval.json (format {fmt!r}, expected one of "
+                f"{', '.join(READABLE_FORMATS)})"
             )
-        outcomes = [
-            Outcome(
-                o["name"],
-                torch.tensor(o["correct"], dtype=torch.bool),
-                o["mode"],
-                o["ensemble"],
-                o.get("seconds", 0.0),
-                o.get("note", ""),
+        outcomes = []
+        for o in d["outcomes"]:
+            if fmt == FORMAT:
+                n = int(o["points"])
+                correct = unpack_bits(o["correct"], n)
+                ran = None if o.get("ran") is None else unpack_bits(o["ran"], n)
+            else:
+                correct = torch.tensor(o["correct"], dtype=torch.bool)
+                ran = _legacy_ran(o["name"], d.get("settings", {}), len(correct))
+            outcomes.append(
+                Outcome(
+                    o["name"],
+                    correct,
+                    o["mode"],
+                    o["ensemble"],
+                    o.get("seconds", 0.0),
+                    o.get("note", ""),
+                    ran,
+                    o.get("computed", True),
+                )
             )
-            for o in d["outcomes"]
-        ]
-        checks = [Check(**c) for c in d.get("checks", [])]
+        checks = []
+        for c in d.get("checks", []):
+            c = dict(c)
+            c.setdefault("masking", c.get("name") in LEGACY_MASKING_CHECKS)
+            checks.append(Check(**c))
         return cls(d["settings"], outcomes, checks, d.get("extras", {}))
 
     @classmethod
@@ -227,7 +463,9 @@ class EvalReport:
             raise DataError(f"no evaluation report at {p} (run `fortify eval` first)")
         try:
             return cls.from_dict(json.loads(p.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, DataError):
+                raise
             raise DataError(f"{p} is not a valid fortify eval.json: {exc}") from exc
 
     def save(self, directory: str | Path, stem: str = "eval") -> tuple[Path, Path]:
@@ -247,7 +485,11 @@ def _fmt_eps(eps: Any) -> str:
 
 
 def side_by_side(reports: dict[str, EvalReport]) -> str:
-    """A markdown table with one row per (run, mode) and the union of the runs' columns."""
+    """A markdown table with one row per (run, mode) and the union of the runs' columns.
+
+    A cell on fewer points than the run's n says ``(n=k)``; the ``checks`` column says
+    ``unreliable (...)`` when gradient masking was detected or a check failed.
+    """
     cols: list[str] = []
     for r in reports.values():
         for c in r.columns:
@@ -259,13 +501,17 @@ def side_by_side(reports: dict[str, EvalReport]) -> str:
     ]
     for name, r in reports.items():
         s = r.settings
-        n_warn = sum(c.status == "warn" for c in r.checks)
-        n_fail = sum(c.status == "fail" for c in r.checks)
-        status = "ok" if not (n_warn or n_fail) else f"{n_warn} warn, {n_fail} fail"
+        counts = r.table_n()
         for mode, row in r.table().items():
-            cells = [f"{row[c]:.2f}" if c in row else "–" for c in cols]
+            cells = []
+            for c in cols:
+                if c not in row:
+                    cells.append("–")
+                    continue
+                k = counts[mode][c]
+                cells.append(f"{row[c]:.2f}" + ("" if k == r.n_points else f" (n={k})"))
             lines.append(
                 f"| {name} | {s.get('suite')} | {_fmt_eps(s.get('eps'))} | {s.get('n_points')} | "
-                f"{mode} | " + " | ".join(cells) + f" | {status} |"
+                f"{mode} | " + " | ".join(cells) + f" | {r.checks_status()} |"
             )
     return "\n".join(lines) + "\n"

@@ -12,20 +12,22 @@ import torch
 from fortify.errors import ConfigError, EvaluationError, check_point_count
 from fortify.evaluate.core import (
     SuiteContext,
-    attack_first,
     first_points,
     first_points_note,
     register_suite,
 )
-from fortify.evaluate.report import MODE_FREE, Outcome
+from fortify.evaluate.report import MODE_FREE, Outcome, ensemble_of, first_mask
 
 log = logging.getLogger("fortify.evaluate.suites")
 
 CW_KAPPA = 50.0
+AA_SCOPES = ("all", "robust")
 
 
 @register_suite(
-    "paper", description="FSR release: Natural, FGSM, PGD-20, PGD-100, C&W (κ=50), Ensemble"
+    "paper",
+    description="FSR release: Natural, FGSM, PGD-20, PGD-100, C&W (κ=50), Ensemble",
+    shardable=True,
 )
 def paper_suite(ctx: SuiteContext) -> None:
     """FSR release settings: FGSM; PGD-20/100 step 0.1ε no random start; C&W = PGD-30 κ=50."""
@@ -37,7 +39,9 @@ def paper_suite(ctx: SuiteContext) -> None:
 
 
 @register_suite(
-    "quick", description="PGD-20 (step 0.1ε, no random start) + Ensemble, for training/validation"
+    "quick",
+    description="PGD-20 (step 0.1ε, no random start) + Ensemble, for training/validation",
+    shardable=True,
 )
 def quick_suite(ctx: SuiteContext) -> None:
     """PGD-20 only (the cheap validation-time estimate)."""
@@ -59,15 +63,29 @@ class AutoAttackOptions:
 
     Attributes:
         autoattack_points: run AutoAttack on the first N points only (None: all); the other
-            points keep their clean outcome in the AutoAttack column, and the column's note and
-            the report's ``autoattack_points`` setting say how many were attacked.
+            points are not counted in the AutoAttack column (nor in any worst case containing
+            it), and the column's n, its note and the report's ``autoattack_points`` setting say
+            how many were attacked.
+        autoattack_scope: ``"all"`` (default): AutoAttack attacks every clean-correct point and
+            its column is a standalone AutoAttack accuracy. ``"robust"`` (suite ``full`` only):
+            AutoAttack attacks only the points that survived every attack of the paper suite,
+            the only points where it can change the worst case. The AutoAttack column is then
+            marked "not computed" and enters the Ensemble, which equals the per-point worst case
+            Ensemble ∧ AutoAttack of an ``"all"`` run bit for bit (outside the Ensemble with
+            ``"all"``, as before).
     """
 
     autoattack_points: int | None = None
+    autoattack_scope: str = "all"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on a bad value."""
         check_point_count(self.autoattack_points, "autoattack_points")
+        if self.autoattack_scope not in AA_SCOPES:
+            raise ConfigError(
+                f"autoattack_scope must be one of {', '.join(AA_SCOPES)}, got "
+                f"{self.autoattack_scope!r}"
+            )
 
 
 def run_autoattack(
@@ -76,14 +94,33 @@ def run_autoattack(
     version: str = "standard",
     name: str = "AutoAttack",
     points: int | None = None,
+    survivors: torch.Tensor | None = None,
+    scope: str = "all",
 ) -> Outcome:
-    """Run pyautoattack's standard version; its own checks' warnings become checks.
+    """Run pyautoattack's standard version chunk by chunk; its own checks' warnings become checks.
+
+    Each chunk of ``ctx.batches()`` is one ``run_standard_evaluation`` call (batch = the chunk,
+    AutoAttack's seed = ``ctx.seed``), so a point's outcome depends only on (seed, its chunk).
 
     Args:
         points: attack only the first ``points`` points (None: all). The others are not attacked
-            and keep their clean outcome in the column; the note and ``ctx.settings`` say so.
+            and not counted (``Outcome.ran``); the note and ``ctx.settings`` say so.
+        survivors: bool (N,) — the points no earlier attack broke. When given, each chunk's
+            survivors and its other clean-correct points are attacked in two separate calls, so
+            the survivors' outcomes do not depend on ``scope``.
+        scope: ``"all"``: a standalone column, outside the Ensemble. ``"robust"``: attack the
+            survivors only; the column is marked not computed and enters the Ensemble, which
+            then equals the ``"all"`` run's Ensemble ∧ AutoAttack bit for bit. Needs
+            ``survivors``.
     """
     check_point_count(points, "autoattack_points")
+    if scope not in AA_SCOPES:
+        raise ConfigError(f"autoattack_scope must be one of {', '.join(AA_SCOPES)}, got {scope!r}")
+    if scope == "robust" and survivors is None:
+        raise ConfigError(
+            "autoattack_scope='robust' needs cheaper attacks to run first: use suite 'full' "
+            "(the autoattack suite alone has no worst case to restrict AutoAttack to)"
+        )
     try:
         from pyautoattack import AutoAttack
     except ImportError as exc:  # pragma: no cover - pyautoattack is a dependency
@@ -108,56 +145,104 @@ def run_autoattack(
         adversary.fab.n_target_classes = k - 1
         notes.append(f"APGD-T/FAB-T with {k - 1} target classes (model has {k})")
     ctx.settings["autoattack_points"] = limit
-    x_all = ctx.x.to(ctx.device)
-
-    def _run(xa: torch.Tensor, ya: torch.Tensor) -> torch.Tensor:
-        return adversary.run_standard_evaluation(xa, ya, batch_size=ctx.batch_size)[0]
-
+    ctx.settings["autoattack_scope"] = scope
+    in_limit = torch.arange(ctx.n) < limit
+    attack = in_limit & ctx.clean_correct
+    groups = [attack] if survivors is None else [attack & survivors, attack & ~survivors]
+    if scope == "robust":
+        groups = groups[:1]
+    # Not attacked: beyond the limit (not counted: ``ran``), or broken by earlier attacks.
+    correct = ctx.clean_correct & ~in_limit
     handler = _CaptureLog()
     aa_log = logging.getLogger("auto-attack")
     aa_log.addHandler(handler)
     t0 = time.perf_counter()
+    attacked = 0
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
     try:
         # pyautoattack reseeds the global RNG; keep the caller's RNG state untouched.
-        devices = [ctx.device] if ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            x_adv = attack_first(_run, x_all, ctx.y.to(ctx.device), limit)
+            for sl, xb, yb in ctx.batches():
+                for group in groups:
+                    idx = group[sl].nonzero().flatten()
+                    if not len(idx):
+                        continue
+                    xa, ya = xb[idx.to(xb.device)], yb[idx.to(yb.device)]
+                    x_adv = adversary.run_standard_evaluation(xa, ya, batch_size=len(xa))[0]
+                    ctx.verify_ball(name, x_adv, xa)
+                    correct[sl.start + idx] = (ctx.predict(x_adv) == ya).cpu()
+                    attacked += len(idx)
     finally:
         aa_log.removeHandler(handler)
     found = handler.messages + [str(w.message) for w in caught]
-    ctx.verify_ball(name, x_adv, x_all)
-    correct = torch.zeros(ctx.n, dtype=torch.bool)
-    for sl, _, yb in ctx.batches():
-        correct[sl] = (ctx.predict(x_adv[sl]) == yb).cpu()
-    correct &= ctx.clean_correct
     dt = time.perf_counter() - t0
     if found:
         for msg in dict.fromkeys(found):
-            ctx.check("AutoAttack's own checks", "warn", msg)
+            ctx.check("AutoAttack's own checks", "warn", msg, masking=True)
     else:
         ctx.check(
             "AutoAttack's own checks",
             "ok",
             "no warnings (randomness, probability outputs, dynamic defence, classes, zero "
             "gradients, Square vs APGD)",
+            masking=True,
         )
+    if scope == "robust":
+        notes.append(
+            "not computed on its own: AutoAttack ran only on the points that survived every "
+            "other attack (autoattack_scope=robust), so here it enters the Ensemble, which is "
+            "the worst case over all attacks including AutoAttack"
+        )
+    log.info("%s: attacked %d point(s) in this process in %.1f s", name, attacked, dt)
     note = "; ".join(n for n in notes if n)
-    return ctx.add(Outcome(name, correct, MODE_FREE, ensemble=False, seconds=dt, note=note))
+    return ctx.add(
+        Outcome(
+            name,
+            correct,
+            MODE_FREE,
+            ensemble=scope == "robust",
+            seconds=dt,
+            note=note,
+            ran=first_mask(ctx.n, limit),
+            computed=scope == "all",
+        )
+    )
 
 
 @register_suite(
     "autoattack",
     description="AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) via pyautoattack",
     options=AutoAttackOptions,
+    shardable=True,
 )
 def autoattack_suite(ctx: SuiteContext) -> None:
     """AutoAttack standard version through the reference package ``pyautoattack``."""
-    run_autoattack(ctx, points=ctx.options.get("autoattack_points"))
+    run_autoattack(
+        ctx,
+        points=ctx.options.get("autoattack_points"),
+        scope=ctx.options.get("autoattack_scope", "all"),
+    )
 
 
-@register_suite("full", description="paper suite + AutoAttack", options=AutoAttackOptions)
+@register_suite(
+    "full", description="paper suite + AutoAttack", options=AutoAttackOptions, shardable=True
+)
 def full_suite(ctx: SuiteContext) -> None:
-    """Everything of ``paper`` followed by ``autoattack``."""
+    """Everything of ``paper`` followed by ``autoattack``.
+
+    AutoAttack attacks the points that survived every paper attack (in any row) separately from
+    the others, so ``autoattack_scope="robust"`` (survivors only) gives the same worst case.
+    """
     paper_suite(ctx)
-    run_autoattack(ctx, points=ctx.options.get("autoattack_points"))
+    survivors = torch.zeros(ctx.n, dtype=torch.bool)
+    for mode in ctx.modes:
+        worst = ensemble_of(ctx.outcomes, mode)
+        if worst is not None:
+            survivors |= worst
+    run_autoattack(
+        ctx,
+        points=ctx.options.get("autoattack_points"),
+        survivors=survivors,
+        scope=ctx.options.get("autoattack_scope", "all"),
+    )

@@ -297,19 +297,70 @@ def import_fsr_release(
     """
     import torch
 
-    from fortify.errors import CheckpointError
-    from fortify.runs import RunDir, save_checkpoint
+    from fortify.errors import CheckpointError, ConfigError
+    from fortify.runs import RunDir
 
+    check_import_args(dataset, image_size=image_size, num_classes=num_classes, tau=tau)
+    RunDir.check_can_open(out, "overwrite" if overwrite else "new")
     state = read_state_dict(path)
     model, cfg, shape = build_release_model(
         state, arch, num_classes=num_classes, dataset=dataset, image_size=image_size, tau=tau
     )
     image_shape = [int(v) for v in shape]
-    with torch.no_grad():
-        logits = model(torch.full((2, *image_shape), 0.5))
+    try:
+        with torch.no_grad():
+            logits = model(torch.full((2, *image_shape), 0.5))
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"--image-size {image_size} does not suit the {arch} model "
+            f"({str(exc).splitlines()[0][:200]}); use the size it was trained on (e.g. 32)"
+        ) from exc
     if not torch.isfinite(logits).all():
         raise CheckpointError(f"the imported {arch} model produces non-finite logits")
-    run = RunDir.open(out, mode="overwrite" if overwrite else "new", config=cfg)
+    with RunDir.open(out, mode="overwrite" if overwrite else "new", config=cfg) as run:
+        target = _write(run, model, cfg, logits, image_shape, path, arch)
+    log.info("imported %s (%s) -> %s", path, arch, target)
+    return target
+
+
+def check_import_args(
+    dataset: str,
+    *,
+    image_size: int | None = None,
+    num_classes: int | None = None,
+    tau: float | None = None,
+) -> None:
+    """Refuse bad importer options (``ConfigError`` naming the value) before any work."""
+    import math
+
+    from fortify.data import available
+    from fortify.errors import ConfigError, unknown_name
+
+    if dataset not in available():
+        raise unknown_name("dataset", dataset, available())
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
+        raise ConfigError(f"--image-size must be an integer >= 1 (pixels), got {image_size!r}")
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+    ):
+        raise ConfigError(f"--num-classes must be an integer >= 2, got {num_classes!r}")
+    if tau is not None and not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ConfigError(f"--tau (Gumbel-softmax temperature) must be > 0, got {tau!r}")
+
+
+def _write(
+    run: Any,
+    model: Any,
+    cfg: dict[str, Any],
+    logits: Any,
+    image_shape: list[int],
+    path: str | Path,
+    arch: str,
+) -> Path:
+    from fortify.runs import save_checkpoint
+
     target = run.checkpoint_path("final")
     meta = {
         "config": cfg,
@@ -320,5 +371,4 @@ def import_fsr_release(
     }
     save_checkpoint(target, model, meta)
     run.set_state("finished", source=NAME, arch=arch)
-    log.info("imported %s (%s) -> %s", path, arch, target)
     return target

@@ -245,6 +245,7 @@ def import_rift_release(
         raise ConfigError(f"dataset {dataset!r} is not one of the release's: {sorted(DATASETS)}")
     if normalization not in NORMALIZATIONS:
         raise ConfigError(f"normalization {normalization!r} is not one of {list(NORMALIZATIONS)}")
+    RunDir.check_can_open(out, "overwrite" if overwrite else "new")
     net, mean, std = normalise_keys(read_state(path))
     found, kwargs, num_classes, in_ch = detect(net)
     if arch is not None and arch != found:
@@ -304,5 +305,6 @@ def import_rift_release(
     save_checkpoint(target, model, meta)
     if hasattr(run_dir, "set_state"):
         run_dir.set_state("finished")
+    run_dir.close()
     log.info("imported %s (%s, %d classes) -> %s", path, found, num_classes, target)
     return Path(target)

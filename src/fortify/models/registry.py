@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fortify.errors import ConfigError, unknown_name
+from fortify.errors import ConfigError, FortifyError, unknown_name
 from fortify.models.sources import (
     available_sources,
     is_source,
@@ -122,6 +122,9 @@ def create(
         FortifyError: unknown name (the message lists the known names).
         ConfigError: unknown keyword arguments, bad mean/std, bad option values.
     """
+    for what, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"model {name!r}: {what} must be an integer >= 1, got {value!r}")
     if (mean is None) != (std is None):
         raise ConfigError("give both mean and std for in-model normalisation, or neither")
     if mean is not None and std is not None:
@@ -146,13 +149,41 @@ def create(
             f"model {name!r} does not accept option(s) {unknown}; allowed options: "
             f"{', '.join(f'{k}={v!r}' for k, v in allowed.items()) or 'none'}"
         )
+    for key, value in kwargs.items():
+        _check_option(name, key, value, allowed.get(key))
     try:
         model = entry.builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
-    except TypeError as exc:  # e.g. width="wide" reaching arithmetic inside the builder
+    except FortifyError:
+        raise
+    except (TypeError, ValueError, ArithmeticError, AssertionError, RuntimeError) as exc:
+        # e.g. a depth the architecture cannot have, reaching arithmetic inside the builder
         raise ConfigError(f"bad option for model {name!r} ({exc}); options: {allowed}") from exc
     if mean is not None and std is not None:
         model.normalize = Normalize(mean, std)
     return model
+
+
+def _check_option(model: str, key: str, value: object, default: object) -> None:
+    """Type and range of a backbone option, judged by its default: an integer option with a
+    positive default (``width``, ``depth``, ...) must be an integer >= 1, a float option a
+    finite number, a bool option a bool, a string option a string."""
+    bad = None
+    if isinstance(default, bool):
+        bad = None if isinstance(value, bool) else "true or false"
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok or (default >= 1 and value < 1) or value < 0:
+            bad = "an integer >= 1" if default >= 1 else "an integer >= 0"
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        bad = None if ok and math.isfinite(value) else "a finite number"
+    elif isinstance(default, str):
+        bad = None if isinstance(value, str) else "a string"
+    if bad is not None:
+        raise ConfigError(
+            f"model {model!r}: option {key}={value!r} is not allowed; {key} must be {bad} "
+            f"(default {default!r})"
+        )
 
 
 def describe_kwargs(name: str) -> dict[str, object]:

@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from fortify.replicate import fsr_table1 as t1
+from fortify.replicate.common import train_or_reuse
 
 log = logging.getLogger("fortify.replicate.feature_table")
 
-COLUMNS = t1.COLUMNS  # Natural, FGSM, PGD-20, PGD-100, C&W, Ensemble, AutoAttack
+# Natural, FGSM, PGD-20, PGD-100, C&W, Ensemble, AutoAttack (fsr-table1 adds a Worst case column)
+COLUMNS = tuple(c for c in t1.COLUMNS if c != "Worst case")
 EPS = t1.EPS
 DEFAULT_OUT = "runs/fsr-feature-defences"
 EVAL_CACHE = "feature_table_eval.json"
@@ -118,9 +120,7 @@ def row_config(row: str, spec: Row, seed: int, args: argparse.Namespace) -> Any:
     from fortify.config.loader import from_dict, to_dict
     from fortify.config.schema import ExperimentConfig
 
-    a = copy.copy(args)
-    a.seed = seed
-    data = to_dict(t1.row_config("at", a))
+    data = to_dict(t1.row_config("at", args, seed=seed))
     data["name"] = f"fsr-feature-{row}-seed{seed}"
     data["defenses"] = _expand(spec.defences, args)
     return from_dict(ExperimentConfig, data)
@@ -430,7 +430,7 @@ def run_table(
         for seed in seeds:
             cfg = row_config(row, rows[row], seed, args)
             run_dir = out / row / f"seed{seed}"
-            _, t_train = t1._train(cfg, run_dir)
+            train_or_reuse(cfg, run_dir, progress=sys.stderr.isatty())
             model, _ = load_model(run_dir, tag="last")  # evaluate exactly what is on disk
             ev = evaluate_row(model, run_dir, args, splits)
             ev = {**ev, "train_seconds": round(t1._train_seconds(run_dir), 1)}

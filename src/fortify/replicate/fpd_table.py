@@ -10,7 +10,8 @@ clean; white-box on the bounded output (FGSM, PGD-CE) and on the pre-bound logit
 AutoAttack; black box (Square and transfer from the plain model). The worst case is taken per
 point over attacks that ran on every counted point: over every non-AutoAttack column on all
 points, and over every column on the AutoAttack subset (with its n). Writes the page to
-``docs/results/fpd_table.md`` (or ``--results``) with the command, seed and wall time, and
+``<out>/fpd_table.md`` (``--results docs/results/fpd_table.md`` updates the published page) with
+the command, seed and wall time, and
 next to it a JSON file with every row's per-point outcomes (``--combine`` builds the multi-seed
 page from such files); the full evaluation reports go to each run directory's ``reports/``.
 
@@ -76,7 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", default="runs/fpd-table", help="root of the run directories (one per row)"
     )
-    p.add_argument("--results", default="docs/results/fpd_table.md", help="markdown table to write")
+    p.add_argument(
+        "--results", default=None,
+        help="markdown table to write (default: OUT/fpd_table.md; --results "
+        "docs/results/fpd_table.md updates the published page)",
+    )  # fmt: skip
     p.add_argument(
         "--data-root", default=None, help="where Fashion-MNIST lives (default: usual places)"
     )
@@ -268,6 +273,8 @@ def run(a: argparse.Namespace) -> int:
     from fortify.utils.atomic import atomic_write_text as write_text_atomic
     from fortify.utils.runtime import seed_everything
 
+    if a.results is None:
+        a.results = str(Path(a.out) / "fpd_table.md")
     if a.combine:
         return combine(a)
     if a.quick:

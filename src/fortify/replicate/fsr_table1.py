@@ -6,10 +6,15 @@ epochs, bf16 autocast + channels-last) and evaluated with :func:`fortify.evaluat
 the FSR paper suite (Natural, FGSM, PGD-20, PGD-100, C&W κ=50, Ensemble) on ``--test-points``
 test images and AutoAttack (standard) on the first ``--aa-points`` of them; L∞ ε = 0.1.
 
-Everything lives under ``--out`` (one run directory per row plus ``<row>/reports/
-fsr_table1_eval.json``); re-running the command resumes unfinished training and skips finished
-rows and evaluations whose settings match. The table goes to ``--doc`` (Markdown) and
-``--out/fsr_table1.json`` (and a JSON copy next to the Markdown).
+Each row is trained once per seed of ``--seeds`` (e.g. ``0,1,2``). Everything lives under
+``--out``: one run directory per (row, seed), ``<out>/<row>/seed-<s>``, with its evaluation in
+``reports/fsr_table1_eval.json``; re-running the command resumes unfinished training and reuses
+finished (row, seed) jobs and evaluations whose settings and checkpoint match, so two processes
+with disjoint ``--rows`` can share one ``--out`` and a last call with every row collects them.
+The page (``--doc``) shows mean ± sd over seeds, the per-pair differences (FSR minus baseline)
+with seed-then-point bootstrap CIs and the verdicts derived from them; one JSON per (row, seed)
+with the per-sample outcomes goes to ``--per-seed-dir`` (default: ``--doc`` without ``.md``),
+a summary to ``--out/fsr_table1.json`` and a copy next to the Markdown.
 """
 
 from __future__ import annotations
@@ -20,8 +25,21 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from fortify.replicate.common import (
+    SeedGrid,
+    add_seed_arguments,
+    cached_report,
+    extend_with_prefix,
+    file_sha256,
+    job_dir,
+    seeds_from_args,
+    train_or_reuse,
+)
+from fortify.stats import BootstrapOptions
 
 NAME = "fsr-table1"
 HELP = "FSR Table 1 at CPU scale: AT/TRADES/MART with and without FSR on Fashion-MNIST"
@@ -36,8 +54,11 @@ LABELS = {
     "mart": "MART",
     "mart-fsr": "MART + FSR",
 }
-COLUMNS = ("Natural", "FGSM", "PGD-20", "PGD-100", "C&W", "Ensemble", "AutoAttack")
+COLUMNS = ("Natural", "FGSM", "PGD-20", "PGD-100", "C&W", "Ensemble", "AutoAttack", "Worst case")
+READING_COLUMNS = ("Natural", "PGD-20", "Ensemble", "AutoAttack", "Worst case")
+PAIRS = (("at", "at-fsr"), ("trades", "trades-fsr"), ("mart", "mart-fsr"))
 EPS = 0.1
+WEAK_BASELINE_GAP = 3.0  # clean-accuracy points below the other baselines that get flagged
 
 # Defaults chosen from measured costs on the shared 2-core machine (see docs/fsr.md).
 DEFAULTS = {
@@ -49,6 +70,7 @@ DEFAULTS = {
     "batch_size": 128,
     "attack_steps": 7,
     "fsr_hidden": 8,
+    "val_points": 500,
 }
 
 log = logging.getLogger("fortify.replicate.fsr_table1")
@@ -58,7 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     parser.add_argument("--out", default="runs/fsr-table1", help="folder for the six run dirs")
     parser.add_argument(
-        "--doc", default="docs/results/fsr_table1.md", help="Markdown table to write"
+        "--doc",
+        default=None,
+        help="Markdown table to write (default: OUT/fsr_table1.md; --doc "
+        "docs/results/fsr_table1.md updates the published page)",
     )
     parser.add_argument("--epochs", type=int, default=d["epochs"])
     parser.add_argument(
@@ -74,12 +99,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--test-points", type=int, default=d["test_points"], help="paper-suite points"
     )
     parser.add_argument(
+        "--val-points",
+        type=int,
+        default=d["val_points"],
+        help="validation points scored after each epoch (the last epoch is kept either way)",
+    )
+    parser.add_argument(
         "--aa-points", type=int, default=d["aa_points"], help="AutoAttack points (0: skip)"
     )
     parser.add_argument(
         "--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    add_seed_arguments(parser)
+    parser.add_argument(
+        "--seed", type=int, default=None, help="a single training seed (same as --seeds N)"
+    )
+    parser.add_argument(
+        "--per-seed-dir",
+        default=None,
+        help="folder for one JSON per (row, seed) with per-sample outcomes (unset: --doc "
+        "without .md)",
+    )
+    parser.add_argument(
+        "--resamples", type=int, default=2000, help="bootstrap resamples of the CIs (>= 2000)"
+    )
     parser.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
     parser.add_argument(
         "--estimate",
@@ -97,14 +140,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- configs
 
 
-def row_config(row: str, args: argparse.Namespace) -> Any:
-    """The ExperimentConfig of one row (Fashion-MNIST, small-resnet, ε = 0.1)."""
+def row_config(row: str, args: argparse.Namespace, seed: int | None = None) -> Any:
+    """The ExperimentConfig of one row and training seed (Fashion-MNIST, small-resnet, ε = 0.1);
+    ``seed`` None: the first of ``--seeds``."""
     from fortify.config.loader import from_dict
     from fortify.config.schema import ExperimentConfig
 
     objective = row.split("-")[0]
+    if seed is None:
+        seed = _seeds(args)[0]
     data = {
-        "seed": args.seed,
+        "seed": seed,
         "name": f"fsr-table1-{row}",
         "data": {
             "name": "fashion-mnist",
@@ -128,8 +174,8 @@ def row_config(row: str, args: argparse.Namespace) -> Any:
             "momentum": 0.9,
             "weight_decay": 5e-4,
             "schedule": "multistep",
-            "milestones": [max(1, int(args.epochs * 0.75)), max(1, int(args.epochs * 0.9))],
-            "warmup_epochs": 1 if args.epochs > 2 else 0,
+            "milestones": _milestones(args.epochs),
+            "warmup_epochs": _warmup(args.epochs),
             "precision": "bf16",
             "channels_last": True,
             "attack": {
@@ -140,7 +186,7 @@ def row_config(row: str, args: argparse.Namespace) -> Any:
                 "random_start": True,
                 "bn_mode": "eval",
             },
-            "val_points": 500,
+            "val_points": getattr(args, "val_points", DEFAULTS["val_points"]),
             "select": "last",
         },
         "eval": {"suite": "paper", "eps": EPS, "n_points": args.test_points, "mode": "final"},
@@ -151,82 +197,87 @@ def row_config(row: str, args: argparse.Namespace) -> Any:
 # --------------------------------------------------------------------------- one row
 
 
-def _train(cfg: Any, run_dir: Path) -> tuple[Any, float]:
-    """Train (or resume / reuse) one row; returns (model in eval mode, seconds spent now)."""
-    from fortify.train import fit
-
-    t0 = time.perf_counter()
-    if (run_dir / "checkpoints" / "last.safetensors").is_file():
-        mode = "resume"
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        mode = "overwrite"  # an aborted start without a checkpoint: moved aside, not deleted
-    else:
-        mode = "new"
-    log.info("%s: training (%s)", run_dir.name, mode)
-    result = fit(cfg, run_dir, mode=mode, progress=sys.stderr.isatty())
-    return result.model.eval(), time.perf_counter() - t0
+def _seeds(args: argparse.Namespace) -> list[int]:
+    """``--seed N`` if given, else ``--seeds``."""
+    return [args.seed] if getattr(args, "seed", None) is not None else seeds_from_args(args)
 
 
-def _eval_settings(args: argparse.Namespace) -> dict[str, Any]:
+def _milestones(epochs: int) -> list[int]:
+    return [max(1, int(epochs * 0.75)), max(1, int(epochs * 0.9))]
+
+
+def _warmup(epochs: int) -> int:
+    return 1 if epochs > 2 else 0
+
+
+def lr_schedule_text(epochs: int, lr: float = 0.05, gamma: float = 0.1) -> str:
+    """What the multistep schedule does per epoch, e.g. for 4 epochs: ``epoch 1: linear
+    warm-up to 0.05; epochs 2–3: 0.05; epoch 4: 0.0005 (×0.01: both milestones at epoch 4)``."""
+    ms, warm = _milestones(epochs), _warmup(epochs)
+    parts: list[str] = []
+    per_epoch = [lr * gamma ** sum(1 for m in ms if e >= m) for e in range(epochs)]
+    e = 0
+    while e < epochs:
+        if e < warm:
+            parts.append(f"epoch {e + 1}: linear warm-up to {per_epoch[e]:g}")
+            e += 1
+            continue
+        f = e
+        while f + 1 < epochs and f + 1 >= warm and per_epoch[f + 1] == per_epoch[e]:
+            f += 1
+        span = f"epoch {e + 1}" if f == e else f"epochs {e + 1}–{f + 1}"
+        factor = per_epoch[e] / lr
+        note = "" if factor == 1 else f" (×{factor:g})"
+        parts.append(f"{span}: lr {per_epoch[e]:g}{note}")
+        e = f + 1
+    return (
+        "; ".join(parts)
+        + f" — milestones at the starts of epochs {', '.join(str(m + 1) for m in ms)} "
+        f"(max(1, int(0.75·{epochs})) and max(1, int(0.9·{epochs})), 0-based {ms}), ×{gamma:g} each"
+    )
+
+
+def _eval_key(args: argparse.Namespace, seed: int, checkpoint_sha: str | None) -> dict[str, Any]:
     return {
         "eps": EPS,
         "test_points": args.test_points,
         "aa_points": args.aa_points,
-        "seed": args.seed,
+        "eval_seed": seed,
         "checks": not args.no_checks,
         "checkpoint": "last",
+        "checkpoint_sha256": checkpoint_sha,
+        "rules": "fortify-eval/2",
     }
 
 
-def _evaluate(model: Any, row_dir: Path, args: argparse.Namespace, splits: Any) -> dict[str, Any]:
-    """Paper suite + AutoAttack for one row, cached in ``reports/fsr_table1_eval.json``."""
-    import json
-
+def _evaluate(
+    model: Any, row_dir: Path, args: argparse.Namespace, splits: Any, seed: int
+) -> tuple[Any, bool]:
+    """Paper suite on ``--test-points`` + AutoAttack on the first ``--aa-points`` (columns that
+    count only those points), cached in ``reports/fsr_table1_eval.json``."""
     from fortify.evaluate import evaluate
-    from fortify.runs import write_json_atomic
 
-    cache = row_dir / "reports" / "fsr_table1_eval.json"
-    settings = _eval_settings(args)
-    ckpt = row_dir / "checkpoints" / "last.safetensors"
-    stamp = ckpt.stat().st_mtime if ckpt.is_file() else None
-    if cache.is_file():
-        old = json.loads(cache.read_text())
-        if old.get("settings") == settings and old.get("checkpoint_mtime") == stamp:
-            log.info("%s: evaluation cached", row_dir.name)
-            return old
-    x, y = splits.test.head(args.test_points).floats()
-    t0 = time.perf_counter()
-    paper = evaluate(model, x, y, suite="paper", eps=EPS, seed=args.seed, checks=not args.no_checks)
-    t_paper = time.perf_counter() - t0
-    row = dict(paper.table()["final"])
-    checks = [{"name": c.name, "status": c.status, "message": c.message} for c in paper.checks]
-    t_aa = 0.0
-    if args.aa_points > 0:
-        t0 = time.perf_counter()
-        n = min(args.aa_points, len(x))
-        aa = evaluate(
-            model,
-            x[:n],
-            y[:n],
-            suite="autoattack",
-            eps=EPS,
-            seed=args.seed,
-            checks=False,
-            batch_size=max(256, n),
-        )
-        t_aa = time.perf_counter() - t0
-        row["AutoAttack"] = aa.table()["final"]["AutoAttack"]
-        row["Natural (AA points)"] = aa.table()["final"].get("Natural", float("nan"))
-        checks += [{"name": c.name, "status": c.status, "message": c.message} for c in aa.checks]
-    out = {
-        "settings": settings,
-        "checkpoint_mtime": stamp,
-        "accuracy": row,
-        "checks": checks,
-        "seconds": {"paper": round(t_paper, 1), "autoattack": round(t_aa, 1)},
-    }
-    write_json_atomic(cache, out)
-    return out
+    key = _eval_key(args, seed, file_sha256(row_dir / "checkpoints" / "last.safetensors"))
+
+    def compute() -> Any:
+        x, y = splits.test.head(args.test_points).floats()
+        rep = evaluate(model, x, y, suite="paper", eps=EPS, seed=seed, checks=not args.no_checks)
+        if args.aa_points > 0:
+            n = min(args.aa_points, len(x))
+            aa = evaluate(
+                model,
+                x[:n],
+                y[:n],
+                suite="autoattack",
+                eps=EPS,
+                seed=seed,
+                checks=False,
+                batch_size=max(256, n),
+            )
+            rep = extend_with_prefix(rep, aa)
+        return rep
+
+    return cached_report(row_dir / "reports" / "fsr_table1_eval.json", key, compute)
 
 
 def _train_seconds(run_dir: Path) -> float:
@@ -248,16 +299,48 @@ def _last_record(run_dir: Path) -> dict[str, Any]:
     return {k: v for k, v in records[-1].items() if isinstance(v, (int, float, str))}
 
 
-def _command(args: argparse.Namespace) -> str:
-    parts = ["fortify", "replicate", NAME]
+def _argv(args: argparse.Namespace, **override: str) -> list[str]:
+    """``replicate fsr-table1 --flag value ...`` of ``args`` (``override``: flag -> value)."""
+    parts = ["replicate", NAME]
     for flag in (
         "out", "doc", "epochs", "train_subset", "width", "fsr_hidden", "batch_size",
-        "attack_steps", "test_points", "aa_points", "rows", "seed",
+        "attack_steps", "test_points", "aa_points", "val_points", "rows",
     ):  # fmt: skip
-        parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        parts += [f"--{flag.replace('_', '-')}", str(override.get(flag, getattr(args, flag)))]
+    seeds = override.get("seeds", ",".join(str(s) for s in _seeds(args)))
+    parts += ["--seeds", seeds]
     if args.no_checks:
         parts.append("--no-checks")
-    return " ".join(shlex.quote(p) for p in parts)
+    return parts
+
+
+def _command(args: argparse.Namespace) -> str:
+    return " ".join(shlex.quote(p) for p in ["fortify", *_argv(args)])
+
+
+def jobs(args: argparse.Namespace) -> list[Any]:
+    """One independent job per (row, seed) for ``--workers``: trains and evaluates that one.
+
+    A job writes its one-row page under ``<out>/jobs/`` (not ``--doc``); the full table is
+    assembled afterwards from the finished jobs' reports.
+    """
+    from fortify.errors import ConfigError
+    from fortify.replicate.workers import Job
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise ConfigError(f"unknown row(s) {bad}; choose from {list(ROWS)}")
+    out = Path(args.out) / "jobs"
+    seeds = _seeds(args)
+    return [
+        Job(
+            f"{row}" if len(seeds) == 1 else f"{row}-seed{seed}",
+            tuple(_argv(args, rows=row, seeds=str(seed), doc=str(out / f"{row}-{seed}.md"))),
+        )
+        for seed in seeds
+        for row in rows
+    ]
 
 
 # --------------------------------------------------------------------------- estimate
@@ -333,63 +416,99 @@ def _estimate(args: argparse.Namespace, rows: list[str]) -> int:
         f"AutoAttack assumes {100 * r:.0f}% of points survive APGD-CE; "
         f"{torch.get_num_threads()} threads"
     )
-    print(f"estimated total: {total / 60:.0f} min")
+    n_seeds = len(_seeds(args))
+    print(
+        f"estimated total: {total / 60:.0f} min per seed, {n_seeds * total / 60:.0f} min for "
+        f"{n_seeds} seed(s) (one process; split --rows over processes to divide the wall time)"
+    )
     return 0
 
 
 # --------------------------------------------------------------------------- report
 
 
-def _fmt(v: float | None) -> str:
-    return "–" if v is None or v != v else f"{v:.2f}"
+def weak_baselines(grid: SeedGrid, rows: Sequence[str]) -> list[str]:
+    """Sentences for baselines whose mean clean accuracy is more than ``WEAK_BASELINE_GAP``
+    points below the mean of the other baselines (a gain over them may be a weak baseline)."""
+    clean = {}
+    for r in rows:
+        if r in grid.reports:
+            vals = [rep.table()[grid.mode]["Natural"] for rep in grid.reports[r].values()]
+            clean[r] = sum(vals) / len(vals)
+    out = []
+    for r, v in clean.items():
+        others = [w for k, w in clean.items() if k != r]
+        if others and v < sum(others) / len(others) - WEAK_BASELINE_GAP:
+            ref = sum(others) / len(others)
+            out.append(
+                f"{LABELS[r]}'s clean accuracy ({v:.2f} %) is {ref - v:.1f} points below the "
+                f"other baselines' mean ({ref:.2f} %): a difference against it may reflect a "
+                "weak baseline run rather than the method. Its training curve is in "
+                f"`<out>/{r}/seed-<s>/metrics.jsonl`."
+            )
+    return out
 
 
 def write_report(
-    results: dict[str, Any], args: argparse.Namespace, path: Path, command: str
+    grid: SeedGrid,
+    summary: dict[str, Any],
+    args: argparse.Namespace,
+    path: Path,
+    command: str,
+    per_seed_dir: Path,
 ) -> str:
-    """Markdown table + settings; returns the text written to ``path``."""
+    """The Markdown page (mean ± sd table, generated readings, settings); returns its text."""
     from fortify.runs import write_json_atomic, write_text_atomic
 
+    seeds = sorted({s for reps in grid.reports.values() for s in reps})
+    pairs = [(a, b) for a, b in PAIRS if a in grid.reports and b in grid.reports]
+    readings = grid.readings(pairs, READING_COLUMNS, resamples=args.resamples)
+    summary["readings"] = [r.to_dict() for r in readings]
+    n_aa = min(args.aa_points, args.test_points)
     lines = [
         "# FSR Table 1 at CPU scale (Fashion-MNIST, L∞ ε = 0.1)",
         "",
-        f"Accuracy (%) on the first {args.test_points} Fashion-MNIST test images "
-        f"(AutoAttack: first {args.aa_points}).",
+        f"Accuracy (%) on the first {args.test_points} Fashion-MNIST test images, mean ± sd "
+        f"(sample sd) over the training seeds listed per row; AutoAttack on the first {n_aa} "
+        "(n in its header). Worst case = per-point worst case over every column, AutoAttack and "
+        "the masking checks' attacks included, on the points where all of them ran.",
         "",
-        "| method | " + " | ".join(COLUMNS) + " |",
-        "|---|" + "---|" * len(COLUMNS),
+        *grid.table(COLUMNS),
+        "",
+        "## FSR minus baseline (generated from the intervals)",
+        "",
+        *grid.readings_markdown(readings),
     ]
-    for row, res in results["rows"].items():
-        acc = res["accuracy"]
-        lines.append(f"| {LABELS[row]} | " + " | ".join(_fmt(acc.get(c)) for c in COLUMNS) + " |")
-    verdict = _verdict(results)
-    settings = results["settings"]
+    weak = weak_baselines(grid, [a for a, _ in PAIRS])
+    if weak:
+        lines += ["", *[f"- **Weak baseline:** {w}" for w in weak]]
+    settings = summary["settings"]
     lines += [
-        "",
-        f"**Did FSR help?** {verdict}",
         "",
         "## How this was produced",
         "",
         f"    {command}",
         "",
-        f"- wall time: {results['wall_time_min']:.1f} min of training + evaluation in total "
-        f"(this call: {results['wall_time_this_call_min']:.1f} min) on {settings['machine']}",
-        f"- seeds: training seed {args.seed}, evaluation seed {args.seed}, validation split seed 0",
-        f"- data: Fashion-MNIST, {args.train_subset} training images "
-        "(after a 1000-image validation "
-        "split), no augmentation",
+        f"- wall time: {summary['wall_time_min']:.1f} min of training + evaluation summed over "
+        f"the (row, seed) jobs (this call: {summary['wall_time_this_call_min']:.1f} min) on "
+        f"{settings['machine']}",
+        f"- seeds: training seeds {', '.join(str(s) for s in seeds)} (the evaluation seed is the "
+        "training seed), validation split seed 0; every seed is evaluated on the same test "
+        "points",
+        f"- data: Fashion-MNIST, {args.train_subset} training images (after a 1000-image "
+        "validation split), no augmentation",
         f"- model: small-resnet (ResNet-18 layout) width {args.width}; FSR after `layer4` with "
         f"hidden {args.fsr_hidden}, τ = 0.1, λ_sep = λ_rec = 1",
-        f"- training: {args.epochs} epochs, batch {args.batch_size}, SGD lr 0.05 ("
-        f"{'1 warm-up ' if args.epochs > 2 else 'no warm-up '}"
-        f"epoch, ×0.1 at 75 % and 90 %), wd 5e-4, PGD-{args.attack_steps} inner attack "
-        "(step 0.025, random start, eval mode), bf16 autocast + channels-last; TRADES/MART β = 6; "
-        "the last epoch is evaluated (as the release does)",
+        f"- training: {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9, wd 5e-4; "
+        f"{lr_schedule_text(args.epochs)}; PGD-{args.attack_steps} inner attack (step 0.025, "
+        "random start, eval mode), bf16 autocast + channels-last; TRADES/MART β = 6; the last "
+        "epoch is evaluated (as the release does)",
         "- evaluation (fp32, eval mode, deterministic FSR mask): FGSM; PGD-20 and PGD-100 with "
         "step 0.1ε, no random start; C&W = PGD-30 on the margin loss with κ = 50; Ensemble = "
-        "per-point worst case over all of them; AutoAttack standard via pyautoattack",
-        "",
-        "Per-row details (training/eval seconds, check results) are in `fsr_table1.json`.",
+        "per-point worst case over these; AutoAttack standard via pyautoattack; checks = the "
+        "gradient-masking checks on the first 200 points (docs/evaluation.md)",
+        f"- per-(row, seed) reports with per-sample outcomes: `{per_seed_dir}/` "
+        "(re-aggregate with `fortify.replicate.common.SeedGrid.load_per_seed`)",
         "",
         "Paper (ResNet-18, CIFAR-10, ε = 8/255), for orientation only — different dataset, model "
         "size and budget: AT 48.22 → AT+FSR 52.47 PGD-20; TRADES 50.74 → 52.27; "
@@ -398,100 +517,102 @@ def write_report(
     ]
     text = "\n".join(lines)
     write_text_atomic(path, text)
-    write_json_atomic(path.with_suffix(".json"), results)
+    write_json_atomic(path.with_suffix(".json"), summary)
     return text
-
-
-def _verdict(results: dict[str, Any]) -> str:
-    parts, better, total = [], 0, 0
-    for base in ("at", "trades", "mart"):
-        a, b = results["rows"].get(base), results["rows"].get(f"{base}-fsr")
-        if not a or not b:
-            continue
-        key = (
-            "AutoAttack"
-            if "AutoAttack" in a["accuracy"] and "AutoAttack" in b["accuracy"]
-            else "Ensemble"
-        )
-        d = b["accuracy"][key] - a["accuracy"][key]
-        total += 1
-        better += d > 0
-        parts.append(f"{LABELS[base]} {d:+.2f} points ({key})")
-    if not total:
-        return "not enough rows to compare."
-    summary = (
-        "yes, in every pair"
-        if better == total
-        else "no, in no pair"
-        if better == 0
-        else f"mixed: in {better} of {total} pairs"
-    )
-    return (
-        f"{summary} — FSR minus baseline: {'; '.join(parts)}. Differences of about one point "
-        "are within the noise of a single seed at this scale."
-    )
 
 
 # --------------------------------------------------------------------------- entry point
 
 
 def run(args: argparse.Namespace) -> int:
-    from fortify.data import load_dataset
+    from fortify.data import load_from_config
     from fortify.errors import ConfigError
-    from fortify.runs import load_model
 
+    if args.doc is None:
+        args.doc = str(Path(args.out) / "fsr_table1.md")
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
     if bad:
         raise ConfigError(f"unknown row(s) {bad}; choose from {list(ROWS)}")
-    for name in ("epochs", "train_subset", "width", "test_points", "batch_size", "attack_steps"):
+    for name in (
+        "epochs", "train_subset", "width", "test_points", "batch_size", "attack_steps", "val_points"
+    ):  # fmt: skip
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.aa_points < 0:
         raise ConfigError(f"--aa-points must be >= 0, got {args.aa_points}")
+    seeds = _seeds(args)
+    BootstrapOptions(resamples=args.resamples).validate()
     if args.estimate:
         return _estimate(args, rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    splits = load_dataset("fashion-mnist", val_size=1000)
+    # every row and seed trains on the same data: load it once (test split whole)
+    splits = load_from_config(row_config(rows[0], args, seeds[0]).data)
     command = _command(args)
     t_start = time.perf_counter()
-    results: dict[str, Any] = {"rows": {}, "settings": {}}
-    for row in rows:
-        cfg = row_config(row, args)
-        run_dir = out / row
-        model, t_train = _train(cfg, run_dir)
-        model, _ = load_model(run_dir, tag="last")  # evaluate exactly what is on disk
-        t0 = time.perf_counter()
-        ev = _evaluate(model, run_dir, args, splits)
-        ev["seconds"]["train_this_call"] = round(t_train, 1)
-        ev["seconds"]["eval_this_call"] = round(time.perf_counter() - t0, 1)
-        ev["seconds"]["train_total"] = round(_train_seconds(run_dir), 1)
-        ev["final_epoch"] = _last_record(run_dir)
-        results["rows"][row] = ev
-        acc = ev["accuracy"]
-        log.info("%s: %s", LABELS[row], ", ".join(f"{c} {_fmt(acc.get(c))}" for c in COLUMNS))
+    grid = SeedGrid(labels=dict(LABELS))
+    jobs: dict[str, dict[str, Any]] = {}
+    for seed in seeds:
+        for row in rows:
+            run_dir = job_dir(out, row, seed)
+            trained = train_or_reuse(
+                row_config(row, args, seed), run_dir, splits=splits, progress=sys.stderr.isatty()
+            )
+            t0 = time.perf_counter()
+            report, reused = _evaluate(trained.model, run_dir, args, splits, seed)
+            grid.add(row, seed, report)
+            jobs[f"{row}/seed-{seed}"] = {
+                "training": trained.how,
+                "evaluation": "reused" if reused else "new",
+                "seconds": {
+                    "train_this_call": round(trained.seconds, 1),
+                    "eval_this_call": round(time.perf_counter() - t0, 1),
+                    "train_total": round(_train_seconds(run_dir), 1),
+                    "eval_total": float(report.settings.get("seconds", 0.0))
+                    + sum(
+                        float(a.get("seconds") or 0.0)
+                        for a in report.settings.get("added_reports", [])
+                    ),
+                },
+                "final_epoch": _last_record(run_dir),
+                "checks": report.checks_status(),
+            }
+            acc = report.table()["final"]
+            log.info(
+                "%s seed %d: %s",
+                LABELS[row],
+                seed,
+                ", ".join(f"{c} {_fmt(acc.get(c))}" for c in COLUMNS),
+            )
     import torch
 
-    results["wall_time_this_call_min"] = round((time.perf_counter() - t_start) / 60, 2)
-    results["wall_time_min"] = round(
-        sum(
-            r["seconds"]["train_total"] + r["seconds"]["paper"] + r["seconds"]["autoattack"]
-            for r in results["rows"].values()
-        )
-        / 60,
-        2,
-    )
-    results["settings"] = {
-        **{k: getattr(args, k) for k in DEFAULTS},
-        "seed": args.seed,
-        "eps": EPS,
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
+    summary: dict[str, Any] = {
+        "jobs": jobs,
+        "wall_time_this_call_min": round((time.perf_counter() - t_start) / 60, 2),
+        "wall_time_min": round(
+            sum(j["seconds"]["train_total"] + j["seconds"]["eval_total"] for j in jobs.values())
+            / 60,
+            2,
+        ),
+        "settings": {
+            **{k: getattr(args, k) for k in DEFAULTS},
+            "seeds": seeds,
+            "eps": EPS,
+            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+            "torch": torch.__version__,
+        },
     }
-    text = write_report(results, args, Path(args.doc), command)
+    doc = Path(args.doc)
+    per_seed_dir = Path(args.per_seed_dir) if args.per_seed_dir else doc.with_suffix("")
+    grid.save_per_seed(per_seed_dir)
+    text = write_report(grid, summary, args, doc, command, per_seed_dir)
     from fortify.runs import write_json_atomic
 
-    write_json_atomic(out / "fsr_table1.json", results)
+    write_json_atomic(out / "fsr_table1.json", summary)
     print(text)
     return 0
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None or v != v else f"{v:.2f}"

@@ -308,18 +308,28 @@ def save_grid(
         "rule": rule or {},
     }
     atomic_write_text(out / "grid.json", json.dumps(data, indent=2))
-    plot_tradeoff(points, chosen, out / "tradeoff.png")
+    plot_tradeoff(points, chosen, out / "tradeoff.png", rule=rule)
 
 
-def plot_tradeoff(points: Sequence[GridPoint], chosen: GridPoint, path: str | Path) -> None:
-    """Clean vs robust validation accuracy along α, α annotated, α* highlighted."""
+def plot_tradeoff(
+    points: Sequence[GridPoint],
+    chosen: GridPoint,
+    path: str | Path,
+    rule: dict[str, Any] | None = None,
+) -> None:
+    """Clean vs robust validation accuracy along α, α annotated, α* highlighted, and the
+    robustness floor (θ_AT's PGD-10 accuracy minus the tolerance) as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
-    ax.plot([p.clean for p in points], [p.robust for p in points], "o-", color="tab:blue")
+    rule = rule or {}
+    fig, ax = plt.subplots(figsize=(6.0, 4.4))
+    ax.plot(
+        [p.clean for p in points], [p.robust for p in points], "o-", color="tab:blue",
+        label="θ_α, α from 0 (AT) to 1 (fine-tuned)",
+    )  # fmt: skip
     for p in points:
         ax.annotate(
             f"{p.alpha:g}",
@@ -327,14 +337,30 @@ def plot_tradeoff(points: Sequence[GridPoint], chosen: GridPoint, path: str | Pa
             fontsize=7,
             xytext=(3, 3),
             textcoords="offset points",
+            annotation_clip=False,
         )
     ax.plot(
         [chosen.clean], [chosen.robust], "*", ms=14, color="tab:red", label=f"α*={chosen.alpha:g}"
     )
+    at = min(points, key=lambda p: p.alpha)
+    if "tolerance" in rule and at.alpha == 0:
+        floor = at.robust - float(rule["tolerance"])
+        how = "tested with paired CIs" if rule.get("rule") == "paired" else "on estimates"
+        ax.axhline(
+            floor, ls="--", color="gray", lw=1,
+            label=f"floor: AT PGD-10 − {float(rule['tolerance']):g} points ({how})",
+        )  # fmt: skip
+    ax.margins(x=0.12, y=0.15)  # room for the α labels at the ends
     ax.set_xlabel("clean accuracy (%, validation)")
     ax.set_ylabel("PGD-10 accuracy (%, validation)")
-    ax.set_title("RiFT interpolation θ_α = (1−α)θ_AT + αθ_FT")
-    ax.legend()
+    n = rule.get("n_points")
+    eps = rule.get("eps")
+    what = ", ".join(
+        s for s in (f"n={n}" if n else "", f"L∞ ε={float(eps):.3g}" if eps is not None else "") if s
+    )
+    sub = f"validation, {what}" if what else "validation"
+    ax.set_title(f"RiFT: clean vs PGD-10 along θ_α = (1−α)θ_AT + αθ_FT\n({sub})", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     try:
         atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

@@ -272,24 +272,44 @@ class MRCReport:
         return cls.from_dict(json.loads(path.read_text()))
 
 
-def plot_mrc(report: MRCReport, path: str | Path) -> None:
-    """Bar chart of MRC over network depth (module order), robust-acc drop on a second axis."""
+def plot_mrc(report: MRCReport, path: str | Path, chosen: str | None = None) -> None:
+    """Bar chart of MRC over network depth (module order), robust-accuracy drop as a line on a
+    second axis; both axes start at 0, the ``chosen`` module's bar is highlighted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     mods = report.modules
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(mods) + 2), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(mods) + 2), 4.4))
     pos = list(range(len(mods)))
-    ax.bar(pos, [m.mrc for m in mods], color="tab:blue", label="MRC")
-    ax.set_ylabel("MRC (Δ robust CE)")
+    colors = ["tab:orange" if m.name == chosen else "tab:blue" for m in mods]
+    ax.bar(pos, [m.mrc for m in mods], color=colors)
+    ax.set_ylabel("MRC (rise of robust CE, nats)")
     ax.set_xticks(pos)
     ax.set_xticklabels([m.name for m in mods], rotation=90, fontsize=7)
     ax2 = ax.twinx()
-    ax2.plot(pos, [m.acc_drop for m in mods], "o-", color="tab:red", ms=3, label="acc drop")
-    ax2.set_ylabel("robust-acc drop (points)")
-    ax.set_title(f"Module robust criticality (ε={report.eps}, {report.variant})")
+    (line,) = ax2.plot(pos, [m.acc_drop for m in mods], "o-", color="tab:red", ms=3)
+    ax2.set_ylabel("robust-accuracy drop at the maximiser (points)")
+    ax.set_ylim(bottom=0, top=max([m.mrc for m in mods] + [1e-6]) * 1.1)
+    ax2.set_ylim(bottom=min(0.0, *[m.acc_drop for m in mods]) if mods else 0.0)
+    ax2.set_ylim(top=max([m.acc_drop for m in mods] + [1e-6]) * 1.1)
+    handles = [Patch(color="tab:blue", label="MRC (bars, left axis)"), line]
+    line.set_label("accuracy drop (line, right axis)")
+    if chosen is not None:
+        handles.insert(1, Patch(color="tab:orange", label=f"chosen: {chosen}"))
+    ax.legend(handles=handles, fontsize=7, loc="upper left")
+    attack_eps = report.extra.get("attack_eps")
+    attack = f"PGD-{report.extra.get('attack_steps', 10)}"
+    if attack_eps is not None:
+        attack += f" L∞ ε={float(attack_eps):.3g}"
+    ax.set_title(
+        f"Module robust criticality — {attack} set, n={report.n_points} "
+        f"(weight radius {report.eps:g}·‖W‖, {report.passes} passes, lr {report.lr:g}, "
+        f"{report.variant})",
+        fontsize=9,
+    )
     fig.tight_layout()
 
     def write(tmp: Path) -> None:

@@ -141,6 +141,7 @@ class RiftRun:
         self.model, self.meta = load_model(self.run, tag=self.cfg.tag, device=self.device)
         self.exp = from_dict(ExperimentConfig, self.meta["config"])
         self._splits: DataSplits | None = None
+        self._reused: set[str] = set()
         self.adversarial = _adversarial_objective(self.exp)
         if not self.adversarial:
             log.warning(
@@ -174,8 +175,48 @@ class RiftRun:
     def done(self, step: str) -> bool:
         return (self.step_dir(step) / "done.json").is_file()
 
+    def settings(self, step: str) -> dict[str, Any]:
+        """Everything ``step``'s result depends on (its options and the earlier steps'), as
+        JSON values; a finished step is reused only when these are unchanged."""
+        c = self.cfg
+        if step == "mrc":
+            out: dict[str, Any] = {"mrc": asdict(c.mrc), "tag": c.tag, "seed": c.seed}
+        elif step == "finetune":
+            out = {"module": c.module, "finetune": asdict(c.finetune), "tag": c.tag}
+            if c.module == "auto":
+                out["after"] = self.settings("mrc")
+        elif step == "interpolate":
+            out = {"interpolate": asdict(c.interpolate), "after": self.settings("finetune")}
+        else:
+            out = {"evaluate": asdict(c.evaluate), "after": self.settings("interpolate")}
+        return json.loads(json.dumps(out, default=str))
+
+    def _reuse(self, step: str, force: bool) -> bool:
+        """Whether ``step``'s stored result can be reused; says why not when options changed."""
+        if force or not self.done(step):
+            return False
+        if step in self._reused:  # already announced in this process
+            return True
+        stored = json.loads((self.step_dir(step) / "done.json").read_text()).get("settings")
+        current = self.settings(step)
+        if stored is None:  # written before settings were recorded
+            log.info("%s: reusing %s (its options were not recorded; --force redoes it)",
+                     step, self.step_dir(step))  # fmt: skip
+        elif stored != current:
+            changes = _changes(stored, current)
+            log.warning("%s: options changed since %s was computed (%s); redoing the step",
+                        step, self.step_dir(step), "; ".join(changes[:6]))  # fmt: skip
+            return False
+        else:
+            log.info("%s: reusing the finished result in %s (same options; --force redoes it)",
+                     step, self.step_dir(step))  # fmt: skip
+        self._reused.add(step)
+        return True
+
     def _mark_done(self, step: str, info: dict[str, Any]) -> None:
-        info = {**info, "step": step, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self._reused.add(step)  # computed now: later calls in this process reuse it quietly
+        info = {**info, "step": step, "settings": self.settings(step)}
+        info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_text(
             self.step_dir(step) / "done.json", json.dumps(info, indent=2, default=str)
         )
@@ -186,11 +227,10 @@ class RiftRun:
     # -- step 1 ------------------------------------------------------------------------------
     def mrc(self, force: bool = False) -> Any:
         """Compute (or load) the MRC report."""
-        from fortify.rift.mrc import MRCReport, build_adversarial_set, compute_mrc
+        from fortify.rift.mrc import MRCReport, build_adversarial_set, compute_mrc, plot_mrc
 
         d = self.step_dir("mrc")
-        if self.done("mrc") and not force:
-            log.info("mrc: done already (%s); skipping", d)
+        if self._reuse("mrc", force):
             return MRCReport.load(d)
         o = self.cfg.mrc
         x, y = self._val(o.n_points)
@@ -218,6 +258,8 @@ class RiftRun:
         )
         report.extra.update(attack_eps=self.eps, attack_steps=o.attack_steps, split="validation")
         report.save(d)
+        chosen = self.choose(report)[0] if self.cfg.module == "auto" else self.cfg.module
+        plot_mrc(report, d / "mrc.png", chosen=chosen)  # the module fine-tuned, highlighted
         self._mark_done("mrc", {"options": asdict(o)})
         return report
 
@@ -236,8 +278,7 @@ class RiftRun:
         from fortify.runs import load_model
 
         d = self.step_dir("finetune")
-        if self.done("finetune") and not force:
-            log.info("finetune: done already (%s); skipping", d)
+        if self._reuse("finetune", force):
             model, _ = load_model(d, tag="best", device=self.device)
             return model, json.loads((d / "finetune.json").read_text())
         if self.cfg.module == "auto":
@@ -248,7 +289,8 @@ class RiftRun:
         mode = "new"
         if d.is_dir() and any(d.iterdir()):
             last = d / "checkpoints" / "last.safetensors"
-            mode = "resume" if last.is_file() and not force else "overwrite"
+            changed = self.done("finetune")  # finished with other options: start over
+            mode = "resume" if last.is_file() and not force and not changed else "overwrite"
         model, summary = finetune(
             self.model, self.exp, name, d, self.cfg.finetune, splits=self.splits, mode=mode
         )
@@ -269,8 +311,7 @@ class RiftRun:
         from fortify.runs import save_checkpoint
 
         d = self.step_dir("interpolate")
-        if self.done("interpolate") and not force:
-            log.info("interpolate: done already (%s); skipping", d)
+        if self._reuse("interpolate", force):
             return json.loads((d / "grid.json").read_text())
         ft_model, summary = self.finetune()
         o = self.cfg.interpolate
@@ -295,6 +336,7 @@ class RiftRun:
         )  # fmt: skip
         log.info("interpolate: %s", reason)
         rule = {"rule": o.rule, "tolerance": o.tolerance, "level": o.level, "n_points": len(x)}
+        rule["eps"] = self.eps
         save_grid(points, chosen, reason, d, rule=rule)
         model = self._copy_with(interpolate_state(sd_at, sd_ft, chosen.alpha))
         meta = {
@@ -325,8 +367,7 @@ class RiftRun:
     # -- step 4 ------------------------------------------------------------------------------
     def evaluate(self, force: bool = False) -> dict[str, Any]:
         d = self.step_dir("evaluate")
-        if self.done("evaluate") and not force:
-            log.info("evaluate: done already (%s); skipping", d)
+        if self._reuse("evaluate", force):
             return json.loads((d / "summary.json").read_text())
         self.interpolate()
         models = {"AT": self.model, "RiFT": self.rift_model()}
@@ -355,6 +396,16 @@ class RiftRun:
         self.finetune(force=force)
         self.interpolate(force=force)
         return self.evaluate(force=force)
+
+
+def _changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two JSON values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            out += _changes(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def evaluate_models(
@@ -410,6 +461,8 @@ def evaluate_models(
             if suite == "ood":
                 res["ood_mean"] = report.extras.get("ood", {}).get("mean")
             res[f"seconds_{suite}"] = round(time.perf_counter() - t0, 1)
+            res[f"checks_{suite}"] = report.checks_status()
+            res[f"points_{suite}"] = report.table_n().get("final", {})
         out["models"][name] = res
     return out
 

@@ -40,9 +40,9 @@ from safetensors.torch import save_file as st_save_file
 from torch import nn
 
 import fortify
-from fortify.errors import CheckpointError, FortifyError
+from fortify.errors import CheckpointError, FortifyError, RunDirError
 from fortify.runs.jsonio import dumps
-from fortify.runs.rundir import CHECKPOINT_SUFFIX, RunDir, utc_now
+from fortify.runs.rundir import CHECKPOINT_SUFFIX, RunDir, check_tag, utc_now
 from fortify.utils.atomic import atomic_path
 
 log = logging.getLogger("fortify.runs")
@@ -170,25 +170,41 @@ def save_checkpoint(
     except TypeError as exc:
         raise CheckpointError(f"checkpoint meta is not JSON-serialisable: {exc}") from exc
     # Nested so the inner (weights) rename happens first, then the outer (sidecar) rename.
-    with atomic_path(sidecar) as tmp_sidecar:
-        with atomic_path(path) as tmp_weights:
-            st_save_file(
-                tensors,
-                str(tmp_weights),
-                metadata={"format": "pt", "fortify_format_version": str(FORMAT_VERSION)},
-            )
-            record = {
-                **dict(meta),
-                "format_version": FORMAT_VERSION,
-                "weights_file": path.name,
-                "sha256": file_sha256(tmp_weights),
-                "size_bytes": tmp_weights.stat().st_size,
-                "created": utc_now(),
-                "package_versions": package_versions(),
-                "extra_keys": sorted(extra),
-            }
-            tmp_sidecar.write_text(dumps(record, "meta"), encoding="utf-8")
-    log.info("saved checkpoint %s (%d tensors)", path, len(tensors))
+    weights_replaced = False
+    try:
+        with atomic_path(sidecar) as tmp_sidecar:
+            with atomic_path(path) as tmp_weights:
+                st_save_file(
+                    tensors,
+                    str(tmp_weights),
+                    metadata={"format": "pt", "fortify_format_version": str(FORMAT_VERSION)},
+                )
+                record = {
+                    **dict(meta),
+                    "format_version": FORMAT_VERSION,
+                    "weights_file": path.name,
+                    "sha256": file_sha256(tmp_weights),
+                    "size_bytes": tmp_weights.stat().st_size,
+                    "created": utc_now(),
+                    "package_versions": package_versions(),
+                    "extra_keys": sorted(extra),
+                }
+                tmp_sidecar.write_text(dumps(record, "meta"), encoding="utf-8")
+            weights_replaced = True
+    except FortifyError:
+        raise
+    except Exception as exc:  # OSError, or safetensors' own error for a failed write
+        if weights_replaced:  # the one unsafe window (see the module doc)
+            raise RunDirError(
+                f"cannot write the sidecar of checkpoint {path} ({type(exc).__name__}: {exc}) "
+                "after its weights were replaced; the pair no longer matches and loading it "
+                "is refused — free disk space / fix permissions and save again"
+            ) from exc
+        raise RunDirError(
+            f"cannot write checkpoint {path} ({type(exc).__name__}: {exc}); nothing was "
+            f"replaced: the previous {path.name} (if any) is intact"
+        ) from exc
+    log.debug("saved checkpoint %s (%d tensors)", path, len(tensors))
     return path
 
 
@@ -336,10 +352,24 @@ def load_checkpoint(
 
 def resolve_checkpoint(path_or_run_dir: str | os.PathLike | RunDir, tag: str = "best") -> Path:
     """Weights path from a file path, a run folder (``checkpoints/<tag>``) or a :class:`RunDir`."""
+    try:
+        check_tag(tag)
+    except RunDirError as exc:
+        raise CheckpointError(str(exc)) from None
     if isinstance(path_or_run_dir, RunDir):
         run = path_or_run_dir
     else:
-        p = Path(path_or_run_dir)
+        if not isinstance(path_or_run_dir, (str, os.PathLike)):
+            raise CheckpointError(
+                f"expected a run directory or a checkpoint path, got "
+                f"{type(path_or_run_dir).__name__}"
+            )
+        p = Path(path_or_run_dir).expanduser()
+        if not p.exists():
+            raise CheckpointError(
+                f"no such run directory or checkpoint file: {str(p)!r}; pass a run directory "
+                f"(with checkpoints/<tag>{CHECKPOINT_SUFFIX}) or a {CHECKPOINT_SUFFIX} file"
+            )
         if not p.is_dir():
             return p
         run = RunDir(p)
@@ -371,6 +401,7 @@ def load_model(
     from fortify.factory import build_model
     from fortify.utils.runtime import resolve_device
 
+    dev = resolve_device(device)  # an unusable device fails before anything is read
     path = resolve_checkpoint(path_or_run_dir, tag)
     state, _extra, meta = read_checkpoint(path)
     missing = [k for k in ("config", "num_classes", "image_shape") if k not in meta]
@@ -406,5 +437,5 @@ def load_model(
             f"checkpoint {path}: cannot rebuild the model from its config: {exc}"
         ) from exc
     apply_state(model, state, strict=True, source=f"checkpoint {path.name}")
-    model.to(resolve_device(device)).eval()
+    model.to(dev).eval()
     return model, meta

@@ -12,17 +12,30 @@ Opening modes: ``new`` refuses a folder that already holds anything (a finished 
 unfinished run, or unrelated files), ``resume`` requires an existing run (its ``config.yaml``),
 ``overwrite`` never deletes: it renames an existing non-empty folder to
 ``<run>.old-<UTC timestamp>`` and logs where it went.
+
+Locking: :meth:`RunDir.open` takes an exclusive advisory lock (``fcntl.flock`` on
+``<run>/.fortify.lock``, which records the holder's pid, host and command) and keeps it until
+:meth:`RunDir.close` (or the process ends: the kernel releases it even after SIGKILL). A second
+writer — another ``fortify train``/``--resume``, an import, an evaluation writing into the run —
+gets a :class:`RunDirError` naming the holder instead of interleaving its writes. A lock file
+left by a process that died is detected (its pid no longer runs), logged, and taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
 import re
+import socket
+import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +44,7 @@ import yaml
 
 from fortify.errors import RunDirError
 from fortify.runs.jsonio import dumps, write_json_atomic
-from fortify.utils.atomic import atomic_write_text
+from fortify.utils.atomic import atomic_write_text, check_writable_dir
 
 log = logging.getLogger("fortify.runs")
 
@@ -40,6 +53,7 @@ STATES = ("running", "finished", "failed")
 RUN_MARKERS = ("config.yaml", "status.json", "metrics.jsonl", "checkpoints")
 CHECKPOINT_SUFFIX = ".safetensors"
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+LOCK_NAME = ".fortify.lock"
 
 Mode = Literal["new", "resume", "overwrite"]
 State = Literal["running", "finished", "failed"]
@@ -95,11 +109,255 @@ def _metrics_line(record: Mapping[str, Any]) -> str:
         raise RunDirError(f"cannot log metrics: {exc}") from exc
 
 
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a failed write (full disk, ``ulimit -f``, permissions) into :class:`RunDirError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise RunDirError(
+            f"cannot write {path} ({exc.strerror or exc}); the previous version of the file is "
+            "intact — free disk space / fix permissions and retry"
+        ) from exc
+
+
+def check_tag(tag: object) -> str:
+    """Return ``tag`` if it is a valid checkpoint tag (``best``, ``last``, ``epoch-12``: letters,
+    digits, ``_ . -``, no path separators), else raise :class:`RunDirError`."""
+    if not isinstance(tag, str) or not _TAG_RE.match(tag) or ".." in tag:
+        raise RunDirError(
+            f"bad checkpoint tag {tag!r}; use letters, digits, '_', '.', '-' (e.g. 'best'), "
+            "no path separators"
+        )
+    return tag
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _lock_info(fd: int) -> dict[str, Any]:
+    try:
+        raw = os.pread(fd, 4096, 0)
+        info = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+class _Held:
+    """A lock this process holds: its file descriptor and how many :class:`RunLock` share it."""
+
+    def __init__(self, fd: int, pid: int):
+        self.fd, self.pid, self.count = fd, pid, 1
+
+
+# (st_dev, st_ino) of a run directory -> the lock this process holds on it. Opening a run the
+# process already holds shares that lock (flock would otherwise refuse the process itself);
+# _GUARD serialises RunDir.open within the process, so two threads still cannot both start a
+# new run in one folder (the second sees the first's files).
+_HELD: dict[tuple[int, int], _Held] = {}
+_GUARD = threading.RLock()
+
+
+class RunLock:
+    """An exclusive advisory lock on a run directory (see the module doc).
+
+    Acquire with :meth:`acquire` (non-blocking); :meth:`release` unlocks and empties the lock
+    file, so a non-empty lock file that nobody holds was left by a process that died. Within one
+    process the lock is shared (counted) by every :class:`RunLock` of the same directory.
+    """
+
+    def __init__(self, run_path: Path):
+        self.path = Path(run_path) / LOCK_NAME
+        self.key: tuple[int, int] | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.key is not None
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise :class:`RunDirError` naming the process that holds it."""
+        import fcntl
+
+        if self.key is not None:
+            return self
+        with _GUARD:
+            try:
+                st = os.stat(self.path.parent)
+            except OSError as exc:
+                raise RunDirError(
+                    f"cannot use the run directory {self.path.parent}: {exc.strerror or exc}"
+                ) from exc
+            key = (st.st_dev, st.st_ino)
+            held = _HELD.get(key)
+            if held is not None and held.pid == os.getpid():
+                held.count += 1
+                self.key = key
+                return self
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise RunDirError(
+                    f"cannot create the lock file {self.path}: {exc.strerror or exc}; choose a "
+                    "writable run directory"
+                ) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                info = _lock_info(fd)
+                for _ in range(20):  # the holder may not have written its record yet
+                    if info:
+                        break
+                    time.sleep(0.01)
+                    info = _lock_info(fd)
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise RunDirError(self._busy_message(info)) from exc
+                log.warning(
+                    "cannot lock %s (%s): this filesystem does not support advisory locks; the "
+                    "run directory is NOT protected against a second concurrent writer",
+                    self.path, exc.strerror or exc,
+                )  # fmt: skip
+                return self
+            previous = _lock_info(fd)
+            pid = previous.get("pid")
+            if isinstance(pid, int) and pid != os.getpid():
+                log.warning(
+                    "stale lock in %s: process %s (%s) died without releasing it (killed?); "
+                    "taking the run directory over",
+                    self.path.parent, pid, previous.get("command", "?"),
+                )  # fmt: skip
+            record = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": " ".join(sys.argv)[:500],
+                "since": utc_now(),
+            }
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+            except OSError:  # the lock itself holds; the record is only for messages
+                log.debug("could not record the lock holder in %s", self.path, exc_info=True)
+            _HELD[key] = _Held(fd, os.getpid())
+            self.key = key
+            return self
+
+    def holder(self) -> str | None:
+        """The :class:`RunDirError` message if another process holds this lock now, else None
+        (creates nothing: a folder without a lock file is not locked)."""
+        import fcntl
+
+        with _GUARD:
+            try:
+                st = os.stat(self.path.parent)
+                held = _HELD.get((st.st_dev, st.st_ino))
+                if held is not None and held.pid == os.getpid():
+                    return None
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError:
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return self._busy_message(_lock_info(fd))
+                return None
+            finally:
+                os.close(fd)  # closing also drops the shared lock taken for the probe
+            return None
+
+    def _busy_message(self, info: dict[str, Any]) -> str:
+        pid, host = info.get("pid"), info.get("host")
+        holder = f"process {pid}" if pid is not None else "another process"
+        if info.get("command"):
+            holder += f" ({info['command'][:120]})"
+        if info.get("since"):
+            holder += f", since {info['since']}"
+        same_host = host in (None, socket.gethostname())
+        if isinstance(pid, int) and same_host and not _pid_alive(pid):
+            return (
+                f"run directory {self.path.parent} is locked although {holder} that took the "
+                "lock has exited: a process it started still holds the lock file open. Find it "
+                f"with `fuser -v {self.path}` (or `lsof {self.path}`), stop it, then retry"
+            )
+        where = f" on host {host}" if host and not same_host else ""
+        return (
+            f"run directory {self.path.parent} is in use by {holder}{where}; two writers never "
+            "share a run directory. Wait for it to finish (or stop it), or use another "
+            "directory"
+        )
+
+    def release(self) -> None:
+        """Unlock (idempotent; the last holder in the process really unlocks)."""
+        import fcntl
+
+        with _GUARD:
+            key, self.key = self.key, None
+            held = _HELD.get(key) if key is not None else None
+            if held is None or held.pid != os.getpid():
+                return
+            held.count -= 1
+            if held.count > 0:
+                return
+            del _HELD[key]
+            with contextlib.suppress(OSError):
+                os.ftruncate(held.fd, 0)
+            with contextlib.suppress(OSError):
+                fcntl.flock(held.fd, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                os.close(held.fd)
+
+
 class RunDir:
-    """A run folder. Create it with :meth:`RunDir.open`; the constructor only wraps a path."""
+    """A run folder. Create it with :meth:`RunDir.open`; the constructor only wraps a path.
+
+    A :class:`RunDir` from :meth:`open` holds the directory's lock until :meth:`close`; use it
+    as a context manager (``with RunDir.open(...) as run:``) to release it promptly.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._lock: RunLock | None = None
+
+    def close(self) -> None:
+        """Release the run directory's lock (idempotent; the files stay)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+
+    @property
+    def locked(self) -> bool:
+        """True while this object holds the directory's lock."""
+        return self._lock is not None and self._lock.held
+
+    @classmethod
+    def lock(cls, path: str | os.PathLike) -> RunDir:
+        """Lock the existing run folder ``path`` for writing into it (e.g. reports) without
+        opening it as a run; release with :meth:`close`. Raises :class:`RunDirError` when
+        another process holds it."""
+        run = cls(Path(path).expanduser())
+        run._lock = RunLock(run.path).acquire()
+        return run
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -123,51 +381,97 @@ class RunDir:
         """
         if mode not in MODES:
             raise RunDirError(f"unknown run-directory mode {mode!r}; allowed: {', '.join(MODES)}")
+        new_cfg = _config_to_dict(config) if config is not None else None
         path = Path(path).expanduser()
+        with _GUARD:
+            return cls._open_locked(path, mode, new_cfg)
+
+    @classmethod
+    def _open_locked(cls, path: Path, mode: str, new_cfg: dict[str, Any] | None) -> RunDir:
+        cls.check_can_open(path, mode)  # refuse before creating anything (even a lock file)
+        cls._make_writable_dir(path)
+        lock = RunLock(path).acquire()
+        try:
+            # Re-check under the lock: another process may have started a run meanwhile.
+            cls._check_contents(path, mode)
+            if mode == "overwrite" and cls._listing(path):
+                moved = cls._move_aside(path)
+                lock.release()  # it moved with the folder
+                log.warning(
+                    "moved the existing run folder %s aside to %s (nothing deleted)", path, moved
+                )
+                cls._make_writable_dir(path)
+                lock = RunLock(path).acquire()
+            run = cls(path)
+            run._lock = lock
+            if new_cfg is not None:
+                if mode == "resume":
+                    old_cfg = run.read_config()
+                    changed = _diff_keys(old_cfg, new_cfg)
+                    if changed:
+                        log.warning(
+                            "resuming %s with a changed config: %s", path, ", ".join(changed)
+                        )
+                run.write_config(new_cfg)
+        except BaseException:
+            lock.release()
+            raise
+        if mode == "resume":
+            log.info("resuming run in %s (state: %s)", path, run.state or "unknown")
+        return run
+
+    @staticmethod
+    def _listing(path: Path) -> list[str]:
+        try:
+            return sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME)
+        except OSError as exc:
+            raise RunDirError(
+                f"cannot list the run directory {path}: {exc.strerror or exc}"
+            ) from exc
+
+    @classmethod
+    def check_can_open(cls, path: str | os.PathLike, mode: Mode = "new") -> None:
+        """Raise the :class:`RunDirError` that :meth:`open` would raise for ``path`` in ``mode``
+        because of the folder's contents, without creating anything. Commands call it before
+        long work (loading data, building models) so that a refused folder fails at once."""
+        if mode not in MODES:
+            raise RunDirError(f"unknown run-directory mode {mode!r}; allowed: {', '.join(MODES)}")
+        cls._check_contents(Path(path).expanduser(), mode)
+        check_writable_dir(path, "run directory")
+
+    @classmethod
+    def _check_contents(cls, path: Path, mode: str) -> None:
         if path.exists() and not path.is_dir():
             raise RunDirError(f"run directory {path} exists but is not a directory")
-        contents = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        contents = cls._listing(path) if path.is_dir() else []
         has_run = any(m in contents for m in RUN_MARKERS)
+        busy = RunLock(path).holder() if contents else None
+        if busy is not None:  # another process is writing this run right now
+            raise RunDirError(busy)
         if mode == "new" and contents:
             state = _read_state(path)
             if state == "finished":
                 raise RunDirError(
                     f"{path} already holds a finished run; use --resume to continue it or "
-                    "--overwrite to start over (the old run is moved aside, not deleted)"
+                    "--overwrite to start over (the old run is moved aside, not deleted); in "
+                    "Python: fit(..., mode='resume') or mode='overwrite'"
                 )
             if has_run:
                 raise RunDirError(
                     f"{path} already holds a run (state: {state or 'unknown'}); use --resume to "
-                    "continue it or --overwrite to start over (the old run is moved aside)"
+                    "continue it or --overwrite to start over (the old run is moved aside); in "
+                    "Python: fit(..., mode='resume') or mode='overwrite'"
                 )
             shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
             raise RunDirError(
                 f"{path} is not empty ({shown}); choose a new or empty folder, or use "
-                "--overwrite to move the existing folder aside"
+                "--overwrite (in Python: mode='overwrite') to move the existing folder aside"
             )
         if mode == "resume" and not (path / "config.yaml").is_file():
             raise RunDirError(
                 f"nothing to resume in {path}: no config.yaml from an earlier run; "
                 "start a new run instead (mode 'new')"
             )
-        if mode == "overwrite" and contents:
-            moved = cls._move_aside(path)
-            log.warning(
-                "moved the existing run folder %s aside to %s (nothing deleted)", path, moved
-            )
-        cls._make_writable_dir(path)
-        run = cls(path)
-        if config is not None:
-            new_cfg = _config_to_dict(config)
-            if mode == "resume":
-                old_cfg = run.read_config()
-                changed = _diff_keys(old_cfg, new_cfg)
-                if changed:
-                    log.warning("resuming %s with a changed config: %s", path, ", ".join(changed))
-            run.write_config(new_cfg)
-        if mode == "resume":
-            log.info("resuming run in %s (state: %s)", path, run.state or "unknown")
-        return run
 
     @staticmethod
     def _move_aside(path: Path) -> Path:
@@ -225,10 +529,7 @@ class RunDir:
     def checkpoint_path(self, tag: str) -> Path:
         """``<run>/checkpoints/<tag>.safetensors`` (folder created); tags like ``best``, ``last``,
         ``epoch-12``: letters, digits, ``_ . -``, no path separators."""
-        if not isinstance(tag, str) or not _TAG_RE.match(tag):
-            raise RunDirError(
-                f"bad checkpoint tag {tag!r}; use letters, digits, '_', '.', '-' (e.g. 'best')"
-            )
+        check_tag(tag)
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         return self.checkpoints_dir / f"{tag}{CHECKPOINT_SUFFIX}"
 
@@ -249,7 +550,8 @@ class RunDir:
             text = yaml.safe_dump(json.loads(dumps(data, "config", indent=None)), sort_keys=False)
         except (TypeError, ValueError) as exc:
             raise RunDirError(f"cannot write the run config: {exc}") from exc
-        atomic_write_text(self.config_path, text)
+        with _writing(self.config_path):
+            atomic_write_text(self.config_path, text)
 
     def read_config(self) -> dict[str, Any] | None:
         """The stored config as a dict, or None when there is no ``config.yaml``."""
@@ -273,7 +575,8 @@ class RunDir:
         if state not in STATES:
             raise RunDirError(f"unknown run state {state!r}; allowed: {', '.join(STATES)}")
         try:
-            write_json_atomic(self.status_path, {"state": state, "updated": utc_now(), **info})
+            with _writing(self.status_path):
+                write_json_atomic(self.status_path, {"state": state, "updated": utc_now(), **info})
         except TypeError as exc:
             raise RunDirError(f"cannot record run state: {exc}") from exc
 
@@ -287,20 +590,23 @@ class RunDir:
         line = _metrics_line(record)
         path = self.metrics_path
         prefix = ""
-        if path.exists() and path.stat().st_size > 0:
-            with open(path, "rb") as fh:
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    prefix = "\n"
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(prefix + line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        with _writing(path):
+            if path.exists() and path.stat().st_size > 0:
+                with open(path, "rb") as fh:
+                    fh.seek(-1, os.SEEK_END)
+                    if fh.read(1) != b"\n":
+                        prefix = "\n"
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(prefix + line + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
 
     def write_metrics(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Atomically replace ``metrics.jsonl`` with ``records``, one JSON line each (a resumed
         run uses it to make the file match its checkpointed history)."""
-        atomic_write_text(self.metrics_path, "".join(_metrics_line(r) + "\n" for r in records))
+        text = "".join(_metrics_line(r) + "\n" for r in records)
+        with _writing(self.metrics_path):
+            atomic_write_text(self.metrics_path, text)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All records of ``metrics.jsonl`` in order; malformed (e.g. half-written) lines are

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fortify.utils.runtime import resolve_device
+from fortify.errors import ConfigError
+from fortify.utils.runtime import env_int, resolve_device
 
 log = logging.getLogger("fortify.train")
 
@@ -40,14 +41,42 @@ class DistInfo:
         return self.rank == 0
 
 
+def check_env() -> tuple[int, int, int]:
+    """``(world_size, rank, local_rank)`` from the environment, validated.
+
+    Raises:
+        ConfigError: a non-integer or out-of-range ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK``, or
+            ``WORLD_SIZE > 1`` without the rendezvous variables ``torchrun`` sets
+            (``MASTER_ADDR``, ``MASTER_PORT``) when no process group exists yet.
+    """
+    world = env_int("WORLD_SIZE", 1, minimum=1)
+    rank = env_int("RANK", 0, minimum=0)
+    local = env_int("LOCAL_RANK", rank, minimum=0)
+    if world <= 1:
+        return world, rank, local
+    if rank >= world:
+        raise ConfigError(
+            f"environment variable RANK={rank} must be below WORLD_SIZE={world} "
+            f"(ranks 0..{world - 1})"
+        )
+    if not dist.is_initialized():
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing:
+            raise ConfigError(
+                f"WORLD_SIZE={world} asks for distributed training but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not set; launch with "
+                "`torchrun --nproc_per_node=N fortify ...` (it sets "
+                "them), or unset WORLD_SIZE and RANK for a single process"
+            )
+    return world, rank, local
+
+
 def setup(device: str) -> DistInfo:
     """Resolve the device and, under ``torchrun``, join the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, rank, local = check_env()
     dev = resolve_device(device)
     if world <= 1:
         return DistInfo(device=dev)
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)

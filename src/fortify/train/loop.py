@@ -38,6 +38,11 @@ from fortify.train.validate import validate
 
 log = logging.getLogger("fortify.train")
 
+#: Epochs are numbered from 1 wherever people see them (metrics.jsonl, checkpoint metadata,
+#: training-state file names, logs, :class:`FitResult`); checkpoints record this as
+#: ``epoch_base`` so runs written when epochs counted from 0 still resume.
+EPOCH_BASE = 1
+
 EpochCallback = Callable[[int, dict[str, Any]], None]
 # Config fields that may differ on resume without --force (they do not change the result).
 RESUME_IGNORED = ("device", "train.tensorboard", "eval")
@@ -51,8 +56,8 @@ class FitResult:
         run_dir: the run directory.
         model: the trained model (unwrapped, last epoch's weights, eval mode).
         epochs_run: epochs trained by this call (0 if the run was already complete).
-        last_epoch: 0-based index of the final epoch.
-        best_epoch: epoch of the ``best`` checkpoint (None if never selected).
+        last_epoch: number of the final epoch (= ``train.epochs``).
+        best_epoch: number of the epoch saved as ``best`` (None if never selected).
         best_metric: its selection metric.
         history: one metrics dict per epoch (including epochs from before a resume).
     """
@@ -165,20 +170,30 @@ class _Checkpointer:
         self.best = Path(run.checkpoint_path("best"))
 
     def meta(self, epoch: int, metrics: dict[str, Any], tag: str) -> dict[str, Any]:
-        return {**self.base_meta, "epoch": epoch, "metrics": metrics, "tag": tag}
+        return {
+            **self.base_meta,
+            "epoch": epoch,
+            "epoch_base": EPOCH_BASE,
+            "metrics": metrics,
+            "tag": tag,
+        }
 
     def save(
         self, module: nn.Module, epoch: int, metrics: dict[str, Any], state: dict, best: bool
     ) -> None:
         from fortify.runs import save_checkpoint
 
+        written = None
         try:
-            save_state(self.last, epoch, state)
+            written = save_state(self.last, epoch, state)
             save_checkpoint(self.last, module, self.meta(epoch, metrics, "last"))
+            written = None  # now part of the 'last' checkpoint
             prune_states(self.last, epoch)
             if best:
                 save_checkpoint(self.best, module, self.meta(epoch, metrics, "best"))
-        except OSError as exc:
+        except (RunDirError, OSError, RuntimeError) as exc:
+            if written is not None:  # a state file of an epoch 'last' never reached
+                written.unlink(missing_ok=True)
             raise RunDirError(
                 f"could not write a checkpoint in {str(self.last.parent)!r} ({exc}); the previous "
                 "'last' checkpoint is intact — free disk space / fix permissions and resume"
@@ -301,8 +316,9 @@ def fit(
         force: resume even if ``cfg`` differs from the run's stored config, or if a different
             number of processes changes the effective global batch size (a different number
             of processes alone only logs a warning; see :func:`check_resume_world_size`).
-        callbacks: ``cb(epoch, record)`` called after each epoch's checkpoint (rank 0 and
-            others alike); an exception aborts training, leaving the checkpoints as written.
+        callbacks: ``cb(epoch, record)`` (epoch numbered from 1) called after each epoch's
+            checkpoint (rank 0 and others alike); an exception aborts training, leaving the
+            checkpoints as written.
     Returns:
         :class:`FitResult`.
     Raises:
@@ -341,6 +357,10 @@ def _fit(
 
     tc = cfg.train
     device = info.device
+    if not info.distributed:  # a refused run directory fails before the data are loaded
+        from fortify.runs import RunDir
+
+        RunDir.check_can_open(run_dir, mode)  # type: ignore[arg-type]
     if splits is None:
         splits = load_from_config(cfg.data)
     if tc.batch_size % info.world_size:
@@ -355,30 +375,8 @@ def _fit(
             f"({info.world_size}); it is the global batch size"
         )
 
-    # -- the run directory (rank 0 decides; others follow or fail with the same message) ---
-    run = None
-    err: str | None = None
-    ckpt: _Checkpointer | None = None
-    paths: tuple[str, str] | None = None
-    if info.is_main:
-        try:
-            run = _open_run(run_dir, mode, cfg, force)
-            ckpt = _Checkpointer(run, cfg, splits, info.world_size)
-            paths = (str(ckpt.last), str(ckpt.best))
-        except FortifyError as exc:
-            err = f"{type(exc).__name__}: {exc}"
-            if not info.distributed:
-                raise
-        except OSError as exc:
-            err = f"RunDirError: cannot use run directory {str(run_dir)!r}: {exc}"
-            if not info.distributed:
-                raise RunDirError(err.split(": ", 1)[1]) from exc
-    err, paths = D.broadcast_object(info, (err, paths))
-    if err is not None:
-        raise RunDirError(err)
-    last_path = Path(paths[0])
-
-    # -- model, parameters, optimiser ------------------------------------------------------
+    # -- the model: built (and probed) before anything is written, so that a bad model name
+    # or option leaves no run directory behind --------------------------------------------
     if model is None:
         from fortify.factory import build_model
 
@@ -389,6 +387,9 @@ def _fit(
             cfg.model, cfg.defenses, splits.num_classes, splits.image_shape,
             load_weights=mode != "resume",
         )  # fmt: skip
+    probe_model(model, splits.image_shape, splits.num_classes)
+
+    # -- parameters, optimiser, batches (still nothing written) -----------------------------
     module = model.to(device)
     if tc.channels_last:
         module = module.to(memory_format=torch.channels_last)
@@ -407,6 +408,107 @@ def _fit(
         )
     schedule = LRSchedule(optimizer, tc, len(loader))
     scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
+    parts = _Parts(module, params, optimizer, loader, schedule, scaler)
+
+    # -- the run directory (rank 0 decides; others follow or fail with the same message) ---
+    run = None
+    err: str | None = None
+    ckpt: _Checkpointer | None = None
+    paths: tuple[str, str] | None = None
+    if info.is_main:
+        try:
+            run = _open_run(run_dir, mode, cfg, force)
+            ckpt = _Checkpointer(run, cfg, splits, info.world_size)
+            paths = (str(ckpt.last), str(ckpt.best))
+        except FortifyError as exc:
+            err = f"{type(exc).__name__}: {exc}"
+            if run is not None:
+                run.close()
+            if not info.distributed:
+                raise
+        except OSError as exc:
+            err = f"RunDirError: cannot use run directory {str(run_dir)!r}: {exc}"
+            if run is not None:
+                run.close()
+            if not info.distributed:
+                raise RunDirError(err.split(": ", 1)[1]) from exc
+    err, paths = D.broadcast_object(info, (err, paths))
+    if err is not None:
+        if run is not None:
+            run.close()
+        raise RunDirError(err)
+
+    try:
+        return _train(
+            cfg, run_dir, mode, splits, parts, progress, force, callbacks, objective, info,
+            run, ckpt, Path(paths[0]),
+        )  # fmt: skip
+    finally:
+        if run is not None and hasattr(run, "close"):
+            run.close()  # release the run directory's lock
+
+
+@dataclass
+class _Parts:
+    """What :func:`_fit` builds before it touches the run directory."""
+
+    module: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    loader: Any
+    schedule: LRSchedule
+    scaler: Any
+
+
+def probe_model(model: nn.Module, image_shape: Sequence[int], num_classes: int) -> None:
+    """One forward pass of a blank image in eval mode (no gradient, no RNG, mode restored):
+    a model that cannot process the data's images or returns no (1, K) logits fails here with
+    a :class:`ConfigError`, before a run directory is created."""
+    was_training = model.training
+    shape = tuple(int(v) for v in image_shape)
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.zeros((1, *shape)))
+    except FortifyError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(
+            f"the model cannot process the data's images of shape (C, H, W) = {shape}: "
+            f"{first[:300]}; check model.name / model.kwargs (e.g. width >= 1) against the "
+            "dataset's image size"
+        ) from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"the model must return logits of shape (N, {num_classes}) for the data's "
+            f"{num_classes} classes, got {got} for one image"
+        )
+
+
+def _train(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    mode: str,
+    splits: DataSplits,
+    parts: _Parts,
+    progress: bool,
+    force: bool,
+    callbacks: Sequence[EpochCallback],
+    objective: Any,
+    info: D.DistInfo,
+    run: Any,
+    ckpt: _Checkpointer | None,
+    last_path: Path,
+) -> FitResult:
+    tc = cfg.train
+    device = info.device
+    per_rank = tc.batch_size // info.world_size
+    module, params, optimizer, loader = parts.module, parts.params, parts.optimizer, parts.loader
+    schedule, scaler = parts.schedule, parts.scaler
 
     # -- resume ----------------------------------------------------------------------------
     start_epoch, best_metric, best_epoch, history = 0, None, None, []
@@ -420,33 +522,45 @@ def _fit(
                 "the run stopped before its first epoch ended) — start over with --overwrite"
             )
         meta = load_checkpoint(last_path, module)
-        if not isinstance(meta, dict) or "epoch" not in meta:
-            raise CheckpointError(f"{str(last_path)!r} has no 'epoch' in its metadata")
-        epoch_done = int(meta["epoch"])
-        state = load_state(last_path, epoch_done)
-        if int(state["epoch"]) != epoch_done:
+        stored = meta.get("epoch") if isinstance(meta, dict) else None
+        if isinstance(stored, bool) or not isinstance(stored, int) or stored < 0:
             raise CheckpointError(
-                f"training state epoch {state['epoch']} does not match the checkpoint's "
-                f"epoch {epoch_done}"
+                f"{str(last_path)!r}: the sidecar's 'epoch' must be an integer >= 0, got "
+                f"{stored!r}; the checkpoint was edited or not written by `fortify train` — "
+                "cannot resume exactly, start over with --overwrite"
             )
+        legacy = meta.get("epoch_base") != EPOCH_BASE  # written before epochs counted from 1
+        state = load_state(last_path, stored)
+        check_state(state, last_path, stored)
+        epoch_done = stored + 1 if legacy else stored
         note = check_resume_world_size(
             meta.get("world_size"), info.world_size, tc.batch_size, force=force
         )
         if note is not None and info.is_main:
             log.warning("resuming %s after epoch %d: %s", run_dir, epoch_done, note)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
-        start_epoch = epoch_done + 1
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            restore_rng(state["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"the training state of {str(last_path)!r} does not fit this run "
+                f"({type(exc).__name__}: {exc}); cannot resume exactly — start over with "
+                "--overwrite"
+            ) from exc
+        start_epoch = epoch_done  # 0-based index of the next epoch
         best_metric, best_epoch = state["best_metric"], state["best_epoch"]
         history = list(state.get("history", []))
+        if legacy:
+            best_epoch, history = _renumber_legacy(best_epoch, history)
+            log.info("%s counted epochs from 0; its history is renumbered from 1", run_dir)
         # steps per epoch depend on the number of processes: count what was actually run
         global_step = int(state.get("global_step", start_epoch * len(loader)))
         if run is not None:
             _reconcile_metrics(run, history)
-        log.info("resuming %s after epoch %d", run_dir, epoch_done)
+        log.info("resuming %s after epoch %d of %d", run_dir, epoch_done, tc.epochs)
 
     if tc.sync_bn and info.distributed:
         if device.type == "cuda":
@@ -477,13 +591,14 @@ def _fit(
     )  # fmt: skip
     epochs_run = 0
     try:
-        for epoch in range(start_epoch, tc.epochs):
+        for index in range(start_epoch, tc.epochs):  # 0-based index; people see index + 1
             record = _train_epoch(
-                objective, net, module, loader, schedule, ctx, cfg, epoch, info, progress
+                objective, net, module, loader, schedule, ctx, cfg, index, info, progress
             )
+            epoch = index + 1
             # every rank continues from the buffers rank 0 checkpoints (what a resume loads)
             D.broadcast_buffers(info, module)
-            if (epoch + 1) % tc.val_every == 0 or epoch == tc.epochs - 1:
+            if epoch % tc.val_every == 0 or epoch == tc.epochs:
                 t0 = time.perf_counter()
                 record.update(
                     validate(
@@ -526,7 +641,8 @@ def _fit(
                             writer.add_scalar(k, v, epoch)
                     writer.flush()  # a killed run keeps the curves of its checkpointed epochs
             if info.is_main:
-                _log_epoch(record, tc.epochs)
+                saved = None if ckpt is None else ("last + best" if improved else "last")
+                _log_epoch(record, tc.epochs, saved)
             epochs_run += 1
             for cb in callbacks:
                 cb(epoch, record)
@@ -547,7 +663,7 @@ def _fit(
         run_dir=run_dir,
         model=module,
         epochs_run=epochs_run,
-        last_epoch=tc.epochs - 1,
+        last_epoch=tc.epochs,
         best_epoch=best_epoch,
         best_metric=best_metric,
         history=history,
@@ -593,7 +709,7 @@ def _train_epoch(
     flat = torch.stack([sums[k] for k in keys] + [torch.tensor(float(seen), dtype=torch.float64)])
     flat = D.all_reduce_sum(info, flat.to(info.device)).cpu()
     total = float(flat[-1])
-    record: dict[str, Any] = {"epoch": epoch, "lr": lr}
+    record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
     for k, v in zip(keys, flat[:-1]):
         record[f"train/{k}"] = float(v) / max(total, 1.0)
     record["train/samples"] = int(total)
@@ -602,6 +718,42 @@ def _train_epoch(
     record["time/train_cpu"] = cpu  # this process's CPU seconds (all its threads)
     record["train/images_per_s"] = total / max(elapsed, 1e-9)
     return record
+
+
+# key -> (allowed types, what it must be); what a resume reads from the training state
+_STATE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "epoch": ((int,), "an integer"),
+    "optimizer": ((dict,), "a mapping (optimizer.state_dict())"),
+    "schedule": ((dict,), "a mapping"),
+    "rng": ((dict,), "a mapping of RNG states"),
+    "best_metric": ((int, float, type(None)), "a number or null"),
+    "best_epoch": ((int, type(None)), "an integer or null"),
+    "history": ((list,), "a list of per-epoch records"),
+}
+
+
+def check_state(state: Any, checkpoint: Path, epoch: int) -> None:
+    """Refuse (``CheckpointError``, with the way out) a training state a resume cannot use:
+    missing keys, wrong types, or an epoch other than the checkpoint's."""
+    where = f"training state of {str(checkpoint)!r} (epoch {epoch})"
+    way_out = "cannot resume exactly — start over with --overwrite"
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where} is a {type(state).__name__}, not a mapping; {way_out}")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{where} lacks {missing}; {way_out}")
+    for key, (types, what) in _STATE_KEYS.items():
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise CheckpointError(f"{where}: {key!r} must be {what}, got {value!r:.80}; {way_out}")
+    if state["epoch"] != epoch:
+        raise CheckpointError(
+            f"training state epoch {state['epoch']} does not match the checkpoint's epoch "
+            f"{epoch}; {way_out}"
+        )
+    rng = state["rng"]
+    if not all(k in rng for k in ("python", "numpy", "torch")):
+        raise CheckpointError(f"{where}: 'rng' lacks python/numpy/torch states; {way_out}")
 
 
 def _reconcile_metrics(run: Any, history: list[dict[str, Any]]) -> None:
@@ -617,11 +769,25 @@ def _reconcile_metrics(run: Any, history: list[dict[str, Any]]) -> None:
     wanted = [r.get("epoch") for r in history]
     if logged != wanted:
         log.warning(
-            "%s does not list the checkpointed epochs 0..%d once each (%d lines); rewriting "
+            "%s does not list the checkpointed epochs 1..%d once each (%d lines); rewriting "
             "it from the checkpoint's history",
-            run.metrics_path, len(history) - 1, len(logged),
+            run.metrics_path, len(history), len(logged),
         )  # fmt: skip
         run.write_metrics(history)
+
+
+def _renumber_legacy(
+    best_epoch: int | None, history: list[dict[str, Any]]
+) -> tuple[int | None, list[dict[str, Any]]]:
+    """Training state written when epochs counted from 0, renumbered to count from 1."""
+    renumbered = []
+    for r in history:
+        r = dict(r)
+        for key in ("epoch", "best_epoch"):
+            if isinstance(r.get(key), int):
+                r[key] += 1
+        renumbered.append(r)
+    return (None if best_epoch is None else best_epoch + 1), renumbered
 
 
 def _selection_metric(select: str, record: dict[str, Any]) -> float | None:
@@ -632,12 +798,14 @@ def _selection_metric(select: str, record: dict[str, Any]) -> float | None:
     return None
 
 
-def _log_epoch(record: dict[str, Any], epochs: int) -> None:
-    parts = [f"epoch {record['epoch'] + 1}/{epochs}", f"lr {record['lr']:.4g}"]
+def _log_epoch(record: dict[str, Any], epochs: int, saved: str | None = None) -> None:
+    parts = [f"epoch {record['epoch']}/{epochs}", f"lr {record['lr']:.4g}"]
     for k in ("train/loss", "val/clean", "val/robust"):
         if k in record and math.isfinite(record[k]):
             parts.append(f"{k} {record[k]:.4f}")
     parts.append(f"{record['train/images_per_s']:.0f} img/s")
+    if saved:
+        parts.append(f"saved {saved}")
     log.info(" | ".join(parts))
 
 

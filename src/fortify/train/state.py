@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fortify.errors import CheckpointError
+from fortify.errors import CheckpointError, RunDirError
 from fortify.utils.atomic import atomic_write_with
 
 _STATE_RE = re.compile(r"^(?P<tag>.+)\.state-(?P<epoch>\d+)\.pt$")
@@ -70,7 +70,13 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save_state(checkpoint: Path, epoch: int, state: dict[str, Any]) -> Path:
     """Atomically write ``state`` for ``epoch`` next to ``checkpoint``; return its path."""
     path = state_path(checkpoint, epoch)
-    atomic_write_with(path, lambda tmp: torch.save(state, tmp))
+    try:
+        atomic_write_with(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
+        raise RunDirError(
+            f"cannot write the training state {str(path)!r} ({type(exc).__name__}: {exc}); "
+            "no file was replaced"
+        ) from exc
     return path
 
 

@@ -62,3 +62,34 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -
     """Atomically replace ``path`` with whatever ``writer(tmp_path)`` writes to ``tmp_path``."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Check, without creating anything, that ``path`` is or can become a writable folder.
+
+    Expensive commands call it before they compute, so a bad ``--out`` fails at once instead
+    of after the work. Returns ``path`` as a :class:`Path`.
+
+    Raises:
+        RunDirError: ``path`` (or a parent) is an existing file, or the nearest existing
+            folder is not writable.
+    """
+    from fortify.errors import RunDirError
+
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise RunDirError(
+            f"cannot create or write the {what} {str(path)!r}: {str(probe)!r} is a file, not a "
+            "folder; choose another location"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunDirError(
+            f"cannot create or write the {what} {str(path)!r}: no write permission on "
+            f"{str(probe)!r}; choose another location"
+        )
+    return path

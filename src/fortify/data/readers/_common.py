@@ -119,6 +119,13 @@ def _decode(path: Path, image_size: int | None, mode: str) -> np.ndarray:
             arr = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(
+            f"refusing image {path}: {e} (a decompression bomb, or a huge image: fortify "
+            "decodes at most PIL.Image.MAX_IMAGE_PIXELS pixels per file)"
+        ) from e
+    except Exception as e:  # noqa: BLE001 - PIL reports broken files with many error types
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 

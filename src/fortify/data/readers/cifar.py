@@ -71,7 +71,17 @@ def safe_load_pickle(path: Path) -> Any:
             return _NumpyOnlyUnpickler(f, encoding="bytes").load()
     except DataError as e:
         raise DataError(f"{path}: {e}") from e
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        OverflowError,
+        MemoryError,
+    ) as e:
         raise DataError(
             f"{path}: not a valid CIFAR pickle batch (truncated or corrupt?): {e}"
         ) from e

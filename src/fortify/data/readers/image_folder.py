@@ -39,6 +39,10 @@ def _is_grey(paths: list[Path]) -> bool:
                     return False
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"cannot read image {p}: {e}") from e
+        except Image.DecompressionBombError as e:
+            raise DataError(f"refusing image {p}: {e} (a decompression bomb?)") from e
+        except Exception as e:  # noqa: BLE001 - PIL reports broken files with many error types
+            raise DataError(f"cannot read image {p}: {type(e).__name__}: {e}") from e
     return True
 
 

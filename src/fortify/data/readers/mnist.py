@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +69,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
                 raw = f.read()
         else:
             raw = path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: not a readable (gzipped) IDX file: {e}") from e
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(
+            f"{path}: not a readable (gzipped) IDX file ({type(e).__name__}: {e}); the file is "
+            "corrupt or truncated — download it again"
+        ) from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         head = raw[:4].hex() if raw else "empty file"
         raise DataError(

@@ -21,6 +21,8 @@ from fortify.train.objectives.base import (
 class AdversarialTraining(Objective):
     """``L = CE(f(x_adv), y) + Σ aux(x_adv)`` with ``x_adv`` from ``train.attack``."""
 
+    options: dict[str, object] | None = {}
+
     def compute(
         self,
         model: nn.Module,

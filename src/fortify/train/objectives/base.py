@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fortify.config.schema import TrainConfig
-from fortify.defenses.contract import AuxContext, capture_aux
-from fortify.errors import FortifyError, unknown_name
+from fortify.defenses.contract import AuxContext, capture_aux, provide_labels
+from fortify.errors import ConfigError, FortifyError, unknown_name
 
 Metrics = dict[str, torch.Tensor | float]
 
@@ -130,8 +130,9 @@ class StepContext:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:
             raise NonFiniteLossError(
-                f"training loss is {float(loss.detach().float().mean())} at epoch {self.epoch}, "
-                f"step {self.global_step}; stopping (the last good checkpoint is kept). Try a "
+                f"training loss is {float(loss.detach().float().mean())} at epoch "
+                f"{self.epoch + 1}, step {self.global_step}; stopping (the last good checkpoint "
+                "is kept). Try a "
                 "lower train.lr, train.grad_clip, or train.precision=fp32."
             )
 
@@ -199,6 +200,13 @@ def forward_aux(
         if cap.providers:
             terms = cap.losses(AuxContext(y=y, logits=logits, x=inputs, x_clean=x_clean))
     return logits, terms
+
+
+def forward_labelled(model: nn.Module, inputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``model(inputs)`` with the labels ``y`` visible to label-reading defences (CAS, CIFS),
+    for training passes outside :func:`forward_aux` (e.g. TRADES's and MART's clean pass)."""
+    with provide_labels(model, y):
+        return model(inputs)
 
 
 def with_aux(
@@ -272,9 +280,21 @@ class Objective:
     name: str = "base"
     adversarial: bool = True
     ddp_find_unused_parameters: bool = False
+    # ``train.options`` this objective reads, with defaults; None: not declared (the objective
+    # checks them itself). Declared options are checked on construction: an unknown name is a
+    # ConfigError instead of being silently ignored.
+    options: dict[str, object] | None = None
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        if self.options is not None:
+            unknown = sorted(set(cfg.options) - set(self.options))
+            if unknown:
+                allowed = ", ".join(f"{k} (default {v!r})" for k, v in self.options.items())
+                raise ConfigError(
+                    f"unknown train.options {unknown} for objective {self.name!r}; "
+                    f"allowed: {allowed or 'none'}"
+                )
 
     def perturb(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext

@@ -25,6 +25,7 @@ from fortify.train.objectives.base import (
     StepContext,
     accuracy,
     forward_aux,
+    forward_labelled,
     gaussian_start,
     kl_clean_adv,
     register_objective,
@@ -45,6 +46,8 @@ class Mart(Objective):
     cross-entropy with ``train.attack``'s ε, step and steps, started as ``train.options``
     say (module docstring).
     """
+
+    options: dict[str, object] | None = dict(_OPTIONS)
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
@@ -94,7 +97,7 @@ class Mart(Objective):
         x_adv: torch.Tensor,
         ctx: StepContext,
     ) -> tuple[torch.Tensor, Metrics]:
-        logits_clean = model(x)
+        logits_clean = forward_labelled(model, x, y)
         logits_adv, terms = forward_aux(model, x_adv, y, x_clean=x)
         p_adv = F.softmax(logits_adv.float(), dim=1)
         ce = F.cross_entropy(logits_adv.float(), y)

@@ -21,6 +21,8 @@ from fortify.train.objectives.base import (
 class Standard(Objective):
     """``L = CE(f(x), y) + Σ aux`` — no inner attack."""
 
+    options: dict[str, object] | None = {}
+
     adversarial = False
 
     def compute(

@@ -6,16 +6,21 @@ trades_init``, default 0.001) with L∞ signed-gradient steps of ``train.attack`
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fortify.config.schema import TrainConfig
+from fortify.errors import ConfigError
 from fortify.train.objectives.base import (
     Metrics,
     Objective,
     StepContext,
     accuracy,
     forward_aux,
+    forward_labelled,
     gaussian_start,
     kl_clean_adv,
     register_objective,
@@ -27,6 +32,22 @@ from fortify.train.objectives.base import (
 @register_objective("trades")
 class Trades(Objective):
     """``L = CE(f(x), y) + β · mean_i KL(p(x_i) ‖ p(x_adv,i)) + Σ aux(x_adv)``."""
+
+    options: dict[str, object] | None = {"trades_init": 0.001}
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        sigma = cfg.options.get("trades_init", 0.001)
+        if (
+            isinstance(sigma, bool)
+            or not isinstance(sigma, (int, float))
+            or not math.isfinite(sigma)
+            or sigma < 0
+        ):
+            raise ConfigError(
+                f"train.options.trades_init (σ of the Gaussian start, pixel units) must be a "
+                f"finite number >= 0, got {sigma!r}"
+            )
 
     def perturb(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext
@@ -53,7 +74,7 @@ class Trades(Objective):
         x_adv: torch.Tensor,
         ctx: StepContext,
     ) -> tuple[torch.Tensor, Metrics]:
-        logits_clean = model(x)
+        logits_clean = forward_labelled(model, x, y)
         logits_adv, terms = forward_aux(model, x_adv, y, x_clean=x)
         ce = F.cross_entropy(logits_clean.float(), y)
         kl = kl_clean_adv(logits_clean, logits_adv).mean()
