@@ -61,6 +61,12 @@ def test_demo_end_to_end_on_digits(tmp_path) -> None:
     summary = json.loads((out / "demo.json").read_text())
     assert summary["n_points"] == 40
     paired = {r["column"]: r for r in summary["paired"]}
+    # each paired column is computed on the points its attacks ran on, as the table's n says
+    from fortify.evaluate import EvalReport
+
+    at = EvalReport.load(out / "at" / "reports" / "eval.json")
+    for col, r in paired.items():
+        assert r["n"] == at.table_n()["final"][col], col
     assert {"Natural", "PGD-20", "Ensemble"} <= set(paired)
     for r in paired.values():
         lo, hi = r["ci95"]

@@ -136,8 +136,13 @@ def paired_rows(reports: dict[str, Any], base: str, other: str) -> list[dict[str
         if col not in b.columns:
             continue
         ca, cb = a.correct(col), b.correct(col)
-        if ca is None or cb is None or len(ca) != len(cb):
+        ra, rb = a.ran(col), b.ran(col)
+        if ca is None or cb is None or ra is None or rb is None or len(ca) != len(cb):
             continue
+        both = ra & rb  # only points on which the column's attacks ran for both models count
+        if not bool(both.any()):
+            continue
+        ca, cb = ca[both], cb[both]
         iv = paired_bootstrap(ca, cb, resamples=BOOTSTRAP_RESAMPLES, seed=0)
         rows.append(
             {
@@ -163,10 +168,19 @@ def cost_table(reports: dict[str, Any], costs: dict[str, Any]) -> str:
     ]
     for label, r in reports.items():
         c = costs[label]
-        row = r.table()["final"] if "final" in r.table() else next(iter(r.table().values()))
+        table, ns = r.table(), r.table_n()
+        mode = "final" if "final" in table else next(iter(table))
+        row, n_row = table[mode], ns.get(mode, {})
         warn = [ch.name for ch in r.checks if ch.status != "ok"]
         status = "ok" if not warn else "WARN: " + ", ".join(warn)
-        cells = [f"{row[k]:.2f}" if k in row else "–" for k in cols]
+        n_all = r.settings.get("n_points")
+        # a column computed on fewer points than the row's n says its own n
+        cells = [
+            "–"
+            if k not in row
+            else f"{row[k]:.2f}" + (f" (n={n_row[k]})" if n_row.get(k, n_all) != n_all else "")
+            for k in cols
+        ]
         lines.append(
             f"| {label} | {c.params_total / 1e3:.1f} k | {c.flops_total / 1e6:.2f} | "
             f"{r.settings.get('n_points')} | " + " | ".join(cells) + f" | {status} |"
@@ -177,13 +191,13 @@ def cost_table(reports: dict[str, Any], costs: dict[str, Any]) -> str:
 def difference_table(rows: list[dict[str, Any]], base: str, other: str) -> str:
     """Markdown table of :func:`paired_rows`."""
     lines = [
-        f"| column | {other} − {base} (points) | 95 % CI | McNemar p | verdict |",
-        "|---|---|---|---|---|",
+        f"| column | n | {other} − {base} (points) | 95 % CI | McNemar p | verdict |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lo, hi = r["ci95"]
         lines.append(
-            f"| {r['column']} | {r['difference']:+.2f} | [{lo:+.2f}, {hi:+.2f}] | "
+            f"| {r['column']} | {r['n']} | {r['difference']:+.2f} | [{lo:+.2f}, {hi:+.2f}] | "
             f"{r['mcnemar_p']:.3g} | {r['verdict']} |"
         )
     return "\n".join(lines) + "\n"

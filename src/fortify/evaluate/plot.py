@@ -161,9 +161,10 @@ def plot_accuracy_bars(
     for i, (label, r) in enumerate(reports.items()):
         xs, ys, lo, hi = [], [], [], []
         for j, c in enumerate(cols):
-            correct = r.correct(c, mode)
-            if correct is None or len(correct) == 0:
+            correct, ran = r.correct(c, mode), r.ran(c, mode)
+            if correct is None or ran is None or not bool(ran.any()):
                 continue
+            correct = correct[ran]  # only the points the column's attacks ran on count
             iv = accuracy_interval(correct, level=level)
             xs.append(j + (i - (len(reports) - 1) / 2) * width)
             ys.append(iv.estimate)
