@@ -696,6 +696,14 @@ def combine(a: argparse.Namespace) -> int:
                 [get(d, base, m) for d in seeds], [get(d, method, m) for d in seeds]
             )
             lines.append(f"| {base} → {method} | {label} | {m} | {ci.format()} | {ci.verdict} |")
+    missing = [f"{b} → {m}" for b, m in PAIRS if b not in rows or m not in rows]
+    if missing:
+        lines += [
+            "",
+            "No comparison is drawn for "
+            + ", ".join(missing)
+            + ": a row of the pair is not in every seed's results (not trained or evaluated).",
+        ]
     text = "\n".join(lines) + "\n"
     Path(a.results).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(a.results), text)
