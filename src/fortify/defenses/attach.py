@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -220,9 +221,10 @@ def attach(
     return model
 
 
-def attached(model: nn.Module) -> dict[str, nn.Module]:
-    """Return {target module name: defence} for every defence attached to ``model``."""
+def attached(model: nn.Module, kind: type[nn.Module] = nn.Module) -> dict[str, Any]:
+    """Return {target module name: defence} for every defence attached to ``model``; with
+    ``kind``, only the defences that are instances of that class (e.g. ``FSRBlock``)."""
     found = getattr(model, DEFENSES_ATTR, None)
     if found is None:
         return {}
-    return {k.replace("__", "."): m for k, m in found.items()}
+    return {k.replace("__", "."): m for k, m in found.items() if isinstance(m, kind)}

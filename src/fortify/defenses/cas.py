@@ -217,4 +217,4 @@ def build(
 
 def cas_blocks(model: nn.Module) -> dict[str, CASBlock]:
     """Every CAS block in ``model``, keyed by the module name it is attached after."""
-    return {k: m for k, m in attached(model).items() if isinstance(m, CASBlock)}
+    return attached(model, CASBlock)

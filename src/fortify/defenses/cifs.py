@@ -319,4 +319,4 @@ def build(
 
 def cifs_blocks(model: nn.Module) -> dict[str, CIFSBlock]:
     """Every CIFS block in ``model``, keyed by the module name it is attached after."""
-    return {k: m for k, m in attached(model).items() if isinstance(m, CIFSBlock)}
+    return attached(model, CIFSBlock)

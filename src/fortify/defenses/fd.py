@@ -247,4 +247,4 @@ def build(
 
 def fd_blocks(model: nn.Module) -> dict[str, FDBlock]:
     """Every FD block in ``model``, keyed by the module name it is attached after."""
-    return {k: m for k, m in attached(model).items() if isinstance(m, FDBlock)}
+    return attached(model, FDBlock)

@@ -414,7 +414,7 @@ def fsr_blocks(model: nn.Module) -> dict[str, FSRBlock]:
     """Every FSR block in ``model``, keyed by the module name it is attached after."""
     from fortify.defenses.attach import attached
 
-    found = {k: m for k, m in attached(model).items() if isinstance(m, FSRBlock)}
+    found = attached(model, FSRBlock)
     if not found:  # e.g. a wrapped model: search all submodules
         found = {n: m for n, m in model.named_modules() if isinstance(m, FSRBlock)}
     return found
