@@ -125,8 +125,9 @@ sys.exit(main(["train", "--resume", sys.argv[1], "--no-progress"]))
 
 
 def test_two_processes_resuming_one_run_exactly_one_proceeds(tmp_path: Path) -> None:
+    # the winner trains long enough that a loser delayed by a loaded machine still meets its lock
     run, go = tmp_path / "run", tmp_path / "go"
-    cfg = _cfg("train.epochs=4", "data.train_subset=512", "train.val_points=64")
+    cfg = _cfg("train.epochs=4", "data.train_subset=2048", "train.val_points=64")
 
     def stop(epoch, record):
         raise KeyboardInterrupt
