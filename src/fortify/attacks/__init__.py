@@ -9,17 +9,19 @@ change the model's mode nor its parameters' ``.grad``.
 
 from fortify.attacks.classes import FGSM, PGD, Attack
 from fortify.attacks.losses import LOSSES, attack_loss
-from fortify.attacks.options import MODES, NORMS, PGDOptions
+from fortify.attacks.options import MODES, NORMS, AttackOptions, FGSMOptions, PGDOptions
 from fortify.attacks.pgd import AttackResult, fgsm, fgsm_attack, pgd, pgd_attack
 
 __all__ = [
     "FGSM",
+    "FGSMOptions",
     "LOSSES",
     "MODES",
     "NORMS",
     "PGD",
     "PGDOptions",
     "Attack",
+    "AttackOptions",
     "AttackResult",
     "attack_loss",
     "fgsm",

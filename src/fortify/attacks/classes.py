@@ -8,12 +8,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from fortify.attacks.options import PGDOptions
+from fortify.attacks.options import AttackOptions, FGSMOptions, PGDOptions
 from fortify.attacks.pgd import fgsm, pgd
 
 
 class Attack:
-    """Base class: holds the model and settings; ``attack(x, y)`` returns adversarial images."""
+    """Base class: holds the model and its :attr:`options` (an
+    :class:`~fortify.attacks.options.AttackOptions`, whose fields read and write as attributes:
+    ``atk.eps``); ``attack(x, y)`` returns adversarial images."""
+
+    options: AttackOptions
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -28,8 +32,28 @@ class Attack:
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def _option_names(self) -> set[str]:
+        options = self.__dict__.get("options")
+        return set() if options is None else {f.name for f in dataclasses.fields(options)}
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._option_names():
+            return getattr(self.__dict__["options"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._option_names():
+            value = dataclasses.replace(self.__dict__["options"], **{name: value})
+            name = "options"
+        super().__setattr__(name, value)
+
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "model")
+        options = self.__dict__.get("options")
+        if options is None:
+            return f"{type(self).__name__}()"
+        fields = ", ".join(
+            f"{f.name}={getattr(options, f.name)!r}" for f in dataclasses.fields(options)
+        )
         return f"{type(self).__name__}({fields})"
 
 
@@ -38,8 +62,10 @@ class PGD(Attack):
 
     ``PGD(model, eps=8/255, steps=10, step_size=None, **settings)``: the settings are the
     fields of :class:`~fortify.attacks.options.PGDOptions` (here ``eps`` defaults to 8/255
-    and ``steps`` to 10), kept in :attr:`options` and readable as attributes (``atk.eps``).
+    and ``steps`` to 10), kept in :attr:`options`.
     """
+
+    options: PGDOptions
 
     def __init__(
         self,
@@ -52,24 +78,6 @@ class PGD(Attack):
         super().__init__(model)
         self.options = PGDOptions.build(eps=eps, steps=steps, step_size=step_size, **settings)
 
-    def __getattr__(self, name: str) -> Any:
-        options = self.__dict__.get("options")
-        if options is not None and name in {f.name for f in dataclasses.fields(options)}:
-            return getattr(options, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        options = self.__dict__.get("options")
-        if options is not None and name in {f.name for f in dataclasses.fields(options)}:
-            name, value = "options", dataclasses.replace(options, **{name: value})
-        super().__setattr__(name, value)
-
-    def __repr__(self) -> str:
-        fields = ", ".join(
-            f"{f.name}={getattr(self.options, f.name)!r}" for f in dataclasses.fields(self.options)
-        )
-        return f"{type(self).__name__}({fields})"
-
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -77,30 +85,19 @@ class PGD(Attack):
 
 
 class FGSM(Attack):
-    """Fast gradient sign method; see :func:`fortify.attacks.fgsm` (ε in pixel units)."""
+    """Fast gradient sign method; see :func:`fortify.attacks.fgsm` (ε in pixel units).
 
-    def __init__(
-        self,
-        model: nn.Module,
-        eps: float = 8 / 255,
-        *,
-        loss: str = "ce",
-        targeted: bool = False,
-        kappa: float = 0.0,
-    ):
+    ``FGSM(model, eps=8/255, **settings)``: the settings are the fields of
+    :class:`~fortify.attacks.options.FGSMOptions`, kept in :attr:`options`.
+    """
+
+    options: FGSMOptions
+
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, **settings: Any):
         super().__init__(model)
-        self.eps, self.loss, self.targeted, self.kappa = eps, loss, targeted, kappa
+        self.options = FGSMOptions.build(eps=eps, **settings)
 
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return fgsm(
-            self.model,
-            x,
-            y,
-            eps=self.eps,
-            loss=self.loss,
-            targeted=self.targeted,
-            target=target,
-            kappa=self.kappa,
-        )
+        return fgsm(self.model, x, y, target=target, options=self.options)

@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -49,8 +49,42 @@ def check_loss(loss: object, kappa: object) -> None:
     check_number(kappa, "kappa (C&W confidence)", 0.0, math.inf, open_low=False)
 
 
+_O = TypeVar("_O", bound="AttackOptions")
+
+
 @dataclass(frozen=True)
-class PGDOptions:
+class AttackOptions:
+    """Base of the attacks' options: :meth:`build` from keyword arguments, :meth:`validate`."""
+
+    KIND: ClassVar[str] = "attack"
+    REQUIRED: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def build(cls: type[_O], options: _O | None = None, /, **settings: Any) -> _O:
+        """``options`` (if given) with ``settings`` replacing its fields, else
+        ``cls(**settings)``; a misspelt name is a :class:`ConfigError` with close matches
+        (not validated: see :meth:`validate`)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in settings:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(
+                    f"unknown {cls.KIND} option {key!r}{hint} (allowed: {', '.join(names)})"
+                )
+        if options is not None:
+            return dataclasses.replace(options, **settings)
+        missing = [n for n in cls.REQUIRED if n not in settings]
+        if missing:
+            raise TypeError(f"{cls.KIND} needs the keyword argument(s) {', '.join(missing)}")
+        return cls(**settings)
+
+    def validate(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class PGDOptions(AttackOptions):
     """Settings of projected gradient descent.
 
     Attributes:
@@ -82,23 +116,8 @@ class PGDOptions:
     mode: str = "final"
     generator: torch.Generator | None = None
 
-    @classmethod
-    def build(cls, options: PGDOptions | None = None, /, **settings: Any) -> PGDOptions:
-        """``options`` (if given) with ``settings`` replacing its fields, else
-        ``PGDOptions(**settings)``; a misspelt name is a :class:`ConfigError` with close
-        matches (not validated: see :meth:`validate`)."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in settings:
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise ConfigError(f"unknown PGD option {key!r}{hint} (allowed: {', '.join(names)})")
-        if options is not None:
-            return dataclasses.replace(options, **settings)
-        missing = [n for n in ("eps", "steps") if n not in settings]
-        if missing:
-            raise TypeError(f"PGD needs the keyword argument(s) {', '.join(missing)}")
-        return cls(**settings)
+    KIND: ClassVar[str] = "PGD"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("eps", "steps")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad field and what it allows (the upper
@@ -125,4 +144,38 @@ class PGDOptions:
         return float(self.step_size)
 
 
-__all__ = ["MODES", "NORMS", "PGDOptions", "check_loss", "check_norm", "check_number"]
+@dataclass(frozen=True)
+class FGSMOptions(AttackOptions):
+    """Settings of the fast gradient sign method (L∞, one step of ``eps``).
+
+    Attributes:
+        eps: the step and the radius of the threat model in pixel units (at most 1).
+        loss: ``"ce"``, ``"cw"`` (margin with confidence ``kappa``) or ``"dlr"``.
+        targeted: make the model predict ``target`` (N,) instead of avoiding ``y``.
+        kappa: C&W confidence (>= 0) of the ``cw`` loss.
+    """
+
+    KIND: ClassVar[str] = "FGSM"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("eps",)
+
+    eps: float
+    loss: str = "ce"
+    targeted: bool = False
+    kappa: float = 0.0
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad field and what it allows."""
+        check_number(self.eps, "eps (linf, pixel units)", 0.0, 1.0, open_low=True)
+        check_loss(self.loss, self.kappa)
+
+
+__all__ = [
+    "MODES",
+    "NORMS",
+    "AttackOptions",
+    "FGSMOptions",
+    "PGDOptions",
+    "check_loss",
+    "check_norm",
+    "check_number",
+]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fortify.attacks.losses import attack_loss
-from fortify.attacks.options import PGDOptions, check_loss, check_norm, check_number
+from fortify.attacks.options import FGSMOptions, PGDOptions, check_loss, check_norm, check_number
 from fortify.errors import ConfigError, DataError, EvaluationError
 
 log = logging.getLogger("fortify.attacks")
@@ -388,15 +388,21 @@ def fgsm_attack(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float,
-    loss: str = "ce",
-    targeted: bool = False,
     target: torch.Tensor | None = None,
-    kappa: float = 0.0,
     need_success: bool = True,
+    options: FGSMOptions | None = None,
+    **settings: Any,
 ) -> AttackResult:
-    """FGSM (L∞): ``clamp(x + eps * sign(∇ loss), 0, 1)`` with per-sample success mask."""
+    """FGSM (L∞): ``clamp(x + eps * sign(∇ loss), 0, 1)`` with per-sample success mask.
+
+    The settings are the fields of :class:`~fortify.attacks.options.FGSMOptions` (``eps``
+    required), as keyword arguments or ``options=``; ``target`` (N,) when targeted;
+    ``need_success=False`` skips the verifying forward (``success`` is then all False).
+    """
+    opts = FGSMOptions.build(options, **settings)
+    eps, loss, targeted, kappa = opts.eps, opts.loss, opts.targeted, opts.kappa
     y, target, max_label = _check_common(x, y, eps, "linf", loss, targeted, target, kappa)
+    opts.validate()
     x = x.detach()
     y = y.to(x.device)
     target = target.to(x.device) if target is not None else None
@@ -415,25 +421,15 @@ def fgsm(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float,
-    loss: str = "ce",
-    targeted: bool = False,
     target: torch.Tensor | None = None,
-    kappa: float = 0.0,
+    options: FGSMOptions | None = None,
+    **settings: Any,
 ) -> torch.Tensor:
     """Fast gradient sign method (L∞, one forward+backward); returns ``x_adv`` detached.
 
-    ``x`` float (N, C, H, W) in [0, 1]; ``eps`` in pixel units. Untargeted it ascends the loss
-    w.r.t. ``y``; targeted it descends towards ``target``.
+    ``x`` float (N, C, H, W) in [0, 1]; the settings are the fields of
+    :class:`~fortify.attacks.options.FGSMOptions` (``eps`` in pixel units). Untargeted it
+    ascends the loss w.r.t. ``y``; targeted it descends towards ``target``.
     """
-    return fgsm_attack(
-        model,
-        x,
-        y,
-        eps=eps,
-        loss=loss,
-        targeted=targeted,
-        target=target,
-        kappa=kappa,
-        need_success=False,
-    ).x_adv
+    opts = FGSMOptions.build(options, **settings)
+    return fgsm_attack(model, x, y, target=target, need_success=False, options=opts).x_adv
