@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from fortify.evaluate import EvalReport, Outcome
+from fortify.replicate import _fpd_pages as pages
 from fortify.replicate import fpd_table as ft
 
 
@@ -102,9 +103,9 @@ def test_autoattack_columns_cover_only_the_attacked_points():
     a = _args("--n-points", "10", "--aa-points", "4", "--steps", "40")
     # AutoAttack broke 2 of its 4 points; the 6 unattacked points keep their clean outcome
     rep = _report(10, {"AutoAttack": [0, 1], "PGD-40 C&W": [0, 5, 6, 7]})
-    assert ft.subset_accuracy(rep, "AutoAttack", 4) == 50.0
-    assert ft.subset_accuracy(rep, "Square", 4) is None
-    text = ft._markdown(a, {"fpd": rep}, {"train fpd": 60.0, "eval fpd": 120.0})
+    assert pages.subset_accuracy(rep, "AutoAttack", 4) == 50.0
+    assert pages.subset_accuracy(rep, "Square", 4) is None
+    text = pages.markdown(a, {"fpd": rep}, {"train fpd": 60.0, "eval fpd": 120.0})
     all_points, aa = text.split("## The first 4 points, AutoAttack included (n = 4)")
     assert "AutoAttack" not in all_points.split("| model |")[1].split("\n")[0]
     # all 10 points: clean 100, C&W 60; the worst case leaves AutoAttack out (it ran on 4 of
