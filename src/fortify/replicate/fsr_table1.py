@@ -25,7 +25,6 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -343,184 +342,6 @@ def jobs(args: argparse.Namespace) -> list[Any]:
     ]
 
 
-# --------------------------------------------------------------------------- estimate
-
-
-def _estimate(args: argparse.Namespace, rows: list[str]) -> int:
-    """Measure the building blocks and print the estimated wall time of the whole command.
-
-    Training: one epoch on ``PROBE`` images per objective (with FSR, and AT without) through
-    ``fit``. Evaluation: the time of one fp32 input-gradient and one forward per image (batch
-    256), times the attack budgets — paper suite 151 gradients per point (+ checks on 200 points:
-    6 × PGD-20 and 1,000 Square queries), AutoAttack 100 APGD-CE gradients per clean-correct point
-    plus, on the ``--assume-robust`` fraction, 9×100 APGD-T and ~9×150 FAB-T gradients and 5,000
-    Square forwards.
-    """
-    import copy
-    import tempfile
-
-    import torch
-
-    from fortify.train import fit
-
-    probe = 1024
-    per_img: dict[str, float] = {}
-    val_s = 0.0
-    with tempfile.TemporaryDirectory() as tmp:
-        for row in ("at", "at", "at-fsr", "trades-fsr", "mart-fsr"):  # first "at" = warm-up
-            a = copy.copy(args)
-            a.epochs, a.train_subset = 1, probe
-            cfg = row_config(row, a)
-            out_dir = Path(tmp) / f"{row}-{len(per_img)}"
-            res = fit(cfg, out_dir, mode="new", progress=False)
-            rec = res.history[-1]
-            per_img[row] = float(rec["time/train"]) / probe
-            val_s = max(val_s, float(rec.get("time/val", 0.0)))
-    model = res.model.eval()
-    x = torch.rand(256, 1, 28, 28)
-    c_grad, c_fwd = [], []
-    for _ in range(4):
-        xg = x.clone().requires_grad_(True)
-        t0 = time.perf_counter()
-        (g,) = torch.autograd.grad(model(xg).logsumexp(1).sum(), xg)
-        c_grad.append((time.perf_counter() - t0) / 256)
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            model(x)
-            c_fwd.append((time.perf_counter() - t0) / 256)
-    cg, cf = min(c_grad[1:]), min(c_fwd[1:])
-    r = args.assume_robust
-    t_paper = args.test_points * 151 * cg
-    t_checks = 0.0 if args.no_checks else min(200, args.test_points) * (120 * cg + 1000 * cf)
-    t_aa = args.aa_points * 0.9 * (100 * cg + r * (900 * cg + 1350 * cg + 5000 * cf))
-    total = 0.0
-    lines = []
-    for row in rows:
-        key = row if row in per_img else "at-fsr"
-        t_train = (per_img[key] * args.train_subset + val_s) * args.epochs
-        t_eval = t_paper + t_checks + t_aa
-        total += t_train + t_eval
-        lines.append(
-            f"{row:11s} train ~{t_train / 60:5.1f} min"
-            f"   paper ~{(t_paper + t_checks) / 60:5.1f} min"
-            f"   AutoAttack ~{t_aa / 60:5.1f} min"
-        )
-    print("\n".join(lines))
-    print(
-        f"measured: training {1e3 * per_img['at']:.2f} ms/img (AT), {1e3 * per_img['at-fsr']:.2f} "
-        f"(AT+FSR), {1e3 * per_img['trades-fsr']:.2f} (TRADES+FSR), "
-        f"{1e3 * per_img['mart-fsr']:.2f} "
-        f"(MART+FSR) per image per epoch incl. PGD-{args.attack_steps}, + {val_s:.0f} s "
-        f"validation per epoch; eval "
-        f"{1e3 * cg:.2f} ms per input gradient, {1e3 * cf:.2f} ms per forward (fp32, per image); "
-        f"AutoAttack assumes {100 * r:.0f}% of points survive APGD-CE; "
-        f"{torch.get_num_threads()} threads"
-    )
-    n_seeds = len(_seeds(args))
-    print(
-        f"estimated total: {total / 60:.0f} min per seed, {n_seeds * total / 60:.0f} min for "
-        f"{n_seeds} seed(s) (one process; split --rows over processes to divide the wall time)"
-    )
-    return 0
-
-
-# --------------------------------------------------------------------------- report
-
-
-def weak_baselines(grid: SeedGrid, rows: Sequence[str]) -> list[str]:
-    """Sentences for baselines whose mean clean accuracy is more than ``WEAK_BASELINE_GAP``
-    points below the mean of the other baselines (a gain over them may be a weak baseline)."""
-    clean = {}
-    for r in rows:
-        if r in grid.reports:
-            vals = [rep.table()[grid.mode]["Natural"] for rep in grid.reports[r].values()]
-            clean[r] = sum(vals) / len(vals)
-    out = []
-    for r, v in clean.items():
-        others = [w for k, w in clean.items() if k != r]
-        if others and v < sum(others) / len(others) - WEAK_BASELINE_GAP:
-            ref = sum(others) / len(others)
-            out.append(
-                f"{LABELS[r]}'s clean accuracy ({v:.2f} %) is {ref - v:.1f} points below the "
-                f"other baselines' mean ({ref:.2f} %): a difference against it may reflect a "
-                "weak baseline run rather than the method. Its training curve is in "
-                f"`<out>/{r}/seed-<s>/metrics.jsonl`."
-            )
-    return out
-
-
-def write_report(
-    grid: SeedGrid,
-    summary: dict[str, Any],
-    args: argparse.Namespace,
-    path: Path,
-    command: str,
-    per_seed_dir: Path,
-) -> str:
-    """The Markdown page (mean ± sd table, generated readings, settings); returns its text."""
-    from fortify.runs import write_json_atomic, write_text_atomic
-
-    seeds = sorted({s for reps in grid.reports.values() for s in reps})
-    pairs = [(a, b) for a, b in PAIRS if a in grid.reports and b in grid.reports]
-    readings = grid.readings(pairs, READING_COLUMNS, resamples=args.resamples)
-    summary["readings"] = [r.to_dict() for r in readings]
-    n_aa = min(args.aa_points, args.test_points)
-    lines = [
-        "# FSR Table 1 at CPU scale (Fashion-MNIST, L∞ ε = 0.1)",
-        "",
-        f"Accuracy (%) on the first {args.test_points} Fashion-MNIST test images, mean ± sd "
-        f"(sample sd) over the training seeds listed per row; AutoAttack on the first {n_aa} "
-        "(n in its header). Worst case = per-point worst case over every column, AutoAttack and "
-        "the masking checks' attacks included, on the points where all of them ran.",
-        "",
-        *grid.table(COLUMNS),
-        "",
-        "## FSR minus baseline (generated from the intervals)",
-        "",
-        *grid.readings_markdown(readings),
-    ]
-    weak = weak_baselines(grid, [a for a, _ in PAIRS])
-    if weak:
-        lines += ["", *[f"- **Weak baseline:** {w}" for w in weak]]
-    settings = summary["settings"]
-    lines += [
-        "",
-        "## How this was produced",
-        "",
-        f"    {command}",
-        "",
-        f"- wall time: {summary['wall_time_min']:.1f} min of training + evaluation summed over "
-        f"the (row, seed) jobs (this call: {summary['wall_time_this_call_min']:.1f} min) on "
-        f"{settings['machine']}",
-        f"- seeds: training seeds {', '.join(str(s) for s in seeds)} (the evaluation seed is the "
-        "training seed), validation split seed 0; every seed is evaluated on the same test "
-        "points",
-        f"- data: Fashion-MNIST, {args.train_subset} training images (after a 1000-image "
-        "validation split), no augmentation",
-        f"- model: small-resnet (ResNet-18 layout) width {args.width}; FSR after `layer4` with "
-        f"hidden {args.fsr_hidden}, τ = 0.1, λ_sep = λ_rec = 1",
-        f"- training: {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9, wd 5e-4; "
-        f"{lr_schedule_text(args.epochs)}; PGD-{args.attack_steps} inner attack (step 0.025, "
-        "random start, eval mode), bf16 autocast + channels-last; TRADES/MART β = 6; the last "
-        "epoch is evaluated (as the release does)",
-        "- evaluation (fp32, eval mode, deterministic FSR mask): FGSM; PGD-20 and PGD-100 with "
-        "step 0.1ε, no random start; C&W = PGD-30 on the margin loss with κ = 50; Ensemble = "
-        "per-point worst case over these; AutoAttack standard via pyautoattack; checks = the "
-        "gradient-masking checks on the first 200 points (docs/evaluation.md)",
-        f"- per-(row, seed) reports with per-sample outcomes: `{per_seed_dir}/` "
-        "(re-aggregate with `fortify.replicate.common.SeedGrid.load_per_seed`)",
-        "",
-        "Paper (ResNet-18, CIFAR-10, ε = 8/255), for orientation only — different dataset, model "
-        "size and budget: AT 48.22 → AT+FSR 52.47 PGD-20; TRADES 50.74 → 52.27; "
-        "MART 50.88 → 54.80.",
-        "",
-    ]
-    text = "\n".join(lines)
-    write_text_atomic(path, text)
-    write_json_atomic(path.with_suffix(".json"), summary)
-    return text
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -544,7 +365,9 @@ def run(args: argparse.Namespace) -> int:
     seeds = _seeds(args)
     BootstrapOptions(resamples=args.resamples).validate()
     if args.estimate:
-        return _estimate(args, rows)
+        from fortify.replicate._fsr_table1_page import estimate
+
+        return estimate(args, rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # every row and seed trains on the same data: load it once (test split whole)
@@ -606,6 +429,8 @@ def run(args: argparse.Namespace) -> int:
     doc = Path(args.doc)
     per_seed_dir = Path(args.per_seed_dir) if args.per_seed_dir else doc.with_suffix("")
     grid.save_per_seed(per_seed_dir)
+    from fortify.replicate._fsr_table1_page import write_report
+
     text = write_report(grid, summary, args, doc, command, per_seed_dir)
     from fortify.runs import write_json_atomic
 
