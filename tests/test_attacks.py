@@ -455,3 +455,34 @@ def test_attacks_refuse_bad_budgets(kwargs, words):
     args = dict(steps=1) | kwargs
     with pytest.raises(ConfigError, match=words):
         A.pgd(model, x, y, **args)
+
+
+def test_options_object_keywords_and_classes_give_the_same_examples(small_model, digits):
+    """PGDOptions / FGSMOptions are the one list of settings: keywords, ``options=`` and the
+    classes build the same attack (same examples for the same generator seed)."""
+    _, _, x, y = digits
+    x, y = x[:32], y[:32]
+    kw = dict(eps=0.1, steps=4, loss="cw", kappa=1.0, restarts=2)
+    opts = A.PGDOptions(**kw)
+
+    def gen() -> torch.Generator:
+        return torch.Generator().manual_seed(5)
+
+    a = A.pgd(small_model, x, y, generator=gen(), **kw)
+    b = A.pgd(small_model, x, y, options=opts, generator=gen())
+    atk = A.PGD(small_model, generator=gen(), **kw)
+    assert (atk.eps, atk.steps, atk.loss) == (0.1, 4, "cw")
+    c = atk(x, y)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    atk.steps = 1  # an attribute write replaces the options the attack runs with
+    assert atk.options == A.PGDOptions(**{**kw, "steps": 1}, generator=atk.generator)
+    assert "steps=1" in repr(atk)
+    f = A.fgsm(small_model, x, y, eps=0.1)
+    assert torch.equal(f, A.FGSM(small_model, eps=0.1)(x, y))
+    assert torch.equal(f, A.fgsm(small_model, x, y, options=A.FGSMOptions(eps=0.1)))
+    with pytest.raises(ConfigError, match=r"unknown PGD option 'stpes'; did you mean steps"):
+        A.pgd(small_model, x, y, eps=0.1, stpes=3)
+    with pytest.raises(ConfigError, match=r"unknown FGSM option 'steps'.*allowed: eps, loss"):
+        A.FGSM(small_model, eps=0.1, steps=3)
+    with pytest.raises(ConfigError, match="restarts"):
+        A.PGDOptions(eps=0.1, steps=1, restarts=0).validate()

@@ -538,3 +538,27 @@ def test_gating_just_either_side_of_the_measured_l2(factor, phase2):
     assert metrics["fpd_phase2"] == phase2
     head_moved = "net.linear.weight" in _changed(f, before)
     assert head_moved == (phase2 == 1.0)
+
+
+def test_fpd_options_are_written_once():
+    """FPDOptions holds the names, defaults and allowed values: the builder, the keyword
+    arguments of FPD and ``options=`` agree, and every choice is checked by validate()."""
+    from fortify.defenses.fpd_options import CHOICES, FPDOptions
+
+    defaults = FPDOptions()
+    assert (defaults.bound, defaults.middle, defaults.bn_stats, defaults.denoise_scale) == (
+        "tanh", "input", "shared", "n"
+    )  # fmt: skip
+    assert (defaults.decoder, defaults.pyramid, defaults.width) == ("linear", "raw", 256)
+    m = _fpd(bound="none", dropout=0.25)
+    assert (m.bound, m.dropout, m.options.width) == ("none", 0.25, 8)
+    backbone = create("small-resnet", num_classes=10, in_channels=1, width=4)
+    stages = ["layer1", "layer2", "layer3", "layer4"]
+    via_options = FPD(backbone, stages, (1, 28, 28), options=FPDOptions(width=8), bound="none")
+    assert via_options.options == FPDOptions(width=8, bound="none")
+    for name, allowed in CHOICES.items():
+        assert getattr(defaults, name) in allowed
+        with pytest.raises(ConfigError, match=f"FPD option {name}='bad' is not allowed"):
+            FPDOptions(**{name: "bad"}).validate()
+    with pytest.raises(ConfigError, match=r"unknown FPD option\(s\) \['bond'\]"):
+        _fpd(bond="none")
