@@ -17,7 +17,7 @@ from fortify.replicate.common import SeedGrid
 # --------------------------------------------------------------------------- estimate
 
 
-def estimate(args: argparse.Namespace, rows: list[str]) -> int:
+def estimate(args: argparse.Namespace, rows: list[str], n_seeds: int) -> int:
     """Measure the building blocks and print the estimated wall time of the whole command.
 
     Training: one epoch on ``PROBE`` images per objective (with FSR, and AT without) through
@@ -87,7 +87,6 @@ def estimate(args: argparse.Namespace, rows: list[str]) -> int:
         f"AutoAttack assumes {100 * r:.0f}% of points survive APGD-CE; "
         f"{torch.get_num_threads()} threads"
     )
-    n_seeds = len(t1._seeds(args))
     print(
         f"estimated total: {total / 60:.0f} min per seed, {n_seeds * total / 60:.0f} min for "
         f"{n_seeds} seed(s) (one process; split --rows over processes to divide the wall time)"

@@ -367,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
     if args.estimate:
         from fortify.replicate._fsr_table1_page import estimate
 
-        return estimate(args, rows)
+        return estimate(args, rows, len(seeds))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # every row and seed trains on the same data: load it once (test split whole)
