@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fortify.defenses.attach import infer_feature_shapes
-from fortify.defenses.fpd_options import FPDOptions, Phase1Params
+from fortify.defenses.fpd_options import DenoiseScale, FPDOptions, Phase1Params
 from fortify.defenses.fpd_parts import (
     BN_BUFFERS,
     FORMAT_KEY,
@@ -129,7 +129,7 @@ class FPD(nn.Module):
         width, bound, middle, denoise_at = opts.width, opts.bound, opts.middle, opts.denoise_at
         dropout, activation, classifier = opts.dropout, opts.activation, opts.classifier
         bn_stats, decoder, lateral_norm = opts.bn_stats, opts.decoder, opts.lateral_norm
-        self.denoise_scale: str = opts.denoise_scale
+        self.denoise_scale: DenoiseScale = opts.denoise_scale
         self.pyramid: str = opts.pyramid
         if len(image_shape) != 3:
             raise ConfigError(f"FPD needs image_shape=(C, H, W), got {image_shape}")

@@ -136,7 +136,7 @@ def apply_trainable(
                 f"train.trainable: prefix {p!r} matches no parameter of the model"
                 + (f"; close matches: {', '.join(close)}" if close else "")
             )
-    bn_params = set()
+    bn_params: set[int] = set()
     if freeze_bn:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
