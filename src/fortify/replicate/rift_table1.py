@@ -23,7 +23,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fortify.replicate.common import (
     SeedGrid,
@@ -31,6 +31,9 @@ from fortify.replicate.common import (
     extend_with_prefix,
     per_seed_args,
 )
+
+if TYPE_CHECKING:
+    from fortify.runs.rundir import Mode
 
 NAME = "rift-table1"
 HELP = "RiFT Table 1 at CPU scale: AT vs AT+RiFT (Std, OOD, PGD-10, AutoAttack) on Fashion-MNIST"
@@ -86,7 +89,7 @@ def _train_at(args: argparse.Namespace, out: Path) -> Path:
     if status.is_file() and json.loads(status.read_text()).get("state") == "finished":
         log.info("AT run %s is finished; reusing it", run)
         return run
-    mode = (
+    mode: Mode = (
         "resume"
         if (run / "checkpoints" / "last.safetensors").is_file()
         else ("overwrite" if run.exists() else "new")
