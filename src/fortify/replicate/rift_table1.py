@@ -23,17 +23,15 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fortify.replicate.common import (
     SeedGrid,
     add_seed_arguments,
     extend_with_prefix,
     per_seed_args,
+    train_or_reuse,
 )
-
-if TYPE_CHECKING:
-    from fortify.runs.rundir import Mode
 
 NAME = "rift-table1"
 HELP = "RiFT Table 1 at CPU scale: AT vs AT+RiFT (Std, OOD, PGD-10, AutoAttack) on Fashion-MNIST"
@@ -77,7 +75,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _train_at(args: argparse.Namespace, out: Path) -> Path:
     from fortify.config import ExperimentConfig
     from fortify.config.loader import load_config
-    from fortify.train import fit
 
     run = out / "at"
     cfg = load_config(
@@ -85,17 +82,9 @@ def _train_at(args: argparse.Namespace, out: Path) -> Path:
         args.preset,
         [f"seed={args.seed}", f"device={args.device}", *args.train_overrides],
     )
-    status = run / "status.json"
-    if status.is_file() and json.loads(status.read_text()).get("state") == "finished":
-        log.info("AT run %s is finished; reusing it", run)
-        return run
-    mode: Mode = (
-        "resume"
-        if (run / "checkpoints" / "last.safetensors").is_file()
-        else ("overwrite" if run.exists() else "new")
-    )
-    log.info("training the AT model (%s) into %s [%s]", args.preset, run, mode)
-    fit(cfg, run, mode=mode)
+    # a finished run of the same training config is reused, an interrupted one resumed
+    trained = train_or_reuse(cfg, run)
+    log.info("AT model (%s) in %s: %s", args.preset, run, trained.how)
     return run
 
 
