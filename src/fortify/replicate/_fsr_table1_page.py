@@ -6,6 +6,7 @@ blocks and prints the wall time of the whole command."""
 from __future__ import annotations
 
 import argparse
+import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -162,7 +163,10 @@ def write_report(
         "",
         f"- wall time: {summary['wall_time_min']:.1f} min of training + evaluation summed over "
         f"the (row, seed) jobs (this call: {summary['wall_time_this_call_min']:.1f} min) on "
-        f"{settings['machine']}",
+        f"{platform.machine()} CPU",
+        f"- how the jobs ran: {settings['how_run']}; jobs finished in an earlier call or by "
+        "another process with the same `--out` were reused as they were (their run directories "
+        "record their own thread counts)",
         f"- seeds: training seeds {', '.join(str(s) for s in seeds)} (the evaluation seed is the "
         "training seed), validation split seed 0; every seed is evaluated on the same test "
         "points",
