@@ -233,7 +233,7 @@ def refuse_old_layouts(
             error_msgs.append(message)
 
 
-def _back_stats_error(module: nn.Module, state_dict: dict[str, Any], prefix: str) -> str | None:
+def _back_stats_error(module: Any, state_dict: dict[str, Any], prefix: str) -> str | None:
     """Weights saved before FPD kept per-pass statistics: loading them would leave the back
     pass normalised with fresh (0, 1) statistics."""
     if len(module.back_stats) and not any(k.startswith(prefix + "back_stats.") for k in state_dict):
@@ -246,7 +246,7 @@ def _back_stats_error(module: nn.Module, state_dict: dict[str, Any], prefix: str
     return None
 
 
-def _format_error(module: nn.Module, state_dict: dict[str, Any], prefix: str) -> str | None:
+def _format_error(module: Any, state_dict: dict[str, Any], prefix: str) -> str | None:
     """FPD weights saved before the release structure (format 2): their decoder read the
     denoised first stage through an activated decoder, so loading them into the release
     structure would silently compute something else. Models built with the legacy options

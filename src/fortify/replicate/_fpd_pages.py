@@ -77,7 +77,7 @@ def _header(labels: list[str]) -> list[str]:
 
 
 def _table(
-    reports: dict, cols: list[tuple[str, str]], k: int, steps: int, with_aa: bool
+    reports: dict[str, Any], cols: list[tuple[str, str]], k: int, steps: int, with_aa: bool
 ) -> list[str]:
     """Markdown rows: one per model, accuracy of each column over the first ``k`` points, then
     the worst case over the columns that ran on all ``k`` points."""
@@ -106,7 +106,10 @@ def _budget_lines(a: argparse.Namespace, cfgs: dict[str, Any] | None) -> list[st
 
 
 def markdown(
-    a: argparse.Namespace, reports: dict, times: dict[str, float], cfgs: dict | None = None
+    a: argparse.Namespace,
+    reports: dict[str, Any],
+    times: dict[str, float],
+    cfgs: dict[str, Any] | None = None,
 ) -> str:
     """The results page: all-point table, AutoAttack-subset table, checks and stage times."""
     cmd = "fortify replicate fpd-table " + " ".join(shlex.quote(s) for s in sys.argv[3:])
@@ -155,7 +158,10 @@ def markdown(
 
 
 def outcomes_json(
-    a: argparse.Namespace, reports: dict, times: dict[str, float], cfgs: dict | None = None
+    a: argparse.Namespace,
+    reports: dict[str, Any],
+    times: dict[str, float],
+    cfgs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Per-row, per-column per-point outcomes ("1" = correct) of one seed, for re-aggregation."""
     rows = {}
@@ -207,11 +213,11 @@ def combine(a: argparse.Namespace) -> int:
     rows = [r for r in ROWS if all(r in d["rows"] for d in seeds)]
     cols = [c for c in seeds[0]["rows"][rows[0]]]  # noqa: C416
 
-    def acc(d: dict, row: str, col: str, m: int) -> float | None:
+    def acc(d: dict[str, Any], row: str, col: str, m: int) -> float | None:
         bits = d["rows"][row].get(col)
         return None if bits is None else _pct(_bits(bits[:m]))
 
-    def worst_bits(d: dict, row: str, m: int, with_aa: bool) -> Any:
+    def worst_bits(d: dict[str, Any], row: str, m: int, with_aa: bool) -> Any:
         out = None
         for col, bits in d["rows"][row].items():
             if not with_aa and col.startswith("AutoAttack"):
@@ -220,7 +226,7 @@ def combine(a: argparse.Namespace) -> int:
             out = b if out is None else out & b
         return out
 
-    def worst(d: dict, row: str, m: int, with_aa: bool) -> float:
+    def worst(d: dict[str, Any], row: str, m: int, with_aa: bool) -> float:
         return _pct(worst_bits(d, row, m, with_aa))
 
     def cell(vals: list[float | None]) -> str:

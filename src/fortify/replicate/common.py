@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from fortify.errors import ComparisonError, ConfigError, DataError
 from fortify.utils.atomic import atomic_write_text
@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # torch and the evaluator are imported where used: `fortify -
     import torch
 
     from fortify.evaluate.report import EvalReport
+    from fortify.runs.rundir import Mode
     from fortify.stats import Interval
 
 log = logging.getLogger("fortify.replicate.common")
@@ -160,7 +161,7 @@ def train_or_reuse(cfg: Any, run_dir: str | Path, **fit_kwargs: Any) -> Trained:
     else:
         how, mode = "new", "new"
     log.info("%s: training (%s)", run_dir, how)
-    fit(cfg, run_dir, mode=mode, **fit_kwargs)
+    fit(cfg, run_dir, mode=cast("Mode", mode), **fit_kwargs)
     model, _ = load_model(run_dir, tag="last")
     return Trained(model.eval(), time.perf_counter() - t0, how)
 

@@ -139,7 +139,7 @@ def _configs(a: argparse.Namespace) -> dict[str, Any]:
         },
     )
     ev = EvalConfig(suite="adaptive", eps=a.eps, n_points=a.n_points, autoattack_points=a.aa_points)
-    common = dict(
+    common: dict[str, Any] = dict(
         batch_size=128, val_points=500, val_attack_steps=0, select="clean", grad_clip=10.0
     )
 
@@ -326,7 +326,7 @@ def run(a: argparse.Namespace) -> int:
             )
             times[f"eval {key}"] = time.perf_counter() - t0
             rep_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(rep_dir / "adaptive.md", rep.tomarkdown())
+            write_text_atomic(rep_dir / "adaptive.md", rep.to_markdown())
             return rep
 
         reports[key], reused = cached_report(
@@ -352,7 +352,7 @@ def rows_to_train(requested: list[str]) -> list[str]:
     training order."""
     needed = set(requested) | {"plain"}
     while any(ROWS[r] and ROWS[r] not in needed for r in needed):
-        needed |= {ROWS[r] for r in needed if ROWS[r]}
+        needed |= {src for r in needed if (src := ROWS[r])}
     return [r for r in ROWS if r in needed]
 
 

@@ -127,7 +127,12 @@ class _Checkpointer:
         }
 
     def save(
-        self, module: nn.Module, epoch: int, metrics: dict[str, Any], state: dict, best: bool
+        self,
+        module: nn.Module,
+        epoch: int,
+        metrics: dict[str, Any],
+        state: dict[str, Any],
+        best: bool,
     ) -> None:
         from fortify.runs import save_checkpoint
 
