@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fortify.defenses.attach import DEFENSES_ATTR, attached, infer_feature_shapes
 from fortify.models import count_parameters
 
-log = logging.getLogger("fortify.analysis.cost")
+log = logging.getLogger(__name__)
 
 _CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 if _CPU_FLASH not in flop_counter.flop_registry:

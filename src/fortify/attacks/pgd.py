@@ -26,7 +26,7 @@ from torch import nn
 from fortify.attacks.losses import LOSSES, attack_loss
 from fortify.errors import ConfigError, DataError, EvaluationError
 
-log = logging.getLogger("fortify.attacks")
+log = logging.getLogger(__name__)
 
 NORMS = ("linf", "l2")
 MODES = ("final", "best", "both")

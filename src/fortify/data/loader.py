@@ -35,7 +35,7 @@ from fortify.data.augment import (
 from fortify.data.base import ImageSet
 from fortify.errors import DataError
 
-log = logging.getLogger("fortify.data.loader")
+log = logging.getLogger(__name__)
 
 _PERM_STREAM, _AUG_STREAM = 0, 1
 

@@ -47,7 +47,7 @@ from fortify.defenses.registry import (
 )
 from fortify.errors import ConfigError, FortifyError
 
-log = logging.getLogger("fortify.defenses.cas")
+log = logging.getLogger(__name__)
 
 SELECTIONS = ("paper", "predicted", "label")
 

@@ -56,7 +56,7 @@ from fortify.defenses.registry import (
 )
 from fortify.errors import ConfigError, FortifyError
 
-log = logging.getLogger("fortify.defenses.cifs")
+log = logging.getLogger(__name__)
 
 PROBES = ("linear", "nonlinear")
 DUPLICATES = ("keep", "skip-label")

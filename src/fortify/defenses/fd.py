@@ -47,7 +47,7 @@ from fortify.defenses.registry import (
 )
 from fortify.errors import ConfigError, FortifyError
 
-log = logging.getLogger("fortify.defenses.fd")
+log = logging.getLogger(__name__)
 
 OPERATIONS = ("nonlocal_gaussian", "nonlocal_dot", "bilateral", "mean", "median", "none")
 

@@ -40,7 +40,7 @@ from fortify.defenses.contract import AuxContext, CaptureMixin
 from fortify.defenses.registry import register_defence
 from fortify.errors import ConfigError, DataError, FortifyError
 
-log = logging.getLogger("fortify.defenses.fpd")
+log = logging.getLogger(__name__)
 
 Bound = Literal["tanh", "spectral", "none"]
 MiddleGram = Literal["input", "restored"]

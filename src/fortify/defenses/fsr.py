@@ -39,7 +39,7 @@ from fortify.defenses.contract import AuxContext, CaptureMixin
 from fortify.defenses.registry import register_defence
 from fortify.errors import ConfigError, FortifyError
 
-log = logging.getLogger("fortify.defenses.fsr")
+log = logging.getLogger(__name__)
 
 ABLATIONS = ("none", "no-separation", "no-recalibration")
 MASKS = ("gumbel", "binary")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fortify.errors import ConfigError, FortifyError
 
-log = logging.getLogger("fortify.replicate.workers")
+log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
 

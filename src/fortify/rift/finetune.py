@@ -31,7 +31,7 @@ from fortify.data.base import DataSplits
 from fortify.errors import ConfigError
 from fortify.rift.mrc import get_weight
 
-log = logging.getLogger("fortify.rift")
+log = logging.getLogger(__name__)
 
 BN_MODES = ("frozen", "adapt")
 

@@ -36,7 +36,7 @@ from fortify.train.optim import LRSchedule, build_optimizer
 from fortify.train.state import capture_rng, load_state, prune_states, restore_rng, save_state
 from fortify.train.validate import validate
 
-log = logging.getLogger("fortify.train")
+log = logging.getLogger(__name__)
 
 #: Epochs are numbered from 1 wherever people see them (metrics.jsonl, checkpoint metadata,
 #: training-state file names, logs, :class:`FitResult`); checkpoints record this as
