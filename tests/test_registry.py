@@ -22,8 +22,10 @@ def test_register_get_available_and_duplicates():
     assert reg.register("alpha", 1) == 1
     reg.register("beta", 2)
     reg.register("alpha", 1)  # the same object again (a reloaded module) is fine
-    assert reg.get("beta") == 2 and reg.available() == ["alpha", "beta"]
-    assert "alpha" in reg and "gamma" not in reg and len(reg) == 2
+    reg.register("aardvark", 0)
+    assert reg.get("beta") == 2 and reg.available() == ["aardvark", "alpha", "beta"]
+    assert reg.in_order() == ["alpha", "beta", "aardvark"]
+    assert "alpha" in reg and "gamma" not in reg and len(reg) == 3
     with pytest.raises(ConfigError, match="widget 'alpha' is registered twice"):
         reg.register("alpha", 3)
     assert reg.get("alpha") == 1
@@ -62,6 +64,7 @@ REGISTRIES = [
         "fortify.evaluate.registry:SUITES",
         {"paper", "quick", "autoattack", "full", "pgd10", "adaptive", "ood"},
     ),
+    ("fortify.evaluate.corruptions:CORRUPTIONS", {"gaussian_noise", "fog", "saturate"}),
     ("fortify.importers:PLUGINS", {"fsr-release", "model", "robustbench"}),
     ("fortify.exporters:PLUGINS", {"robustbench"}),
     ("fortify.replicate:PLUGINS", {"fsr-table1", "rift-table1", "fpd-table"}),

@@ -70,6 +70,10 @@ class Registry(Generic[T]):
         """Every registered name, sorted."""
         return sorted(self._items)
 
+    def in_order(self) -> list[str]:
+        """Every registered name in registration order (e.g. a catalogue's family order)."""
+        return list(self._items)
+
     def items(self) -> list[tuple[str, T]]:
         """``(name, object)`` pairs sorted by name."""
         return sorted(self._items.items())

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from fortify.errors import ConfigError, check_point_count
-from fortify.evaluate.autoattack import StandardAutoAttack, capture_warnings
+from fortify.evaluate.autoattack import StandardAutoAttack, capture_warnings, check_classes
 from fortify.evaluate.context import SuiteContext, first_points, first_points_note
 from fortify.evaluate.registry import register_suite
 from fortify.evaluate.report import MODE_FREE, Outcome, ensemble_of, first_mask
@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 CW_KAPPA = 50.0
 AA_SCOPES = ("all", "robust")
+#: The advice of the error on a model with fewer than 4 classes (AutoAttack needs 4).
+AA_INSTEAD = "use suite 'paper' or 'quick'"
 
 
 @register_suite(
@@ -122,7 +124,7 @@ def run_autoattack(
         eps=ctx.eps,
         seed=ctx.seed,
         device=ctx.device,
-        instead="use suite 'paper' or 'quick'",
+        instead=AA_INSTEAD,
     )
     limit = first_points(ctx.n, points)
     notes = [first_points_note("AutoAttack", limit, ctx.n), adversary.note]
@@ -206,6 +208,7 @@ def full_suite(ctx: SuiteContext) -> None:
     AutoAttack attacks the points that survived every paper attack (in any row) separately from
     the others, so ``autoattack_scope="robust"`` (survivors only) gives the same worst case.
     """
+    check_classes(ctx.num_classes, instead=AA_INSTEAD)  # before the paper attacks run
     paper_suite(ctx)
     survivors = torch.zeros(ctx.n, dtype=torch.bool)
     for mode in ctx.modes:
