@@ -114,7 +114,7 @@ def _report_dir(target: Path, out: str | None) -> Path:
     return target.parent / "reports"
 
 
-def check_data_matches_checkpoint(meta: dict, splits: DataSplits, target: Path) -> None:
+def check_data_matches_checkpoint(meta: dict[str, Any], splits: DataSplits, target: Path) -> None:
     """Refuse data whose image shape or class count differs from what the model was built for."""
     from fortify.errors import DataError
 

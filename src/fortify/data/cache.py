@@ -63,7 +63,7 @@ DATA_SUFFIX = ".safetensors"
 
 # The ``cache_dir`` reader option: None (environment / default), a directory, True (same as
 # None) or False / "off" / "none" (disabled).
-CacheDirOption = str | os.PathLike | bool | None
+CacheDirOption = str | os.PathLike[str] | bool | None
 Items = Sequence[tuple[Path, int]]
 
 

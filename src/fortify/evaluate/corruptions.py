@@ -270,9 +270,9 @@ def motion_blur(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Ten
     py = dy + length
     kernel = torch.zeros(n, size * size, device=x.device)
     x0, y0 = px.floor(), py.floor()
-    for dx in (0, 1):
-        for dy in (0, 1):
-            xi, yi = x0 + dx, y0 + dy
+    for ox in (0, 1):
+        for oy in (0, 1):
+            xi, yi = x0 + ox, y0 + oy
             wgt = (1 - (px - xi).abs()) * (1 - (py - yi).abs()) * tap_w[None]
             ok = (xi >= 0) & (xi < size) & (yi >= 0) & (yi < size)
             idx = (yi.clamp(0, size - 1) * size + xi.clamp(0, size - 1)).long()

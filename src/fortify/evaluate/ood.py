@@ -64,7 +64,7 @@ SOURCES = ("auto", "published", "generated")
 # readers
 
 
-def list_cifar_c(root: str | os.PathLike) -> list[str]:
+def list_cifar_c(root: str | os.PathLike[str]) -> list[str]:
     """Corruption names available in a CIFAR-10-C / CIFAR-100-C folder (benchmark ones first)."""
     d = Path(root)
     if not d.is_dir():
@@ -76,7 +76,7 @@ def list_cifar_c(root: str | os.PathLike) -> list[str]:
 
 
 def read_cifar_c(
-    root: str | os.PathLike,
+    root: str | os.PathLike[str],
     corruption: str,
     *,
     per_severity: int = 10_000,
@@ -138,7 +138,7 @@ TINY_IMAGENET_C_READER_VERSION = 1
 
 
 def read_tiny_imagenet_c(
-    root: str | os.PathLike,
+    root: str | os.PathLike[str],
     corruption: str,
     severity: int,
     classes: Sequence[str],
@@ -323,7 +323,7 @@ def generated_ood(
 
 def published_ood(
     model: nn.Module,
-    root: str | os.PathLike,
+    root: str | os.PathLike[str],
     *,
     kind: str = "cifar-c",
     corruptions: Sequence[str] | None = None,
@@ -385,7 +385,7 @@ def published_ood(
     return OODResult(table, str(root), count)
 
 
-def find_published(dataset: str | None, root: str | os.PathLike | None = None) -> Path | None:
+def find_published(dataset: str | None, root: str | os.PathLike[str] | None = None) -> Path | None:
     """Folder of the published corrupted set for ``dataset`` (``<root or $FORTIFY_DATA or ./data>/
     CIFAR-10-C`` …), or None when the dataset has none or it is not on disk."""
     if dataset not in PUBLISHED:
@@ -409,7 +409,7 @@ def evaluate_ood(
     y: torch.Tensor,
     *,
     dataset: str | None = None,
-    root: str | os.PathLike | None = None,
+    root: str | os.PathLike[str] | None = None,
     classes: Sequence[str] | None = None,
     source: str = "auto",
     corruptions: Sequence[str] | None = None,
@@ -492,7 +492,7 @@ class OODOptions:
     """
 
     dataset: str | None = None
-    root: str | os.PathLike | None = None
+    root: str | os.PathLike[str] | None = None
     classes: Sequence[str] | None = None
     source: str = "auto"
     corruptions: Sequence[str] | None = None

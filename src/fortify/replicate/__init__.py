@@ -5,9 +5,16 @@ A new plug-in is a module here exposing ``NAME``, ``HELP``, ``add_arguments(pars
 """
 
 from fortify.registry import plugin_registry
-from fortify.replicate import fpd_table, fsr_ablations, fsr_table1, fsr_table4, rift_table1
+from fortify.replicate import (
+    bf16_parity,
+    fpd_table,
+    fsr_ablations,
+    fsr_table1,
+    fsr_table4,
+    rift_table1,
+)
 
 #: Every ``fortify replicate`` plug-in, by ``NAME``.
 PLUGINS = plugin_registry(
-    "replication", (fpd_table, fsr_ablations, fsr_table1, fsr_table4, rift_table1)
+    "replication", (bf16_parity, fpd_table, fsr_ablations, fsr_table1, fsr_table4, rift_table1)
 )

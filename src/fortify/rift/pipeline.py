@@ -27,6 +27,7 @@ from fortify.config.schema import ExperimentConfig
 from fortify.data.base import DataSplits
 from fortify.errors import ConfigError, FortifyError
 from fortify.rift.finetune import FinetuneOptions
+from fortify.runs.rundir import Mode
 from fortify.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,7 @@ class RiftRun:
         else:
             name, reason = self.choose(None)
         log.info("finetune: %s", reason)
-        mode = "new"
+        mode: Mode = "new"
         if d.is_dir() and any(d.iterdir()):
             last = d / "checkpoints" / "last.safetensors"
             changed = self.done("finetune")  # finished with other options: start over
