@@ -31,7 +31,7 @@ import numpy as np
 
 from fortify.errors import ComparisonError, ConfigError, DataError
 
-log = logging.getLogger("fortify.stats")
+log = logging.getLogger(__name__)
 
 HIGHER = "higher"
 LOWER = "lower"

@@ -24,7 +24,7 @@ from fortify.defenses.attach import DEFENSES_ATTR, attached, infer_feature_shape
 from fortify.models import count_parameters
 from fortify.utils.shapes import as_chw
 
-log = logging.getLogger("fortify.analysis.cost")
+log = logging.getLogger(__name__)
 
 _CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 if _CPU_FLASH not in flop_counter.flop_registry:

@@ -41,7 +41,7 @@ from torch import nn
 from fortify.defenses.fsr import FSRBlock, fsr_blocks
 from fortify.errors import FortifyError
 
-log = logging.getLogger("fortify.analysis.features")
+log = logging.getLogger(__name__)
 
 VARIANTS = {"f+": "f_pos", "f-": "f_neg", "f~-": "f_neg_rec", "f~-+f+": "out"}
 

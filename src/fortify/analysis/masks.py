@@ -12,7 +12,7 @@ from torch import nn
 from fortify.analysis.features import pick_block
 from fortify.utils.atomic import atomic_write_bytes
 
-log = logging.getLogger("fortify.analysis.masks")
+log = logging.getLogger(__name__)
 
 __all__ = ["mask_maps", "plot_masks"]
 

@@ -33,7 +33,7 @@ from fortify.defenses.cifs import CIFSBlock
 from fortify.defenses.contract import provide_labels
 from fortify.errors import ConfigError, FortifyError
 
-log = logging.getLogger("fortify.analysis.selection")
+log = logging.getLogger(__name__)
 
 __all__ = ["SelectionCheckOptions", "selection_check", "selection_variant"]
 

@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
 def check_eval_args(args: argparse.Namespace) -> None:
     """Refuse bad ``fortify eval`` options before any file is read."""
     from fortify.errors import ConfigError, check_point_count
-    from fortify.evaluate.core import get_suite
+    from fortify.evaluate import get_suite
     from fortify.runs.rundir import check_tag
     from fortify.utils.runtime import check_seed
 

@@ -36,7 +36,7 @@ from fortify.data.base import ImageSet
 from fortify.errors import DataError
 from fortify.utils.shapes import as_hw
 
-log = logging.getLogger("fortify.data.loader")
+log = logging.getLogger(__name__)
 
 _PERM_STREAM, _AUG_STREAM = 0, 1
 

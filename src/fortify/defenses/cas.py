@@ -48,7 +48,7 @@ from fortify.defenses.registry import (
 from fortify.errors import ConfigError, FortifyError
 from fortify.utils.shapes import as_chw
 
-log = logging.getLogger("fortify.defenses.cas")
+log = logging.getLogger(__name__)
 
 SELECTIONS = ("paper", "predicted", "label")
 

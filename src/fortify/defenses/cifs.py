@@ -57,7 +57,7 @@ from fortify.defenses.registry import (
 from fortify.errors import ConfigError, FortifyError
 from fortify.utils.shapes import as_chw
 
-log = logging.getLogger("fortify.defenses.cifs")
+log = logging.getLogger(__name__)
 
 PROBES = ("linear", "nonlinear")
 DUPLICATES = ("keep", "skip-label")

@@ -48,7 +48,7 @@ from fortify.defenses.registry import (
 from fortify.errors import ConfigError, FortifyError
 from fortify.utils.shapes import as_chw
 
-log = logging.getLogger("fortify.defenses.fd")
+log = logging.getLogger(__name__)
 
 OPERATIONS = ("nonlocal_gaussian", "nonlocal_dot", "bilateral", "mean", "median", "none")
 

@@ -40,7 +40,7 @@ from fortify.defenses.registry import register_defence
 from fortify.errors import ConfigError, FortifyError
 from fortify.utils.shapes import as_chw
 
-log = logging.getLogger("fortify.defenses.fsr")
+log = logging.getLogger(__name__)
 
 ABLATIONS = ("none", "no-separation", "no-recalibration")
 MASKS = ("gumbel", "binary")

@@ -31,8 +31,10 @@ from torch import nn
 from fortify.data.base import ImageSet
 from fortify.errors import ConfigError, DataError, check_point_count
 from fortify.evaluate import corruptions as C
+from fortify.evaluate.context import SuiteContext
+from fortify.evaluate.registry import register_suite
 
-log = logging.getLogger("fortify.evaluate.ood")
+log = logging.getLogger(__name__)
 
 SEVERITIES = (1, 2, 3, 4, 5)
 # The 15 corruptions of the benchmark (the paper's mean is over these).
@@ -508,7 +510,8 @@ class OODOptions:
         check_point_count(self.n_points, "OOD n_points")
 
 
-def _ood_suite(ctx: Any) -> None:
+@register_suite("ood", options=OODOptions)
+def _ood_suite(ctx: SuiteContext) -> None:
     """OOD: accuracy under common corruptions (published CIFAR-C sets or generated), 5 severities"""
     result = evaluate_ood(
         ctx.model, ctx.x, ctx.y, seed=ctx.seed, batch_size=ctx.batch_size, **ctx.options
@@ -524,14 +527,3 @@ def _ood_suite(ctx: Any) -> None:
         + "; per corruption: "
         + ", ".join(f"{c} {a:.2f}" for c, a in result.per_corruption.items()),
     )
-
-
-def _register_suite() -> None:
-    try:
-        from fortify.evaluate.core import register_suite
-    except ImportError:  # evaluator not available: the readers still work
-        return
-    register_suite("ood", _ood_suite, options=OODOptions)
-
-
-_register_suite()

@@ -13,11 +13,11 @@ from torch import nn
 
 from fortify.attacks import pgd_attack
 from fortify.errors import ConfigError
-from fortify.evaluate.core import _eval_mode, _model_device
+from fortify.evaluate.driver import eval_mode, model_device
 from fortify.evaluate.validation import check_eps, check_images_labels
 from fortify.utils.atomic import atomic_write_with
 
-log = logging.getLogger("fortify.evaluate.plot")
+log = logging.getLogger(__name__)
 
 
 def eps_curve(
@@ -45,9 +45,9 @@ def eps_curve(
         raise ConfigError(f"eps_curve mode must be 'final' or 'best', got {mode!r}")
     if not eps_values:
         raise ConfigError("eps_values must contain at least one ε")
-    dev = _model_device(model)
+    dev = model_device(model)
     out = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for e in eps_values:
             check_eps(e, norm, tuple(x.shape[1:]))
             correct = 0

@@ -28,7 +28,7 @@ from torch import nn
 
 from fortify.errors import CheckpointError, ConfigError
 
-log = logging.getLogger("fortify.interop.robustbench")
+log = logging.getLogger(__name__)
 
 THREATS = ("Linf", "L2", "corruptions")
 INFO_FIELDS = (

@@ -27,7 +27,7 @@ from typing import Any
 from fortify.replicate import fsr_table1 as t1
 from fortify.replicate.common import cached, checkpoint_key, train_or_reuse
 
-log = logging.getLogger("fortify.replicate.feature_table")
+log = logging.getLogger(__name__)
 
 # Natural, FGSM, PGD-20, PGD-100, C&W, Ensemble, AutoAttack (fsr-table1 adds a Worst case column)
 COLUMNS = tuple(c for c in t1.COLUMNS if c != "Worst case")

@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # torch and the evaluator are imported where used: `fortify -
     from fortify.runs.rundir import Mode
     from fortify.stats import Interval
 
-log = logging.getLogger("fortify.replicate.common")
+log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "fortify-replicate-eval/1"
 

@@ -41,7 +41,7 @@ HELP = (
 )
 DESCRIPTION = __doc__
 
-log = logging.getLogger("fortify.replicate.fpd_table")
+log = logging.getLogger(__name__)
 
 
 _LAST = Path("checkpoints") / "last.safetensors"

@@ -72,7 +72,7 @@ DEFAULTS = {
     "val_points": 500,
 }
 
-log = logging.getLogger("fortify.replicate.fsr_table1")
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

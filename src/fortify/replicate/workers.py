@@ -24,7 +24,7 @@ from typing import IO
 
 from fortify.errors import ConfigError, FortifyError
 
-log = logging.getLogger("fortify.replicate.workers")
+log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
 

@@ -32,7 +32,7 @@ from fortify.errors import ConfigError
 from fortify.rift.mrc import get_weight
 from fortify.runs.rundir import Mode
 
-log = logging.getLogger("fortify.rift")
+log = logging.getLogger(__name__)
 
 BN_MODES = ("frozen", "adapt")
 

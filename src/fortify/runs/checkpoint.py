@@ -45,7 +45,7 @@ from fortify.runs.jsonio import dumps
 from fortify.runs.rundir import CHECKPOINT_SUFFIX, RunDir, check_tag, utc_now
 from fortify.utils.atomic import atomic_path
 
-log = logging.getLogger("fortify.runs")
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 EXTRA_PREFIX = "extra::"

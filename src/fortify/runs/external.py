@@ -23,7 +23,7 @@ from torch import nn
 from fortify.utils.shapes import as_chw
 from fortify.errors import CheckpointError
 
-log = logging.getLogger("fortify.runs.external")
+log = logging.getLogger(__name__)
 
 NORMALIZE_KEYS = ("normalize.mean", "normalize.std")
 

@@ -46,7 +46,7 @@ from fortify.errors import RunDirError
 from fortify.runs.jsonio import dumps, write_json_atomic
 from fortify.utils.atomic import atomic_write_text, check_writable_dir
 
-log = logging.getLogger("fortify.runs")
+log = logging.getLogger(__name__)
 
 MODES = ("new", "resume", "overwrite")
 STATES = ("running", "finished", "failed")

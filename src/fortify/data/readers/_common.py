@@ -16,7 +16,7 @@ from fortify.data.base import ImageSet
 from fortify.data.cache import CacheDirOption, cached_imagesets
 from fortify.errors import DataError
 
-log = logging.getLogger("fortify.data.readers")
+log = logging.getLogger(__name__)
 
 DATA_ENV = "FORTIFY_DATA"
 # Bump when _decode's output for the same file and settings changes (invalidates caches).

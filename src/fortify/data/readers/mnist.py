@@ -23,7 +23,7 @@ from fortify.data.readers._common import (
 from fortify.data.registry import ReaderResult, register_reader
 from fortify.errors import DataError
 
-log = logging.getLogger("fortify.data.readers.mnist")
+log = logging.getLogger(__name__)
 
 # IDX type codes -> numpy dtype (big-endian).
 _IDX_TYPES: dict[int, np.dtype[Any]] = {
