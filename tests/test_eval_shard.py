@@ -16,7 +16,7 @@ from torch import nn
 
 from fortify.errors import ConfigError, DataError
 from fortify.evaluate import EvalReport, evaluate
-from fortify.evaluate.shard import Shard, finalize, merge_partials
+from fortify.evaluate.shard import Shard, finalize, merge_partials, points_fingerprint
 
 EPS = 0.1
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -130,6 +130,20 @@ def test_mismatched_or_incomplete_slices_are_refused(model, digits):
         _merge([*parts, third])
     with pytest.raises(ConfigError, match="cannot be sharded"):
         evaluate(model, x, y, suite="ood", eps=EPS, shard="0/2", checks=False)
+
+
+def test_slices_of_other_points_are_refused(model, digits):
+    """Slices join only when they evaluated the same points (``points_sha256``, the one digest
+    of the evaluated data, which ``fortify compare`` checks too)."""
+    x, y = digits.test.floats()
+    kw = dict(suite="quick", eps=EPS, batch_size=4, checks=False)
+    first = evaluate(model, x[:12], y[:12], shard="0/2", **kw)
+    assert first.settings["points_sha256"] == points_fingerprint(x[:12], y[:12])
+    assert "data_digest" not in first.settings
+    other = evaluate(model, x[12:24], y[12:24], shard="1/2", **kw)
+    with pytest.raises(DataError, match="points_sha256"):
+        _merge([first, other])
+    _merge([first, evaluate(model, x[:12], y[:12], shard="1/2", **kw)])
 
 
 def _cli(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ settings, sharding)."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import platform
 import time
@@ -22,12 +21,12 @@ from fortify.evaluate.registry import describe_option, get_suite, suites_with
 from fortify.evaluate.report import MODE_FREE, NATURAL, EvalReport, Outcome
 from fortify.evaluate.shard import (
     Shard,
-    digest_tensors,
     finalize,
     gather,
     merge_partials,
     model_digest,
     partial_report,
+    points_fingerprint,
 )
 from fortify.evaluate.validation import (
     check_deterministic,
@@ -95,16 +94,6 @@ def model_device(model: nn.Module) -> torch.device:
     for b in model.buffers():
         return b.device
     return torch.device("cpu")
-
-
-def points_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
-    """SHA-256 of the evaluated points (images as float32, labels as int64): two reports with the
-    same fingerprint were computed on the same points in the same order."""
-    h = hashlib.sha256()
-    h.update(str(tuple(x.shape)).encode())
-    h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    h.update(y.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def evaluate(
@@ -251,7 +240,6 @@ def evaluate(
         "points_sha256": points_fingerprint(x, y),
         "model": type(model).__name__,
         "model_digest": model_digest(model),
-        "data_digest": digest_tensors([x, y]),
         "device": str(dev),
         "seconds": round(time.perf_counter() - t_start, 2),
         "versions": _versions(),

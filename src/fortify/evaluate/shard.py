@@ -49,7 +49,7 @@ MUST_MATCH = (
     "num_classes",
     "image_shape",
     "model_digest",
-    "data_digest",
+    "points_sha256",
 )
 # Settings that legitimately differ between slices (not compared, taken from slice 0).
 PER_SLICE = ("shard", "seconds", "device", "versions")
@@ -94,6 +94,17 @@ class Shard:
         """Bool (n,): the points of this slice's chunks."""
         chunk = torch.arange(n) // chunk_size
         return chunk % self.count == self.index
+
+
+def points_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """SHA-256 of the evaluated points (images as float32, labels as int64): two reports (or
+    slices of one evaluation) with the same fingerprint were computed on the same points in the
+    same order. The report's ``points_sha256``; the one digest of evaluated data."""
+    h = hashlib.sha256()
+    h.update(str(tuple(x.shape)).encode())
+    h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    h.update(y.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def digest_tensors(tensors: Sequence[torch.Tensor]) -> str:

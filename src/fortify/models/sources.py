@@ -264,9 +264,6 @@ def check_logits(
         )
 
 
-# --------------------------------------------------------------------------- helpers
-
-
 # The built-in sources (torchvision, timm, robustbench, python) register themselves on import.
 from fortify.models.source_kinds import import_callable, robustbench_entry  # noqa: E402
 
