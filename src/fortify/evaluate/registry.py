@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Any
+from typing import Any, overload
 
 from torch import nn
 
@@ -72,6 +72,28 @@ class SuiteSpec:
 SUITES: Registry[SuiteSpec] = Registry("evaluation suite")
 
 
+@overload
+def register_suite(
+    name: str,
+    fn: SuiteFn,
+    *,
+    description: str = "",
+    options: Sequence[str] | type | None = None,
+    shardable: bool = False,
+) -> SuiteFn: ...
+
+
+@overload
+def register_suite(
+    name: str,
+    fn: None = None,
+    *,
+    description: str = "",
+    options: Sequence[str] | type | None = None,
+    shardable: bool = False,
+) -> Callable[[SuiteFn], SuiteFn]: ...
+
+
 def register_suite(
     name: str,
     fn: SuiteFn | None = None,
@@ -79,7 +101,7 @@ def register_suite(
     description: str = "",
     options: Sequence[str] | type | None = None,
     shardable: bool = False,
-) -> Any:
+) -> SuiteFn | Callable[[SuiteFn], SuiteFn]:
     """Register ``fn(ctx: SuiteContext) -> None`` as suite ``name`` (usable as a decorator).
 
     A suite adds columns through ``ctx.run_pgd``, ``ctx.run_fgsm``, ``ctx.run_attack`` or
