@@ -16,6 +16,7 @@ from typing import Any, overload
 
 from torch import nn
 
+from fortify.config.schema import EvalConfig
 from fortify.errors import ConfigError
 from fortify.evaluate.context import SuiteContext
 from fortify.registry import Registry
@@ -154,13 +155,13 @@ def suites_with(predicate: Callable[[SuiteSpec], bool]) -> list[str]:
     return [k for k, v in SUITES.items() if predicate(v)]
 
 
-def eval_config_options(eval_cfg: Any) -> dict[str, Any]:
+def eval_config_options(eval_cfg: EvalConfig) -> dict[str, Any]:
     """The ``suite_options`` an :class:`fortify.config.EvalConfig` implies for its suite.
 
     ``autoattack_points`` is passed when set and the suite accepts it (``autoattack``, ``full``,
     ``adaptive``); for a suite that runs no AutoAttack it has no effect and a warning says so.
     """
-    points = getattr(eval_cfg, "autoattack_points", None)
+    points = eval_cfg.autoattack_points
     if points is None:
         return {}
     spec = get_suite(eval_cfg.suite)
