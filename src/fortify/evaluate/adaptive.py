@@ -42,7 +42,7 @@ from fortify.evaluate.autoattack import Square, StandardAutoAttack, check_classe
 from fortify.evaluate.context import SuiteContext, attack_first, first_points, first_points_note
 from fortify.evaluate.driver import evaluate
 from fortify.evaluate.registry import describe_option, register_suite
-from fortify.evaluate.report import EvalReport, accuracy_on, first_mask, worst_case
+from fortify.evaluate.report import EvalReport, Outcome, accuracy_on, first_mask, worst_case
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def adaptive_suite(ctx: SuiteContext) -> None:
     where = "pre-bound logits" if has_logits else "model output (it has no unbounded_logits)"
     if opts.autoattack in ("both", "bounded") or (opts.autoattack == "logits" and has_logits):
         check_classes(ctx.num_classes, instead=AA_INSTEAD)  # before any attack runs
-    columns: dict[str, list] = {}
+    columns: dict[str, list[Outcome]] = {}
 
     def pgd_fn(
         net: nn.Module, loss: str, salt: int, s: float = step, n: int = k
@@ -347,7 +347,7 @@ def adaptive_suite(ctx: SuiteContext) -> None:
     # -- checks of this suite -----------------------------------------------------------------
     mode = ctx.modes[0]
 
-    def acc(outs: list) -> float:
+    def acc(outs: list[Outcome]) -> float:
         o = next((o for o in outs if o.mode == mode), outs[0] if outs else None)
         return o.accuracy if o is not None else float("nan")
 

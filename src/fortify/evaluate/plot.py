@@ -111,17 +111,7 @@ def plot_eps_curve(
     ax.legend()
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-
-    def write(tmp: Path) -> None:
-        fig.savefig(tmp, format="png")
-
-    try:
-        atomic_write_with(path, write)
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def default_eps_values(eps: float, norm: str, d: int) -> list[float]:
@@ -180,8 +170,15 @@ def plot_accuracy_bars(
     ax.legend(loc="upper center", ncol=len(reports), fontsize="small")
     if title:
         ax.set_title(title, fontsize="medium")
-    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def save_png(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure atomically as a PNG at ``path`` and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
+    fig.tight_layout()
 
     def write(tmp: Path) -> None:
         fig.savefig(tmp, format="png")

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Any
+from typing import Any, overload
 
 from torch import nn
 
+from fortify.config.schema import EvalConfig
 from fortify.errors import ConfigError
 from fortify.evaluate.context import SuiteContext
 from fortify.registry import Registry
@@ -72,6 +73,28 @@ class SuiteSpec:
 SUITES: Registry[SuiteSpec] = Registry("evaluation suite")
 
 
+@overload
+def register_suite(
+    name: str,
+    fn: SuiteFn,
+    *,
+    description: str = "",
+    options: Sequence[str] | type | None = None,
+    shardable: bool = False,
+) -> SuiteFn: ...
+
+
+@overload
+def register_suite(
+    name: str,
+    fn: None = None,
+    *,
+    description: str = "",
+    options: Sequence[str] | type | None = None,
+    shardable: bool = False,
+) -> Callable[[SuiteFn], SuiteFn]: ...
+
+
 def register_suite(
     name: str,
     fn: SuiteFn | None = None,
@@ -79,7 +102,7 @@ def register_suite(
     description: str = "",
     options: Sequence[str] | type | None = None,
     shardable: bool = False,
-) -> Any:
+) -> SuiteFn | Callable[[SuiteFn], SuiteFn]:
     """Register ``fn(ctx: SuiteContext) -> None`` as suite ``name`` (usable as a decorator).
 
     A suite adds columns through ``ctx.run_pgd``, ``ctx.run_fgsm``, ``ctx.run_attack`` or
@@ -132,13 +155,13 @@ def suites_with(predicate: Callable[[SuiteSpec], bool]) -> list[str]:
     return [k for k, v in SUITES.items() if predicate(v)]
 
 
-def eval_config_options(eval_cfg: Any) -> dict[str, Any]:
+def eval_config_options(eval_cfg: EvalConfig) -> dict[str, Any]:
     """The ``suite_options`` an :class:`fortify.config.EvalConfig` implies for its suite.
 
     ``autoattack_points`` is passed when set and the suite accepts it (``autoattack``, ``full``,
     ``adaptive``); for a suite that runs no AutoAttack it has no effect and a warning says so.
     """
-    points = getattr(eval_cfg, "autoattack_points", None)
+    points = eval_cfg.autoattack_points
     if points is None:
         return {}
     spec = get_suite(eval_cfg.suite)

@@ -346,7 +346,7 @@ def register_objective(name: str) -> Callable[[ObjectiveFactory], ObjectiveFacto
 
     def deco(factory: ObjectiveFactory) -> ObjectiveFactory:
         OBJECTIVES.register(name, factory)
-        if isinstance(factory, type):
+        if isinstance(factory, type) and issubclass(factory, Objective):
             factory.name = name
         return factory
 
