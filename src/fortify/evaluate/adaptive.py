@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -67,7 +67,8 @@ class UnboundedLogits(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.unbounded_logits(x)
+        logits = cast(Callable[[torch.Tensor], torch.Tensor], self.model.unbounded_logits)
+        return logits(x)
 
 
 def logits_model(model: nn.Module) -> nn.Module | None:
