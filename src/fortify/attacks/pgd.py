@@ -138,7 +138,9 @@ def _fooled(
     logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, targeted: bool
 ) -> torch.Tensor:
     pred = logits.argmax(dim=1)
-    return pred == target if targeted else pred != y
+    if targeted and target is not None:
+        return pred == target
+    return pred != y
 
 
 def _per_sample_norm(v: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fortify.errors import DataError
+from fortify.utils.shapes import as_chw
 
 
 @dataclass
@@ -66,7 +67,7 @@ class DataSplits:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image."""
-        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+        return as_chw(self.train.images.shape[1:])
 
     @property
     def in_channels(self) -> int:

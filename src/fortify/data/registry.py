@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fortify.data.base import DataSplits, ImageSet, check_labels, split_validation
-from fortify.errors import DataError
+from fortify.errors import ConfigError, DataError
 from fortify.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,12 @@ def load_from_config(
     """
     from fortify.config import DataConfig, from_dict
 
-    cfg = data_cfg if isinstance(data_cfg, DataConfig) else from_dict(DataConfig, dict(data_cfg))
+    if isinstance(data_cfg, DataConfig):
+        cfg = data_cfg
+    elif isinstance(data_cfg, Mapping):
+        cfg = from_dict(DataConfig, dict(data_cfg))
+    else:
+        raise ConfigError(f"data config must be a DataConfig or a mapping, got {data_cfg!r}")
     return load_dataset(
         cfg.name,
         root or cfg.root,

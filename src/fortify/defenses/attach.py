@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fortify.errors import FortifyError
+from fortify.utils.shapes import as_chw
 
 DEFENSES_ATTR = "fortify_defenses"
 
@@ -114,7 +115,7 @@ def infer_feature_shapes(
                     "not a 4-D feature map (N, C, H, W)"
                 )
             calls[_name] += 1
-            shapes[_name] = tuple(out.shape[1:])  # type: ignore[assignment]
+            shapes[_name] = as_chw(out.shape[1:])
 
         handles.append(module.register_forward_hook(hook))
     param = next(model.parameters(), None)

@@ -52,6 +52,7 @@ from fortify.defenses.fpd_parts import (
 )
 from fortify.defenses.registry import register_defence
 from fortify.errors import ConfigError, DataError, FortifyError
+from fortify.utils.shapes import as_chw
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class FPD(nn.Module):
         # Shapes of the pyramid (with the denoising hooks in place so nothing differs).
         self._pyramid: dict[int, torch.Tensor] = {}
         with self._denoise_hooks():
-            shapes = infer_feature_shapes(backbone, stages, self.image_shape)
+            shapes = infer_feature_shapes(backbone, stages, as_chw(self.image_shape))
         c_in, h_in, w_in = self.image_shape
         stage_channels = [shapes[s][0] for s in stages]
         h2, w2 = shapes[stages[0]][1:]
@@ -213,7 +214,9 @@ class FPD(nn.Module):
         )
         self.aux = FPDAux(opts.restore_weight)
         self.register_buffer(FORMAT_KEY, torch.tensor(FORMAT_VERSION))
-        self._register_load_state_dict_pre_hook(refuse_old_layouts, with_module=True)
+        self._register_load_state_dict_pre_hook(  # type: ignore[no-untyped-call]
+            refuse_old_layouts, with_module=True
+        )
         self.bn_stats: str = bn_stats
         self.back_stats = nn.ModuleDict()
         if bn_stats == "per-pass":

@@ -11,6 +11,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,6 +84,9 @@ def spec(name: str) -> ModelSpec:
 class Normalize(nn.Module):
     """Per-channel ``(x - mean) / std`` inside the model; buffers move with ``.to(device)``."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(list(mean)).view(1, -1, 1, 1))
@@ -147,8 +151,8 @@ def create(
             f"model {name!r} does not accept option(s) {unknown}; allowed options: "
             f"{', '.join(f'{k}={v!r}' for k, v in allowed.items()) or 'none'}"
         )
-    for key, value in kwargs.items():
-        _check_option(name, key, value, allowed.get(key))
+    for option, given in kwargs.items():
+        _check_option(name, option, given, allowed.get(option))
     try:
         model = entry.builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
     except FortifyError:
@@ -169,12 +173,14 @@ def _check_option(model: str, key: str, value: object, default: object) -> None:
     if isinstance(default, bool):
         bad = None if isinstance(value, bool) else "true or false"
     elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        if not ok or (default >= 1 and value < 1) or value < 0:
-            bad = "an integer >= 1" if default >= 1 else "an integer >= 0"
+        least = 1 if default >= 1 else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            bad = f"an integer >= {least}"
     elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        bad = None if ok and math.isfinite(value) else "a finite number"
+        finite = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
+        bad = None if finite else "a finite number"
     elif isinstance(default, str):
         bad = None if isinstance(value, str) else "a string"
     if bad is not None:
@@ -205,7 +211,7 @@ def describe_kwargs(name: str) -> dict[str, object]:
 
 
 def _source_builder(name: str) -> Builder:
-    def builder(num_classes: int = 10, in_channels: int = 3, **kwargs: object) -> nn.Module:
+    def builder(num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> nn.Module:
         return create(name, num_classes, in_channels, **kwargs)
 
     return builder

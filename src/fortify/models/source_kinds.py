@@ -249,7 +249,7 @@ def robustbench_entry(what: str) -> tuple[Any, Any, str, dict[str, Any]]:
 
 
 def robustbench_files(
-    model_dir: str | Path, ds: Any, tm: Any, model_name: str, entry: dict
+    model_dir: str | Path, ds: Any, tm: Any, model_name: str, entry: dict[str, Any]
 ) -> list[Path]:
     """The weight file(s) robustbench's ``load_model`` reads for this entry (ensembles: one per
     member, ``<name>.pt_m<i>.pt``)."""
@@ -363,7 +363,7 @@ def _python(
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # builtins without a signature
-        params = {}
+        params = inspect.Signature().parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if key in kwargs:

@@ -145,14 +145,15 @@ class SourceNet(nn.Module):
         return self.net(self.normalize(x))
 
 
-def _normalize_input(module: nn.Module, args: tuple) -> tuple | None:
+def _normalize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """Forward pre-hook: ``model(x)`` first computes ``model.normalize(x)``."""
     if not args:
         return None
-    return (module.normalize(args[0]), *args[1:])
+    normalize: nn.Module = module.get_submodule("normalize")
+    return (normalize(args[0]), *args[1:])
 
 
-def plain_logits(module: nn.Module, inputs: tuple, output: object) -> torch.Tensor:
+def plain_logits(module: nn.Module, inputs: tuple[Any, ...], output: object) -> torch.Tensor:
     """Forward hook: tuple / namedtuple / dict outputs → the logits tensor, else a DataError."""
     if isinstance(output, torch.Tensor):
         return output

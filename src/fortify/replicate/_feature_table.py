@@ -143,7 +143,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def evaluate_row(model: Any, run_dir: Path, args: argparse.Namespace, splits: Any) -> dict:
+def evaluate_row(
+    model: Any, run_dir: Path, args: argparse.Namespace, splits: Any
+) -> dict[str, Any]:
     """Paper suite + AutoAttack with per-point outcomes, cached in the run's reports folder
     (:func:`~fortify.replicate.common.cached`: reused while the settings and the checkpoint's
     SHA-256 are unchanged)."""
@@ -235,7 +237,7 @@ def _check_args(args: argparse.Namespace, rows: dict[str, Row], baseline: str) -
 
 
 def compare(
-    results: dict[str, dict[int, dict]], baseline: str, resamples: int
+    results: dict[str, dict[int, dict[str, Any]]], baseline: str, resamples: int
 ) -> dict[str, dict[str, Any]]:
     """``{row: {column: interval dict}}``: row − baseline over the seeds both have."""
     import numpy as np
@@ -275,7 +277,7 @@ def write_page(
     title: str,
     rows: dict[str, Row],
     baseline: str,
-    results: dict[str, dict[int, dict]],
+    results: dict[str, dict[int, dict[str, Any]]],
     diffs: dict[str, dict[str, Any]],
     args: argparse.Namespace,
     notes: list[str],
@@ -427,7 +429,7 @@ def run_table(
     out.mkdir(parents=True, exist_ok=True)
     json_dir = Path(args.json_dir) if args.json_dir else Path(args.doc).with_suffix("")
     splits = load_dataset("fashion-mnist", val_size=1000)
-    results: dict[str, dict[int, dict]] = {}
+    results: dict[str, dict[int, dict[str, Any]]] = {}
     for row in chosen:
         results[row] = {}
         for seed in seeds:

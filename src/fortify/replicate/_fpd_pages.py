@@ -8,6 +8,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -279,7 +280,7 @@ def combine(a: argparse.Namespace) -> int:
         "| A → B | measure | n | difference [95 % CI] | verdict |",
         "|---|---|---|---|---|",
     ]
-    measures = [
+    measures: list[tuple[str, int, Callable[[dict[str, Any], str, int], Any]]] = [
         ("clean", n, lambda d, r, m: _bits(d["rows"][r]["Natural"][:m])),
         ("worst case, no AutoAttack", n, lambda d, r, m: worst_bits(d, r, m, False)),
         ("worst case with AutoAttack", k, lambda d, r, m: worst_bits(d, r, m, True)),

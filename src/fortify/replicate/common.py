@@ -407,8 +407,9 @@ class SeedGrid:
 
         ra, rb = self.reports.get(baseline, {}), self.reports.get(method, {})
         seeds = sorted(set(ra) & set(rb))
-        cols = [(ra[s].column(column, self.mode), rb[s].column(column, self.mode)) for s in seeds]
-        if not seeds or any(a is None or b is None for a, b in cols):
+        given = [(ra[s].column(column, self.mode), rb[s].column(column, self.mode)) for s in seeds]
+        cols = [(a, b) for a, b in given if a is not None and b is not None]
+        if not seeds or len(cols) < len(given):
             return None
         prints = {r.settings.get("points_sha256") for s in seeds for r in (ra[s], rb[s])} - {None}
         if len(prints) > 1 or len({r.n_points for s in seeds for r in (ra[s], rb[s])}) > 1:

@@ -303,7 +303,7 @@ def _distribute(t: _Training) -> None:
     module = t.built.module
     if t.cfg.train.sync_bn and info.distributed:
         if device.type == "cuda":
-            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # type: ignore[no-untyped-call]
             t.built.module = module
         elif info.is_main:
             log.warning(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,10 +70,10 @@ class StepContext:
     global_step: int = 0
     rank: int = 0
     world_size: int = 1
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict[str, Any])
 
     # -- precision -------------------------------------------------------------------------
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The autocast context of ``train.precision`` (a no-op for fp32)."""
         precision = self.cfg.precision
         if precision == "fp32":
@@ -164,9 +165,9 @@ class StepContext:
         scaled = self.scaler.scale(loss) if self.scaler is not None else loss
         subset = None if params is None else list(params)
         if subset is None or self.world_size > 1:
-            scaled.backward()  # DDP's reducer expects gradients for all parameters
+            scaled.backward()  # type: ignore[no-untyped-call]  # DDP's reducer needs all grads
         else:
-            scaled.backward(inputs=subset)
+            scaled.backward(inputs=subset)  # type: ignore[no-untyped-call]
         if subset is not None and self.world_size > 1:
             keep = {id(p) for p in subset}
             for p in self.params:

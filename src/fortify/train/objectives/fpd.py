@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ from torch import nn
 from fortify.config.schema import TrainConfig
 from fortify.defenses.contract import capture_aux
 from fortify.defenses.fpd import FPD, find_fpd
+from fortify.defenses.fpd_options import Phase1Params
 from fortify.errors import ConfigError
 from fortify.train.objectives.base import (
     Metrics,
@@ -88,7 +90,7 @@ class FPDTwoPhase(Objective):
         self.noise = _positive(merged["noise"], "noise", strict=False)
         self.second_weight = _positive(merged["second_weight"], "second_weight", strict=False)
         self.second_step = bool(merged["second_step"])
-        self.phase1_params = str(merged["phase1_params"])
+        self.phase1_params = cast(Phase1Params, str(merged["phase1_params"]))
         if self.phase1_params not in ("front", "decoder"):
             raise ConfigError(
                 f"train.options.phase1_params={self.phase1_params!r} is not allowed; "
