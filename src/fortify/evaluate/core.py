@@ -36,6 +36,7 @@ from fortify.evaluate.validation import (
     check_labels_range,
     check_logits,
 )
+from fortify.utils.runtime import compute_record
 
 log = logging.getLogger("fortify.evaluate")
 
@@ -688,7 +689,7 @@ def evaluate(
         "model": type(model).__name__,
         "model_digest": model_digest(model),
         "data_digest": digest_tensors([x, y]),
-        "device": str(dev),
+        **compute_record(dev),  # device, precision (evaluation runs in fp32), thread counts
         "seconds": round(time.perf_counter() - t_start, 2),
         "versions": _versions(),
     }

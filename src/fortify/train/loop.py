@@ -35,6 +35,7 @@ from fortify.train.objectives.base import StepContext, get_objective, set_train_
 from fortify.train.optim import LRSchedule, build_optimizer
 from fortify.train.state import capture_rng, load_state, prune_states, restore_rng, save_state
 from fortify.train.validate import validate
+from fortify.utils.runtime import compute_record
 
 log = logging.getLogger("fortify.train")
 
@@ -154,10 +155,18 @@ def _progress(iterable: Any, enabled: bool, desc: str, total: int) -> Any:
 class _Checkpointer:
     """Rank-0 writer of ``last``/``best`` checkpoints, training state and metrics."""
 
-    def __init__(self, run: Any, cfg: ExperimentConfig, splits: DataSplits, world_size: int):
+    def __init__(
+        self,
+        run: Any,
+        cfg: ExperimentConfig,
+        splits: DataSplits,
+        world_size: int,
+        device: str | torch.device = "cpu",
+    ):
         self.run = run
         self.cfg = cfg
         self.base_meta = {
+            "compute": compute_record(device, cfg.train.precision),
             "config": to_dict(cfg),
             "num_classes": splits.num_classes,
             "image_shape": list(splits.image_shape),
@@ -418,7 +427,7 @@ def _fit(
     if info.is_main:
         try:
             run = _open_run(run_dir, mode, cfg, force)
-            ckpt = _Checkpointer(run, cfg, splits, info.world_size)
+            ckpt = _Checkpointer(run, cfg, splits, info.world_size, info.device)
             paths = (str(ckpt.last), str(ckpt.best))
         except FortifyError as exc:
             err = f"{type(exc).__name__}: {exc}"
@@ -637,7 +646,11 @@ def _train(
                 run.log_metrics(record)
                 if writer is not None:
                     for k, v in record.items():
-                        if isinstance(v, (int, float)) and k not in ("epoch", "world_size"):
+                        if isinstance(v, (int, float)) and k not in (
+                            "epoch",
+                            "world_size",
+                            "threads",
+                        ):
                             writer.add_scalar(k, v, epoch)
                     writer.flush()  # a killed run keeps the curves of its checkpointed epochs
             if info.is_main:
@@ -714,6 +727,7 @@ def _train_epoch(
         record[f"train/{k}"] = float(v) / max(total, 1.0)
     record["train/samples"] = int(total)
     record["world_size"] = info.world_size  # a resume may use another number of processes
+    record["threads"] = torch.get_num_threads()  # CPU results depend on it (reduction order)
     record["time/train"] = elapsed
     record["time/train_cpu"] = cpu  # this process's CPU seconds (all its threads)
     record["train/images_per_s"] = total / max(elapsed, 1e-9)
