@@ -31,6 +31,42 @@ def test_base_inheritance(tmp_path):
     assert (cfg.train.epochs, cfg.train.lr) == (7, 0.3)
 
 
+def test_base_is_relative_to_the_overlay_and_merges_nested_sections(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "variants" / "deep").mkdir(parents=True)
+    (tmp_path / "recipes" / "r.yaml").write_text(
+        "name: r\ntrain:\n  epochs: 7\n  attack:\n    eps: 0.1\n    steps: 5\n"
+        "eval:\n  suite: quick\n"
+    )
+    (tmp_path / "variants" / "mid.yaml").write_text(
+        "base: ../recipes/r.yaml\nname: mid\ntrain:\n  attack:\n    steps: 3\n"
+    )
+    (tmp_path / "variants" / "deep" / "top.yaml").write_text(
+        "base: ../mid.yaml\ntrain:\n  attack:\n    eps: 0.2\n"
+    )
+    cfg = load_config(ExperimentConfig, tmp_path / "variants" / "deep" / "top.yaml")
+    # each overlay replaces only the leaves it names; the rest comes from further down
+    assert cfg.name == "mid" and cfg.train.epochs == 7 and cfg.eval.suite == "quick"
+    assert (cfg.train.attack.eps, cfg.train.attack.steps) == (pytest.approx(0.2), 3)
+
+
+def test_base_cycle_is_refused_naming_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: ./a.yaml\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml") as e:
+        load_config(ExperimentConfig, tmp_path / "a.yaml")
+    assert "base:" in str(e.value)
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(ExperimentConfig, tmp_path / "self.yaml")
+
+
+def test_base_must_exist(tmp_path):
+    (tmp_path / "top.yaml").write_text("base: ../nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="base '../nowhere.yaml' does not exist"):
+        load_config(ExperimentConfig, tmp_path / "top.yaml")
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [

@@ -159,3 +159,41 @@ def test_rift_pipeline_reports_become_a_grid(tmp_path):
         ("Ensemble", 16, 2),
         ("AutoAttack", 6, 2),
     ]
+
+
+def test_cached_work_is_keyed_by_settings_and_the_checkpoints_bytes(tmp_path):
+    import os
+
+    from fortify.replicate.common import cached, cached_report, checkpoint_key
+
+    ckpt = tmp_path / "last.safetensors"
+    ckpt.write_bytes(b"weights-1")
+    calls: list[int] = []
+
+    def compute() -> dict:
+        calls.append(1)
+        return {"accuracy": 50.0 + len(calls)}
+
+    path = tmp_path / "reports" / "eval.json"
+    key = checkpoint_key({"eps": 0.1}, checkpoint=ckpt, surrogate=None)
+    assert key["checkpoint_sha256"] and key["surrogate_sha256"] is None
+    assert cached(path, key, compute) == ({"accuracy": 51.0}, False)
+    assert cached(path, checkpoint_key({"eps": 0.1}, checkpoint=ckpt), compute)[1] is False
+    key = checkpoint_key({"eps": 0.1}, checkpoint=ckpt)
+    assert cached(path, key, compute) == ({"accuracy": 52.0}, True)  # same key: reused
+    assert cached(path, key, compute, reuse=False) == ({"accuracy": 53.0}, False)
+    # new weights with the old modification time: the hash, not the mtime, decides
+    stat = ckpt.stat()
+    ckpt.write_bytes(b"weights-2")
+    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cached(path, checkpoint_key({"eps": 0.1}, checkpoint=ckpt), compute)[1] is False
+    assert cached(path, checkpoint_key({"eps": 0.2}, checkpoint=ckpt), compute)[1] is False
+    path.write_text("{not json")  # an unreadable file is computed again
+    assert cached(path, {"k": 1}, compute) == ({"accuracy": 56.0}, False)
+    assert len(calls) == 6
+
+    rep = _report(_bits(0.9, 0), _bits(0.5, 1))
+    out, reused = cached_report(tmp_path / "r.json", {"k": 1}, lambda: rep)
+    again, reused2 = cached_report(tmp_path / "r.json", {"k": 1}, lambda: 1 / 0)
+    assert (reused, reused2) == (False, True)
+    assert torch.equal(again.correct("PGD-20", "final"), rep.correct("PGD-20", "final"))

@@ -30,9 +30,24 @@ def test_train_presets_exist():
         for arch in ("resnet18", "vgg16", "wrn-34-10"):
             for obj in ("at", "trades", "mart"):
                 assert f"{ds}/{arch}-{obj}.yaml" in names
-                assert f"{ds}/{arch}-{obj}-fsr.yaml" in names
+                # the FSR recipe lives in one file, configs/fsr/, on top of this preset
+                assert not (ROOT / "configs/train" / ds / f"{arch}-{obj}-fsr.yaml").exists()
+                assert (ROOT / "configs/fsr" / ds / f"{arch}-{obj}-fsr.yaml").is_file()
     assert "rift/cifar10-resnet18-at.yaml" in names
     assert any(n.startswith("cpu/fmnist") for n in names)
+
+
+def test_no_recipe_name_stands_in_two_trees():
+    """``configs/<tree>/<dataset>/<name>.yaml``: one file per recipe name and dataset (a variant
+    of another tree's recipe is an overlay with its own name)."""
+    where: dict[tuple[str, ...], list[str]] = {}
+    for p in CONFIGS:
+        parts = p.relative_to(ROOT / "configs").parts
+        if len(parts) >= 3 and parts[-1] != "base.yaml":
+            where.setdefault(parts[1:], []).append(parts[0])
+    assert where, "no configs/<tree>/<dataset>/ files found"
+    twice = {"/".join(k): trees for k, trees in where.items() if len(trees) > 1}
+    assert not twice, twice
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -42,7 +57,7 @@ def test_every_yaml_in_configs_loads(path):
 
 
 def test_paper_recipes_carry_the_papers_numbers():
-    fsr = load_config(ExperimentConfig, ROOT / "configs/train/cifar10/resnet18-trades-fsr.yaml")
+    fsr = load_config(ExperimentConfig, ROOT / "configs/fsr/cifar10/resnet18-trades-fsr.yaml")
     assert fsr.train.objective == "trades" and fsr.train.beta == 6.0
     assert fsr.train.attack.eps == pytest.approx(8 / 255)
     assert fsr.train.attack.step_size == 0.007  # the TRADES paper / release inner step
@@ -60,9 +75,9 @@ def test_paper_recipes_carry_the_papers_numbers():
 def test_cifar10_trades_and_mart_presets_use_the_release_inner_step(arch, objective):
     """TRADES and MART presets (with and without FSR) craft with the releases' 10 steps of
     0.007; the AT rows keep the FSR release's 2/255."""
-    for suffix in ("", "-fsr"):
+    for tree, suffix in (("train", ""), ("fsr", "-fsr")):
         cfg = load_config(
-            ExperimentConfig, ROOT / f"configs/train/cifar10/{arch}-{objective}{suffix}.yaml"
+            ExperimentConfig, ROOT / f"configs/{tree}/cifar10/{arch}-{objective}{suffix}.yaml"
         )
         assert cfg.train.objective == objective
         assert cfg.train.attack.step_size == 0.007 and cfg.train.attack.steps == 10
@@ -71,9 +86,11 @@ def test_cifar10_trades_and_mart_presets_use_the_release_inner_step(arch, object
     assert at.train.attack.step_size == pytest.approx(2 / 255)
 
 
-@pytest.mark.parametrize("preset", ["cifar10/resnet18-at-fsr.yaml", "svhn/vgg16-mart-fsr.yaml"])
+@pytest.mark.parametrize(
+    "preset", ["fsr/cifar10/resnet18-at-fsr.yaml", "fsr/svhn/vgg16-mart-fsr.yaml"]
+)
 def test_paper_presets_build_their_model(preset):
-    cfg = load_config(ExperimentConfig, ROOT / "configs/train" / preset)
+    cfg = load_config(ExperimentConfig, ROOT / "configs" / preset)
     model = build_model(cfg.model, cfg.defenses, 10, (3, 32, 32)).eval()
     with torch.no_grad():
         assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)

@@ -9,7 +9,8 @@ change the model's mode nor its parameters' ``.grad``.
 
 from fortify.attacks.classes import FGSM, PGD, Attack
 from fortify.attacks.losses import LOSSES, attack_loss
-from fortify.attacks.pgd import MODES, NORMS, AttackResult, fgsm, fgsm_attack, pgd, pgd_attack
+from fortify.attacks.options import MODES, NORMS, PGDOptions
+from fortify.attacks.pgd import AttackResult, fgsm, fgsm_attack, pgd, pgd_attack
 
 __all__ = [
     "FGSM",
@@ -17,6 +18,7 @@ __all__ = [
     "MODES",
     "NORMS",
     "PGD",
+    "PGDOptions",
     "Attack",
     "AttackResult",
     "attack_loss",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from torch import nn
 
+from fortify.attacks.options import PGDOptions
 from fortify.attacks.pgd import fgsm, pgd
 
 
@@ -30,7 +34,12 @@ class Attack:
 
 
 class PGD(Attack):
-    """Projected gradient descent; see :func:`fortify.attacks.pgd` (ε, step in pixel units)."""
+    """Projected gradient descent; see :func:`fortify.attacks.pgd` (ε, step in pixel units).
+
+    ``PGD(model, eps=8/255, steps=10, step_size=None, **settings)``: the settings are the
+    fields of :class:`~fortify.attacks.options.PGDOptions` (here ``eps`` defaults to 8/255
+    and ``steps`` to 10), kept in :attr:`options` and readable as attributes (``atk.eps``).
+    """
 
     def __init__(
         self,
@@ -38,41 +47,33 @@ class PGD(Attack):
         eps: float = 8 / 255,
         steps: int = 10,
         step_size: float | None = None,
-        *,
-        norm: str = "linf",
-        loss: str = "ce",
-        random_start: bool = True,
-        restarts: int = 1,
-        targeted: bool = False,
-        kappa: float = 0.0,
-        mode: str = "final",
-        generator: torch.Generator | None = None,
+        **settings: Any,
     ):
         super().__init__(model)
-        self.eps, self.steps, self.step_size = eps, steps, step_size
-        self.norm, self.loss, self.random_start, self.restarts = norm, loss, random_start, restarts
-        self.targeted, self.kappa, self.mode, self.generator = targeted, kappa, mode, generator
+        self.options = PGDOptions.build(eps=eps, steps=steps, step_size=step_size, **settings)
+
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("options")
+        if options is not None and name in {f.name for f in dataclasses.fields(options)}:
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        options = self.__dict__.get("options")
+        if options is not None and name in {f.name for f in dataclasses.fields(options)}:
+            name, value = "options", dataclasses.replace(options, **{name: value})
+        super().__setattr__(name, value)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{f.name}={getattr(self.options, f.name)!r}" for f in dataclasses.fields(self.options)
+        )
+        return f"{type(self).__name__}({fields})"
 
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return pgd(
-            self.model,
-            x,
-            y,
-            eps=self.eps,
-            steps=self.steps,
-            step_size=self.step_size,
-            norm=self.norm,
-            loss=self.loss,
-            random_start=self.random_start,
-            restarts=self.restarts,
-            targeted=self.targeted,
-            target=target,
-            kappa=self.kappa,
-            mode=self.mode,
-            generator=self.generator,
-        )
+        return pgd(self.model, x, y, target=target, options=self.options)
 
 
 class FGSM(Attack):

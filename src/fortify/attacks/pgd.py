@@ -19,17 +19,17 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from fortify.attacks.losses import LOSSES, attack_loss
+from fortify.attacks.losses import attack_loss
+from fortify.attacks.options import PGDOptions, check_loss, check_norm, check_number
 from fortify.errors import ConfigError, DataError, EvaluationError
 
 log = logging.getLogger("fortify.attacks")
 
-NORMS = ("linf", "l2")
-MODES = ("final", "best", "both")
 _TINY = 1e-12
 
 
@@ -69,17 +69,6 @@ def _check_labels(t: object, n: int, what: str) -> tuple[torch.Tensor, int]:
     return t.long(), hi
 
 
-def _check_number(value: object, what: str, low: float, high: float, *, open_low: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = math.isfinite(v) and (v > low if open_low else v >= low) and v <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise ConfigError(f"{what} must be a number in {bracket}{low:g}, {high:g}], got {value!r}")
-    return float(value)
-
-
 def _check_common(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -111,14 +100,11 @@ def _check_common(
             f"in [{lo:g}, {hi:g}]; divide uint8 images by 255 and do not pre-normalise"
         )
     y, y_max = _check_labels(y, x.shape[0], "y")
-    if norm not in NORMS:
-        raise ConfigError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
+    check_norm(norm)
     # L∞: a change of at most 1 per pixel already spans [0, 1]; L2: the cube's diameter.
     top = 1.0 if norm == "linf" else math.sqrt(x[0].numel())
-    _check_number(eps, f"eps ({norm}, pixel units)", 0.0, top, open_low=True)
-    if loss not in LOSSES:
-        raise ConfigError(f"unknown attack loss {loss!r}; allowed: {', '.join(LOSSES)}")
-    _check_number(kappa, "kappa (C&W confidence)", 0.0, math.inf, open_low=False)
+    check_number(eps, f"eps ({norm}, pixel units)", 0.0, top, open_low=True)
+    check_loss(loss, kappa)
     if targeted:
         if target is None:
             raise ConfigError(
@@ -234,23 +220,21 @@ def _pgd_single(
     x: torch.Tensor,
     y: torch.Tensor,
     target: torch.Tensor | None,
+    opts: PGDOptions,
     *,
-    eps: float,
-    steps: int,
-    step_size: float,
-    norm: str,
-    loss: str,
-    random_start: bool,
-    targeted: bool,
-    kappa: float,
-    mode: str,
-    generator: torch.Generator | None,
     need_success: bool,
     max_label: int = -1,
 ) -> AttackResult:
-    """One restart of PGD on all of ``x``."""
+    """One restart of PGD on all of ``x`` (``opts`` validated, ``step_size`` resolved)."""
+    eps, steps, norm, loss = float(opts.eps), opts.steps, opts.norm, opts.loss
+    step_size, targeted, kappa = opts.resolved_step_size(), opts.targeted, float(opts.kappa)
+    mode, generator = opts.mode, opts.generator
     x = x.detach()
-    x_adv = _random_start(x, eps, norm, generator) if random_start else torch.empty_like(x).copy_(x)
+    x_adv = (
+        _random_start(x, eps, norm, generator)
+        if opts.random_start
+        else torch.empty_like(x).copy_(x)
+    )
 
     if mode == "best":
         # Active points shrink as they are broken; results are written back by index.
@@ -313,74 +297,41 @@ def pgd_attack(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float,
-    steps: int,
-    step_size: float | None = None,
-    norm: str = "linf",
-    loss: str = "ce",
-    random_start: bool = True,
-    restarts: int = 1,
-    targeted: bool = False,
     target: torch.Tensor | None = None,
-    kappa: float = 0.0,
-    mode: str = "final",
-    generator: torch.Generator | None = None,
     need_success: bool = True,
+    options: PGDOptions | None = None,
+    **settings: Any,
 ) -> AttackResult:
     """PGD returning adversarial examples *and* per-sample success masks (for evaluators).
 
     Args:
         model: maps images in [0, 1] (N, C, H, W) to logits (N, K); its mode is left alone.
         x: float images in [0, 1], shape (N, C, H, W). y: int64 labels (N,).
-        eps: radius of the threat model in pixel units (L∞: max per-pixel change; L2: norm).
-        steps: number of gradient steps (each one forward + backward).
-        step_size: step length in pixel units; default ``2.5 * eps / steps``.
-        norm: ``"linf"`` (sign steps) or ``"l2"`` (steps normalised per sample).
-        loss: ``"ce"``, ``"cw"`` (margin with confidence ``kappa``) or ``"dlr"``.
-        random_start: start uniformly in the ball (L∞) / at a random point of the ball (L2).
-        restarts: independent runs; each later restart only attacks points not yet broken.
-        targeted, target: make the model predict ``target`` (N,) instead of avoiding ``y``.
-        mode: ``"final"``, ``"best"`` or ``"both"`` (final examples plus, in ``x_best`` /
-            ``success_best``, the first fooling iterate of the same run).
-        generator: RNG for the random start (its device is used to draw the noise).
+        target: int64 target classes (N,) when ``targeted``.
         need_success: in final mode with one restart, False skips the verifying forward
             (``success`` is then all False).
+        options, settings: the attack's settings, the fields of
+            :class:`~fortify.attacks.options.PGDOptions` (``eps`` and ``steps`` required):
+            ``pgd_attack(model, x, y, eps=8/255, steps=10, loss="cw")``, or ``options=``
+            with keyword arguments replacing its fields.
 
     Returns:
         :class:`AttackResult` with detached tensors of the same shape as ``x``.
     """
-    y, target, max_label = _check_common(x, y, eps, norm, loss, targeted, target, kappa)
-    for what, n in (("steps", steps), ("restarts", restarts)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"{what} must be an integer >= 1, got {n!r}")
-    if mode not in MODES:
-        raise ConfigError(f"unknown PGD mode {mode!r}; allowed: {', '.join(MODES)}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ConfigError(f"generator must be a torch.Generator or None, got {generator!r}")
-    if step_size is None:
-        step_size = 2.5 * eps / steps
-    else:
-        _check_number(step_size, "step_size (pixel units)", 0.0, math.inf, open_low=True)
+    opts = PGDOptions.build(options, **settings)
+    y, target, max_label = _check_common(
+        x, y, opts.eps, opts.norm, opts.loss, opts.targeted, target, opts.kappa
+    )
+    opts.validate()
     y = y.to(x.device)
     target = target.to(x.device) if target is not None else None
-    kw = dict(
-        eps=float(eps),
-        steps=steps,
-        step_size=float(step_size),
-        norm=norm,
-        loss=loss,
-        random_start=random_start,
-        targeted=targeted,
-        kappa=float(kappa),
-        mode=mode,
-        generator=generator,
-        max_label=max_label,
-    )
-    if restarts == 1:
-        return _pgd_single(model, x, y, target, need_success=need_success, **kw)
+    if opts.restarts == 1:
+        return _pgd_single(
+            model, x, y, target, opts, need_success=need_success, max_label=max_label
+        )
 
-    result = _pgd_single(model, x, y, target, need_success=True, **kw)
-    for _ in range(restarts - 1):
+    result = _pgd_single(model, x, y, target, opts, need_success=True, max_label=max_label)
+    for _ in range(opts.restarts - 1):
         # Later restarts attack the points whose *returned* example does not fool yet: in
         # mode "both" that is the final example, so the final row equals a mode="final" run
         # (a point fooled only at an intermediate iterate is attacked again for that row).
@@ -388,7 +339,9 @@ def pgd_attack(
         if not bool(todo.any()):
             break
         t_sub = target[todo] if target is not None else None
-        r = _pgd_single(model, x[todo], y[todo], t_sub, need_success=True, **kw)
+        r = _pgd_single(
+            model, x[todo], y[todo], t_sub, opts, need_success=True, max_label=max_label
+        )
         idx = todo.nonzero().squeeze(1)
         # Replace the example where this restart fooled (final) or, if it did not, keep the latest.
         result.x_adv[idx] = r.x_adv
@@ -406,52 +359,28 @@ def pgd(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float,
-    steps: int,
-    step_size: float | None = None,
-    norm: str = "linf",
-    loss: str = "ce",
-    random_start: bool = True,
-    restarts: int = 1,
-    targeted: bool = False,
     target: torch.Tensor | None = None,
-    kappa: float = 0.0,
-    mode: str = "final",
-    generator: torch.Generator | None = None,
+    options: PGDOptions | None = None,
+    **settings: Any,
 ) -> torch.Tensor:
     """Projected gradient descent; returns ``x_adv`` (detached, same shape/format as ``x``).
 
-    ``x`` is float (N, C, H, W) in [0, 1]; ``eps`` and ``step_size`` are in pixel units
-    (``step_size`` defaults to ``2.5 * eps / steps``). Each step: ascend the per-sample loss
-    (sign step for L∞, per-sample normalised step for L2), then project onto the ε-ball and
-    [0, 1]. ``mode="final"`` returns the last iterate and costs exactly ``steps``
-    forward+backward passes; ``mode="best"`` returns, for each point, the first iterate whose
-    logits fooled the model (broken points leave the batch). See :func:`pgd_attack` for the
-    arguments and for per-sample success masks.
+    ``x`` is float (N, C, H, W) in [0, 1]; the settings are the fields of
+    :class:`~fortify.attacks.options.PGDOptions` (``eps``, ``steps`` required; ``eps`` and
+    ``step_size`` in pixel units, ``step_size`` defaulting to ``2.5 * eps / steps``). Each
+    step: ascend the per-sample loss (sign step for L∞, per-sample normalised step for L2),
+    then project onto the ε-ball and [0, 1]. ``mode="final"`` returns the last iterate and
+    costs exactly ``steps`` forward+backward passes; ``mode="best"`` returns, for each point,
+    the first iterate whose logits fooled the model (broken points leave the batch). See
+    :func:`pgd_attack` for per-sample success masks.
     """
-    if mode == "both":
+    opts = PGDOptions.build(options, **settings)
+    if opts.mode == "both":
         raise ConfigError(
             "pgd() returns one set of examples; use mode='final' or 'best' (or pgd_attack for "
             "'both')"
         )
-    return pgd_attack(
-        model,
-        x,
-        y,
-        eps=eps,
-        steps=steps,
-        step_size=step_size,
-        norm=norm,
-        loss=loss,
-        random_start=random_start,
-        restarts=restarts,
-        targeted=targeted,
-        target=target,
-        kappa=kappa,
-        mode=mode,
-        generator=generator,
-        need_success=False,
-    ).x_adv
+    return pgd_attack(model, x, y, target=target, need_success=False, options=opts).x_adv
 
 
 def fgsm_attack(

@@ -249,9 +249,15 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _load_with_base(path: Path, depth: int = 0) -> dict[str, Any]:
-    if depth > 8:
-        raise ConfigError(f"config {str(path)!r}: `base:` chain is too deep (cycle?)")
+def _load_with_base(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """``path``'s mapping merged over the one its ``base:`` names (relative to ``path``'s
+    folder), recursively; ``chain`` holds the files that named it, to refuse cycles."""
+    here = path.resolve()
+    if here in chain:
+        loop = " -> ".join(str(p) for p in (*chain, here)[chain.index(here) :])
+        raise ConfigError(f"config {str(path)!r}: `base:` files form a cycle: {loop}")
+    if len(chain) >= 16:
+        raise ConfigError(f"config {str(path)!r}: `base:` chain is deeper than 16 files")
     data = load_yaml(path)
     base = data.pop("base", None)
     if base is None:
@@ -266,4 +272,4 @@ def _load_with_base(path: Path, depth: int = 0) -> dict[str, Any]:
         raise ConfigError(
             f"config {str(path)!r}: base {base!r} does not exist (looked for {str(base_path)!r})"
         )
-    return _merge(_load_with_base(base_path, depth + 1), data)
+    return _merge(_load_with_base(base_path, (*chain, here)), data)

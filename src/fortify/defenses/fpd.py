@@ -26,296 +26,37 @@ apply dropout before the classifier, so it works on any backbone whose stages ar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fortify.defenses.attach import infer_feature_shapes
-from fortify.defenses.contract import AuxContext, CaptureMixin
+from fortify.defenses.fpd_options import FPDOptions, Phase1Params
+from fortify.defenses.fpd_parts import (
+    BN_BUFFERS,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    BackPassStats,
+    FPDAux,
+    FPDDecoder,
+    denoise,
+    middle_denoise,
+    refuse_old_layouts,
+    stat_key,
+)
 from fortify.defenses.registry import register_defence
 from fortify.errors import ConfigError, DataError, FortifyError
 
 log = logging.getLogger("fortify.defenses.fpd")
 
-Bound = Literal["tanh", "spectral", "none"]
-MiddleGram = Literal["input", "restored"]
-Activation = Literal["relu", "elu"]
-Phase1Params = Literal["front", "decoder"]
-BNStats = Literal["per-pass", "shared"]
-DenoiseScale = Literal["n", "nc"]
-DecoderKind = Literal["linear", "activated"]
-PyramidSource = Literal["raw", "denoised"]
-
-_BOUNDS = ("tanh", "spectral", "none")
-_MIDDLE = ("input", "restored")
-_ACTS = ("relu", "elu")
-_BN_STATS = ("per-pass", "shared")
-_SCALES = ("n", "nc")
-_DECODERS = ("linear", "activated")
-_PYRAMIDS = ("raw", "denoised")
-FORMAT_VERSION = 2  # FPD state-dict layout: 2 = release structure (raw pyramid, linear decoder)
-_FORMAT_KEY = "fpd_format"
-_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _CLASSIFIER_NAMES = ("linear", "fc", "classifier")
 _PROBE = 64  # input side used to measure a backbone's total stride for small image shapes
-
-
-# --------------------------------------------------------------------------------------------
-# The denoising operation
-# --------------------------------------------------------------------------------------------
-
-
-def denoise(feat: torch.Tensor, scale: DenoiseScale = "n") -> torch.Tensor:
-    """The parameter-free dot-product non-local mean ``D(F) = F + (F Fᵀ F) / N'``.
-
-    Per sample, ``F`` is reshaped to a C×N' matrix (N' = H·W). The C×C Gram matrix ``F Fᵀ`` is
-    formed first, so the cost is O(C²·N') rather than the O(N'²·C) of the spatial N'×N'
-    affinity ``Fᵀ F``; both give the same result by associativity.
-
-    The non-local term grows with the cube of the features' scale and roughly linearly with C
-    (each output channel sums C Gram-weighted channels), so on un-normalised stage outputs it
-    can dominate ``F`` by orders of magnitude. ``scale="nc"`` divides by ``C·N'`` instead of
-    ``N'`` (a fortify option, not in the paper), which keeps the term about as large as ``F``
-    for unit-scale features.
-
-    Args:
-        feat: feature map (N, C, H, W), any floating dtype.
-        scale: "n" (the paper: divide by N' = H·W) or "nc" (divide by C·N').
-    Returns:
-        tensor of the same shape and dtype.
-    """
-    if feat.dim() != 4:
-        raise DataError(
-            f"denoise expects a 4-D feature map (N, C, H, W), got shape {tuple(feat.shape)}"
-        )
-    n, c, h, w = feat.shape
-    flat = feat.reshape(n, c, h * w)
-    gram = torch.bmm(flat, flat.transpose(1, 2))  # (N, C, C)
-    div = h * w * (c if scale == "nc" else 1)
-    return feat + torch.bmm(gram, flat).reshape(n, c, h, w) / div
-
-
-def middle_denoise(restored: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """``x_mid = x′ + (s sᵀ s) / (H·W)`` where ``s`` is ``source`` reshaped to C×(H·W) per sample.
-
-    The release uses the raw input as ``source`` (so the raw input reaches the classifier
-    directly); ``source = restored`` gives the self-contained alternative ``D(x′)``.
-
-    Args:
-        restored: x′, (N, C, H, W) in pixel units.
-        source: (N, C, H, W), same shape as ``restored``.
-    """
-    n, c, h, w = source.shape
-    flat = source.reshape(n, c, h * w)
-    gram = torch.bmm(flat, flat.transpose(1, 2))
-    return restored + torch.bmm(gram, flat).reshape(n, c, h, w) / (h * w)
-
-
-# --------------------------------------------------------------------------------------------
-# The restoration decoder
-# --------------------------------------------------------------------------------------------
-
-
-def _act(kind: str) -> nn.Module:
-    return nn.ELU() if kind == "elu" else nn.ReLU()
-
-
-class FPDDecoder(nn.Module):
-    """FPN-style top-down decoder from the stage outputs back to an image.
-
-    1×1 lateral convs map every stage output to ``width`` channels; starting from the deepest,
-    each level is bilinearly upsampled to the next shallower one and added; a 3×3 conv smooths
-    the sum. Then, with ``kind="linear"`` (the release), ``n_up`` transposed convs of kernel 2,
-    stride 2 (64, 16, 4, … channels, as the release's 64 and 16) bring it back to the input
-    resolution and a 1×1 transposed conv outputs ``out_channels`` — no activation anywhere after
-    the lateral sum, so the decoder is affine in the pyramid. Conv2d weights are drawn from
-    N(0, 2 / (k²·C_out)) as in the release. ``kind="activated"`` is fortify's earlier decoder
-    (kept to load its weights): an activation after the smoothing conv and after each
-    kernel-4 transposed conv (halving the width, at least 8), then a 3×3 output conv.
-
-    Any residual size mismatch (inputs whose side is not a multiple of the stride) is closed by
-    bilinear interpolation to the input size before the output conv. There is no output
-    non-linearity. With ``lateral_norm`` (a fortify option) each lateral conv is followed by
-    BatchNorm.
-    """
-
-    def __init__(
-        self,
-        stage_channels: Sequence[int],
-        out_channels: int,
-        *,
-        width: int = 256,
-        n_up: int = 0,
-        activation: str = "relu",
-        lateral_norm: bool = False,
-        kind: DecoderKind = "linear",
-    ):
-        super().__init__()
-        self.kind: str = kind
-        self.laterals = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, width, 1), nn.BatchNorm2d(width))
-            if lateral_norm
-            else nn.Conv2d(c, width, 1)
-            for c in stage_channels
-        )
-        self.smooth = nn.Conv2d(width, width, 3, padding=1)
-        ups: list[nn.Module] = []
-        ch = width
-        if kind == "linear":
-            self.act: nn.Module = nn.Identity()
-            for i in range(n_up):
-                nxt = max(64 // 4**i, 4)
-                ups.append(nn.ConvTranspose2d(ch, nxt, 2, stride=2))
-                ch = nxt
-            self.upsample = nn.Sequential(*ups)
-            self.head: nn.Module = nn.ConvTranspose2d(ch, out_channels, 1)
-            for m in self.modules():
-                if isinstance(m, nn.Conv2d):
-                    k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                    nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / k))
-        else:
-            self.act = _act(activation)
-            for _ in range(n_up):
-                nxt = max(ch // 2, 8)
-                ups += [nn.ConvTranspose2d(ch, nxt, 4, stride=2, padding=1), _act(activation)]
-                ch = nxt
-            self.upsample = nn.Sequential(*ups)
-            self.head = nn.Conv2d(ch, out_channels, 3, padding=1)
-
-    def forward(self, feats: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """Args: feats: stage outputs shallow→deep, each (N, C_i, H_i, W_i); size: (H, W) of x.
-
-        Returns: the restored image (N, out_channels, H, W).
-        """
-        top = self.laterals[-1](feats[-1])
-        for i in range(len(feats) - 2, -1, -1):
-            lateral = self.laterals[i](feats[i])
-            top = F.interpolate(top, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-            top = top + lateral
-        out = self.upsample(self.act(self.smooth(top)))
-        if tuple(out.shape[-2:]) != tuple(size):
-            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
-        return self.head(out)
-
-
-# --------------------------------------------------------------------------------------------
-# Contract: the restoration loss
-# --------------------------------------------------------------------------------------------
-
-
-class FPDAux(CaptureMixin, nn.Module):
-    """Parameter-free child of :class:`FPD` implementing the auxiliary-loss contract.
-
-    While capturing it records ``restored`` (x′, (N, C, H, W)), ``logits`` (pre-bound, (N, K))
-    and ``bounded`` ((N, K)) of the latest FPD forward pass. :meth:`aux_losses` returns
-    ``{"fpd_restore": weight · MSE(x′, x_clean)}`` (``ctx.x`` when ``x_clean`` is unknown).
-    It is a child module (not the FPD wrapper itself) because ``aux_providers`` skips the root.
-    """
-
-    def __init__(self, weight: float = 1.0):
-        super().__init__()
-        self.weight = float(weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - never called
-        return x
-
-    def aux_losses(self, ctx: AuxContext) -> dict[str, torch.Tensor]:
-        restored = self.recorded.get("restored")
-        if restored is None or self.weight == 0:
-            return {}
-        target = ctx.x_clean if ctx.x_clean is not None else ctx.x
-        if target is None:
-            raise FortifyError("the FPD restoration loss needs AuxContext.x_clean or AuxContext.x")
-        return {"fpd_restore": self.weight * F.mse_loss(restored, target)}
-
-
-# --------------------------------------------------------------------------------------------
-# Per-pass BatchNorm statistics
-# --------------------------------------------------------------------------------------------
-
-
-class BackPassStats(nn.Module):
-    """The back pass's own running statistics for one BatchNorm layer of the backbone.
-
-    The two passes share every weight, but their inputs differ (x versus
-    x_mid = x′ + (x xᵀ x)/(H·W), which for RGB images is roughly 1.75·x), so one set of running
-    statistics averaged over both passes normalises neither correctly in eval mode. The buffers
-    here are swapped into the BatchNorm layer for the duration of the back pass.
-    """
-
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
-        super().__init__()
-        for name in _BN_BUFFERS:
-            self.register_buffer(name, getattr(bn, name).detach().clone())
-
-
-def _stat_key(module_name: str) -> str:
-    return module_name.replace(".", "__")
-
-
-def _explain_missing_back_stats(
-    module: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: Any,
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    """Refuse (even with strict=False) weights saved before FPD kept per-pass statistics:
-    loading them would leave the back pass normalised with fresh (0, 1) statistics."""
-    if len(module.back_stats) and not any(k.startswith(prefix + "back_stats.") for k in state_dict):
-        error_msgs.append(
-            "these FPD weights have no back-pass BatchNorm statistics (back_stats.*): they were "
-            "saved with one set of statistics for both passes, before fortify's bn_stats / "
-            "denoise_scale options existed. Rebuild the model with FPD options "
-            "bn_stats: shared, denoise_scale: n (the behaviour they were trained with) to load them"
-        )
-
-
-LEGACY_OPTIONS = {"pyramid": "denoised", "decoder": "activated"}
-
-
-def _check_format(
-    module: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: Any,
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    """Refuse (even with strict=False) FPD weights saved before the release structure
-    (format 2): their decoder read the denoised first stage through an activated decoder, so
-    loading them into the release structure would silently compute something else. Models built
-    with the legacy options accept them."""
-    key = prefix + _FORMAT_KEY
-    if key in state_dict:
-        return
-    legacy = module.pyramid == "denoised" and module.decoder.kind == "activated"
-    if legacy:
-        state_dict[key] = torch.tensor(FORMAT_VERSION)
-        return
-    has_back = any(k.startswith(prefix + "back_stats.") for k in state_dict)
-    old = (
-        "bn_stats: per-pass, denoise_scale: nc (the defaults they were saved with, unless their "
-        "run config says otherwise)"
-        if has_back
-        else "bn_stats: shared, denoise_scale: n"
-    )
-    error_msgs.append(
-        "these FPD weights predate fortify's release-faithful FPD structure (no fpd_format "
-        "entry): they were trained with the decoder reading the first stage after the denoising "
-        "operation, through a decoder with activations. Rebuild the model with FPD options "
-        f"pyramid: denoised, decoder: activated, {old} to load them"
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,31 +105,9 @@ class FPD(nn.Module):
         backbone: a classifier mapping (N, C, H, W) → (N, K) whose stages are named modules.
         stages: module names of the residual stages, shallow to deep (the pyramid c2..c5).
         image_shape: (C, H, W) used to infer stage shapes and the decoder's upsampling.
-        width: common width of the decoder's lateral convs (release: 256).
-        bound: "tanh" (release), "spectral" (spectrally normalised classifier weight, the
-            Lipschitz-constrained layer the paper describes) or "none".
-        middle: "input" (release: Gram term of the raw input) or "restored" (of x′).
-        denoise_at: where D is applied in both passes; ``None`` means the release's
-            ("stem", stages[0]); "stem" means the input of ``stages[0]``; other entries are
-            module names (D on their output).
-        dropout: dropout probability before the classifier in the back pass (release: 0.5 for
-            SVHN/Caltech, 0 for MNIST).
-        activation: "relu" (keep the backbone's) or "elu" (replace every ``nn.ReLU`` of the
-            backbone and the decoder's activations by ELU, as in the release).
-        classifier: name of the backbone's final ``nn.Linear`` (default: first of linear/fc/
-            classifier that exists).
-        restore_weight: weight of ``fpd_restore`` returned through the aux-loss contract.
-        bn_stats: "shared" (the release: one set of BatchNorm running statistics for both
-            passes) or "per-pass" (the back pass keeps its own running statistics in
-            ``FPD.back_stats``; affine parameters stay shared). See docs/fpd.md.
-        denoise_scale: "n" (the paper and release: D's non-local term divided by H·W) or "nc"
-            (divided by C·H·W, a fortify option).
-        lateral_norm: BatchNorm after each decoder lateral conv (see :class:`FPDDecoder`).
-        decoder: "linear" (the release: no activation after the lateral sum, kernel-2
-            transposed convs, 1×1 output) or "activated" (fortify's earlier decoder; see
-            :class:`FPDDecoder`).
-        pyramid: "raw" (the release: the decoder reads every stage's output before D) or
-            "denoised" (fortify's earlier wiring: the first level after D).
+        options, settings: :class:`~fortify.defenses.fpd_options.FPDOptions` (its ``stages``
+            field is used by the builder only), or its fields as keyword arguments (which
+            replace those of ``options`` when both are given).
     """
 
     def __init__(
@@ -397,56 +116,21 @@ class FPD(nn.Module):
         stages: Sequence[str],
         image_shape: tuple[int, int, int],
         *,
-        width: int = 256,
-        bound: Bound = "tanh",
-        middle: MiddleGram = "input",
-        denoise_at: Sequence[str] | None = None,
-        dropout: float = 0.0,
-        activation: Activation = "relu",
-        classifier: str | None = None,
-        restore_weight: float = 1.0,
-        bn_stats: BNStats = "shared",
-        denoise_scale: DenoiseScale = "n",
-        lateral_norm: bool = False,
-        decoder: DecoderKind = "linear",
-        pyramid: PyramidSource = "raw",
+        options: FPDOptions | None = None,
+        **settings: Any,
     ):
         super().__init__()
-        if bound not in _BOUNDS:
-            raise ConfigError(
-                f"FPD option bound={bound!r} is not allowed; choose one of {list(_BOUNDS)}"
-            )
-        if middle not in _MIDDLE:
-            raise ConfigError(
-                f"FPD option middle={middle!r} is not allowed; choose one of {list(_MIDDLE)}"
-            )
-        if activation not in _ACTS:
-            raise ConfigError(
-                f"FPD option activation={activation!r} is not allowed; choose one of {list(_ACTS)}"
-            )
-        if bn_stats not in _BN_STATS:
-            raise ConfigError(
-                f"FPD option bn_stats={bn_stats!r} is not allowed; choose one of {list(_BN_STATS)}"
-            )
-        if denoise_scale not in _SCALES:
-            raise ConfigError(
-                f"FPD option denoise_scale={denoise_scale!r} is not allowed; choose one of "
-                f"{list(_SCALES)}"
-            )
-        self.denoise_scale: str = denoise_scale
-        if decoder not in _DECODERS:
-            raise ConfigError(
-                f"FPD option decoder={decoder!r} is not allowed; choose one of {list(_DECODERS)}"
-            )
-        if pyramid not in _PYRAMIDS:
-            raise ConfigError(
-                f"FPD option pyramid={pyramid!r} is not allowed; choose one of {list(_PYRAMIDS)}"
-            )
-        self.pyramid: str = pyramid
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ConfigError(f"FPD option dropout must be in [0, 1), got {dropout}")
-        if int(width) < 1:
-            raise ConfigError(f"FPD option width must be >= 1, got {width}")
+        if options is None:
+            opts = FPDOptions.from_dict(settings)
+        else:
+            opts = dataclasses.replace(options, **settings)
+            opts.validate()
+        self.options = opts
+        width, bound, middle, denoise_at = opts.width, opts.bound, opts.middle, opts.denoise_at
+        dropout, activation, classifier = opts.dropout, opts.activation, opts.classifier
+        bn_stats, decoder, lateral_norm = opts.bn_stats, opts.decoder, opts.lateral_norm
+        self.denoise_scale: str = opts.denoise_scale
+        self.pyramid: str = opts.pyramid
         if len(image_shape) != 3:
             raise ConfigError(f"FPD needs image_shape=(C, H, W), got {image_shape}")
         stages = list(stages)
@@ -527,16 +211,15 @@ class FPD(nn.Module):
             lateral_norm=bool(lateral_norm),
             kind=decoder,
         )
-        self.aux = FPDAux(restore_weight)
-        self.register_buffer(_FORMAT_KEY, torch.tensor(FORMAT_VERSION))
-        self._register_load_state_dict_pre_hook(_check_format, with_module=True)
-        self._register_load_state_dict_pre_hook(_explain_missing_back_stats, with_module=True)
+        self.aux = FPDAux(opts.restore_weight)
+        self.register_buffer(FORMAT_KEY, torch.tensor(FORMAT_VERSION))
+        self._register_load_state_dict_pre_hook(refuse_old_layouts, with_module=True)
         self.bn_stats: str = bn_stats
         self.back_stats = nn.ModuleDict()
         if bn_stats == "per-pass":
             for name, m in backbone.named_modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                    self.back_stats[_stat_key(name)] = BackPassStats(m)
+                    self.back_stats[stat_key(name)] = BackPassStats(m)
         if bound == "spectral":
             lin = modules[self.classifier]
             parent_name, _, child = self.classifier.rpartition(".")
@@ -607,14 +290,14 @@ class FPD(nn.Module):
         """Swap the back pass's BatchNorm statistics in (found by name each time, so layers
         replaced after construction, e.g. by ``SyncBatchNorm.convert_sync_batchnorm``, work)."""
         pairs = [
-            (m, self.back_stats[_stat_key(name)])
+            (m, self.back_stats[stat_key(name)])
             for name, m in self.net.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and _stat_key(name) in self.back_stats
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and stat_key(name) in self.back_stats
         ]
 
         def swap() -> None:
             for bn, stats in pairs:
-                for b in _BN_BUFFERS:
+                for b in BN_BUFFERS:
                     bn._buffers[b], stats._buffers[b] = stats._buffers[b], bn._buffers[b]
 
         swap()
@@ -765,24 +448,6 @@ def find_fpd(model: nn.Module) -> FPD:
     )
 
 
-_OPTION_KEYS = {
-    "stages",
-    "width",
-    "bound",
-    "middle",
-    "denoise_at",
-    "dropout",
-    "activation",
-    "classifier",
-    "restore_weight",
-    "bn_stats",
-    "denoise_scale",
-    "lateral_norm",
-    "decoder",
-    "pyramid",
-}
-
-
 @register_defence("fpd")
 def build_fpd(
     model: nn.Module,
@@ -796,15 +461,10 @@ def build_fpd(
     """Defence builder for ``kind: fpd``: wrap ``model`` in :class:`FPD`.
 
     Stages come from ``options.stages``, else ``at``, else the registry's
-    ``spec(model_name).stages``. Other options are the keyword arguments of :class:`FPD`.
+    ``spec(model_name).stages``. Other options: :class:`~fortify.defenses.fpd_options.FPDOptions`.
     """
-    unknown = sorted(set(options) - _OPTION_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"unknown FPD option(s) {unknown}; allowed options: {sorted(_OPTION_KEYS)}"
-        )
-    opts = dict(options)
-    stages = opts.pop("stages", None)
+    opts = FPDOptions.from_dict(options)
+    stages = opts.stages
     if stages and at and list(stages) != list(at):
         raise ConfigError(f"FPD got stages twice (at={list(at)}, options.stages={list(stages)})")
     stages = list(stages or at or ())
@@ -815,4 +475,4 @@ def build_fpd(
             stages = list(spec(model_name).stages)
         except FortifyError:
             stages = []
-    return FPD(model, stages, image_shape, **opts)
+    return FPD(model, stages, image_shape, options=opts)

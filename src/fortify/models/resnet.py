@@ -17,7 +17,7 @@ pooling means any input of at least 8×8 works (CIFAR stem: 32×32 → layer4 is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -182,156 +182,72 @@ _RESNET_DOC = (
 )
 
 
-def _resnet(
+def _variant(
     name: str,
     block: type[BasicBlock] | type[Bottleneck],
-    blocks: Sequence[int],
-    num_classes: int,
-    in_channels: int,
-    width: int,
-    stem: str,
-    activation: str,
-    pool_grid: int = 1,
-) -> ResNet:
-    return ResNet(block, blocks, num_classes, in_channels, width, stem, activation, name, pool_grid)
+    blocks: tuple[int, int, int, int],
+    doc: str,
+    *,
+    description: str,
+    in_channels_default: int = 3,
+    width_default: int = 64,
+) -> Callable[..., ResNet]:
+    """Define and register the builder of one ResNet depth (the module names, stages and FSR
+    position are those of every fortify ResNet)."""
+
+    def builder(
+        num_classes: int = 10,
+        in_channels: int = in_channels_default,
+        width: int = width_default,
+        stem: str = "cifar",
+        activation: str = "relu",
+        pool_grid: int = 1,
+    ) -> ResNet:
+        return ResNet(
+            block, blocks, num_classes, in_channels, width, stem, activation, name, pool_grid
+        )
+
+    builder.__name__ = builder.__qualname__ = name.replace("-", "_")
+    builder.__doc__ = doc
+    register(name, description=description, fsr_position="layer4", stages=RESNET_STAGES)(builder)
+    return builder
 
 
-@register(
+resnet18 = _variant(
     "resnet18",
+    BasicBlock,
+    (2, 2, 2, 2),
+    "ResNet-18: 11,173,962 parameters for 10 classes at width 64 (CIFAR stem).",
     description=f"ResNet-18 (BasicBlock 2-2-2-2); {_RESNET_DOC}",
-    fsr_position="layer4",
-    stages=RESNET_STAGES,
 )
-def resnet18(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    width: int = 64,
-    stem: str = "cifar",
-    activation: str = "relu",
-    pool_grid: int = 1,
-) -> ResNet:
-    """ResNet-18: 11,173,962 parameters for 10 classes at width 64 (CIFAR stem)."""
-    return _resnet(
-        "resnet18",
-        BasicBlock,
-        (2, 2, 2, 2),
-        num_classes,
-        in_channels,
-        width,
-        stem,
-        activation,
-        pool_grid,
-    )
-
-
-@register(
+resnet34 = _variant(
     "resnet34",
+    BasicBlock,
+    (3, 4, 6, 3),
+    "ResNet-34: 21,282,122 parameters for 10 classes at width 64 (CIFAR stem).",
     description=f"ResNet-34 (BasicBlock 3-4-6-3); {_RESNET_DOC}",
-    fsr_position="layer4",
-    stages=RESNET_STAGES,
 )
-def resnet34(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    width: int = 64,
-    stem: str = "cifar",
-    activation: str = "relu",
-    pool_grid: int = 1,
-) -> ResNet:
-    """ResNet-34: 21,282,122 parameters for 10 classes at width 64 (CIFAR stem)."""
-    return _resnet(
-        "resnet34",
-        BasicBlock,
-        (3, 4, 6, 3),
-        num_classes,
-        in_channels,
-        width,
-        stem,
-        activation,
-        pool_grid,
-    )
-
-
-@register(
+resnet50 = _variant(
     "resnet50",
+    Bottleneck,
+    (3, 4, 6, 3),
+    "ResNet-50: 23,520,842 parameters for 10 classes at width 64 (CIFAR stem).",
     description=f"ResNet-50 (Bottleneck 3-4-6-3); {_RESNET_DOC}",
-    fsr_position="layer4",
-    stages=RESNET_STAGES,
 )
-def resnet50(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    width: int = 64,
-    stem: str = "cifar",
-    activation: str = "relu",
-    pool_grid: int = 1,
-) -> ResNet:
-    """ResNet-50: 23,520,842 parameters for 10 classes at width 64 (CIFAR stem)."""
-    return _resnet(
-        "resnet50",
-        Bottleneck,
-        (3, 4, 6, 3),
-        num_classes,
-        in_channels,
-        width,
-        stem,
-        activation,
-        pool_grid,
-    )
-
-
-@register(
+resnet101 = _variant(
     "resnet101",
+    Bottleneck,
+    (3, 4, 23, 3),
+    "ResNet-101: 42,512,970 parameters for 10 classes at width 64 (CIFAR stem).",
     description=f"ResNet-101 (Bottleneck 3-4-23-3), the FPD backbone; {_RESNET_DOC}",
-    fsr_position="layer4",
-    stages=RESNET_STAGES,
 )
-def resnet101(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    width: int = 64,
-    stem: str = "cifar",
-    activation: str = "relu",
-    pool_grid: int = 1,
-) -> ResNet:
-    """ResNet-101: 42,512,970 parameters for 10 classes at width 64 (CIFAR stem)."""
-    return _resnet(
-        "resnet101",
-        Bottleneck,
-        (3, 4, 23, 3),
-        num_classes,
-        in_channels,
-        width,
-        stem,
-        activation,
-        pool_grid,
-    )
-
-
-@register(
+small_resnet = _variant(
     "small-resnet",
+    BasicBlock,
+    (2, 2, 2, 2),
+    "ResNet-18 layout at width 16: 701,178 parameters (1 channel); layer4 is 128×4×4 at 28×28.",
     description="narrow ResNet-18 (BasicBlock 2-2-2-2, width 16) for CPU runs on 28×28 / 8×8 "
     "inputs; same names as resnet18 (layer2.1.conv2, ...); kwargs: width, stem, activation",
-    fsr_position="layer4",
-    stages=RESNET_STAGES,
+    in_channels_default=1,
+    width_default=16,
 )
-def small_resnet(
-    num_classes: int = 10,
-    in_channels: int = 1,
-    width: int = 16,
-    stem: str = "cifar",
-    activation: str = "relu",
-    pool_grid: int = 1,
-) -> ResNet:
-    """ResNet-18 layout at width 16: 701,178 parameters (1 channel); layer4 is 128×4×4 at 28×28."""
-    return _resnet(
-        "small-resnet",
-        BasicBlock,
-        (2, 2, 2, 2),
-        num_classes,
-        in_channels,
-        width,
-        stem,
-        activation,
-        pool_grid,
-    )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import platform
 import shlex
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fortify.replicate import fsr_table1 as t1
-from fortify.replicate.common import train_or_reuse
+from fortify.replicate.common import cached, checkpoint_key, train_or_reuse
 
 log = logging.getLogger("fortify.replicate.feature_table")
 
@@ -142,18 +141,22 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def evaluate_row(model: Any, run_dir: Path, args: argparse.Namespace, splits: Any) -> dict:
-    """Paper suite + AutoAttack with per-point outcomes, cached in the run's reports folder."""
-    from fortify.evaluate import evaluate
-    from fortify.runs import write_json_atomic
-
-    cache = run_dir / "reports" / EVAL_CACHE
+    """Paper suite + AutoAttack with per-point outcomes, cached in the run's reports folder
+    (:func:`~fortify.replicate.common.cached`: reused while the settings and the checkpoint's
+    SHA-256 are unchanged)."""
     settings = _settings(args)
-    ckpt = run_dir / "checkpoints" / "last.safetensors"
-    stamp = ckpt.stat().st_mtime if ckpt.is_file() else None
-    if cache.is_file():
-        old = json.loads(cache.read_text())
-        if old.get("settings") == settings and old.get("checkpoint_mtime") == stamp:
-            return old
+    key = checkpoint_key(settings, checkpoint=run_dir / "checkpoints" / "last.safetensors")
+    value, _ = cached(
+        run_dir / "reports" / EVAL_CACHE, key, lambda: _evaluate_row(model, args, splits, settings)
+    )
+    return value
+
+
+def _evaluate_row(
+    model: Any, args: argparse.Namespace, splits: Any, settings: dict[str, Any]
+) -> dict[str, Any]:
+    from fortify.evaluate import evaluate
+
     x, y = splits.test.head(args.test_points).floats()
     t0 = time.perf_counter()
     rep = evaluate(
@@ -177,17 +180,14 @@ def evaluate_row(model: Any, run_dir: Path, args: argparse.Namespace, splits: An
         if c is not None:
             outcomes["AutoAttack"], n["AutoAttack"] = _bits(c), len(c)
         t_aa = time.perf_counter() - t0
-    out = {
+    return {
         "settings": settings,
-        "checkpoint_mtime": stamp,
         "n": n,
         "outcomes": outcomes,
         "accuracy": {col: 100.0 * s.count("1") / len(s) for col, s in outcomes.items()},
         "checks": checks,
         "seconds": {"paper": round(t_paper, 1), "autoattack": round(t_aa, 1)},
     }
-    write_json_atomic(cache, out)
-    return out
 
 
 def _command(name: str, args: argparse.Namespace) -> str:

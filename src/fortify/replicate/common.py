@@ -6,8 +6,9 @@ reports into a page. This module holds the parts every command shares:
 * seeds — :func:`add_seed_arguments` (``--seeds 0,1,2``), :func:`seeds_from_args`;
   :func:`job_dir` gives each (row, seed) its own run directory ``<out>/<row>/seed-<s>``;
 * reuse — :func:`train_or_reuse` keeps a finished run whose training config is unchanged and
-  resumes an interrupted one; :func:`cached_report` keeps an evaluation whose key (settings and
-  checkpoint hash, :func:`file_sha256`) is unchanged;
+  resumes an interrupted one; :func:`cached` (and :func:`cached_report` for reports), the one
+  cache of the replicate commands, keeps finished work whose key (settings and checkpoint
+  hashes, :func:`checkpoint_key` / :func:`file_sha256`) is unchanged;
 * several evaluations of one model — :func:`extend_with_prefix` adds the columns of a report
   computed on the first k points (e.g. AutoAttack) to the main report, as columns that ran on
   those k points (one rule for subsets, docs/evaluation.md);
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fortify.errors import ComparisonError, ConfigError, DataError
 from fortify.utils.atomic import atomic_write_text
@@ -137,7 +138,7 @@ def train_or_reuse(cfg: Any, run_dir: str | Path, **fit_kwargs: Any) -> Trained:
     """
     from fortify.runs import RunDir, load_model
     from fortify.train import fit
-    from fortify.train.loop import training_changes
+    from fortify.train.resume import training_changes
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
@@ -164,27 +165,71 @@ def train_or_reuse(cfg: Any, run_dir: str | Path, **fit_kwargs: Any) -> Trained:
     return Trained(model.eval(), time.perf_counter() - t0, how)
 
 
-def cached_report(
-    path: str | Path, key: dict[str, Any], compute: Callable[[], EvalReport]
-) -> tuple[EvalReport, bool]:
-    """The report stored at ``path`` if it was computed with the same ``key``; otherwise
-    ``compute()``, stored atomically with its key. Returns ``(report, reused: bool)``."""
-    from fortify.evaluate.report import EvalReport
+T = TypeVar("T")
 
+
+def cached(
+    path: str | Path,
+    key: dict[str, Any],
+    compute: Callable[[], T],
+    *,
+    encode: Callable[[T], Any] = lambda v: v,
+    decode: Callable[[Any], T] = lambda v: v,
+    field: str = "value",
+    reuse: bool = True,
+) -> tuple[T, bool]:
+    """The one cache of finished work of the replicate commands.
+
+    ``path`` holds ``{"format", "key", <field>: encode(value)}``; when its key equals ``key``
+    (and ``reuse``) the stored value is decoded and returned, otherwise ``compute()`` runs and
+    its result is stored atomically with ``key``. A key names everything the value depends on:
+    settings plus :func:`checkpoint_key` of the checkpoints it was computed from (their SHA-256,
+    never a modification time). Returns ``(value, reused: bool)``; an unreadable file is
+    computed again with a warning.
+    """
     p = Path(path)
-    if p.is_file():
+    if reuse and p.is_file():
         try:
             stored = json.loads(p.read_text())
             if stored.get("format") == CACHE_FORMAT and stored.get("key") == key:
-                log.info("%s: evaluation reused", p)
-                return EvalReport.from_dict(stored["report"]), True
-        except (OSError, ValueError, KeyError, TypeError, DataError) as exc:
-            log.warning("%s is unreadable (%s); evaluating again", p, exc)
-    report = compute()
+                log.info("%s: reused", p)
+                return decode(stored[field]), True
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, DataError) as exc:
+            log.warning("%s is unreadable (%s); computing again", p, exc)
+    value = compute()
     atomic_write_text(
-        p, json.dumps({"format": CACHE_FORMAT, "key": key, "report": report.to_dict()}, indent=1)
+        p, json.dumps({"format": CACHE_FORMAT, "key": key, field: encode(value)}, indent=1)
     )
-    return report, False
+    return value, False
+
+
+def checkpoint_key(settings: dict[str, Any], **checkpoints: str | Path | None) -> dict[str, Any]:
+    """A :func:`cached` key: ``settings`` plus the SHA-256 of each named checkpoint file
+    (None for a file that does not exist, or for a checkpoint given as None)."""
+    return {
+        **settings,
+        **{
+            f"{name}_sha256": None if p is None else file_sha256(p)
+            for name, p in checkpoints.items()
+        },
+    }
+
+
+def cached_report(
+    path: str | Path, key: dict[str, Any], compute: Callable[[], EvalReport], *, reuse: bool = True
+) -> tuple[EvalReport, bool]:
+    """:func:`cached` for an :class:`EvalReport` (stored under ``report``)."""
+    from fortify.evaluate.report import EvalReport
+
+    return cached(
+        path,
+        key,
+        compute,
+        encode=lambda r: r.to_dict(),
+        decode=EvalReport.from_dict,
+        field="report",
+        reuse=reuse,
+    )
 
 
 def extend_with_prefix(

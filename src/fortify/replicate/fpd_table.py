@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import shlex
@@ -268,6 +267,7 @@ def run(a: argparse.Namespace) -> int:
     from fortify.data import load_dataset
     from fortify.evaluate import EvalReport
     from fortify.evaluate.adaptive import AdaptiveOptions, adaptive_evaluate
+    from fortify.replicate.common import cached_report, file_sha256
     from fortify.runs import load_model
     from fortify.train import fit
     from fortify.utils.atomic import atomic_write_text as write_text_atomic
@@ -302,7 +302,7 @@ def run(a: argparse.Namespace) -> int:
     for key in rows:
         run_dir = out / key.replace("+", "-")
         src = ROWS[key]
-        src_sha = _sha256(out / src.replace("+", "-") / _LAST) if src else None
+        src_sha = file_sha256(out / src.replace("+", "-") / _LAST) if src else None
         if key != EQUAL and a.reuse and _finished_with(run_dir, cfgs[key], src_sha):
             models[key] = load_model(run_dir, tag="last", device=a.device)[0]
             log.info("reusing the finished run %s", run_dir)
@@ -333,44 +333,38 @@ def run(a: argparse.Namespace) -> int:
     x, y = x[: a.n_points], y[: a.n_points]
     reports = {}
     for key in [r for r in rows if r in a.rows]:
-        model = models[key]
         rep_dir = out / key.replace("+", "-") / "reports"
-        fingerprint = eval_fingerprint(a, out, key)
-        key_path = rep_dir / "adaptive.key.json"
-        if (
-            a.reuse
-            and key_path.exists()
-            and (rep_dir / "adaptive.json").exists()
-            and json.loads(key_path.read_text()) == fingerprint
-        ):
-            reports[key] = EvalReport.load(rep_dir / "adaptive.json")
+
+        def compute(key: str = key, rep_dir: Path = rep_dir) -> EvalReport:
+            t0 = time.perf_counter()
+            opts = AdaptiveOptions(
+                steps=a.steps,
+                autoattack="both",
+                autoattack_points=a.aa_points,
+                square_queries=a.square_queries,
+                surrogate=models["plain"] if _uses_surrogate(key) else None,
+            )
+            rep = adaptive_evaluate(
+                models[key],
+                x,
+                y,
+                eps=a.eps,
+                options=opts,
+                seed=a.seed,
+                batch_size=250,
+                check_points=min(200, a.n_points),
+                square_queries=a.square_queries,
+            )
+            times[f"eval {key}"] = time.perf_counter() - t0
+            rep_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(rep_dir / "adaptive.md", rep.to_markdown())
+            return rep
+
+        reports[key], reused = cached_report(
+            rep_dir / "adaptive.json", eval_fingerprint(a, out, key), compute, reuse=a.reuse
+        )
+        if reused:
             log.info("reusing the evaluation in %s", rep_dir)
-            continue
-        t0 = time.perf_counter()
-        opts = AdaptiveOptions(
-            steps=a.steps,
-            autoattack="both",
-            autoattack_points=a.aa_points,
-            square_queries=a.square_queries,
-            surrogate=models["plain"] if _uses_surrogate(key) else None,
-        )
-        rep = adaptive_evaluate(
-            model,
-            x,
-            y,
-            eps=a.eps,
-            options=opts,
-            seed=a.seed,
-            batch_size=250,
-            check_points=min(200, a.n_points),
-            square_queries=a.square_queries,
-        )
-        times[f"eval {key}"] = time.perf_counter() - t0
-        rep_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(rep_dir / "adaptive.md", rep.to_markdown())
-        write_text_atomic(rep_dir / "adaptive.json", rep.to_json())
-        write_text_atomic(key_path, json.dumps(fingerprint, indent=1))
-        reports[key] = rep
     wall = time.perf_counter() - t_start
     summary = {"times": times, "last_call_seconds": wall, "args": vars(a)}
     write_text_atomic(summary_path, json.dumps(summary, indent=1, default=str))
@@ -399,7 +393,10 @@ def _uses_surrogate(row: str) -> bool:
 
 
 def eval_fingerprint(a: argparse.Namespace, out: Path, key: str) -> dict[str, Any]:
-    """What an evaluation of row ``key`` depends on: budgets, seed and the checkpoints' hashes."""
+    """What an evaluation of row ``key`` depends on: budgets, seed and the checkpoints' hashes
+    (the key of its :func:`~fortify.replicate.common.cached_report`)."""
+    from fortify.replicate.common import file_sha256
+
     ckpt = _LAST
     return {
         "eps": a.eps,
@@ -408,8 +405,8 @@ def eval_fingerprint(a: argparse.Namespace, out: Path, key: str) -> dict[str, An
         "aa_points": a.aa_points,
         "square_queries": a.square_queries,
         "seed": a.seed,
-        "checkpoint": _sha256(out / key.replace("+", "-") / ckpt),
-        "surrogate": _sha256(out / "plain" / ckpt) if _uses_surrogate(key) else None,
+        "checkpoint": file_sha256(out / key.replace("+", "-") / ckpt),
+        "surrogate": file_sha256(out / "plain" / ckpt) if _uses_surrogate(key) else None,
     }
 
 
@@ -418,7 +415,7 @@ def _finished_with(run_dir: Path, cfg: Any, source_sha: str | None = None) -> bo
     sections aside: they do not change what is trained) that started from the weights whose
     SHA-256 is ``source_sha`` (rows trained from another row's model; None: from scratch)."""
     from fortify.runs import RunDir
-    from fortify.train.loop import training_changes
+    from fortify.train.resume import training_changes
 
     rd = RunDir(run_dir)
     stored = rd.read_config() if run_dir.is_dir() else None
@@ -436,12 +433,6 @@ def _recorded_source(run_dir: Path) -> str | None:
         return json.loads((run_dir / SOURCE_FILE).read_text()).get("sha256")
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def _sha256(path: Path) -> str | None:
-    if not path.exists():
-        return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:

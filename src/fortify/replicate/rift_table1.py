@@ -30,6 +30,7 @@ from fortify.replicate.common import (
     add_seed_arguments,
     extend_with_prefix,
     per_seed_args,
+    train_or_reuse,
 )
 
 NAME = "rift-table1"
@@ -74,7 +75,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _train_at(args: argparse.Namespace, out: Path) -> Path:
     from fortify.config import ExperimentConfig
     from fortify.config.loader import load_config
-    from fortify.train import fit
 
     run = out / "at"
     cfg = load_config(
@@ -82,17 +82,9 @@ def _train_at(args: argparse.Namespace, out: Path) -> Path:
         args.preset,
         [f"seed={args.seed}", f"device={args.device}", *args.train_overrides],
     )
-    status = run / "status.json"
-    if status.is_file() and json.loads(status.read_text()).get("state") == "finished":
-        log.info("AT run %s is finished; reusing it", run)
-        return run
-    mode = (
-        "resume"
-        if (run / "checkpoints" / "last.safetensors").is_file()
-        else ("overwrite" if run.exists() else "new")
-    )
-    log.info("training the AT model (%s) into %s [%s]", args.preset, run, mode)
-    fit(cfg, run, mode=mode)
+    # a finished run of the same training config is reused, an interrupted one resumed
+    trained = train_or_reuse(cfg, run)
+    log.info("AT model (%s) in %s: %s", args.preset, run, trained.how)
     return run
 
 
