@@ -2,12 +2,13 @@
 
 One test per page: its fenced blocks run in page order in a fresh run root (a temporary folder
 as the working directory, with ``configs/`` linked in), so a page's commands build on each other
-(train → eval → report → rift ...). Sizes are the page's own unless a ``docs-test`` note next to
-the block names a tiny override; commands that cannot run here (GPU, torchrun, downloads, the
-reader's own files) carry a ``skip`` note with the reason (see tests/docs_blocks.py for the
-notes). Any exit status other than 0 (or the codes an ``exit`` note allows) fails, and so does
-any exception in a snippet. Runs that several pages only read (an AT and an AT+FSR run, both
-evaluated) are trained once per worker by a module-scoped fixture and copied in by ``uses``.
+(train → eval → report → rift ...), and so do its Python snippets (one namespace per page).
+Sizes are the page's own unless a ``docs-test`` note next to the block names a tiny override;
+commands that cannot run here (GPU, torchrun, downloads, the reader's own files) carry a
+``skip`` note with the reason (see tests/docs_blocks.py for the notes). Any exit status other
+than 0 (or the codes an ``exit`` note allows) fails, and so does any exception in a snippet.
+Runs that several pages only read (an AT and an AT+FSR run, both evaluated) are trained once per
+worker by a module-scoped fixture and copied in by ``uses``.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def _expand(line: str, variables: dict[str, list[str]]) -> list[str]:
     return lines
 
 
-def _run_python(block: Block, shared_objs: dict[str, object], ran: list[str]) -> None:
+def _run_python(
+    block: Block, shared_objs: dict[str, object], namespace: dict[str, object], ran: list[str]
+) -> None:
     skip = block.note_for("skip", "")
     if skip is not None:
         assert skip.value, f"{block.where}: a skip note needs a reason"
@@ -106,7 +109,6 @@ def _run_python(block: Block, shared_objs: dict[str, object], ran: list[str]) ->
         assert sep and old in code, f"{block.where}: replace {old!r} matches nothing"
         note.used = True
         code = code.replace(old, new)
-    namespace: dict[str, object] = {"__name__": "__docs__"}
     for name, (provider,) in _values(block, "given").items():
         assert provider in shared_objs, f"{block.where}: unknown given {provider!r}"
         namespace[name] = shared_objs[provider]
@@ -146,6 +148,7 @@ def test_page_runs_as_written(page: str, request, tmp_path: Path, monkeypatch) -
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     torch.manual_seed(0)
     ran: list[str] = []
+    namespace: dict[str, object] = {"__name__": "__docs__"}  # a page's snippets build on each other
     mine = [b for b in BLOCKS if b.doc == page]
     needs = any(b.notes_of("uses") or b.notes_of("given") for b in mine)
     shared = request.getfixturevalue("shared") if needs else {}
@@ -154,7 +157,7 @@ def test_page_runs_as_written(page: str, request, tmp_path: Path, monkeypatch) -
             if not (tmp_path / dest).exists():
                 shutil.copytree(shared["root"] / name, tmp_path / dest)
         if block.lang == "python":
-            _run_python(block, shared, ran)
+            _run_python(block, shared, namespace, ran)
         else:
             _run_commands(block, ran)
         stale = [f"{n.kind} {n.prefix}: {n.value}" for n in block.notes if not n.used]

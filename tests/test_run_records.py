@@ -4,6 +4,7 @@
   record and every evaluation report's settings (CPU results depend on the thread count).
 - OOD results name the model, the corruption and the severity of every number, in the log and
   in the printed report.
+- Plots name a model by its method (objective + defences), not by its folder.
 - Long commands log an estimated duration before they start (``fortify eval`` with the paper,
   AutoAttack and full suites; ``fortify replicate fsr-table1``).
 """
@@ -133,3 +134,12 @@ def test_replicate_logs_an_estimate_for_its_grid(caplog) -> None:
         total = log_grid_estimate(args, ["at", "at-fsr"], [0, 1], splits)
     msg = next(r.getMessage() for r in caplog.records if "estimated time" in r.getMessage())
     assert total > 0 and "2 row(s) × 2 seed(s)" in msg
+
+
+def test_plot_labels_name_the_method_not_the_folder() -> None:
+    from fortify.evaluate.plot import model_label
+
+    cfg = {"train": {"objective": "trades"}, "defenses": [{"kind": "fsr"}, {"kind": "cas"}]}
+    assert model_label(cfg, "at") == "TRADES+FSR+CAS"
+    assert model_label({"train": {"objective": "standard"}}, "x") == "standard"
+    assert model_label(None, "my-folder") == "my-folder"
