@@ -237,11 +237,11 @@ def test_checks_say_when_an_untrained_model_leaves_nothing_to_test(data):
 
 
 def test_progress_is_logged_periodically_without_a_terminal(data, monkeypatch, caplog):
-    import fortify.evaluate.core as core
+    import fortify.evaluate.context as context
 
     x, y = data
-    monkeypatch.setattr(core, "PROGRESS_LOG_SECONDS", 0.0)
-    monkeypatch.setattr(core.sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.setattr(context, "PROGRESS_LOG_SECONDS", 0.0)
+    monkeypatch.setattr(context.sys.stderr, "isatty", lambda: False, raising=False)
     with caplog.at_level("INFO", logger="fortify.evaluate"):
         evaluate(_Wrong(3), x[:32], y[:32], suite="quick", eps=0.1, batch_size=8, checks=False)
     lines = [r.getMessage() for r in caplog.records if "batches" in r.getMessage()]

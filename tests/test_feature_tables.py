@@ -168,3 +168,27 @@ def test_selection_check_attacks_the_variants_and_transfers(kind):
         assert b.opts.selection == "paper" and getattr(b.opts, "detach", True)
     with pytest.raises(FortifyError, match="no CAS or CIFS"):
         selection_variant(create("small-cnn", num_classes=4, in_channels=1, width=4), "label")
+
+
+def test_bf16_parity_rows_differ_only_in_training_precision():
+    from fortify.config.loader import to_dict
+    from fortify.replicate import bf16_parity
+
+    p = argparse.ArgumentParser()
+    bf16_parity.add_arguments(p)
+    args = p.parse_args([])
+    assert args.seeds == "0,1,2" and args.doc == "docs/results/bf16_parity.md"
+    bf16 = to_dict(ft.row_config("at", bf16_parity.ROWS["at"], 1, args))
+    fp32 = to_dict(ft.row_config("at-fp32", bf16_parity.ROWS["at-fp32"], 1, args))
+    assert (bf16["train"]["precision"], bf16["train"]["channels_last"]) == ("bf16", True)
+    assert (fp32["train"]["precision"], fp32["train"]["channels_last"]) == ("fp32", False)
+    for d in (bf16, fp32):
+        d.pop("name")
+        d["train"].pop("precision")
+        d["train"].pop("channels_last")
+    assert bf16 == fp32  # same recipe, seed, data, model and evaluation otherwise
+    # the bf16 row is the plain AT row of fsr-table4 (same run directory and config)
+    assert (
+        ft.row_config("at", fsr_table4.ROWS["at"], 1, args).train
+        == ft.row_config("at", bf16_parity.ROWS["at"], 1, args).train
+    )

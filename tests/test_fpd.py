@@ -505,7 +505,7 @@ def test_warns_when_phase2_never_starts(caplog):
         "fpd", TrainConfig(objective="fpd", options={"threshold": 1e-9, "warn_after_epochs": 1})
     )
     x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
-    with caplog.at_level(logging.WARNING, logger="fortify.train.fpd"):
+    with caplog.at_level(logging.WARNING, logger="fortify.train.objectives.fpd"):
         obj.train_step(f, x, y, _ctx(f, epoch=0))
         assert not caplog.records
         obj.train_step(f, x, y, _ctx(f, epoch=1))

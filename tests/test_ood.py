@@ -139,8 +139,7 @@ def test_published_and_generated_results(tmp_path):
 
 
 def test_ood_suite_through_the_registry():
-    pytest.importorskip("fortify.evaluate.core")
-    from fortify.evaluate.core import available_suites, evaluate
+    from fortify.evaluate import available_suites, evaluate
 
     assert "ood" in available_suites()
     torch.manual_seed(0)

@@ -134,9 +134,7 @@ def test_rift_pipeline_reports_become_a_grid(tmp_path):
     import fortify.data
     from fortify.evaluate import evaluate
     from fortify.replicate.rift_table1 import READING_COLUMNS, add_eval_reports
-    from fortify.rift.pipeline import _register_pgd10
 
-    _register_pgd10()
     x, y = fortify.data.load_dataset("digits").test.head(16).floats()
     grid = SeedGrid()
     for seed in (0, 1):

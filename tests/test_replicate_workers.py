@@ -89,6 +89,13 @@ def test_fsr_table1_two_workers_equal_two_manual_processes(tmp_path):
     assert table == [
         ln for ln in (tmp_path / "workers.md").read_text().splitlines() if ln.startswith("| ")
     ]
+    # the page says how it was run: the command with --workers and the processes/threads
+    page = (tmp_path / "workers.md").read_text()
+    assert "--workers 2" in page
+    assert f"2 worker processes running one (row, seed) job each at a time, {threads} " in page
+    manual_page = (tmp_path / "manual.md").read_text()
+    assert "--workers" not in manual_page and "one process, " in manual_page
+    assert json.loads((par / "fsr_table1.json").read_text())["settings"]["workers"] == 2
     logs = sorted(p.name for p in (par / "jobs").glob("*.log"))
     assert logs == ["00-at.log", "01-at-fsr.log"]
     # resumable: a second call reuses both finished jobs (no training, cached evaluations)

@@ -10,6 +10,7 @@ from fortify.config.schema import DefenseConfig, ModelConfig
 from fortify.defenses.registry import defence_builder
 from fortify.models import create
 from fortify.models.sources import check_logits, is_source
+from fortify.utils.shapes import as_chw
 
 
 def build_model(
@@ -39,7 +40,7 @@ def build_model(
         **model_cfg.kwargs,
     )
     if is_source(model_cfg.name):
-        check_logits(model, model_cfg.name, num_classes, tuple(image_shape))
+        check_logits(model, model_cfg.name, num_classes, as_chw(image_shape))
     for d in defenses:
         model = defence_builder(d.kind)(
             model,

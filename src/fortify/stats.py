@@ -31,7 +31,7 @@ import numpy as np
 
 from fortify.errors import ComparisonError, ConfigError, DataError
 
-log = logging.getLogger("fortify.stats")
+log = logging.getLogger(__name__)
 
 HIGHER = "higher"
 LOWER = "lower"
@@ -252,7 +252,7 @@ def seed_point_bootstrap(
         )
     if len(a_per_seed) == 0:
         raise ComparisonError("no seeds given; at least one (A, B) pair of outcomes is needed")
-    rows = []
+    rows: list[Any] = []
     for s, (a, b) in enumerate(zip(a_per_seed, b_per_seed)):
         a_, b_ = _pair(a, b)
         if rows and a_.size != rows[0].size:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,16 +22,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fortify.defenses.attach import DEFENSES_ATTR, attached, infer_feature_shapes
 from fortify.models import count_parameters
+from fortify.utils.shapes import as_chw
 
-log = logging.getLogger("fortify.analysis.cost")
+log = logging.getLogger(__name__)
 
 _CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 if _CPU_FLASH not in flop_counter.flop_registry:
 
     @flop_counter.register_flop_formula(_CPU_FLASH)
-    def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    def _cpu_flash_flops(
+        query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any
+    ) -> int:
         """(B, H, S_q, D) x (B, H, S_k, D) → 2·B·H·S_q·S_k·(D_qk + D_v)."""
-        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+        flops: int = flop_counter.sdpa_flop_count(  # type: ignore[no-untyped-call]
+            query_shape, key_shape, value_shape
+        )
+        return flops
 
 
 __all__ = ["CostReport", "cost_report", "cost_table", "count_flops", "count_params"]
@@ -74,7 +81,7 @@ class CostReport:
     flops_defences: dict[str, int]
     convention: str = "FLOPs = 2 x multiply-adds (torch.utils.flop_counter); BN/ReLU not counted"
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def table(self) -> str:
@@ -105,7 +112,7 @@ def cost_report(model: nn.Module, input_shape: tuple[int, int, int]) -> CostRepo
     for name, module in defences.items():
         per_defence[name] = count_flops(module, torch.zeros(1, *shapes[name], device=device))
     return CostReport(
-        input_shape=tuple(input_shape),
+        input_shape=as_chw(input_shape),
         params_total=count_params(model),
         params_backbone=count_params(model, include_defences=False),
         flops_total=total,

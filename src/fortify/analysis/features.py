@@ -32,6 +32,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ from torch import nn
 from fortify.defenses.fsr import FSRBlock, fsr_blocks
 from fortify.errors import FortifyError
 
-log = logging.getLogger("fortify.analysis.features")
+log = logging.getLogger(__name__)
 
 VARIANTS = {"f+": "f_pos", "f-": "f_neg", "f~-": "f_neg_rec", "f~-+f+": "out"}
 
@@ -173,7 +174,7 @@ class FeatureReport:
     adv_acc: dict[str, dict[str, float]] = field(default_factory=dict)
     knn_acc: dict[str, dict[int, float]] = field(default_factory=dict)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict (k-NN keys as strings)."""
         d = asdict(self)
         d["knn_acc"] = {v: {str(k): a for k, a in accs.items()} for v, accs in self.knn_acc.items()}

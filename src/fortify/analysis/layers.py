@@ -7,6 +7,7 @@ feature map (N, C, H, W) — what :func:`fortify.defenses.attach` requires.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ class Layer:
     def attachable(self) -> bool:
         return self.calls == 1 and self.shape is not None and len(self.shape) == 3
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "type": self.kind,
@@ -44,7 +45,7 @@ def list_layers(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Lay
     restored. Modules of attached defences (``fortify_defenses.*``) and the input ``normalize``
     are skipped.
     """
-    seen: dict[str, list] = {}
+    seen: dict[str, list[Any]] = {}
     handles = []
     modules = [
         (n, m)
@@ -54,7 +55,7 @@ def list_layers(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Lay
     for name, module in modules:
         seen[name] = [0, None]
 
-        def hook(_m: nn.Module, _i: tuple, out: object, _name: str = name) -> None:
+        def hook(_m: nn.Module, _i: tuple[Any, ...], out: object, _name: str = name) -> None:
             seen[_name][0] += 1
             if isinstance(out, torch.Tensor) and out.dim() >= 2:
                 seen[_name][1] = tuple(out.shape[1:])

@@ -12,7 +12,7 @@ from torch import nn
 from fortify.analysis.features import pick_block
 from fortify.utils.atomic import atomic_write_bytes
 
-log = logging.getLogger("fortify.analysis.masks")
+log = logging.getLogger(__name__)
 
 __all__ = ["mask_maps", "plot_masks"]
 
@@ -42,6 +42,8 @@ def mask_maps(
         model.train(was)
     if parts.mask is None:
         raise ValueError("this FSR block has no mask (ablation 'no-separation')")
+    if parts.r is None:
+        raise ValueError("this FSR block has no robustness map")
     m, r = parts.mask.float().cpu(), parts.r.float().cpu()
     return {"mask": m.mean(1), "r": r.mean(1), "mask_full": m}
 
@@ -101,9 +103,9 @@ def plot_masks(
         im_r = row[4].imshow(adv["r"][i].numpy(), cmap="coolwarm", vmin=-lim, vmax=lim)
         fig.colorbar(im_m, ax=row[2:4].tolist(), fraction=0.046, pad=0.02)
         fig.colorbar(im_r, ax=row[4], fraction=0.046, pad=0.04, label="r")
-        label, guess = int(y[i]), int(pred[i])
+        label, guess = str(int(y[i])), str(int(pred[i]))
         if class_names:
-            label, guess = class_names[label], class_names[guess]
+            label, guess = class_names[int(y[i])], class_names[int(pred[i])]
         row[0].set_ylabel(f"y={label}\nadv pred={guess}", fontsize=8)
         for j, ax in enumerate(row):
             ax.set_xticks([])

@@ -33,7 +33,7 @@ from fortify.defenses.cifs import CIFSBlock
 from fortify.defenses.contract import provide_labels
 from fortify.errors import ConfigError, FortifyError
 
-log = logging.getLogger("fortify.analysis.selection")
+log = logging.getLogger(__name__)
 
 __all__ = ["SelectionCheckOptions", "selection_check", "selection_variant"]
 
@@ -64,7 +64,7 @@ class SelectionCheckOptions:
             raise ConfigError(f"selection check step_size must be > 0, got {self.step_size!r}")
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
+def _blocks(model: nn.Module) -> list[CASBlock | CIFSBlock]:
     return [m for m in model.modules() if isinstance(m, (CASBlock, CIFSBlock))]
 
 
@@ -88,12 +88,14 @@ def selection_variant(model: nn.Module, variant: str) -> nn.Module:
     for b in blocks:
         if variant == "label":
             b.opts.selection = "label"
-        else:
+        elif isinstance(b, CIFSBlock):
             b.opts.detach = False
     return twin
 
 
-def _pgd(net: nn.Module, x: torch.Tensor, y: torch.Tensor, o: SelectionCheckOptions, labels: bool):
+def _pgd(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, o: SelectionCheckOptions, labels: bool
+) -> torch.Tensor:
     from fortify.attacks import pgd
 
     step = o.step_size if o.step_size is not None else 0.1 * o.eps

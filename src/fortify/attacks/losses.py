@@ -72,7 +72,9 @@ def attack_loss(
 ) -> torch.Tensor:
     """Per-sample objective (N,) to maximise; ``target`` is used when ``targeted``."""
     logits = logits.float()  # autocast-neutral: compute the loss in fp32
-    cls = target if targeted else y
+    if targeted and target is None:
+        raise ConfigError("a targeted attack loss needs target classes (got target=None)")
+    cls = target if targeted and target is not None else y
     if loss == "ce":
         return ce_loss(logits, cls, targeted)
     if loss == "cw":

@@ -28,7 +28,7 @@ from fortify.attacks.losses import attack_loss
 from fortify.attacks.options import PGDOptions, check_loss, check_norm, check_number
 from fortify.errors import ConfigError, DataError, EvaluationError
 
-log = logging.getLogger("fortify.attacks")
+log = logging.getLogger(__name__)
 
 _TINY = 1e-12
 

@@ -1,30 +1,22 @@
-"""Sub-subcommands found in a package (``fortify import <kind>``, ``fortify replicate <name>``).
+"""Sub-subcommands a package registers (``fortify import <kind>``, ``fortify replicate <name>``).
 
-Each plugin module in the package exposes ``NAME``, ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int``; it keeps heavy imports inside ``run``.
+Each plug-in module exposes ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``
+(heavy imports inside ``run``); its package's ``PLUGINS`` registry lists it
+(:func:`fortify.registry.plugin_registry`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
 from types import ModuleType
 
 from fortify.cli._help import HelpFormatter
 
 
 def discover(package: str) -> dict[str, ModuleType]:
-    """Import every plugin module of ``package`` and map ``NAME`` to the module."""
-    pkg = importlib.import_module(package)
-    found: dict[str, ModuleType] = {}
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name.startswith("_"):
-            continue
-        mod = importlib.import_module(f"{package}.{info.name}")
-        if hasattr(mod, "NAME") and hasattr(mod, "run"):
-            found[mod.NAME] = mod
-    return found
+    """``{NAME: module}`` of the plug-ins registered by ``package`` (its ``PLUGINS`` registry)."""
+    return dict(importlib.import_module(package).PLUGINS.items())
 
 
 def add_plugin_parsers(

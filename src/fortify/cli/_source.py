@@ -62,7 +62,7 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
 
 
 def build_source_model(
-    args: argparse.Namespace, num_classes: int, image_shape: tuple[int, ...], data: dict
+    args: argparse.Namespace, num_classes: int, image_shape: tuple[int, ...], data: dict[str, Any]
 ) -> tuple[nn.Module, dict[str, Any]]:
     from fortify.runs.external import load_source_model
 

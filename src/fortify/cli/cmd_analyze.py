@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 NAME = "analyze"
 HELP = "parameter/FLOP counts and feature analyses of a run"
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     if write:
         out.mkdir(parents=True, exist_ok=True)
     shape = tuple(meta["image_shape"])
-    results: dict = {}
+    results: dict[str, Any] = {}
     if args.layers:
         from fortify.analysis.layers import layers_table, list_layers
 
@@ -156,10 +157,10 @@ def run(args: argparse.Namespace) -> int:
     if "params" in whats or "flops" in whats:
         from fortify.analysis.cost import cost_report
 
-        rep = cost_report(model, shape)
-        results["cost"] = rep.as_dict()
-        print(rep.table())
-        write_text_atomic(out / "cost.md", rep.table() + "\n")
+        cost = cost_report(model, shape)
+        results["cost"] = cost.as_dict()
+        print(cost.table())
+        write_text_atomic(out / "cost.md", cost.table() + "\n")
 
     if "features" in whats or "masks" in whats or "selection" in whats:
         from fortify.data import load_dataset
@@ -242,8 +243,8 @@ def _compare(args: argparse.Namespace) -> int:
     models = {}
     for path in args.compare:
         cfg = load_config(ExperimentConfig, path)
-        models[cfg.name] = build_model(cfg.model, cfg.defenses, classes, shape)  # type: ignore[arg-type]
-    table = cost_table(models, shape)  # type: ignore[arg-type]
+        models[cfg.name] = build_model(cfg.model, cfg.defenses, classes, shape)
+    table = cost_table(models, shape)
     print(table)
     if args.out:
         out = Path(args.out)
@@ -252,7 +253,7 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _source_model(args: argparse.Namespace) -> tuple:
+def _source_model(args: argparse.Namespace) -> tuple[Any, ...]:
     """``--model SOURCE`` with ``--dataset`` or ``--input-shape C H W --num-classes K``."""
     from fortify.cli._source import build_source_model
     from fortify.errors import ConfigError

@@ -21,14 +21,20 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from fortify.errors import ConfigError
+from fortify.utils.shapes import as_chw
+
+if TYPE_CHECKING:
+    from fortify.runs.rundir import Mode
 
 DESCRIPTION = __doc__
 
 #: The demo's experiment, as a config dict (any field can be overridden with --set).
 #: 24,000 images × 2 epochs of PGD-3 AT (bf16 + channels-last) reach ≈ 75 % clean accuracy on
 #: Fashion-MNIST at ε = 0.1 in about a minute per model on 2 cores; see docs/quickstart.md.
-DEMO_CONFIG: dict = {
+DEMO_CONFIG: dict[str, Any] = {
     "name": "demo",
     "seed": 0,
     "data": {"name": "fashion-mnist", "val_size": 2000, "train_subset": 24000},
@@ -52,7 +58,7 @@ DEMO_CONFIG: dict = {
     "eval": {"suite": "paper", "n_points": 300, "batch_size": 300},
 }
 
-DIGITS_OVERRIDES: dict = {
+DIGITS_OVERRIDES: dict[str, Any] = {
     "data": {"name": "digits", "val_size": 300, "train_subset": None},
     "train": {"epochs": 8, "batch_size": 64, "val_points": 300},
     "eval": {"n_points": 359},
@@ -86,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _merge(base: dict, top: dict) -> dict:
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in top.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
@@ -121,6 +127,8 @@ def fsr_hidden_for(cfg: Any, image_shape: tuple[int, int, int], num_classes: int
         cfg.model.name, num_classes=num_classes, in_channels=image_shape[0], **cfg.model.kwargs
     )
     where = spec(cfg.model.name).fsr_position
+    if where is None:
+        raise ConfigError(f"model {cfg.model.name!r} has no default FSR position for the demo")
     channels = infer_feature_shapes(backbone, [where], image_shape)[where][0]
     return max(1, round(channels * FSR_HIDDEN_FRACTION))
 
@@ -229,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         test_subset=base.data.test_subset,
     )
     eps = base.train.attack.eps
-    image_shape = tuple(splits.test.images.shape[1:])
+    image_shape = as_chw(splits.test.images.shape[1:])
     hidden = fsr_hidden_for(base, image_shape, splits.num_classes)
     print(
         f"fortify demo: {splits.name} ({len(splits.train)} train / {len(splits.val)} validation / "
@@ -250,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = from_dict(ExperimentConfig, _merge(data, {"name": f"demo-{label.lower()}"}))
         cfg.defenses = defenses
         run_dir = root / label.lower().replace("+", "-")
-        mode = "overwrite" if run_dir.exists() else "new"
+        mode: Mode = "overwrite" if run_dir.exists() else "new"
         print(f"\n[{label}] training into {run_dir} ...", flush=True)
         seed_everything(cfg.seed)
         t_train = time.perf_counter()

@@ -114,7 +114,7 @@ def _report_dir(target: Path, out: str | None) -> Path:
     return target.parent / "reports"
 
 
-def check_data_matches_checkpoint(meta: dict, splits: DataSplits, target: Path) -> None:
+def check_data_matches_checkpoint(meta: dict[str, Any], splits: DataSplits, target: Path) -> None:
     """Refuse data whose image shape or class count differs from what the model was built for."""
     from fortify.errors import DataError
 
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
 def check_eval_args(args: argparse.Namespace) -> None:
     """Refuse bad ``fortify eval`` options before any file is read."""
     from fortify.errors import ConfigError, check_point_count
-    from fortify.evaluate.core import get_suite
+    from fortify.evaluate import get_suite
     from fortify.runs.rundir import check_tag
     from fortify.utils.runtime import check_seed
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any
 
 from fortify.cli._help import HelpFormatter
+
+if TYPE_CHECKING:
+    from fortify.rift.pipeline import RiftConfig
 
 NAME = "rift"
 HELP = "robust critical fine-tuning: mrc, finetune, interpolate, run"
@@ -166,7 +170,7 @@ _MAP = {
 }
 
 
-def build_config(args: argparse.Namespace):  # noqa: ANN201 - RiftConfig, imported lazily
+def build_config(args: argparse.Namespace) -> RiftConfig:
     """The RiftConfig from --config, --set and the explicit flags (flags win)."""
     import json
 
@@ -226,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_grid(grid: dict) -> None:
+def _print_grid(grid: dict[str, Any]) -> None:
     print("| α | clean (val) | PGD-10 (val) |\n|---:|---:|---:|")
     for p in grid["points"]:
         mark = " ←" if p["alpha"] == grid["chosen"]["alpha"] else ""

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fortify.runs.rundir import Mode
 
 DESCRIPTION = (
     "Train a model from an experiment config (YAML preset plus section.field=value overrides) "
@@ -117,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                 f"cannot resume {str(run_dir)!r}: no config.yaml there (is it a run directory?)"
             )
         cfg = load_config(ExperimentConfig, source, overrides)
-        mode = "resume"
+        mode: Mode = "resume"
     else:
         cfg = load_config(ExperimentConfig, args.config, overrides)
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name

@@ -1,8 +1,10 @@
 """Entry point of the ``fortify`` command.
 
 Each subcommand is a module ``fortify.cli.cmd_<name>`` listed in ``COMMANDS`` and exposing
-``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args) -> int``; it is imported lazily when
-invoked. The plug-in commands under ``import`` and ``replicate`` also expose ``NAME``/``HELP``.
+``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args) -> int``; it is imported when the
+parser is built (a missing or broken module is an error, never a silently absent command). The
+plug-in commands under ``import``, ``export`` and ``replicate`` are the ``PLUGINS`` registries of
+their packages (:func:`fortify.registry.plugin_registry`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import importlib.util
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from fortify import __version__
 from fortify.cli._help import HelpFormatter
 from fortify.errors import FortifyError
 
-# name -> module; listed here so --help works without importing torch-heavy modules.
+# name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": (
         "fortify.cli.cmd_demo",
@@ -50,14 +51,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _available_commands() -> dict[str, tuple[str, str]]:
-    out = {}
-    for name, (module, help_text) in COMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
-            out[name] = (module, help_text)
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fortify",
@@ -72,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the full Python traceback of an unexpected error (report it with it)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in _available_commands().items():
+    for name, (module, help_text) in COMMANDS.items():
         mod = importlib.import_module(module)
         p = sub.add_parser(
             name,

@@ -65,7 +65,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if len(errors) == 1:  # X | None: the one real type's message is the precise one
             raise ConfigError(errors[0])
         raise ConfigError(f"{path}: {value!r} does not fit type {_type_name(tp)}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(
                 f"{path}: expected a mapping for section {tp.__name__}, got {value!r}"
@@ -235,7 +235,7 @@ def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
             default = f.default_factory()
         else:
             default = None
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             out.extend(describe_fields(tp, f"{name}."))
         else:
             out.append((name, _type_name(tp), to_dict(default)))

@@ -9,6 +9,9 @@ from fortify.data.base import DataSplits, ImageSet, split_validation
 from fortify.data.loader import TensorLoader
 from fortify.data.registry import available, load_dataset, load_from_config
 
+# Importing the readers registers every dataset.
+from fortify.data import readers  # noqa: E402,F401  isort: skip
+
 __all__ = [
     "DataSplits",
     "ImageSet",

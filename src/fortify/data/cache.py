@@ -53,7 +53,7 @@ from fortify.data.base import ImageSet
 from fortify.errors import DataError
 from fortify.utils.atomic import atomic_write_bytes, atomic_write_text
 
-log = logging.getLogger("fortify.data.cache")
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "FORTIFY_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path("~/.cache/fortify/datasets")
@@ -63,7 +63,7 @@ DATA_SUFFIX = ".safetensors"
 
 # The ``cache_dir`` reader option: None (environment / default), a directory, True (same as
 # None) or False / "off" / "none" (disabled).
-CacheDirOption = str | os.PathLike | bool | None
+CacheDirOption = str | os.PathLike[str] | bool | None
 Items = Sequence[tuple[Path, int]]
 
 

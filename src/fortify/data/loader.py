@@ -34,8 +34,9 @@ from fortify.data.augment import (
 )
 from fortify.data.base import ImageSet
 from fortify.errors import DataError
+from fortify.utils.shapes import as_hw
 
-log = logging.getLogger("fortify.data.loader")
+log = logging.getLogger(__name__)
 
 _PERM_STREAM, _AUG_STREAM = 0, 1
 
@@ -90,7 +91,7 @@ class TensorLoader:
             raise DataError(f"rank must be in [0, {world_size - 1}], got {rank!r}")
         if len(data) == 0:
             raise DataError("TensorLoader got an empty ImageSet (0 images)")
-        check_augment(augment, crop_padding, pad_mode, tuple(data.images.shape[2:]))
+        check_augment(augment, crop_padding, pad_mode, as_hw(data.images.shape[2:]))
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last

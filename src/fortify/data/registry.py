@@ -8,14 +8,16 @@ from collections.abc import Callable
 from typing import Any
 
 from fortify.data.base import DataSplits, ImageSet, check_labels, split_validation
-from fortify.errors import DataError, unknown_name
+from fortify.errors import DataError
+from fortify.registry import Registry
 
-log = logging.getLogger("fortify.data.registry")
+log = logging.getLogger(__name__)
 
 # A reader returns (train_full, test, num_classes, classes, default_eps, default_augment).
 ReaderResult = tuple[ImageSet, ImageSet, int, list[str], float, str]
 Reader = Callable[..., ReaderResult]
-_READERS: dict[str, Reader] = {}
+#: Every dataset reader; the modules of :mod:`fortify.data.readers` register at import.
+READERS: Registry[Reader] = Registry("dataset")
 
 
 def register_reader(name: str) -> Callable[[Reader], Reader]:
@@ -26,16 +28,14 @@ def register_reader(name: str) -> Callable[[Reader], Reader]:
     """
 
     def deco(fn: Reader) -> Reader:
-        _READERS[name] = fn
-        return fn
+        return READERS.register(name, fn)
 
     return deco
 
 
 def available() -> list[str]:
     """Names of every registered dataset."""
-    _ensure_loaded()
-    return sorted(_READERS)
+    return READERS.available()
 
 
 def load_dataset(
@@ -56,9 +56,7 @@ def load_dataset(
     ``image_size=64`` for ``caltech101``; an option the reader does not know raises
     :class:`~fortify.errors.DataError`.
     """
-    _ensure_loaded()
-    if name not in _READERS:
-        raise unknown_name("dataset", name, _READERS)
+    reader = READERS.get(name)
     if val_size < 0:
         raise DataError(f"val_size must be >= 0, got {val_size}")
     for what, n in (("train_subset", train_subset), ("test_subset", test_subset)):
@@ -72,7 +70,7 @@ def load_dataset(
             f"dataset {name!r} does not accept option(s) {', '.join(unknown)}; "
             f"accepted options: {accepted}"
         )
-    result = _READERS[name](root, download, **options)
+    result = reader(root, download, **options)
     train_full, test, num_classes, classes, eps, augment = result
     check_labels(train_full.labels, num_classes, f"{name} training labels")
     check_labels(test.labels, num_classes, f"{name} test labels")
@@ -100,17 +98,10 @@ def load_dataset(
 
 def reader_options(name: str) -> dict[str, Any]:
     """The reader-specific options of dataset ``name`` and their defaults."""
-    _ensure_loaded()
-    if name not in _READERS:
-        raise unknown_name("dataset", name, _READERS)
-    params = list(inspect.signature(_READERS[name]).parameters.values())[2:]
+    params = list(inspect.signature(READERS.get(name)).parameters.values())[2:]
     return {
         p.name: p.default for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     }
-
-
-def _ensure_loaded() -> None:
-    from fortify.data import readers  # noqa: F401  (registers every reader)
 
 
 def load_from_config(

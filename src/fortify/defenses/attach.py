@@ -47,7 +47,9 @@ class _ReplaceOutput:
     def __init__(self, defence: nn.Module):
         self.defence = defence
 
-    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor
+    ) -> torch.Tensor:
         if not isinstance(output, torch.Tensor) or output.dim() != 4:
             raise FortifyError(
                 f"a defence is attached after a {type(module).__name__} whose output is "
@@ -105,7 +107,7 @@ def infer_feature_shapes(
     for name in names:
         module = find_module(model, name)
 
-        def hook(_m: nn.Module, _i: tuple, out: object, _name: str = name) -> None:
+        def hook(_m: nn.Module, _i: tuple[Any, ...], out: object, _name: str = name) -> None:
             if not isinstance(out, torch.Tensor) or out.dim() != 4:
                 raise FortifyError(
                     f"cannot attach a defence after {_name!r}: its output is {_describe(out)}, "

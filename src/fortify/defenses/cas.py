@@ -46,8 +46,9 @@ from fortify.defenses.registry import (
     register_defence,
 )
 from fortify.errors import ConfigError, FortifyError
+from fortify.utils.shapes import as_chw
 
-log = logging.getLogger("fortify.defenses.cas")
+log = logging.getLogger(__name__)
 
 SELECTIONS = ("paper", "predicted", "label")
 
@@ -212,7 +213,7 @@ def build(
     opts = options_from_dict(CASOptions, options, "CAS")
     positions = list(at) or last_stage_blocks(model, model_name, "CAS")
     log.info("attaching CAS after %s (%s)", positions, opts)
-    return attach_cas(model, positions, num_classes, tuple(image_shape), opts)
+    return attach_cas(model, positions, num_classes, as_chw(image_shape), opts)
 
 
 def cas_blocks(model: nn.Module) -> dict[str, CASBlock]:

@@ -55,8 +55,9 @@ from fortify.defenses.registry import (
     register_defence,
 )
 from fortify.errors import ConfigError, FortifyError
+from fortify.utils.shapes import as_chw
 
-log = logging.getLogger("fortify.defenses.cifs")
+log = logging.getLogger(__name__)
 
 PROBES = ("linear", "nonlinear")
 DUPLICATES = ("keep", "skip-label")
@@ -314,7 +315,7 @@ def build(
     opts = options_from_dict(CIFSOptions, options, "CIFS")
     positions = list(at) or last_stage_blocks(model, model_name, "CIFS")
     log.info("attaching CIFS after %s (%s)", positions, opts)
-    return attach_cifs(model, positions, num_classes, tuple(image_shape), opts)
+    return attach_cifs(model, positions, num_classes, as_chw(image_shape), opts)
 
 
 def cifs_blocks(model: nn.Module) -> dict[str, CIFSBlock]:

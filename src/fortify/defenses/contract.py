@@ -80,9 +80,9 @@ class AuxLossProvider(Protocol):
 
 # Recorded tensors live outside the modules (keyed weakly by module) so that deep copies,
 # pickling and state dicts never see them, even between a forward pass and ``losses()``.
-_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_RECORDS: weakref.WeakKeyDictionary[object, Any] = weakref.WeakKeyDictionary()
 # True labels handed to label-reading modules for the forward passes inside a context.
-_LABELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LABELS: weakref.WeakKeyDictionary[object, Any] = weakref.WeakKeyDictionary()
 
 
 def labels_for(module: nn.Module) -> torch.Tensor | None:
@@ -143,7 +143,7 @@ class CaptureMixin:
         return _RECORDS.get(self, {})
 
 
-def aux_providers(model: nn.Module) -> list[nn.Module]:
+def aux_providers(model: nn.Module) -> list[AuxLossProvider]:
     """All submodules of ``model`` (DDP-wrapped or not) that implement the contract."""
     return [m for m in model.modules() if isinstance(m, AuxLossProvider) and m is not model]
 
@@ -151,7 +151,7 @@ def aux_providers(model: nn.Module) -> list[nn.Module]:
 class AuxCapture:
     """Handle returned by :func:`capture_aux`; turns recorded state into loss terms."""
 
-    def __init__(self, providers: list[nn.Module]):
+    def __init__(self, providers: list[AuxLossProvider]):
         self.providers = providers
 
     def losses(self, ctx: AuxContext) -> dict[str, torch.Tensor]:

@@ -46,8 +46,9 @@ from fortify.defenses.registry import (
     stage_positions,
 )
 from fortify.errors import ConfigError, FortifyError
+from fortify.utils.shapes import as_chw
 
-log = logging.getLogger("fortify.defenses.fd")
+log = logging.getLogger(__name__)
 
 OPERATIONS = ("nonlocal_gaussian", "nonlocal_dot", "bilateral", "mean", "median", "none")
 
@@ -185,13 +186,14 @@ class FDBlock(nn.Module):
                 y = torch.bmm(v, torch.bmm(t.transpose(1, 2), f).transpose(1, 2) / p)
             return y.reshape(n, c, h, w)
         # bilateral: Gaussian affinity over a window×window neighbourhood
-        k = self.opts.window
-        r = k // 2
-        nb_phi = F.unfold(phi, k, padding=r).view(n, d, k * k, p)
-        nb_x = F.unfold(x, k, padding=r).view(n, c, k * k, p)
-        valid = F.unfold(torch.ones(1, 1, h, w, device=x.device, dtype=x.dtype), k, padding=r)
-        scores = (theta.flatten(2)[:, :, None, :] * nb_phi).sum(1) / math.sqrt(d)  # (N, k², P)
-        scores = scores.masked_fill(valid.view(1, k * k, p) == 0, float("-inf"))
+        win = self.opts.window
+        pad = win // 2
+        nb_phi = F.unfold(phi, win, padding=pad).view(n, d, win * win, p)
+        nb_x = F.unfold(x, win, padding=pad).view(n, c, win * win, p)
+        ones = torch.ones(1, 1, h, w, device=x.device, dtype=x.dtype)
+        valid = F.unfold(ones, win, padding=pad)
+        scores = (theta.flatten(2)[:, :, None, :] * nb_phi).sum(1) / math.sqrt(d)  # (N, win², P)
+        scores = scores.masked_fill(valid.view(1, win * win, p) == 0, float("-inf"))
         weights = torch.softmax(scores, dim=1)
         return (weights[:, None] * nb_x).sum(2).view(n, c, h, w)
 
@@ -242,7 +244,7 @@ def build(
     opts = options_from_dict(FDOptions, options, "FD")
     positions = list(at) or stage_positions(model_name, "FD")
     log.info("attaching FD after %s (%s)", positions, opts)
-    return attach_fd(model, positions, tuple(image_shape), opts)
+    return attach_fd(model, positions, as_chw(image_shape), opts)
 
 
 def fd_blocks(model: nn.Module) -> dict[str, FDBlock]:

@@ -53,7 +53,7 @@ from fortify.defenses.fpd_parts import (
 from fortify.defenses.registry import register_defence
 from fortify.errors import ConfigError, DataError, FortifyError
 
-log = logging.getLogger("fortify.defenses.fpd")
+log = logging.getLogger(__name__)
 
 _CLASSIFIER_NAMES = ("linear", "fc", "classifier")
 _PROBE = 64  # input side used to measure a backbone's total stride for small image shapes

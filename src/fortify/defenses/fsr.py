@@ -38,8 +38,9 @@ from fortify.defenses.attach import attach
 from fortify.defenses.contract import AuxContext, CaptureMixin
 from fortify.defenses.registry import register_defence
 from fortify.errors import ConfigError, FortifyError
+from fortify.utils.shapes import as_chw
 
-log = logging.getLogger("fortify.defenses.fsr")
+log = logging.getLogger(__name__)
 
 ABLATIONS = ("none", "no-separation", "no-recalibration")
 MASKS = ("gumbel", "binary")
@@ -407,7 +408,7 @@ def build(
             )
         positions = [default]
     log.info("attaching FSR after %s (options %s)", positions, options or "default")
-    return attach_fsr(model, positions, num_classes, tuple(image_shape), **options)
+    return attach_fsr(model, positions, num_classes, as_chw(image_shape), **options)
 
 
 def fsr_blocks(model: nn.Module) -> dict[str, FSRBlock]:

@@ -14,48 +14,33 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from fortify.errors import ConfigError, unknown_name
+from fortify.errors import ConfigError
+from fortify.registry import Registry
 
 DefenceBuilder = Callable[..., nn.Module]
 _Opts = TypeVar("_Opts")
-_BUILDERS: dict[str, DefenceBuilder] = {}
+
+#: Every defence kind; the defence modules of :mod:`fortify.defenses` register at import.
+DEFENCES: Registry[DefenceBuilder] = Registry("defence")
 
 
 def register_defence(kind: str) -> Callable[[DefenceBuilder], DefenceBuilder]:
+    """Decorator registering a defence builder as ``kind`` (the config's ``defenses[].kind``)."""
+
     def deco(fn: DefenceBuilder) -> DefenceBuilder:
-        _BUILDERS[kind] = fn
-        return fn
+        return DEFENCES.register(kind, fn)
 
     return deco
 
 
 def defence_builder(kind: str) -> DefenceBuilder:
-    _ensure_loaded()
-    if kind not in _BUILDERS:
-        raise unknown_name("defence", kind, _BUILDERS)
-    return _BUILDERS[kind]
+    """The builder of defence ``kind`` (an unknown kind raises listing the known ones)."""
+    return DEFENCES.get(kind)
 
 
 def available_defences() -> list[str]:
-    _ensure_loaded()
-    return sorted(_BUILDERS)
-
-
-def _ensure_loaded() -> None:
-    import importlib
-
-    for mod in (
-        "fortify.defenses.fsr",
-        "fortify.defenses.fpd",
-        "fortify.defenses.fd",
-        "fortify.defenses.cas",
-        "fortify.defenses.cifs",
-    ):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:  # a defence module not written yet
-            if exc.name != mod:
-                raise
+    """Every registered defence kind, sorted."""
+    return DEFENCES.available()
 
 
 def options_from_dict(cls: type[_Opts], options: dict[str, Any], kind: str) -> _Opts:

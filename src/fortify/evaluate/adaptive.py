@@ -38,22 +38,19 @@ from torch import nn
 
 from fortify.attacks import attack_loss, pgd
 from fortify.errors import ConfigError, FortifyError, check_point_count
-from fortify.evaluate.core import (
-    SuiteContext,
-    attack_first,
-    describe_option,
-    evaluate,
-    first_points,
-    first_points_note,
-    register_suite,
-)
-from fortify.evaluate.report import EvalReport, accuracy_on, first_mask, worst_case
+from fortify.evaluate.autoattack import Square, StandardAutoAttack, check_classes
+from fortify.evaluate.context import SuiteContext, attack_first, first_points, first_points_note
+from fortify.evaluate.driver import evaluate
+from fortify.evaluate.registry import describe_option, register_suite
+from fortify.evaluate.report import EvalReport, Outcome, accuracy_on, first_mask, worst_case
 
-log = logging.getLogger("fortify.evaluate.adaptive")
+log = logging.getLogger(__name__)
 
 SUITE = "adaptive"
 AUTOATTACK_TARGETS = ("both", "bounded", "logits", "none")
 SQUARE_TARGETS = ("bounded", "logits")
+#: The advice of the error on a model with fewer than 4 classes (AutoAttack needs 4).
+AA_INSTEAD = "give the adaptive option autoattack='none' to run the other attacks without it"
 GAP_WARN = 2.0  # percentage points by which CE-on-output may exceed the logit attacks
 
 
@@ -194,59 +191,6 @@ def adaptive_evaluate(
 # --------------------------------------------------------------------------------------------
 
 
-def _autoattack_batch(
-    net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, eps: float, norm: str, seed: int, k: int
-) -> torch.Tensor:
-    """Standard AutoAttack on one batch; returns x_adv (N, C, H, W)."""
-    from pyautoattack import AutoAttack
-
-    kw: dict[str, Any] = {"version": "standard"}
-    if k < 4:  # targeted DLR needs 4 classes
-        kw = {
-            "version": "custom",
-            "attacks": ["apgd-ce", "apgd-dlr", "square"] if k == 3 else ["apgd-ce", "square"],
-        }
-    aa = AutoAttack(
-        net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, seed=seed, device=xb.device, **kw
-    )
-    aa.verbose = False
-    aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, max(k - 1, 1))
-    aa.fab.n_target_classes = min(aa.fab.n_target_classes, max(k - 1, 1))
-    devices = [xb.device] if xb.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # pyautoattack reseeds the global RNG
-        out = aa.run_standard_evaluation(xb, yb, batch_size=len(xb))
-    return (out[0] if isinstance(out, tuple) else out).detach()
-
-
-def _square_batch(
-    net: nn.Module,
-    xb: torch.Tensor,
-    yb: torch.Tensor,
-    *,
-    eps: float,
-    norm: str,
-    queries: int,
-    seed: int,
-) -> torch.Tensor:
-    from pyautoattack.square import SquareAttack
-
-    sq = SquareAttack(
-        net,
-        norm={"linf": "Linf", "l2": "L2"}[norm],
-        n_queries=queries,
-        eps=eps,
-        p_init=0.8,
-        n_restarts=1,
-        seed=seed,
-        verbose=False,
-        device=xb.device,
-        resc_schedule=queries < 5000,
-    )
-    devices = [xb.device] if xb.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        return sq.perturb(xb, yb).detach()
-
-
 def _zero_grad_fraction(
     net: nn.Module, ctx: SuiteContext, loss: str, kappa: float, m: int
 ) -> float:
@@ -279,7 +223,9 @@ def adaptive_suite(ctx: SuiteContext) -> None:
     has_logits = logit_net is not None
     target = logit_net if logit_net is not None else ctx.model
     where = "pre-bound logits" if has_logits else "model output (it has no unbounded_logits)"
-    columns: dict[str, list] = {}
+    if opts.autoattack in ("both", "bounded") or (opts.autoattack == "logits" and has_logits):
+        check_classes(ctx.num_classes, instead=AA_INSTEAD)  # before any attack runs
+    columns: dict[str, list[Outcome]] = {}
 
     def pgd_fn(
         net: nn.Module, loss: str, salt: int, s: float = step, n: int = k
@@ -333,18 +279,20 @@ def adaptive_suite(ctx: SuiteContext) -> None:
             ("AutoAttack (logits)", target, "standard AutoAttack on the pre-bound logits")
         )
     for name, net, note in aa_nets:
+        adversary = StandardAutoAttack(
+            net,
+            num_classes=ctx.num_classes,
+            norm=norm,
+            eps=eps,
+            seed=ctx.seed,
+            device=ctx.device,
+            instead=AA_INSTEAD,
+        )
 
         def aa_fn(
-            xb: torch.Tensor, yb: torch.Tensor, sl: slice, net: nn.Module = net
+            xb: torch.Tensor, yb: torch.Tensor, sl: slice, adversary: StandardAutoAttack = adversary
         ) -> torch.Tensor:
-            return attack_first(
-                lambda xa, ya: _autoattack_batch(
-                    net, xa, ya, eps=eps, norm=norm, seed=ctx.seed, k=ctx.num_classes
-                ),
-                xb,
-                yb,
-                limit - sl.start,
-            )
+            return attack_first(adversary, xb, yb, limit - sl.start)
 
         if limit < ctx.n:
             note += "; " + first_points_note("AutoAttack", limit, ctx.n)
@@ -360,12 +308,20 @@ def adaptive_suite(ctx: SuiteContext) -> None:
             net = ctx.model if which == "bounded" else target
             name = "Square" if which == "bounded" else "Square (logits)"
 
+            square = Square(
+                net,
+                norm=norm,
+                eps=eps,
+                queries=opts.square_queries,
+                seed=ctx.seed,
+                device=ctx.device,
+                rescale_schedule=opts.square_queries < 5000,
+            )
+
             def sq_fn(
-                xb: torch.Tensor, yb: torch.Tensor, sl: slice, net: nn.Module = net
+                xb: torch.Tensor, yb: torch.Tensor, sl: slice, square: Square = square
             ) -> torch.Tensor:
-                return _square_batch(
-                    net, xb, yb, eps=eps, norm=norm, queries=opts.square_queries, seed=ctx.seed
-                )
+                return square(xb, yb)
 
             seen = "model output" if which == "bounded" else "pre-bound logits"
             black.append(
@@ -391,7 +347,7 @@ def adaptive_suite(ctx: SuiteContext) -> None:
     # -- checks of this suite -----------------------------------------------------------------
     mode = ctx.modes[0]
 
-    def acc(outs: list) -> float:
+    def acc(outs: list[Outcome]) -> float:
         o = next((o for o in outs if o.mode == mode), outs[0] if outs else None)
         return o.accuracy if o is not None else float("nan")
 

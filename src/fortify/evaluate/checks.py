@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from fortify.attacks import pgd_attack
+from fortify.evaluate.autoattack import Square
+from fortify.evaluate.context import SuiteContext
 from fortify.evaluate.report import MODE_FREE, NATURAL, Outcome, accuracy_on, first_mask, worst_case
 
 CHECK_ATTACKS = "Check attacks"
 
-log = logging.getLogger("fortify.evaluate.checks")
+if TYPE_CHECKING:
+    from fortify.evaluate.shard import Results
+
+log = logging.getLogger(__name__)
 
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 LARGE_EPS_LINF = 0.5
@@ -30,7 +35,7 @@ LARGE_EPS_MAX_ACC = 5.0  # % robust accuracy allowed at the very large ε
 SQUARE_MARGIN = 2.0  # % by which Square may beat the white-box attacks before we warn
 
 
-def result_checks(ctx: Any) -> None:
+def result_checks(ctx: SuiteContext | Results) -> None:
     """Robust ≤ clean per attack; more PGD iterations must not help the model; best ≤ final."""
     clean = 100.0 * float(ctx.clean_correct.float().mean())
     n = ctx.n
@@ -95,7 +100,7 @@ def result_checks(ctx: Any) -> None:
 
 
 def _sweep(
-    ctx: Any, xb: torch.Tensor, yb: torch.Tensor, eps: float, steps: int = 20
+    ctx: SuiteContext, xb: torch.Tensor, yb: torch.Tensor, eps: float, steps: int = 20
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PGD-``steps`` on one batch (CE, no random start, step 2.5ε/steps): (correct, loss up)."""
     r = pgd_attack(
@@ -124,7 +129,7 @@ def sweep_eps_values(eps: float, norm: str, dim: int) -> list[float]:
 
 
 def masking_data(
-    ctx: Any, *, check_points: int = 200, square_queries: int = 1000
+    ctx: SuiteContext, *, check_points: int = 200, square_queries: int = 1000
 ) -> dict[str, Any]:
     """The per-point measurements of the masking checks on the first ``check_points`` points.
 
@@ -133,7 +138,7 @@ def masking_data(
     ``pt_*`` entries are bool tensors (False where not measured) that slices join by OR.
     Keys: ``points``, ``dim``, ``sweep_eps``, ``large_eps``, ``square_queries`` and the
     per-point ``pt_zero_grad`` (m,), ``pt_sweep_correct`` / ``pt_sweep_increased`` (len(ε), m),
-    ``pt_large_correct`` (m,), ``pt_square_correct`` (m,) or None without pyautoattack.
+    ``pt_large_correct`` (m,), ``pt_square_correct`` (m,).
     """
     m = min(check_points, ctx.n)
     dim = math.prod(ctx.x.shape[1:])
@@ -143,26 +148,16 @@ def masking_data(
     s_correct = torch.zeros(len(eps_values), m, dtype=torch.bool)
     s_up = torch.zeros(len(eps_values), m, dtype=torch.bool)
     large = torch.zeros(m, dtype=torch.bool)
-    try:
-        from pyautoattack.square import SquareAttack
-    except ImportError:  # pragma: no cover
-        SquareAttack = None
-    square = torch.zeros(m, dtype=torch.bool) if SquareAttack is not None else None
-    sq = None
-    if SquareAttack is not None:
-        sq = SquareAttack(
-            ctx.model,
-            norm={"linf": "Linf", "l2": "L2"}[ctx.norm],
-            n_queries=square_queries,
-            eps=ctx.eps,
-            p_init=0.8,
-            n_restarts=1,
-            seed=ctx.seed,
-            verbose=False,
-            device=ctx.device,
-            resc_schedule=True,
-        )
-    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    square = torch.zeros(m, dtype=torch.bool)
+    sq = Square(
+        ctx.model,
+        norm=ctx.norm,
+        eps=ctx.eps,
+        queries=square_queries,
+        seed=ctx.seed,
+        device=ctx.device,
+        rescale_schedule=True,
+    )
     for sl, xb, yb in ctx.batches():
         if sl.start >= m:
             break
@@ -179,11 +174,10 @@ def masking_data(
             s_correct[j, sl], s_up[j, sl] = _sweep(ctx, xb, yb, e)
         large[sl] = _sweep(ctx, xb, yb, big)[0]
         # 4. black-box Square (seeded per batch by pyautoattack)
-        if sq is not None and square is not None:
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                adv = sq.perturb(xb, yb)
-                ctx.verify_ball("Square", adv, xb)
-                square[sl] = (ctx.model(adv).argmax(1) == yb).cpu()
+        adv = sq(xb, yb)
+        ctx.verify_ball("Square", adv, xb)
+        with torch.no_grad():
+            square[sl] = (ctx.model(adv).argmax(1) == yb).cpu()
     return {
         "points": m,
         "dim": dim,
@@ -198,7 +192,9 @@ def masking_data(
     }
 
 
-def masking_checks(ctx: Any, *, check_points: int = 200, square_queries: int = 1000) -> None:
+def masking_checks(
+    ctx: SuiteContext, *, check_points: int = 200, square_queries: int = 1000
+) -> None:
     """Cheap gradient-masking indicators on the first ``check_points`` points (see module doc)."""
     data = masking_data(ctx, check_points=check_points, square_queries=square_queries)
     masking_verdicts(ctx, data)
@@ -209,12 +205,12 @@ def _pt(data: dict[str, Any], key: str) -> torch.Tensor | None:
     return None if v is None else torch.as_tensor(v, dtype=torch.bool)
 
 
-def masking_verdicts(ctx: Any, data: dict[str, Any]) -> None:
+def masking_verdicts(ctx: SuiteContext | Results, data: dict[str, Any]) -> None:
     """The masking checks' verdicts from :func:`masking_data` of every point (see module doc).
 
     ``ctx`` needs ``clean_correct``, ``outcomes``, ``modes``, ``norm``, ``eps``, ``extras`` and
-    ``check(name, status, message)``: a :class:`~fortify.evaluate.core.SuiteContext` or the
-    joined results of a sharded evaluation.
+    ``check(name, status, message)``: a :class:`~fortify.evaluate.context.SuiteContext` or the
+    joined results of a sharded evaluation (:class:`~fortify.evaluate.shard.Results`).
     """
     m = int(data["points"])
     sub = f"on the first {m} points"
@@ -347,7 +343,7 @@ def masking_verdicts(ctx: Any, data: dict[str, Any]) -> None:
         ctx.check("Square vs white-box", "ok", msg, masking=True)
 
 
-def _add_check_attacks(ctx: Any, survived: torch.Tensor, what: str) -> None:
+def _add_check_attacks(ctx: SuiteContext | Results, survived: torch.Tensor, what: str) -> None:
     """Add the checks' attacks at ε as column ``Check attacks`` on the first ``len(survived)``
     points (mode-free, outside the Ensemble, inside Worst case)."""
     m = len(survived)

@@ -26,7 +26,7 @@ from fortify.stats import (
     paired_bootstrap,
 )
 
-log = logging.getLogger("fortify.evaluate.compare")
+log = logging.getLogger(__name__)
 
 # settings that must agree for a paired comparison: (key, what to call it)
 MUST_MATCH = (

@@ -29,29 +29,37 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from fortify.errors import ConfigError, DataError, unknown_name
+from fortify.errors import ConfigError, DataError
+from fortify.registry import Registry
 
 Corruption = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
 
-_CORRUPTIONS: dict[str, Corruption] = {}
-_NOTES: dict[str, str] = {}
-_FAMILY: dict[str, str] = {}
-_NEEDS_COLOUR: set[str] = set()
+
+@dataclass(frozen=True)
+class CorruptionSpec:
+    """A generated corruption: ``fn(x, severity, generator) -> x'``, its family, how it is
+    defined and differs from CIFAR-10-C (``note``), and whether it needs 3 colour channels."""
+
+    fn: Corruption
+    family: str
+    note: str
+    colour: bool = False
+
+
+#: Every generated corruption, registered below in family order.
+CORRUPTIONS: Registry[CorruptionSpec] = Registry("corruption")
 
 
 def _register(
     name: str, family: str, note: str, colour: bool = False
 ) -> Callable[[Corruption], Corruption]:
     def deco(fn: Corruption) -> Corruption:
-        _CORRUPTIONS[name] = fn
-        _NOTES[name] = note
-        _FAMILY[name] = family
-        if colour:
-            _NEEDS_COLOUR.add(name)
+        CORRUPTIONS.register(name, CorruptionSpec(fn, family, note, colour))
         return fn
 
     return deco
@@ -262,9 +270,9 @@ def motion_blur(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Ten
     py = dy + length
     kernel = torch.zeros(n, size * size, device=x.device)
     x0, y0 = px.floor(), py.floor()
-    for dx in (0, 1):
-        for dy in (0, 1):
-            xi, yi = x0 + dx, y0 + dy
+    for ox in (0, 1):
+        for oy in (0, 1):
+            xi, yi = x0 + ox, y0 + oy
             wgt = (1 - (px - xi).abs()) * (1 - (py - yi).abs()) * tap_w[None]
             ok = (xi >= 0) & (xi < size) & (yi >= 0) & (yi < size)
             idx = (yi.clamp(0, size - 1) * size + xi.clamp(0, size - 1)).long()
@@ -661,8 +669,8 @@ def spatter(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
 # public API
 
 FAMILIES: dict[str, list[str]] = {}
-for _name, _fam in _FAMILY.items():
-    FAMILIES.setdefault(_fam, []).append(_name)
+for _name in CORRUPTIONS.in_order():
+    FAMILIES.setdefault(CORRUPTIONS.get(_name).family, []).append(_name)
 
 # CIFAR-10-C corruptions that are deliberately not generated: name → (family, reason)
 NOT_GENERATED: dict[str, tuple[str, str]] = {
@@ -686,7 +694,7 @@ def _not_generated_error(name: str) -> ConfigError:
 
 def available(channels: int = 3) -> list[str]:
     """Names of the corruptions usable on images with ``channels`` channels, in family order."""
-    return [n for n in _CORRUPTIONS if channels == 3 or n not in _NEEDS_COLOUR]
+    return [n for n in CORRUPTIONS.in_order() if channels == 3 or not CORRUPTIONS.get(n).colour]
 
 
 def check_name(name: str) -> None:
@@ -697,8 +705,7 @@ def check_name(name: str) -> None:
     """
     if name in NOT_GENERATED:
         raise _not_generated_error(name)
-    if name not in _CORRUPTIONS:
-        raise unknown_name("corruption", name, _CORRUPTIONS)
+    CORRUPTIONS.get(name)
 
 
 def family(name: str) -> str:
@@ -707,13 +714,13 @@ def family(name: str) -> str:
     if name in NOT_GENERATED:
         return NOT_GENERATED[name][0]
     check_name(name)
-    return _FAMILY[name]
+    return CORRUPTIONS.get(name).family
 
 
 def describe(name: str | None = None) -> str:
     """How corruption ``name`` (or each one, then the not-generated ones) is defined and differs
     from CIFAR-10-C."""
-    names = [name] if name is not None else [*_CORRUPTIONS, *NOT_GENERATED]
+    names = [name] if name is not None else [*CORRUPTIONS.in_order(), *NOT_GENERATED]
     lines = []
     for n in names:
         if n in NOT_GENERATED:
@@ -721,7 +728,8 @@ def describe(name: str | None = None) -> str:
             lines.append(f"{n} ({fam}): not generated. {why}.")
             continue
         check_name(n)
-        lines.append(f"{n} ({_FAMILY[n]}): {_NOTES[n]}")
+        spec = CORRUPTIONS.get(n)
+        lines.append(f"{n} ({spec.family}): {spec.note}")
     return "\n".join(lines)
 
 
@@ -753,7 +761,7 @@ def corrupt(
             "corrupt() needs float images of shape (N, C, H, W) in [0, 1]; got "
             f"{getattr(x, 'dtype', type(x))} with shape {tuple(getattr(x, 'shape', ()))}"
         )
-    if name in _NEEDS_COLOUR and x.shape[1] != 3:
+    if CORRUPTIONS.get(name).colour and x.shape[1] != 3:
         raise DataError(
             f"corruption {name!r} needs 3-channel colour images, got {x.shape[1]} channel(s); "
             f"usable here: {', '.join(available(x.shape[1]))}"
@@ -765,5 +773,5 @@ def corrupt(
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(int(seed))
     with torch.no_grad():
-        out = _CORRUPTIONS[name](x, severity, generator)
+        out = CORRUPTIONS.get(name).fn(x, severity, generator)
     return out.clamp_(0.0, 1.0)

@@ -31,8 +31,10 @@ from torch import nn
 from fortify.data.base import ImageSet
 from fortify.errors import ConfigError, DataError, check_point_count
 from fortify.evaluate import corruptions as C
+from fortify.evaluate.context import SuiteContext
+from fortify.evaluate.registry import register_suite
 
-log = logging.getLogger("fortify.evaluate.ood")
+log = logging.getLogger(__name__)
 
 SEVERITIES = (1, 2, 3, 4, 5)
 # The 15 corruptions of the benchmark (the paper's mean is over these).
@@ -62,7 +64,7 @@ SOURCES = ("auto", "published", "generated")
 # readers
 
 
-def list_cifar_c(root: str | os.PathLike) -> list[str]:
+def list_cifar_c(root: str | os.PathLike[str]) -> list[str]:
     """Corruption names available in a CIFAR-10-C / CIFAR-100-C folder (benchmark ones first)."""
     d = Path(root)
     if not d.is_dir():
@@ -74,7 +76,7 @@ def list_cifar_c(root: str | os.PathLike) -> list[str]:
 
 
 def read_cifar_c(
-    root: str | os.PathLike,
+    root: str | os.PathLike[str],
     corruption: str,
     *,
     per_severity: int = 10_000,
@@ -136,7 +138,7 @@ TINY_IMAGENET_C_READER_VERSION = 1
 
 
 def read_tiny_imagenet_c(
-    root: str | os.PathLike,
+    root: str | os.PathLike[str],
     corruption: str,
     severity: int,
     classes: Sequence[str],
@@ -339,7 +341,7 @@ def generated_ood(
 
 def published_ood(
     model: nn.Module,
-    root: str | os.PathLike,
+    root: str | os.PathLike[str],
     *,
     kind: str = "cifar-c",
     corruptions: Sequence[str] | None = None,
@@ -405,7 +407,7 @@ def published_ood(
     return OODResult(table, str(root), count)
 
 
-def find_published(dataset: str | None, root: str | os.PathLike | None = None) -> Path | None:
+def find_published(dataset: str | None, root: str | os.PathLike[str] | None = None) -> Path | None:
     """Folder of the published corrupted set for ``dataset`` (``<root or $FORTIFY_DATA or ./data>/
     CIFAR-10-C`` …), or None when the dataset has none or it is not on disk."""
     if dataset not in PUBLISHED:
@@ -429,7 +431,7 @@ def evaluate_ood(
     y: torch.Tensor,
     *,
     dataset: str | None = None,
-    root: str | os.PathLike | None = None,
+    root: str | os.PathLike[str] | None = None,
     classes: Sequence[str] | None = None,
     source: str = "auto",
     corruptions: Sequence[str] | None = None,
@@ -516,7 +518,7 @@ class OODOptions:
     """
 
     dataset: str | None = None
-    root: str | os.PathLike | None = None
+    root: str | os.PathLike[str] | None = None
     classes: Sequence[str] | None = None
     source: str = "auto"
     corruptions: Sequence[str] | None = None
@@ -535,7 +537,8 @@ class OODOptions:
         check_point_count(self.n_points, "OOD n_points")
 
 
-def _ood_suite(ctx: Any) -> None:
+@register_suite("ood", options=OODOptions)
+def _ood_suite(ctx: SuiteContext) -> None:
     """OOD: accuracy under common corruptions (published CIFAR-C sets or generated), 5 severities"""
     result = evaluate_ood(
         ctx.model, ctx.x, ctx.y, seed=ctx.seed, batch_size=ctx.batch_size, **ctx.options
@@ -551,14 +554,3 @@ def _ood_suite(ctx: Any) -> None:
         + "; per corruption: "
         + ", ".join(f"{c} {a:.2f}" for c, a in result.per_corruption.items()),
     )
-
-
-def _register_suite() -> None:
-    try:
-        from fortify.evaluate.core import register_suite
-    except ImportError:  # evaluator not available: the readers still work
-        return
-    register_suite("ood", _ood_suite, options=OODOptions)
-
-
-_register_suite()

@@ -14,11 +14,11 @@ from torch import nn
 
 from fortify.attacks import pgd_attack
 from fortify.errors import ConfigError
-from fortify.evaluate.core import _eval_mode, _model_device
+from fortify.evaluate.driver import eval_mode, model_device
 from fortify.evaluate.validation import check_eps, check_images_labels
 from fortify.utils.atomic import atomic_write_with
 
-log = logging.getLogger("fortify.evaluate.plot")
+log = logging.getLogger(__name__)
 
 
 def eps_curve(
@@ -46,9 +46,9 @@ def eps_curve(
         raise ConfigError(f"eps_curve mode must be 'final' or 'best', got {mode!r}")
     if not eps_values:
         raise ConfigError("eps_values must contain at least one ε")
-    dev = _model_device(model)
+    dev = model_device(model)
     out = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for e in eps_values:
             check_eps(e, norm, tuple(x.shape[1:]))
             correct = 0
@@ -129,17 +129,7 @@ def plot_eps_curve(
     ax.legend(fontsize="small")
     if title:  # wrapped: a long title would be clipped at the figure's edges
         ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-
-    def write(tmp: Path) -> None:
-        fig.savefig(tmp, format="png")
-
-    try:
-        atomic_write_with(path, write)
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def default_eps_values(eps: float, norm: str, d: int) -> list[float]:
@@ -198,8 +188,15 @@ def plot_accuracy_bars(
     ax.legend(loc="upper center", ncol=len(reports), fontsize="small")
     if title:
         ax.set_title(title, fontsize="medium")
-    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def save_png(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure atomically as a PNG at ``path`` and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
+    fig.tight_layout()
 
     def write(tmp: Path) -> None:
         fig.savefig(tmp, format="png")

@@ -369,12 +369,12 @@ class EvalReport:
         lines += ["", "### Checks", ""]
         if not self.checks:
             lines.append("- (checks disabled)")
-        for c in self.checks:
-            mark = {"ok": "ok", "warn": "**WARN**", "fail": "**FAIL**"}[c.status]
-            lines.append(f"- [{mark}] {c.name}: {c.message}")
+        for check in self.checks:
+            mark = {"ok": "ok", "warn": "**WARN**", "fail": "**FAIL**"}[check.status]
+            lines.append(f"- [{mark}] {check.name}: {check.message}")
         lines += ["", "### Settings", ""]
-        for k, v in s.items():
-            lines.append(f"- {k}: {v}")
+        for key, value in s.items():
+            lines.append(f"- {key}: {value}")
         return "\n".join(lines) + "\n"
 
     def _blank(self, col: str, mode: str) -> str:

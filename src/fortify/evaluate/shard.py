@@ -30,7 +30,7 @@ from torch import nn
 from fortify.errors import ConfigError, DataError
 from fortify.evaluate.report import NATURAL, Check, EvalReport, Outcome
 
-log = logging.getLogger("fortify.evaluate.shard")
+log = logging.getLogger(__name__)
 
 CHECK_DATA = "check_data"  # extras key of a partial report: raw per-point data of the checks
 # Settings that every slice of one evaluation must share (``fortify report --merge`` compares).

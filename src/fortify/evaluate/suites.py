@@ -1,27 +1,26 @@
-"""Built-in suites: ``paper`` (FSR release), ``autoattack`` (pyautoattack), ``quick``, ``full``."""
+"""Built-in suites: ``paper`` (FSR release), ``quick``, ``autoattack`` (pyautoattack), ``full``
+(paper + AutoAttack) and ``pgd10`` (RiFT's robustness number)."""
 
 from __future__ import annotations
 
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from fortify.errors import ConfigError, EvaluationError, check_point_count
-from fortify.evaluate.core import (
-    SuiteContext,
-    first_points,
-    first_points_note,
-    register_suite,
-)
+from fortify.errors import ConfigError, check_point_count
+from fortify.evaluate.autoattack import StandardAutoAttack, capture_warnings, check_classes
+from fortify.evaluate.context import SuiteContext, first_points, first_points_note
+from fortify.evaluate.registry import register_suite
 from fortify.evaluate.report import MODE_FREE, Outcome, ensemble_of, first_mask
 
-log = logging.getLogger("fortify.evaluate.suites")
+log = logging.getLogger(__name__)
 
 CW_KAPPA = 50.0
 AA_SCOPES = ("all", "robust")
+#: The advice of the error on a model with fewer than 4 classes (AutoAttack needs 4).
+AA_INSTEAD = "use suite 'paper' or 'quick'"
 
 
 @register_suite(
@@ -48,13 +47,10 @@ def quick_suite(ctx: SuiteContext) -> None:
     ctx.run_pgd("PGD-20", steps=20, step_size=0.1 * ctx.eps, random_start=False, loss="ce")
 
 
-class _CaptureLog(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+@register_suite("pgd10")
+def pgd10_suite(ctx: SuiteContext) -> None:
+    """PGD-10 (L∞, step ε/4, random start): RiFT's robustness number"""
+    ctx.run_pgd("PGD-10", steps=10, step_size=ctx.eps / 4, random_start=True)
 
 
 @dataclass
@@ -91,13 +87,13 @@ class AutoAttackOptions:
 def run_autoattack(
     ctx: SuiteContext,
     *,
-    version: str = "standard",
     name: str = "AutoAttack",
     points: int | None = None,
     survivors: torch.Tensor | None = None,
     scope: str = "all",
 ) -> Outcome:
-    """Run pyautoattack's standard version chunk by chunk; its own checks' warnings become checks.
+    """Run AutoAttack (standard version, :class:`~fortify.evaluate.autoattack.StandardAutoAttack`)
+    chunk by chunk; pyautoattack's own checks' warnings become checks.
 
     Each chunk of ``ctx.batches()`` is one ``run_standard_evaluation`` call (batch = the chunk,
     AutoAttack's seed = ``ctx.seed``), so a point's outcome depends only on (seed, its chunk).
@@ -121,29 +117,17 @@ def run_autoattack(
             "autoattack_scope='robust' needs cheaper attacks to run first: use suite 'full' "
             "(the autoattack suite alone has no worst case to restrict AutoAttack to)"
         )
-    try:
-        from pyautoattack import AutoAttack
-    except ImportError as exc:  # pragma: no cover - pyautoattack is a dependency
-        raise EvaluationError(
-            "the autoattack suite needs the 'pyautoattack' package (pip install pyautoattack)"
-        ) from exc
-    k = ctx.num_classes
-    if k < 4:
-        raise ConfigError(
-            f"AutoAttack's standard version needs at least 4 classes (targeted DLR), the model "
-            f"has {k}; "
-            "use suite 'paper' or 'quick'"
-        )
-    norm = {"linf": "Linf", "l2": "L2"}[ctx.norm]
-    adversary = AutoAttack(
-        ctx.model, norm=norm, eps=ctx.eps, version=version, device=ctx.device, seed=ctx.seed
+    adversary = StandardAutoAttack(
+        ctx.model,
+        num_classes=ctx.num_classes,
+        norm=ctx.norm,
+        eps=ctx.eps,
+        seed=ctx.seed,
+        device=ctx.device,
+        instead=AA_INSTEAD,
     )
     limit = first_points(ctx.n, points)
-    notes = [first_points_note("AutoAttack", limit, ctx.n)]
-    if k - 1 < 9:  # fewer than 10 classes: one target per other class
-        adversary.apgd_targeted.n_target_classes = k - 1
-        adversary.fab.n_target_classes = k - 1
-        notes.append(f"APGD-T/FAB-T with {k - 1} target classes (model has {k})")
+    notes = [first_points_note("AutoAttack", limit, ctx.n), adversary.note]
     ctx.settings["autoattack_points"] = limit
     ctx.settings["autoattack_scope"] = scope
     in_limit = torch.arange(ctx.n) < limit
@@ -153,32 +137,22 @@ def run_autoattack(
         groups = groups[:1]
     # Not attacked: beyond the limit (not counted: ``ran``), or broken by earlier attacks.
     correct = ctx.clean_correct & ~in_limit
-    handler = _CaptureLog()
-    aa_log = logging.getLogger("auto-attack")
-    aa_log.addHandler(handler)
     t0 = time.perf_counter()
     attacked = 0
-    devices = [ctx.device] if ctx.device.type == "cuda" else []
-    try:
-        # pyautoattack reseeds the global RNG; keep the caller's RNG state untouched.
-        with torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for sl, xb, yb in ctx.batches():
-                for group in groups:
-                    idx = group[sl].nonzero().flatten()
-                    if not len(idx):
-                        continue
-                    xa, ya = xb[idx.to(xb.device)], yb[idx.to(yb.device)]
-                    x_adv = adversary.run_standard_evaluation(xa, ya, batch_size=len(xa))[0]
-                    ctx.verify_ball(name, x_adv, xa)
-                    correct[sl.start + idx] = (ctx.predict(x_adv) == ya).cpu()
-                    attacked += len(idx)
-    finally:
-        aa_log.removeHandler(handler)
-    found = handler.messages + [str(w.message) for w in caught]
+    with capture_warnings() as found:
+        for sl, xb, yb in ctx.batches():
+            for group in groups:
+                idx = group[sl].nonzero().flatten()
+                if not len(idx):
+                    continue
+                xa, ya = xb[idx.to(xb.device)], yb[idx.to(yb.device)]
+                x_adv = adversary(xa, ya)
+                ctx.verify_ball(name, x_adv, xa)
+                correct[sl.start + idx] = (ctx.predict(x_adv) == ya).cpu()
+                attacked += len(idx)
     dt = time.perf_counter() - t0
     if found:
-        for msg in dict.fromkeys(found):
+        for msg in found:
             ctx.check("AutoAttack's own checks", "warn", msg, masking=True)
     else:
         ctx.check(
@@ -234,6 +208,7 @@ def full_suite(ctx: SuiteContext) -> None:
     AutoAttack attacks the points that survived every paper attack (in any row) separately from
     the others, so ``autoattack_scope="robust"`` (survivors only) gives the same worst case.
     """
+    check_classes(ctx.num_classes, instead=AA_INSTEAD)  # before the paper attacks run
     paper_suite(ctx)
     survivors = torch.zeros(ctx.n, dtype=torch.bool)
     for mode in ctx.modes:

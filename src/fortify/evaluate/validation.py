@@ -10,7 +10,7 @@ from torch import nn
 
 from fortify.errors import ConfigError, DataError, EvaluationError
 
-log = logging.getLogger("fortify.evaluate.validation")
+log = logging.getLogger(__name__)
 
 
 def check_images_labels(x: torch.Tensor, y: torch.Tensor) -> None:

@@ -49,7 +49,7 @@ FSR_PREFIXES = {
     "aux.0.": "aux.",
 }
 
-log = logging.getLogger("fortify.importers.fsr_release")
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -61,7 +61,7 @@ NORMALIZATIONS = ("auto", "release", "none")
 CLASS_ORDER = {"tiny-imagenet": "sorted"}  # torchvision ImageFolder order in the release
 _PREFIX = re.compile(r"^(?:module\.|\d+\.)")
 
-log = logging.getLogger("fortify.importers.rift_release")
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 
 from fortify.errors import CheckpointError, ConfigError
 
-log = logging.getLogger("fortify.interop.robustbench")
+log = logging.getLogger(__name__)
 
 THREATS = ("Linf", "L2", "corruptions")
 INFO_FIELDS = (
@@ -48,7 +48,7 @@ INFO_FIELDS = (
 )
 
 
-def paths(root: str | os.PathLike, dataset: str, threat: str, name: str) -> tuple[Path, Path]:
+def paths(root: str | os.PathLike[str], dataset: str, threat: str, name: str) -> tuple[Path, Path]:
     """(weights file, metadata file) of model ``name`` under ``root``."""
     base = Path(root)
     return (
@@ -70,15 +70,15 @@ def _accuracies(report: dict[str, Any] | None) -> tuple[str, str]:
     if not report:
         return "", ""
     table = report.get("table") or {}
-    row = table.get("final") or next(iter(table.values()), {})
+    row: dict[str, Any] = table.get("final") or next(iter(table.values()), {})
     clean = row.get("Natural")
     aa = next((v for k, v in row.items() if k.lower().startswith("autoattack")), None)
     return ("" if clean is None else f"{clean:.2f}", "" if aa is None else f"{aa:.2f}")
 
 
 def export_robustbench(
-    checkpoint: str | os.PathLike,
-    root: str | os.PathLike,
+    checkpoint: str | os.PathLike[str],
+    root: str | os.PathLike[str],
     *,
     name: str,
     threat: str = "Linf",
@@ -154,7 +154,7 @@ def export_robustbench(
 
 
 def load_robustbench_export(
-    root: str | os.PathLike, *, name: str, dataset: str, threat: str = "Linf"
+    root: str | os.PathLike[str], *, name: str, dataset: str, threat: str = "Linf"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model written by :func:`export_robustbench`: ``(model.eval(), metadata)``.
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fortify.errors import ConfigError, FortifyError, unknown_name
+from fortify.errors import ConfigError, FortifyError
 from fortify.models.sources import (
     available_sources,
     is_source,
@@ -23,6 +23,7 @@ from fortify.models.sources import (
     split_source,
 )
 from fortify.models.sources import build as build_source
+from fortify.registry import Registry
 
 Builder = Callable[..., nn.Module]
 
@@ -38,7 +39,8 @@ class ModelSpec:
     stages: tuple[str, ...] = ()  # names of the residual stages (used by FPD), shallow to deep
 
 
-_REGISTRY: dict[str, ModelSpec] = {}
+#: Every backbone; the modules of :mod:`fortify.models` register at import.
+MODELS: Registry[ModelSpec] = Registry("model")
 
 
 def register(
@@ -51,9 +53,7 @@ def register(
     """Decorator registering ``builder(num_classes=..., in_channels=..., **kwargs)``."""
 
     def deco(builder: Builder) -> Builder:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(name, builder, description, fsr_position, tuple(stages))
+        MODELS.register(name, ModelSpec(name, builder, description, fsr_position, tuple(stages)))
         return builder
 
     return deco
@@ -61,8 +61,7 @@ def register(
 
 def available() -> list[str]:
     """Names of all registered backbones."""
-    _ensure_loaded()
-    return sorted(_REGISTRY)
+    return MODELS.available()
 
 
 def spec(name: str) -> ModelSpec:
@@ -71,15 +70,14 @@ def spec(name: str) -> ModelSpec:
     A model source (``torchvision:resnet50``, see :mod:`fortify.models.sources`) gets an entry
     without default positions: defences on it name their modules explicitly.
     """
-    _ensure_loaded()
     if is_source(name):
         return ModelSpec(name, _source_builder(name), source_description(name))
-    if name not in _REGISTRY:
-        err = unknown_name("model", name, _REGISTRY)
+    try:
+        return MODELS.get(name)
+    except FortifyError as err:
         raise type(err)(
             f"{err} Models from elsewhere: " + ", ".join(available_sources().values()) + "."
-        )
-    return _REGISTRY[name]
+        ) from None
 
 
 class Normalize(nn.Module):
@@ -211,8 +209,3 @@ def _source_builder(name: str) -> Builder:
         return create(name, num_classes, in_channels, **kwargs)
 
     return builder
-
-
-def _ensure_loaded() -> None:
-    # Importing the package registers every backbone module.
-    import fortify.models  # noqa: F401

@@ -52,8 +52,9 @@ import torch
 from torch import nn
 
 from fortify.errors import ConfigError, DataError, FortifyError
+from fortify.registry import Registry
 
-log = logging.getLogger("fortify.models.sources")
+log = logging.getLogger(__name__)
 
 SEPARATOR = ":"
 
@@ -81,7 +82,8 @@ class Source:
     description: str
 
 
-_SOURCES: dict[str, Source] = {}
+#: Every model source, by prefix (the sources below register at import).
+SOURCES: Registry[Source] = Registry("model source")
 
 
 def register_source(
@@ -90,9 +92,7 @@ def register_source(
     """Decorator registering a model source under ``<prefix>:...``."""
 
     def deco(fn: SourceBuilder) -> SourceBuilder:
-        if prefix in _SOURCES:
-            raise ValueError(f"model source {prefix!r} registered twice")
-        _SOURCES[prefix] = Source(prefix, fn, syntax, description)
+        SOURCES.register(prefix, Source(prefix, fn, syntax, description))
         return fn
 
     return deco
@@ -105,21 +105,23 @@ def is_source(name: str) -> bool:
 
 def available_sources() -> dict[str, str]:
     """``{prefix: syntax}`` of every model source."""
-    return {p: s.syntax for p, s in sorted(_SOURCES.items())}
+    return {p: s.syntax for p, s in SOURCES.items()}
 
 
 def split_source(name: str) -> tuple[Source, str]:
     """(source, the part after ``<prefix>:``) or a :class:`ConfigError` listing the sources."""
     prefix, _, what = name.partition(SEPARATOR)
-    if prefix not in _SOURCES:
+    if prefix not in SOURCES:
         raise ConfigError(
             f"unknown model source {prefix!r} in model name {name!r}; sources: "
-            + ", ".join(s.syntax for s in _SOURCES.values())
+            + ", ".join(s.syntax for _, s in SOURCES.items())
             + " (or a registered backbone name without ':')"
         )
     if not what:
-        raise ConfigError(f"model name {name!r} is incomplete; expected {_SOURCES[prefix].syntax}")
-    return _SOURCES[prefix], what
+        raise ConfigError(
+            f"model name {name!r} is incomplete; expected {SOURCES.get(prefix).syntax}"
+        )
+    return SOURCES.get(prefix), what
 
 
 def source_description(name: str) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 from fortify.replicate import fsr_table1 as t1
 from fortify.replicate.common import cached, checkpoint_key, train_or_reuse
 
-log = logging.getLogger("fortify.replicate.feature_table")
+log = logging.getLogger(__name__)
 
 # Natural, FGSM, PGD-20, PGD-100, C&W, Ensemble, AutoAttack (fsr-table1 adds a Worst case column)
 COLUMNS = tuple(c for c in t1.COLUMNS if c != "Worst case")
@@ -38,11 +38,13 @@ EVAL_CACHE = "feature_table_eval.json"
 
 @dataclass(frozen=True)
 class Row:
-    """One table row: a label, the defences (config dicts) and what the paper reports for it."""
+    """One table row: a label, the defences (config dicts), what the paper reports for it and
+    ``train`` settings that replace the recipe's (e.g. ``{"precision": "fp32"}``)."""
 
     label: str
     defences: list[dict[str, Any]] = field(default_factory=list)
     paper: str = ""
+    train: dict[str, Any] = field(default_factory=dict)
 
 
 def add_common_arguments(
@@ -122,6 +124,7 @@ def row_config(row: str, spec: Row, seed: int, args: argparse.Namespace) -> Any:
     data = to_dict(t1.row_config("at", args, seed=seed))
     data["name"] = f"fsr-feature-{row}-seed{seed}"
     data["defenses"] = _expand(spec.defences, args)
+    data["train"].update(copy.deepcopy(spec.train))
     return from_dict(ExperimentConfig, data)
 
 

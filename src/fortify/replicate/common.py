@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # torch and the evaluator are imported where used: `fortify -
     from fortify.evaluate.report import EvalReport
     from fortify.stats import Interval
 
-log = logging.getLogger("fortify.replicate.common")
+log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "fortify-replicate-eval/1"
 
@@ -67,7 +67,7 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def add_seed_arguments(parser: argparse.ArgumentParser, default: str = "0") -> None:
+def add_seed_arguments(parser: argparse.ArgumentParser, default: str | None = "0") -> None:
     """Add ``--seeds`` (comma-separated training seeds, one run per row and seed)."""
     parser.add_argument(
         "--seeds",

@@ -39,7 +39,7 @@ HELP = (
 )
 DESCRIPTION = __doc__
 
-log = logging.getLogger("fortify.replicate.fpd_table")
+log = logging.getLogger(__name__)
 
 COLUMNS = [
     ("Natural", "clean"),

@@ -19,7 +19,7 @@ HELP = "FSR Tables 6/A6/A4 at CPU scale: FSR ablations and block positions on Fa
 DESCRIPTION = __doc__
 
 
-def _fsr(at: list[str], **options: object) -> list[dict]:
+def _fsr(at: list[str], **options: object) -> list[dict[str, object]]:
     return [{"kind": "fsr", "at": at, "options": dict(options)}]
 
 

@@ -73,7 +73,7 @@ DEFAULTS = {
     "val_points": 500,
 }
 
-log = logging.getLogger("fortify.replicate.fsr_table1")
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -314,8 +314,28 @@ def _argv(args: argparse.Namespace, **override: str) -> list[str]:
     return parts
 
 
+def _workers(args: argparse.Namespace) -> int:
+    return int(getattr(args, "workers", 1) or 1)
+
+
 def _command(args: argparse.Namespace) -> str:
-    return " ".join(shlex.quote(p) for p in ["fortify", *_argv(args)])
+    workers = ["--workers", str(_workers(args))] if _workers(args) > 1 else []
+    return " ".join(shlex.quote(p) for p in ["fortify", *_argv(args), *workers])
+
+
+def _how_run(args: argparse.Namespace) -> str:
+    """How this call ran its (row, seed) jobs: worker processes and intra-op threads."""
+    import torch
+
+    from fortify.replicate.workers import threads_per_worker
+
+    workers = _workers(args)
+    if workers > 1:
+        return (
+            f"{workers} worker processes running one (row, seed) job each at a time, "
+            f"{threads_per_worker(workers)} thread(s) per worker (`--workers {workers}`)"
+        )
+    return f"one process, {torch.get_num_threads()} thread(s)"
 
 
 def jobs(args: argparse.Namespace) -> list[Any]:
@@ -529,7 +549,10 @@ def write_report(
         "",
         f"- wall time: {summary['wall_time_min']:.1f} min of training + evaluation summed over "
         f"the (row, seed) jobs (this call: {summary['wall_time_this_call_min']:.1f} min) on "
-        f"{settings['machine']}",
+        f"{platform.machine()} CPU",
+        f"- how the jobs ran: {settings['how_run']}; jobs finished in an earlier call or by "
+        "another process with the same `--out` were reused as they were (their run directories "
+        "record their own thread counts)",
         f"- seeds: training seeds {', '.join(str(s) for s in seeds)} (the evaluation seed is the "
         "training seed), validation split seed 0; every seed is evaluated on the same test "
         "points",
@@ -639,6 +662,8 @@ def run(args: argparse.Namespace) -> int:
             "seeds": seeds,
             "eps": EPS,
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+            "workers": _workers(args),
+            "how_run": _how_run(args),
             "torch": torch.__version__,
         },
     }

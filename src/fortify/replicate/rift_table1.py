@@ -40,7 +40,7 @@ DESCRIPTION = __doc__
 DEFAULT_PRESET = "configs/train/cpu/fmnist-resnet-at.yaml"
 DEFAULT_RIFT = "configs/rift/fashion-mnist-cpu.yaml"
 
-log = logging.getLogger("fortify.replicate.rift_table1")
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,10 +20,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from fortify.errors import ConfigError, FortifyError
 
-log = logging.getLogger("fortify.replicate.workers")
+log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
 
@@ -104,7 +105,7 @@ def run_jobs(
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     pending = list(enumerate(jobs))
-    running: dict[int, tuple[subprocess.Popen, float, Path, object, int]] = {}
+    running: dict[int, tuple[subprocess.Popen[bytes], float, Path, IO[str], int]] = {}
     results: dict[int, JobResult] = {}
     free_slots = list(range(workers))
     disable = (not sys.stderr.isatty()) if progress is None else not progress
@@ -129,7 +130,7 @@ def run_jobs(
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
                 path = log_dir / f"{i:02d}-{_safe(job.label)}.log"
-                fh = path.open("w")
+                fh: IO[str] = path.open("w")
                 cmd = [sys.executable, "-m", "fortify.cli.main", *job.argv]
                 fh.write("$ " + " ".join(cmd) + "\n")
                 fh.flush()
@@ -140,7 +141,7 @@ def run_jobs(
             time.sleep(POLL_SECONDS)
             for i in [k for k, v in running.items() if v[0].poll() is not None]:
                 proc, t0, path, fh, slot = running.pop(i)
-                fh.close()  # type: ignore[attr-defined]
+                fh.close()
                 free_slots.append(slot)
                 rc = int(proc.returncode)
                 results[i] = JobResult(jobs[i], rc, time.perf_counter() - t0, path)
@@ -157,7 +158,7 @@ def run_jobs(
         for proc, _, _, fh, _ in running.values():  # interrupted: stop our own children
             proc.terminate()
             proc.wait()
-            fh.close()  # type: ignore[attr-defined]
+            fh.close()
         bar.close()
     out = [results[i] for i in range(len(jobs))]
     failed = [r for r in out if r.returncode != 0]

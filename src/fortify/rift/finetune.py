@@ -30,8 +30,9 @@ from fortify.config.schema import ExperimentConfig
 from fortify.data.base import DataSplits
 from fortify.errors import ConfigError
 from fortify.rift.mrc import get_weight
+from fortify.runs.rundir import Mode
 
-log = logging.getLogger("fortify.rift")
+log = logging.getLogger(__name__)
 
 BN_MODES = ("frozen", "adapt")
 
@@ -115,7 +116,7 @@ def finetune(
     opts: FinetuneOptions | None = None,
     *,
     splits: DataSplits | None = None,
-    mode: str = "new",
+    mode: Mode = "new",
     progress: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune ``module``'s weight of a copy of ``at_model`` into the run folder ``out_dir``.

@@ -21,7 +21,7 @@ from torch import nn
 from fortify.errors import CheckpointError, ConfigError
 from fortify.utils.atomic import atomic_write_text, atomic_write_with
 
-log = logging.getLogger("fortify.rift")
+log = logging.getLogger(__name__)
 
 StateDict = Mapping[str, torch.Tensor]
 

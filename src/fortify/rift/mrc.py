@@ -39,7 +39,7 @@ from torch import nn
 from fortify.errors import ConfigError, DataError, EvaluationError, FortifyError
 from fortify.utils.atomic import atomic_write_text, atomic_write_with
 
-log = logging.getLogger("fortify.rift")
+log = logging.getLogger(__name__)
 
 VARIANTS = ("max", "first-projection")
 DEFENCES_PREFIX = "fortify_defenses"

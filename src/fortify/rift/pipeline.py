@@ -27,9 +27,10 @@ from fortify.config.schema import ExperimentConfig
 from fortify.data.base import DataSplits
 from fortify.errors import ConfigError, FortifyError
 from fortify.rift.finetune import FinetuneOptions
+from fortify.runs.rundir import Mode
 from fortify.utils.atomic import atomic_write_text
 
-log = logging.getLogger("fortify.rift")
+log = logging.getLogger(__name__)
 
 STEPS = ("mrc", "finetune", "interpolate", "evaluate")
 
@@ -286,7 +287,7 @@ class RiftRun:
         else:
             name, reason = self.choose(None)
         log.info("finetune: %s", reason)
-        mode = "new"
+        mode: Mode = "new"
         if d.is_dir() and any(d.iterdir()):
             last = d / "checkpoints" / "last.safetensors"
             changed = self.done("finetune")  # finished with other options: start over
@@ -425,9 +426,8 @@ def evaluate_models(
 
     Returns ``{"models": {name: {"std", "pgd10"?, "paper": table, "autoattack", "ood"}}, ...}``.
     """
-    from fortify.evaluate.core import evaluate
+    from fortify.evaluate import evaluate
 
-    _register_pgd10()
     ood_options = {"dataset": splits.name, "root": data_root, "classes": splits.classes}
 
     out: dict[str, Any] = {"eps": eps, "n_points": opts.n_points, "seed": seed, "models": {}}
@@ -465,18 +465,6 @@ def evaluate_models(
             res[f"points_{suite}"] = report.table_n().get("final", {})
         out["models"][name] = res
     return out
-
-
-def _pgd10_suite(ctx: Any) -> None:
-    """PGD-10 (L∞, step ε/4, random start): RiFT's robustness number"""
-    ctx.run_pgd("PGD-10", steps=10, step_size=ctx.eps / 4, random_start=True)
-
-
-def _register_pgd10() -> None:
-    from fortify.evaluate.core import _SUITES, register_suite
-
-    if "pgd10" not in _SUITES:
-        register_suite("pgd10", _pgd10_suite)
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:

@@ -45,7 +45,7 @@ from fortify.runs.jsonio import dumps
 from fortify.runs.rundir import CHECKPOINT_SUFFIX, RunDir, check_tag, utc_now
 from fortify.utils.atomic import atomic_path
 
-log = logging.getLogger("fortify.runs")
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 EXTRA_PREFIX = "extra::"
@@ -61,7 +61,7 @@ RESERVED_META_KEYS = (
 _SHOW = 8  # how many key names an error message lists
 
 
-def sidecar_path(path: str | os.PathLike) -> Path:
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
     """The JSON sidecar of weights file ``path``: same folder and stem, suffix ``.json``."""
     return Path(path).with_suffix(".json")
 
@@ -85,7 +85,7 @@ def package_versions() -> dict[str, str]:
     }
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of the file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -130,7 +130,7 @@ def _cpu_tensors(named: Mapping[str, Any], prefix: str = "") -> dict[str, torch.
 
 
 def save_checkpoint(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     model: nn.Module,
     meta: Mapping[str, Any],
     extra: Mapping[str, torch.Tensor] | None = None,
@@ -208,7 +208,7 @@ def save_checkpoint(
     return path
 
 
-def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The sidecar of weights file ``path`` as a dict (no hash verification)."""
     side = sidecar_path(path)
     if not side.is_file():
@@ -234,7 +234,7 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_checkpoint(
-    path: str | os.PathLike, verify: bool = True
+    path: str | os.PathLike[str], verify: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint without a model: ``(state_dict, extra, meta)``.
 
@@ -333,7 +333,7 @@ def apply_state(
 
 
 def load_checkpoint(
-    path: str | os.PathLike, model: nn.Module, strict: bool = True, verify: bool = True
+    path: str | os.PathLike[str], model: nn.Module, strict: bool = True, verify: bool = True
 ) -> dict[str, Any]:
     """Verify and load the weights at ``path`` into ``model``; return the sidecar meta.
 
@@ -350,7 +350,7 @@ def load_checkpoint(
     return meta
 
 
-def resolve_checkpoint(path_or_run_dir: str | os.PathLike | RunDir, tag: str = "best") -> Path:
+def resolve_checkpoint(path_or_run_dir: str | os.PathLike[str] | RunDir, tag: str = "best") -> Path:
     """Weights path from a file path, a run folder (``checkpoints/<tag>``) or a :class:`RunDir`."""
     try:
         check_tag(tag)
@@ -384,7 +384,7 @@ def resolve_checkpoint(path_or_run_dir: str | os.PathLike | RunDir, tag: str = "
 
 
 def load_model(
-    path_or_run_dir: str | os.PathLike | RunDir,
+    path_or_run_dir: str | os.PathLike[str] | RunDir,
     tag: str = "best",
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, dict[str, Any]]:

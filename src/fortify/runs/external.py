@@ -20,14 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from fortify.utils.shapes import as_chw
 from fortify.errors import CheckpointError
 
-log = logging.getLogger("fortify.runs.external")
+log = logging.getLogger(__name__)
 
 NORMALIZE_KEYS = ("normalize.mean", "normalize.std")
 
 
-def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_weights_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a ``.pth``/``.pt`` (never arbitrary unpickling)."""
     from fortify.importers._release import read_release_state_dict
 
@@ -47,7 +48,7 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     )
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> list[str]:
     """Load the weights file ``path`` into ``model`` (strict); return the key changes applied."""
     from fortify.importers._release import match_state_dict
     from fortify.runs.checkpoint import apply_state
@@ -67,7 +68,7 @@ def load_source_model(
     *,
     num_classes: int,
     image_shape: Sequence[int],
-    weights: str | os.PathLike | None = None,
+    weights: str | os.PathLike[str] | None = None,
     kwargs: Mapping[str, Any] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -97,7 +98,7 @@ def load_source_model(
             },
         },
     )
-    shape = tuple(int(v) for v in image_shape)
+    shape = as_chw(image_shape)
     model = build_model(cfg.model, [], num_classes, shape, load_weights=weights is None)
     changes: list[str] = []
     if weights is not None:

@@ -62,7 +62,7 @@ def dumps(value: Any, where: str = "value", indent: int | None = 2) -> str:
     return text + "\n" if indent is not None else text
 
 
-def write_json_atomic(path: str | os.PathLike, value: Any, indent: int = 2) -> Path:
+def write_json_atomic(path: str | os.PathLike[str], value: Any, indent: int = 2) -> Path:
     """Atomically write ``value`` as JSON to ``path`` (see :func:`to_jsonable`); return path."""
     path = Path(path)
     atomic_write_text(path, dumps(value, path.name, indent))

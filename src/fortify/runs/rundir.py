@@ -46,7 +46,7 @@ from fortify.errors import RunDirError
 from fortify.runs.jsonio import dumps, write_json_atomic
 from fortify.utils.atomic import atomic_write_text, check_writable_dir
 
-log = logging.getLogger("fortify.runs")
+log = logging.getLogger(__name__)
 
 MODES = ("new", "resume", "overwrite")
 STATES = ("running", "finished", "failed")
@@ -303,7 +303,7 @@ class RunLock:
         with _GUARD:
             key, self.key = self.key, None
             held = _HELD.get(key) if key is not None else None
-            if held is None or held.pid != os.getpid():
+            if key is None or held is None or held.pid != os.getpid():
                 return
             held.count -= 1
             if held.count > 0:
@@ -324,7 +324,7 @@ class RunDir:
     as a context manager (``with RunDir.open(...) as run:``) to release it promptly.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self._lock: RunLock | None = None
 
@@ -351,7 +351,7 @@ class RunDir:
         return self._lock is not None and self._lock.held
 
     @classmethod
-    def lock(cls, path: str | os.PathLike) -> RunDir:
+    def lock(cls, path: str | os.PathLike[str]) -> RunDir:
         """Lock the existing run folder ``path`` for writing into it (e.g. reports) without
         opening it as a run; release with :meth:`close`. Raises :class:`RunDirError` when
         another process holds it."""
@@ -363,7 +363,7 @@ class RunDir:
     @classmethod
     def open(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         mode: Mode = "new",
         config: Mapping[str, Any] | Any | None = None,
     ) -> RunDir:
@@ -387,7 +387,7 @@ class RunDir:
             return cls._open_locked(path, mode, new_cfg)
 
     @classmethod
-    def _open_locked(cls, path: Path, mode: str, new_cfg: dict[str, Any] | None) -> RunDir:
+    def _open_locked(cls, path: Path, mode: Mode, new_cfg: dict[str, Any] | None) -> RunDir:
         cls.check_can_open(path, mode)  # refuse before creating anything (even a lock file)
         cls._make_writable_dir(path)
         lock = RunLock(path).acquire()
@@ -430,7 +430,7 @@ class RunDir:
             ) from exc
 
     @classmethod
-    def check_can_open(cls, path: str | os.PathLike, mode: Mode = "new") -> None:
+    def check_can_open(cls, path: str | os.PathLike[str], mode: Mode = "new") -> None:
         """Raise the :class:`RunDirError` that :meth:`open` would raise for ``path`` in ``mode``
         because of the folder's contents, without creating anything. Commands call it before
         long work (loading data, building models) so that a refused folder fails at once."""

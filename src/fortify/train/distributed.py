@@ -19,7 +19,7 @@ from torch import nn
 from fortify.errors import ConfigError
 from fortify.utils.runtime import env_int, resolve_device
 
-log = logging.getLogger("fortify.train")
+log = logging.getLogger(__name__)
 
 
 @dataclass

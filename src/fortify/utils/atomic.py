@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed over ``path``.
 
     On any exception the temporary file is removed and ``path`` is left untouched.
@@ -47,24 +47,24 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Atomically replace ``path`` with ``data``."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Atomically replace ``path`` with ``text`` (UTF-8)."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
+def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:
     """Atomically replace ``path`` with whatever ``writer(tmp_path)`` writes to ``tmp_path``."""
     with atomic_path(path) as tmp:
         writer(tmp)
 
 
-def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+def check_writable_dir(path: str | os.PathLike[str], what: str = "output folder") -> Path:
     """Check, without creating anything, that ``path`` is or can become a writable folder.
 
     Expensive commands call it before they compute, so a bad ``--out`` fails at once instead

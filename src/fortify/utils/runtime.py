@@ -13,7 +13,7 @@ import torch
 
 from fortify.errors import ConfigError
 
-log = logging.getLogger("fortify")
+log = logging.getLogger(__name__)
 
 DEVICES = "auto | cpu | cuda | cuda:N | mps"
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

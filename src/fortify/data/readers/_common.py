@@ -16,7 +16,7 @@ from fortify.data.base import ImageSet
 from fortify.data.cache import CacheDirOption, cached_imagesets
 from fortify.errors import DataError
 
-log = logging.getLogger("fortify.data.readers")
+log = logging.getLogger(__name__)
 
 DATA_ENV = "FORTIFY_DATA"
 # Bump when _decode's output for the same file and settings changes (invalidates caches).
@@ -36,7 +36,7 @@ IMAGE_EXTENSIONS = (
 )
 
 
-def base_roots(root: str | os.PathLike | None) -> list[Path]:
+def base_roots(root: str | os.PathLike[str] | None) -> list[Path]:
     """The base directories searched for a dataset.
 
     ``root`` when given; otherwise ``$FORTIFY_DATA`` (if set) and ``./data``.
@@ -50,13 +50,13 @@ def base_roots(root: str | os.PathLike | None) -> list[Path]:
     return roots
 
 
-def download_root(root: str | os.PathLike | None) -> Path:
+def download_root(root: str | os.PathLike[str] | None) -> Path:
     """Where downloads go: ``root``, else ``$FORTIFY_DATA``, else ``./data``."""
     return base_roots(root)[0]
 
 
 def candidate_dirs(
-    root: str | os.PathLike | None, subdirs: Sequence[str] = (), extra: Iterable[str] = ()
+    root: str | os.PathLike[str] | None, subdirs: Sequence[str] = (), extra: Iterable[str] = ()
 ) -> list[Path]:
     """``base`` and ``base/<sub>`` for every base root, then ``extra`` (system locations)."""
     out: list[Path] = []
@@ -64,8 +64,7 @@ def candidate_dirs(
         out.append(base)
         out.extend(base / s for s in subdirs)
     out.extend(Path(e) for e in extra)
-    seen: set[Path] = set()
-    return [d for d in out if not (d in seen or seen.add(d))]
+    return list(dict.fromkeys(out))  # first occurrence of each folder, in order
 
 
 def missing(dataset: str, looked: Sequence[Path], need: str, how: str) -> DataError:
@@ -113,7 +112,7 @@ def _decode(path: Path, image_size: int | None, mode: str) -> np.ndarray:
                 w, h = im.size
                 s = image_size / min(w, h)
                 nw, nh = max(image_size, round(w * s)), max(image_size, round(h * s))
-                im = im.resize((nw, nh), Image.BILINEAR)
+                im = im.resize((nw, nh), Image.Resampling.BILINEAR)
                 left, top = (nw - image_size) // 2, (nh - image_size) // 2
                 im = im.crop((left, top, left + image_size, top + image_size))
             arr = np.asarray(im, dtype=np.uint8)
@@ -147,7 +146,7 @@ def load_images(
         arrays = list(pool.map(lambda p: _decode(p, image_size, mode), paths))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        examples = {}
+        examples: dict[tuple[int, ...], Path] = {}
         for p, a in zip(paths, arrays):
             examples.setdefault(a.shape[:2], p)
         listing = ", ".join(f"{p.name}: {s[1]}x{s[0]}" for s, p in list(examples.items())[:4])
@@ -257,7 +256,7 @@ def reshape_set(
     out = images.images
     if image_size is not None and tuple(out.shape[-2:]) != (image_size, image_size):
         parts = []
-        for chunk in out.split(4096):
+        for chunk in torch.split(out, 4096):
             r = torch.nn.functional.interpolate(
                 chunk.float(), size=(image_size, image_size), mode="bilinear", antialias=True
             )

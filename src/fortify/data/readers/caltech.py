@@ -27,7 +27,7 @@ from fortify.data.readers._common import (
 from fortify.data.registry import ReaderResult, register_reader
 from fortify.errors import DataError
 
-log = logging.getLogger("fortify.data.readers.caltech")
+log = logging.getLogger(__name__)
 
 SPLIT_SEED = 20240101  # fixed: the test split never changes with any experiment seed
 READER_VERSION = 1  # bump when the output for the same files changes (invalidates caches)

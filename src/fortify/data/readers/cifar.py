@@ -19,7 +19,7 @@ from fortify.data.readers._common import candidate_dirs, download_root, missing
 from fortify.data.registry import ReaderResult, register_reader
 from fortify.errors import DataError
 
-log = logging.getLogger("fortify.data.readers.cifar")
+log = logging.getLogger(__name__)
 
 CIFAR10_CLASSES = [
     "airplane",

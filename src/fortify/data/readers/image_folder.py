@@ -18,7 +18,7 @@ from fortify.data.readers._common import (
 from fortify.data.registry import ReaderResult, register_reader
 from fortify.errors import DataError
 
-log = logging.getLogger("fortify.data.readers.image_folder")
+log = logging.getLogger(__name__)
 
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 READER_VERSION = 1  # bump when the output for the same files changes (invalidates caches)

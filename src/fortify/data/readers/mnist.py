@@ -7,6 +7,7 @@ import logging
 import os
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,10 +23,10 @@ from fortify.data.readers._common import (
 from fortify.data.registry import ReaderResult, register_reader
 from fortify.errors import DataError
 
-log = logging.getLogger("fortify.data.readers.mnist")
+log = logging.getLogger(__name__)
 
 # IDX type codes -> numpy dtype (big-endian).
-_IDX_TYPES = {
+_IDX_TYPES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
@@ -56,7 +57,7 @@ FASHION_CLASSES = [
 DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Parse one IDX file (``.gz`` is decompressed) into a numpy array of its declared shape.
 
     Format: two zero bytes, a type code (0x08 = uint8, ...), the number of dimensions ``d``,

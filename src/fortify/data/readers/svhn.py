@@ -13,7 +13,7 @@ from fortify.data.readers._common import candidate_dirs, download_root, missing,
 from fortify.data.registry import ReaderResult, register_reader
 from fortify.errors import DataError
 
-log = logging.getLogger("fortify.data.readers.svhn")
+log = logging.getLogger(__name__)
 
 FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 

@@ -21,7 +21,7 @@ from fortify.data.readers._common import (
 from fortify.data.registry import ReaderResult, register_reader
 from fortify.errors import DataError
 
-log = logging.getLogger("fortify.data.readers.tiny_imagenet")
+log = logging.getLogger(__name__)
 
 FOLDER = "tiny-imagenet-200"
 CLASS_ORDERS = ("wnids", "sorted")

@@ -1,12 +1,11 @@
-"""Training objectives behind a registry: ``standard``, ``at``, ``trades``, ``mart`` (+ ``fpd``).
+"""Training objectives behind a registry: ``standard``, ``at``, ``trades``, ``mart``, ``fpd``.
 
 ``get_objective(name, train_cfg)`` returns an :class:`Objective`; new methods subclass it and
 register with ``@register_objective("name")``. See ``docs/training.md`` and ``docs/objectives``.
 """
 
-import importlib
-
 from fortify.train.objectives.base import (
+    OBJECTIVES,
     Metrics,
     NonFiniteLossError,
     Objective,
@@ -22,17 +21,12 @@ from fortify.train.objectives.base import (
 )
 
 # Importing the modules registers their objectives.
-from fortify.train.objectives import at, mart, standard, trades  # noqa: E402,F401  isort: skip
-
-try:  # written by the FPD engineer against this interface
-    importlib.import_module("fortify.train.objectives.fpd")
-except ModuleNotFoundError as _exc:  # pragma: no cover - until fpd.py lands
-    if _exc.name != "fortify.train.objectives.fpd":
-        raise
+from fortify.train.objectives import at, fpd, mart, standard, trades  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Metrics",
     "NonFiniteLossError",
+    "OBJECTIVES",
     "Objective",
     "StepContext",
     "accuracy",

@@ -19,7 +19,8 @@ from torch import nn
 
 from fortify.config.schema import TrainConfig
 from fortify.defenses.contract import AuxContext, capture_aux, provide_labels
-from fortify.errors import ConfigError, FortifyError, unknown_name
+from fortify.errors import ConfigError, FortifyError
+from fortify.registry import Registry
 
 Metrics = dict[str, torch.Tensor | float]
 
@@ -336,17 +337,16 @@ class Objective:
 
 
 ObjectiveFactory = Callable[[TrainConfig], Objective]
-_OBJECTIVES: dict[str, ObjectiveFactory] = {}
+#: Every objective; the modules of :mod:`fortify.train.objectives` register at import.
+OBJECTIVES: Registry[ObjectiveFactory] = Registry("objective")
 
 
 def register_objective(name: str) -> Callable[[ObjectiveFactory], ObjectiveFactory]:
     """Class decorator registering an :class:`Objective` subclass (or factory) as ``name``."""
 
     def deco(factory: ObjectiveFactory) -> ObjectiveFactory:
-        if name in _OBJECTIVES and _OBJECTIVES[name] is not factory:
-            raise ValueError(f"objective {name!r} registered twice")
-        _OBJECTIVES[name] = factory
-        if isinstance(factory, type):
+        OBJECTIVES.register(name, factory)
+        if isinstance(factory, type) and issubclass(factory, Objective):
             factory.name = name
         return factory
 
@@ -355,17 +355,9 @@ def register_objective(name: str) -> Callable[[ObjectiveFactory], ObjectiveFacto
 
 def available_objectives() -> list[str]:
     """Names of every registered objective."""
-    _ensure_loaded()
-    return sorted(_OBJECTIVES)
+    return OBJECTIVES.available()
 
 
 def get_objective(name: str, cfg: TrainConfig | None = None) -> Objective:
     """Instantiate objective ``name`` for ``cfg`` (default TrainConfig); unknown names raise."""
-    _ensure_loaded()
-    if name not in _OBJECTIVES:
-        raise unknown_name("objective", name, _OBJECTIVES)
-    return _OBJECTIVES[name](cfg if cfg is not None else TrainConfig())
-
-
-def _ensure_loaded() -> None:
-    import fortify.train.objectives  # noqa: F401  (registers the built-in objectives)
+    return OBJECTIVES.get(name)(cfg if cfg is not None else TrainConfig())

@@ -45,7 +45,7 @@ from fortify.train.objectives.base import (
     register_objective,
 )
 
-log = logging.getLogger("fortify.train.fpd")
+log = logging.getLogger(__name__)
 
 _OPTIONS = {
     "threshold": 3.0,
