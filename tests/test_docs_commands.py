@@ -3,50 +3,33 @@
 Each command line is parsed by the real ``fortify`` parser (subcommands, flags, choices), and a
 ``fortify train`` line's preset and overrides are loaded as the command would load them (files
 exist, fields and types are valid). Python blocks must compile. Running every command at the
-docs' sizes would take hours on a CPU, so this test checks what can be checked in seconds.
+docs' sizes would take hours on a CPU, so this test checks in seconds what can be checked;
+tests/test_docs_run.py runs them (with the tiny sizes the pages name).
 """
 
 from __future__ import annotations
 
-import re
 import shlex
-from pathlib import Path
 
 import pytest
+from docs_blocks import ROOT, blocks
 
 from fortify.cli.main import build_parser
-
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
-
-
-def _blocks() -> list[tuple[str, str, str]]:
-    out = []
-    for path in DOCS:
-        for m in FENCE.finditer(path.read_text()):
-            out.append((str(path.relative_to(ROOT)), m[1], m[2]))
-    return out
 
 
 def _commands() -> list[tuple[str, str]]:
     found = []
-    for where, lang, body in _blocks():
-        if lang == "python":
+    for block in blocks():
+        if block.lang == "python":
             continue
-        body = body.replace("\\\n", " ")
-        for line in body.splitlines():
-            line = line.strip()
-            if line.startswith("$ "):
-                line = line[2:]
-            if not line.startswith("fortify ") or "..." in line:
-                continue
-            found.append((where, line))
+        for line in block.commands():
+            if line.startswith("fortify ") and "..." not in line:
+                found.append((block.where, line))
     return found
 
 
 COMMANDS = _commands()
-PYTHON = [(w, b) for w, lang, b in _blocks() if lang == "python"]
+PYTHON = [(b.where, b.body) for b in blocks() if b.lang == "python"]
 
 
 def test_the_docs_have_commands_and_snippets() -> None:

@@ -217,7 +217,8 @@ def _evaluate(
     from fortify.data import load_from_config
     from fortify.errors import ConfigError
     from fortify.evaluate import eps_curve, evaluate, plot_eps_curve
-    from fortify.evaluate.plot import default_eps_values
+    from fortify.evaluate.estimate import log_suite_estimate
+    from fortify.evaluate.plot import default_eps_values, model_label
     from fortify.runs import load_model
 
     device = info.device
@@ -247,7 +248,19 @@ def _evaluate(
         suite_options["autoattack_scope"] = args.aa_scope
     if args.suite == "ood":  # lets the suite find a published corrupted set (CIFAR-10-C, ...)
         suite_options.update(
-            dataset=name, root=args.data_root or data_cfg.get("root"), classes=splits.classes
+            dataset=name,
+            root=args.data_root or data_cfg.get("root"),
+            classes=splits.classes,
+            label=args.target or args.model,
+        )
+    if info.is_main:
+        share = len(x) if shard is None else max(1, len(x) // shard.count)
+        log_suite_estimate(
+            model,
+            x[:share],
+            args.suite,
+            aa_points=args.aa_points,
+            check_points=0 if args.no_checks else 200,
         )
     report = evaluate(
         model,
@@ -296,12 +309,16 @@ def _evaluate(
             norm=args.norm,
             batch_size=args.batch_size,
         )
+        label = model_label(meta.get("config"), args.model or str(target.name))
+        if label != target.name and args.model is None:
+            label = f"{label} ({target.name})"
         png = plot_eps_curve(
-            {str(target.name): [(0.0, report.table()[report.modes[0]]["Natural"]), *curve]},
+            {label: [(0.0, report.table()[report.modes[0]]["Natural"]), *curve]},
             out_dir / "eps_curve.png",
             norm=args.norm,
             mark_eps=eps,
-            title=f"PGD-20 robust accuracy vs ε ({m} points)",
+            mark_label=f"evaluated ε = {eps:g}",
+            title=f"{name}, {m} {args.split} points: PGD-20 (CE, step ε/8) accuracy vs ε",
         )
         print(f"wrote {png}")
     return exit_status(report, allow_unreliable=args.allow_unreliable)

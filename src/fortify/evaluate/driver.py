@@ -35,6 +35,7 @@ from fortify.evaluate.validation import (
     check_labels_range,
     check_logits,
 )
+from fortify.utils.runtime import compute_record
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ def evaluate(
         "points_sha256": points_fingerprint(x, y),
         "model": type(model).__name__,
         "model_digest": model_digest(model),
-        "device": str(dev),
+        **compute_record(dev),  # device, precision (evaluation runs in fp32), thread counts
         "seconds": round(time.perf_counter() - t_start, 2),
         "versions": _versions(),
     }

@@ -270,6 +270,20 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _log_header(label: str, severities: Sequence[int], n: int | None) -> None:
+    log.info(
+        "OOD accuracy (%%) of %s, %s images per cell; one line per corruption, columns %s",
+        label,
+        n if n is not None else "all",
+        " ".join(f"s{s}" for s in severities),
+    )
+
+
+def _log_row(label: str, name: str, row: dict[int, float]) -> None:
+    cells = "  ".join(f"s{s} {a:5.1f}" for s, a in row.items())
+    log.info("OOD %s | %-18s | %s", label, name, cells)
+
+
 def generated_ood(
     model: nn.Module,
     x: torch.Tensor,
@@ -280,6 +294,7 @@ def generated_ood(
     seed: int = 0,
     batch_size: int = 256,
     progress: Callable[[str], None] | None = None,
+    label: str | None = None,
 ) -> OODResult:
     """Accuracy of ``model`` (eval mode) on generated corruptions of (x, y).
 
@@ -289,6 +304,7 @@ def generated_ood(
             that fit the channel count).
         seed: every (corruption, severity) cell uses generators seeded from ``seed`` and the
             batch index, so results are reproducible and severities share their noise draws.
+        label: the model's name in the log lines (default: its class name).
     """
     names = list(corruptions) if corruptions is not None else C.available(x.shape[1])
     for name in names:  # fail before any work, e.g. on "frost", which is not generated
@@ -303,6 +319,8 @@ def generated_ood(
     try:
         x, y = x.to(device), y.to(device)
         clean = _accuracy(model, x, y, batch_size)
+        label = label or type(model).__name__
+        _log_header(label, severities, len(x))
         for name in names:
             if progress is not None:
                 progress(name)
@@ -315,7 +333,7 @@ def generated_ood(
                         correct += int((model(xb).argmax(1) == y[i : i + batch_size]).sum())
                 row[s] = 100.0 * correct / max(len(x), 1)
             table[name] = row
-            log.info("OOD %-18s %s", name, " ".join(f"{a:.1f}" for a in row.values()))
+            _log_row(label, name, row)
     finally:
         model.train(was_training)
     return OODResult(table, f"generated corruptions (seed {seed})", len(x), clean)
@@ -332,6 +350,7 @@ def published_ood(
     classes: Sequence[str] | None = None,
     batch_size: int = 256,
     progress: Callable[[str], None] | None = None,
+    label: str | None = None,
 ) -> OODResult:
     """Accuracy of ``model`` on a published corrupted set at ``root``.
 
@@ -339,7 +358,10 @@ def published_ood(
         kind: ``"cifar-c"`` (CIFAR-10-C / CIFAR-100-C .npy files) or ``"tiny-imagenet-c"``.
         n_points: first images per severity (all when None).
         classes: Tiny-ImageNet class ids (wnids) in the model's label order.
+        label: the model's name in the log lines (default: its class name).
     """
+    label = label or type(model).__name__
+    _log_header(label, severities, n_points)
     if kind == "cifar-c":
         names = (
             list(corruptions)
@@ -379,7 +401,7 @@ def published_ood(
                 row[s] = _accuracy(model, x, y, batch_size)
                 count = len(iset)
             table[name] = row
-            log.info("OOD %-18s %s", name, " ".join(f"{a:.1f}" for a in row.values()))
+            _log_row(label, name, row)
     finally:
         model.train(was_training)
     return OODResult(table, str(root), count)
@@ -417,6 +439,7 @@ def evaluate_ood(
     seed: int = 0,
     batch_size: int = 256,
     n_points: int | None = None,
+    label: str | None = None,
 ) -> OODResult:
     """OOD accuracy: the published set for CIFAR-10/100 and Tiny-ImageNet when found on disk
     (``source="auto"`` or ``"published"``), otherwise generated corruptions of (x, y).
@@ -447,6 +470,7 @@ def evaluate_ood(
             n_points=n_points or len(x),
             classes=classes,
             batch_size=batch_size,
+            label=label,
         )
     if dataset in PUBLISHED:
         log.warning(
@@ -465,6 +489,7 @@ def evaluate_ood(
         severities=severities,
         seed=seed,
         batch_size=batch_size,
+        label=label,
     )
 
 
@@ -489,6 +514,7 @@ class OODOptions:
         corruptions: corruption names (None: the benchmark's / all that fit).
         severities: severities 1–5 to evaluate.
         n_points: images per corruption and severity (None: the evaluated points' count).
+        label: the model's name in the log lines (e.g. the run directory; None: class name).
     """
 
     dataset: str | None = None
@@ -498,6 +524,7 @@ class OODOptions:
     corruptions: Sequence[str] | None = None
     severities: Sequence[int] = SEVERITIES
     n_points: int | None = None
+    label: str | None = None
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on a bad source, severity or point count."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,23 @@ def eps_curve(
     return out
 
 
+_OBJECTIVE_LABELS = {"at": "AT", "trades": "TRADES", "mart": "MART", "fpd": "FPD"}
+
+
+def model_label(config: Mapping[str, Any] | None, fallback: str) -> str:
+    """A plot label from a run's config: objective and defences (``"AT+FSR"``,
+    ``"TRADES+CAS"``, ``"standard"``), or ``fallback`` (e.g. the folder name) without one."""
+    if not config or not config.get("train"):
+        return fallback
+    objective = str(config["train"].get("objective", ""))
+    parts = [_OBJECTIVE_LABELS.get(objective, objective)] if objective else []
+    for d in config.get("defenses") or []:
+        kind = str(d.get("kind", "")).upper()
+        if kind and kind not in parts:
+            parts.append(kind)
+    return "+".join(parts) or fallback
+
+
 def plot_eps_curve(
     curves: Mapping[str, Sequence[tuple[float, float]]],
     path: str | Path,
@@ -108,9 +126,9 @@ def plot_eps_curve(
     ax.set_ylabel("robust accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
+    ax.legend(fontsize="small")
+    if title:  # wrapped: a long title would be clipped at the figure's edges
+        ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
     return save_png(fig, path)
 
 

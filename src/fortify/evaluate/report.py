@@ -364,6 +364,8 @@ class EvalReport:
             )
         if notes:
             lines += ["", *notes]
+        if self.extras.get("ood_markdown"):  # corruptions × severities, labelled
+            lines += ["", "### OOD (common corruptions)", "", self.extras["ood_markdown"]]
         lines += ["", "### Checks", ""]
         if not self.checks:
             lines.append("- (checks disabled)")

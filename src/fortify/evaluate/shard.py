@@ -52,7 +52,7 @@ MUST_MATCH = (
     "points_sha256",
 )
 # Settings that legitimately differ between slices (not compared, taken from slice 0).
-PER_SLICE = ("shard", "seconds", "device", "versions")
+PER_SLICE = ("shard", "seconds", "device", "versions", "num_threads", "num_interop_threads")
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,16 @@ blocks and prints the wall time of the whole command."""
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fortify.replicate import fsr_table1 as t1
 from fortify.replicate.common import SeedGrid
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- estimate
 
@@ -33,6 +35,7 @@ def estimate(args: argparse.Namespace, rows: list[str], n_seeds: int) -> int:
 
     import torch
 
+    from fortify.evaluate.estimate import suite_seconds, unit_costs
     from fortify.train import fit
 
     probe = 1024
@@ -48,23 +51,19 @@ def estimate(args: argparse.Namespace, rows: list[str], n_seeds: int) -> int:
             rec = res.history[-1]
             per_img[row] = float(rec["time/train"]) / probe
             val_s = max(val_s, float(rec.get("time/val", 0.0)))
-    model = res.model.eval()
-    x = torch.rand(256, 1, 28, 28)
-    c_grad, c_fwd = [], []
-    for _ in range(4):
-        xg = x.clone().requires_grad_(True)
-        t0 = time.perf_counter()
-        (g,) = torch.autograd.grad(model(xg).logsumexp(1).sum(), xg)
-        c_grad.append((time.perf_counter() - t0) / 256)
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            model(x)
-            c_fwd.append((time.perf_counter() - t0) / 256)
-    cg, cf = min(c_grad[1:]), min(c_fwd[1:])
-    r = args.assume_robust
-    t_paper = args.test_points * 151 * cg
-    t_checks = 0.0 if args.no_checks else min(200, args.test_points) * (120 * cg + 1000 * cf)
-    t_aa = args.aa_points * 0.9 * (100 * cg + r * (900 * cg + 1350 * cg + 5000 * cf))
+    costs = unit_costs(res.model.eval(), torch.rand(256, 1, 28, 28))
+    cg, cf, r = costs.grad_s, costs.forward_s, args.assume_robust
+    parts = suite_seconds(
+        costs,
+        "full",
+        args.test_points,
+        aa_points=args.aa_points,
+        check_points=0 if args.no_checks else 200,
+        assume_robust=r,
+    )
+    assert parts is not None
+    t_paper, t_checks = parts["paper"], parts.get("checks", 0.0)
+    t_aa = parts["autoattack"]
     total = 0.0
     lines = []
     for row in rows:
@@ -93,6 +92,47 @@ def estimate(args: argparse.Namespace, rows: list[str], n_seeds: int) -> int:
         f"{n_seeds} seed(s) (one process; split --rows over processes to divide the wall time)"
     )
     return 0
+
+
+def log_grid_estimate(
+    args: argparse.Namespace, rows: list[str], seeds: list[int], splits: Any
+) -> float:
+    """Log a rough duration of the whole grid before it starts: training costs about
+    ``attack_steps + 2`` input gradients per image and epoch (the attack, then the update's
+    forward/backward), evaluation as :func:`fortify.evaluate.estimate.suite_seconds`; both from
+    one timed batch of the first row's untrained model. ``--estimate`` measures a real epoch."""
+    import torch
+
+    from fortify.evaluate.estimate import minutes, suite_seconds, unit_costs
+    from fortify.factory import build_model
+
+    cfg = t1.row_config(rows[0], args, seeds[0])
+    model = build_model(cfg.model, cfg.defenses, splits.num_classes, splits.image_shape).eval()
+    x, _ = splits.test.head(min(64, args.test_points)).floats()
+    costs = unit_costs(model, x)
+    train_s = args.epochs * (args.train_subset + args.val_points) * (args.attack_steps + 2)
+    train_s *= costs.grad_s
+    parts = suite_seconds(
+        costs,
+        "full" if args.aa_points else "paper",
+        args.test_points,
+        aa_points=args.aa_points,
+        check_points=0 if args.no_checks else 200,
+    )
+    eval_s = sum((parts or {}).values())
+    total = (train_s + eval_s) * len(rows) * len(seeds)
+    log.info(
+        "estimated time: %s for %d row(s) × %d seed(s) (per job: training %s, evaluation %s; "
+        "rough, from one timed batch at %d threads; jobs already finished are reused; "
+        "--estimate measures a real epoch)",
+        minutes(total),
+        len(rows),
+        len(seeds),
+        minutes(train_s),
+        minutes(eval_s),
+        torch.get_num_threads(),
+    )
+    return total
 
 
 # --------------------------------------------------------------------------- report

@@ -392,6 +392,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # every row and seed trains on the same data: load it once (test split whole)
     splits = load_from_config(row_config(rows[0], args, seeds[0]).data)
+    from fortify.replicate._fsr_table1_page import log_grid_estimate
+
+    log_grid_estimate(args, rows, seeds, splits)
     command = _command(args)
     t_start = time.perf_counter()
     grid = SeedGrid(labels=dict(LABELS))

@@ -304,16 +304,16 @@ def plot_mrc(report: MRCReport, path: str | Path, chosen: str | None = None) -> 
     attack = f"PGD-{report.extra.get('attack_steps', 10)}"
     if attack_eps is not None:
         attack += f" L∞ ε={float(attack_eps):.3g}"
-    ax.set_title(
-        f"Module robust criticality — {attack} set, n={report.n_points} "
-        f"(weight radius {report.eps:g}·‖W‖, {report.passes} passes, lr {report.lr:g}, "
-        f"{report.variant})",
+    ax.set_title(  # two lines: one would be clipped at the figure's edges
+        f"Module robust criticality — {attack} set, n={report.n_points}\n"
+        f"weight radius {report.eps:g}·‖W‖, {report.passes} passes, lr {report.lr:g}, "
+        f"{report.variant}",
         fontsize=9,
     )
     fig.tight_layout()
 
-    def write(tmp: Path) -> None:
-        fig.savefig(tmp, format="png", dpi=120)
+    def write(tmp: Path) -> None:  # bbox "tight": long module names stay whole
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
     try:
         atomic_write_with(path, write)

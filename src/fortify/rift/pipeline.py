@@ -450,7 +450,7 @@ def evaluate_models(
                 batch_size=opts.batch_size,
                 seed=seed,
                 checks=opts.checks and suite != "ood",
-                suite_options=ood_options if suite == "ood" else None,
+                suite_options={**ood_options, "label": name} if suite == "ood" else None,
             )
             if out_dir is not None:
                 report.save(out_dir, stem=f"{name.lower()}-{suite}")

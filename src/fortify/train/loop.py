@@ -50,6 +50,7 @@ from fortify.train.resume import (
 )
 from fortify.train.state import capture_rng, prune_states, save_state
 from fortify.train.validate import validate
+from fortify.utils.runtime import compute_record
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +103,18 @@ def _progress(iterable: Any, enabled: bool, desc: str, total: int) -> Any:
 class _Checkpointer:
     """Rank-0 writer of ``last``/``best`` checkpoints, training state and metrics."""
 
-    def __init__(self, run: RunDir, cfg: ExperimentConfig, splits: DataSplits, world_size: int):
+    def __init__(
+        self,
+        run: RunDir,
+        cfg: ExperimentConfig,
+        splits: DataSplits,
+        world_size: int,
+        device: str | torch.device = "cpu",
+    ):
         self.run = run
         self.cfg = cfg
         self.base_meta = {
+            "compute": compute_record(device, cfg.train.precision),
             "config": to_dict(cfg),
             "num_classes": splits.num_classes,
             "image_shape": list(splits.image_shape),
@@ -251,7 +260,7 @@ def _open_run_dir(t: _Training) -> None:
     if info.is_main:
         try:
             t.run = _open_run(run_dir, t.mode, t.cfg, t.force)
-            t.ckpt = _Checkpointer(t.run, t.cfg, t.built.splits, info.world_size)
+            t.ckpt = _Checkpointer(t.run, t.cfg, t.built.splits, info.world_size, info.device)
             paths = (str(t.ckpt.last), str(t.ckpt.best))
         except FortifyError as exc:
             err = f"{type(exc).__name__}: {exc}"
@@ -405,7 +414,7 @@ def _checkpoint(
     t.run.log_metrics(record)
     if writer is not None:
         for k, v in record.items():
-            if isinstance(v, (int, float)) and k not in ("epoch", "world_size"):
+            if isinstance(v, (int, float)) and k not in ("epoch", "world_size", "threads"):
                 writer.add_scalar(k, v, epoch)
         writer.flush()  # a killed run keeps the curves of its checkpointed epochs
 
@@ -464,6 +473,7 @@ def _train_epoch(t: _Training, ctx: StepContext, epoch: int) -> dict[str, Any]:
         record[f"train/{k}"] = float(v) / max(total, 1.0)
     record["train/samples"] = int(total)
     record["world_size"] = info.world_size  # a resume may use another number of processes
+    record["threads"] = torch.get_num_threads()  # CPU results depend on it (reduction order)
     record["time/train"] = elapsed
     record["time/train_cpu"] = cpu  # this process's CPU seconds (all its threads)
     record["train/images_per_s"] = total / max(elapsed, 1e-9)

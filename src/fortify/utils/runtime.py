@@ -125,3 +125,18 @@ def configure_threads() -> None:
     n = env_int("FORTIFY_THREADS", 0, minimum=1)
     if n:
         torch.set_num_threads(n)
+
+
+def compute_record(device: str | torch.device, precision: str = "fp32") -> dict[str, Any]:
+    """Where a result was computed, for run records and report settings: ``device``,
+    ``precision`` (``fp32`` | ``bf16`` | ``fp16``) and the CPU thread counts.
+
+    On a CPU the intra-op thread count changes the order of floating-point reductions, so the
+    same seed and config can give different numbers at a different ``num_threads``.
+    """
+    return {
+        "device": str(device),
+        "precision": precision,
+        "num_threads": torch.get_num_threads(),
+        "num_interop_threads": torch.get_num_interop_threads(),
+    }
