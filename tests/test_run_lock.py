@@ -3,6 +3,7 @@ a full disk included — surface as RunDirError with the previous 'last' checkpo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -19,7 +20,8 @@ import torch
 from fortify.config import ExperimentConfig, load_config
 from fortify.errors import RunDirError
 from fortify.runs import RunDir, load_checkpoint, read_sidecar
-from fortify.runs.rundir import LOCK_NAME
+from fortify.runs import lock as lock_module
+from fortify.runs.lock import LOCK_NAME
 from fortify.train import fit
 from fortify.train.state import load_state
 
@@ -156,7 +158,10 @@ time.sleep(60)
 """
 
 
-def test_a_held_run_is_refused_naming_the_holder(tmp_path: Path) -> None:
+def test_a_held_run_is_refused_naming_the_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lock_module, "STALE_GRACE_S", 0.5)  # the inheriting child never exits
     run = tmp_path / "run"
     RunDir.open(run, config={"v": 1}).close()
     holder = _python(HOLD, str(run))
@@ -205,6 +210,40 @@ def test_a_stale_lock_file_of_a_dead_process_is_taken_over(
     assert json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()
     reopened.close()
     assert (run / LOCK_NAME).read_text() == ""  # released cleanly: nothing stale left
+
+
+# The holder takes the lock, forks a child that keeps the lock file open for a moment, and dies
+# by SIGKILL: the state right after `kill -9` of a run whose forked workers are still exiting.
+KILLED_WITH_A_LINGERING_CHILD = """
+    import os, signal, sys, time
+    from fortify.runs import RunDir
+    run = RunDir.open(sys.argv[1], mode="resume")
+    if os.fork() == 0:
+        time.sleep(1.5)
+        os._exit(0)
+    print("HELD", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_holder_whose_child_is_still_exiting_is_waited_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    RunDir.open(run, config={"v": 1}).close()
+    holder = _python(KILLED_WITH_A_LINGERING_CHILD, str(run))
+    assert holder.stdout.readline().strip() == "HELD"
+    holder.wait()
+    fd = os.open(run / LOCK_NAME, os.O_RDONLY)
+    try:  # the child still holds the lock file open, hence the lock
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+    with caplog.at_level(logging.WARNING, logger="fortify.runs"):
+        reopened = RunDir.open(run, mode="resume")  # waits for the child, then takes over
+    assert "stale lock" in caplog.text and str(holder.pid) in caplog.text
+    reopened.close()
 
 
 def test_threads_of_one_process_cannot_both_start_a_run(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -89,6 +91,38 @@ def _kill_tree(proc: subprocess.Popen) -> None:
         time.sleep(0.01)
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (from /proc)."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes() and _alive(int(cmdline.parent.name)):
+                out.append(int(cmdline.parent.name))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _wait_until_unlocked(run_dir: Path) -> None:
+    """Kill whatever still runs on ``run_dir`` and wait until its lock file is free: a resume
+    that follows must find the run as a killed job leaves it, not one still being written."""
+    deadline = time.monotonic() + 60
+    while True:
+        fd = os.open(run_dir / ".fortify.lock", os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            left = _processes_mentioning(str(run_dir))
+            assert time.monotonic() < deadline, f"{run_dir} still locked; live writers: {left}"
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        finally:
+            os.close(fd)
+
+
 def _kill_after_first_epoch(cmd: list[str], run_dir: Path) -> None:
     """Run ``cmd`` in its own session and SIGKILL it as soon as epoch 1 is in the metrics."""
     proc = subprocess.Popen(
@@ -103,6 +137,7 @@ def _kill_after_first_epoch(cmd: list[str], run_dir: Path) -> None:
     finally:
         _kill_tree(proc)
         proc.stderr.close()
+    _wait_until_unlocked(run_dir)
 
 
 def _last_epoch(run_dir: Path) -> int:

@@ -23,7 +23,8 @@ from fortify.runs.checkpoint import (
     sidecar_path,
 )
 from fortify.runs.jsonio import to_jsonable, write_json_atomic, write_text_atomic
-from fortify.runs.rundir import MODES, STATES, RunDir, utc_now
+from fortify.runs.rundir import MODES, STATES, RunDir
+from fortify.utils.clock import utc_now
 
 __all__ = [
     "EXTRA_PREFIX",

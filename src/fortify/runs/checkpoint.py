@@ -42,7 +42,8 @@ from torch import nn
 import fortify
 from fortify.errors import CheckpointError, FortifyError, RunDirError
 from fortify.runs.jsonio import dumps
-from fortify.runs.rundir import CHECKPOINT_SUFFIX, RunDir, check_tag, utc_now
+from fortify.runs.rundir import CHECKPOINT_SUFFIX, RunDir, check_tag
+from fortify.utils.clock import utc_now
 from fortify.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fortify.utils.shapes import as_chw
 from fortify.errors import CheckpointError
+from fortify.utils.shapes import as_chw
 
 log = logging.getLogger(__name__)
 

@@ -18,25 +18,20 @@ Locking: :meth:`RunDir.open` takes an exclusive advisory lock (``fcntl.flock`` o
 :meth:`RunDir.close` (or the process ends: the kernel releases it even after SIGKILL). A second
 writer — another ``fortify train``/``--resume``, an import, an evaluation writing into the run —
 gets a :class:`RunDirError` naming the holder instead of interleaving its writes. A lock file
-left by a process that died is detected (its pid no longer runs), logged, and taken over.
+left by a process that died is detected (its pid no longer runs), logged, and taken over (see
+:mod:`fortify.runs.lock`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import os
 import re
-import socket
-import sys
 import tempfile
-import threading
-import time
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +39,9 @@ import yaml
 
 from fortify.errors import RunDirError
 from fortify.runs.jsonio import dumps, write_json_atomic
+from fortify.runs.lock import GUARD, LOCK_NAME, RunLock
 from fortify.utils.atomic import atomic_write_text, check_writable_dir
+from fortify.utils.clock import utc_now, utc_stamp
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +50,9 @@ STATES = ("running", "finished", "failed")
 RUN_MARKERS = ("config.yaml", "status.json", "metrics.jsonl", "checkpoints")
 CHECKPOINT_SUFFIX = ".safetensors"
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-LOCK_NAME = ".fortify.lock"
 
 Mode = Literal["new", "resume", "overwrite"]
 State = Literal["running", "finished", "failed"]
-
-
-def utc_now() -> str:
-    """The current UTC time as ISO-8601 with seconds, e.g. ``2026-11-22T00:07:01Z``."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _utc_stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
 def _read_state(path: Path) -> str | None:
@@ -130,191 +117,6 @@ def check_tag(tag: object) -> str:
             "no path separators"
         )
     return tag
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def _lock_info(fd: int) -> dict[str, Any]:
-    try:
-        raw = os.pread(fd, 4096, 0)
-        info = json.loads(raw.decode("utf-8")) if raw.strip() else {}
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-class _Held:
-    """A lock this process holds: its file descriptor and how many :class:`RunLock` share it."""
-
-    def __init__(self, fd: int, pid: int):
-        self.fd, self.pid, self.count = fd, pid, 1
-
-
-# (st_dev, st_ino) of a run directory -> the lock this process holds on it. Opening a run the
-# process already holds shares that lock (flock would otherwise refuse the process itself);
-# _GUARD serialises RunDir.open within the process, so two threads still cannot both start a
-# new run in one folder (the second sees the first's files).
-_HELD: dict[tuple[int, int], _Held] = {}
-_GUARD = threading.RLock()
-
-
-class RunLock:
-    """An exclusive advisory lock on a run directory (see the module doc).
-
-    Acquire with :meth:`acquire` (non-blocking); :meth:`release` unlocks and empties the lock
-    file, so a non-empty lock file that nobody holds was left by a process that died. Within one
-    process the lock is shared (counted) by every :class:`RunLock` of the same directory.
-    """
-
-    def __init__(self, run_path: Path):
-        self.path = Path(run_path) / LOCK_NAME
-        self.key: tuple[int, int] | None = None
-
-    @property
-    def held(self) -> bool:
-        return self.key is not None
-
-    def acquire(self) -> RunLock:
-        """Take the lock or raise :class:`RunDirError` naming the process that holds it."""
-        import fcntl
-
-        if self.key is not None:
-            return self
-        with _GUARD:
-            try:
-                st = os.stat(self.path.parent)
-            except OSError as exc:
-                raise RunDirError(
-                    f"cannot use the run directory {self.path.parent}: {exc.strerror or exc}"
-                ) from exc
-            key = (st.st_dev, st.st_ino)
-            held = _HELD.get(key)
-            if held is not None and held.pid == os.getpid():
-                held.count += 1
-                self.key = key
-                return self
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise RunDirError(
-                    f"cannot create the lock file {self.path}: {exc.strerror or exc}; choose a "
-                    "writable run directory"
-                ) from exc
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                info = _lock_info(fd)
-                for _ in range(20):  # the holder may not have written its record yet
-                    if info:
-                        break
-                    time.sleep(0.01)
-                    info = _lock_info(fd)
-                os.close(fd)
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise RunDirError(self._busy_message(info)) from exc
-                log.warning(
-                    "cannot lock %s (%s): this filesystem does not support advisory locks; the "
-                    "run directory is NOT protected against a second concurrent writer",
-                    self.path, exc.strerror or exc,
-                )  # fmt: skip
-                return self
-            previous = _lock_info(fd)
-            pid = previous.get("pid")
-            if isinstance(pid, int) and pid != os.getpid():
-                log.warning(
-                    "stale lock in %s: process %s (%s) died without releasing it (killed?); "
-                    "taking the run directory over",
-                    self.path.parent, pid, previous.get("command", "?"),
-                )  # fmt: skip
-            record = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "command": " ".join(sys.argv)[:500],
-                "since": utc_now(),
-            }
-            try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
-            except OSError:  # the lock itself holds; the record is only for messages
-                log.debug("could not record the lock holder in %s", self.path, exc_info=True)
-            _HELD[key] = _Held(fd, os.getpid())
-            self.key = key
-            return self
-
-    def holder(self) -> str | None:
-        """The :class:`RunDirError` message if another process holds this lock now, else None
-        (creates nothing: a folder without a lock file is not locked)."""
-        import fcntl
-
-        with _GUARD:
-            try:
-                st = os.stat(self.path.parent)
-                held = _HELD.get((st.st_dev, st.st_ino))
-                if held is not None and held.pid == os.getpid():
-                    return None
-                fd = os.open(self.path, os.O_RDONLY)
-            except OSError:
-                return None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    return self._busy_message(_lock_info(fd))
-                return None
-            finally:
-                os.close(fd)  # closing also drops the shared lock taken for the probe
-            return None
-
-    def _busy_message(self, info: dict[str, Any]) -> str:
-        pid, host = info.get("pid"), info.get("host")
-        holder = f"process {pid}" if pid is not None else "another process"
-        if info.get("command"):
-            holder += f" ({info['command'][:120]})"
-        if info.get("since"):
-            holder += f", since {info['since']}"
-        same_host = host in (None, socket.gethostname())
-        if isinstance(pid, int) and same_host and not _pid_alive(pid):
-            return (
-                f"run directory {self.path.parent} is locked although {holder} that took the "
-                "lock has exited: a process it started still holds the lock file open. Find it "
-                f"with `fuser -v {self.path}` (or `lsof {self.path}`), stop it, then retry"
-            )
-        where = f" on host {host}" if host and not same_host else ""
-        return (
-            f"run directory {self.path.parent} is in use by {holder}{where}; two writers never "
-            "share a run directory. Wait for it to finish (or stop it), or use another "
-            "directory"
-        )
-
-    def release(self) -> None:
-        """Unlock (idempotent; the last holder in the process really unlocks)."""
-        import fcntl
-
-        with _GUARD:
-            key, self.key = self.key, None
-            held = _HELD.get(key) if key is not None else None
-            if key is None or held is None or held.pid != os.getpid():
-                return
-            held.count -= 1
-            if held.count > 0:
-                return
-            del _HELD[key]
-            with contextlib.suppress(OSError):
-                os.ftruncate(held.fd, 0)
-            with contextlib.suppress(OSError):
-                fcntl.flock(held.fd, fcntl.LOCK_UN)
-            with contextlib.suppress(OSError):
-                os.close(held.fd)
 
 
 class RunDir:
@@ -383,7 +185,7 @@ class RunDir:
             raise RunDirError(f"unknown run-directory mode {mode!r}; allowed: {', '.join(MODES)}")
         new_cfg = _config_to_dict(config) if config is not None else None
         path = Path(path).expanduser()
-        with _GUARD:
+        with GUARD:
             return cls._open_locked(path, mode, new_cfg)
 
     @classmethod
@@ -475,7 +277,7 @@ class RunDir:
 
     @staticmethod
     def _move_aside(path: Path) -> Path:
-        base = path.with_name(f"{path.name}.old-{_utc_stamp()}")
+        base = path.with_name(f"{path.name}.old-{utc_stamp()}")
         target, n = base, 0
         while target.exists():
             n += 1
