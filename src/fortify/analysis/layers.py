@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fortify.defenses.attach import DEFENSES_ATTR
+from fortify.utils.probe import dry_forward
 
 
 @dataclass(frozen=True)
@@ -61,15 +62,9 @@ def list_layers(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Lay
                 seen[_name][1] = tuple(out.shape[1:])
 
         handles.append(module.register_forward_hook(hook))
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(2, *input_shape, device=device))
+        dry_forward(model, input_shape)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return [Layer(n, type(m).__name__, seen[n][1], seen[n][0]) for n, m in modules]

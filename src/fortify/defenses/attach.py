@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fortify.errors import FortifyError
+from fortify.utils.probe import dry_forward
 from fortify.utils.shapes import as_chw
 
 DEFENSES_ATTR = "fortify_defenses"
@@ -118,15 +119,9 @@ def infer_feature_shapes(
             shapes[_name] = as_chw(out.shape[1:])
 
         handles.append(module.register_forward_hook(hook))
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(2, *input_shape, device=device))
+        dry_forward(model, input_shape)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     unused = [n for n in names if calls[n] == 0]

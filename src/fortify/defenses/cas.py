@@ -42,11 +42,9 @@ from fortify.defenses.registry import (
     check_choice,
     check_number,
     last_stage_blocks,
-    options_from_dict,
-    register_defence,
+    register_block_defence,
 )
 from fortify.errors import ConfigError, FortifyError
-from fortify.utils.shapes import as_chw
 
 log = logging.getLogger(__name__)
 
@@ -199,21 +197,14 @@ def attach_cas(
     return model
 
 
-@register_defence("cas")
-def build(
-    model: nn.Module,
-    *,
-    model_name: str,
-    at: Sequence[str],
-    options: dict[str, Any],
-    num_classes: int,
-    image_shape: tuple[int, int, int],
-) -> nn.Module:
-    """Config builder; ``at=[]`` uses the two blocks of the backbone's last stage (paper)."""
-    opts = options_from_dict(CASOptions, options, "CAS")
-    positions = list(at) or last_stage_blocks(model, model_name, "CAS")
-    log.info("attaching CAS after %s (%s)", positions, opts)
-    return attach_cas(model, positions, num_classes, as_chw(image_shape), opts)
+# Config builder; ``at=[]`` uses the two blocks of the backbone's last stage (paper).
+build = register_block_defence(
+    "cas",
+    "CAS",
+    CASOptions,
+    attach_cas,
+    lambda model, model_name: last_stage_blocks(model, model_name, "CAS"),
+)
 
 
 def cas_blocks(model: nn.Module) -> dict[str, CASBlock]:

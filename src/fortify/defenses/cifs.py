@@ -51,11 +51,9 @@ from fortify.defenses.registry import (
     check_choice,
     check_number,
     last_stage_blocks,
-    options_from_dict,
-    register_defence,
+    register_block_defence,
 )
 from fortify.errors import ConfigError, FortifyError
-from fortify.utils.shapes import as_chw
 
 log = logging.getLogger(__name__)
 
@@ -301,21 +299,14 @@ def attach_cifs(
     return attach(model, factory, names, input_shape)
 
 
-@register_defence("cifs")
-def build(
-    model: nn.Module,
-    *,
-    model_name: str,
-    at: Sequence[str],
-    options: dict[str, Any],
-    num_classes: int,
-    image_shape: tuple[int, int, int],
-) -> nn.Module:
-    """Config builder; ``at=[]`` uses the two blocks of the backbone's last stage (paper)."""
-    opts = options_from_dict(CIFSOptions, options, "CIFS")
-    positions = list(at) or last_stage_blocks(model, model_name, "CIFS")
-    log.info("attaching CIFS after %s (%s)", positions, opts)
-    return attach_cifs(model, positions, num_classes, as_chw(image_shape), opts)
+# Config builder; ``at=[]`` uses the two blocks of the backbone's last stage (paper).
+build = register_block_defence(
+    "cifs",
+    "CIFS",
+    CIFSOptions,
+    attach_cifs,
+    lambda model, model_name: last_stage_blocks(model, model_name, "CIFS"),
+)
 
 
 def cifs_blocks(model: nn.Module) -> dict[str, CIFSBlock]:

@@ -41,12 +41,10 @@ from fortify.defenses.attach import attach, attached
 from fortify.defenses.registry import (
     check_choice,
     check_number,
-    options_from_dict,
-    register_defence,
+    register_block_defence,
     stage_positions,
 )
 from fortify.errors import ConfigError, FortifyError
-from fortify.utils.shapes import as_chw
 
 log = logging.getLogger(__name__)
 
@@ -230,21 +228,14 @@ def attach_fd(
     return attach(model, lambda shape: FDBlock(shape[0], opts), at, input_shape)
 
 
-@register_defence("fd")
-def build(
-    model: nn.Module,
-    *,
-    model_name: str,
-    at: Sequence[str],
-    options: dict[str, Any],
-    num_classes: int,
-    image_shape: tuple[int, int, int],
-) -> nn.Module:
-    """Config builder; ``at=[]`` puts a block after every residual stage (release design)."""
-    opts = options_from_dict(FDOptions, options, "FD")
-    positions = list(at) or stage_positions(model_name, "FD")
-    log.info("attaching FD after %s (%s)", positions, opts)
-    return attach_fd(model, positions, as_chw(image_shape), opts)
+# Config builder; ``at=[]`` puts a block after every residual stage (release design).
+build = register_block_defence(
+    "fd",
+    "FD",
+    FDOptions,
+    lambda model, at, num_classes, chw, opts: attach_fd(model, at, chw, opts),
+    lambda model, model_name: stage_positions(model_name, "FD"),
+)
 
 
 def fd_blocks(model: nn.Module) -> dict[str, FDBlock]:

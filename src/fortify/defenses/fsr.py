@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -36,21 +36,20 @@ from torch import nn
 
 from fortify.defenses.attach import attach
 from fortify.defenses.contract import AuxContext, CaptureMixin
-from fortify.defenses.registry import register_defence
+from fortify.defenses.registry import options_from_dict, register_block_defence
 from fortify.errors import ConfigError, FortifyError
-from fortify.utils.shapes import as_chw
 
 log = logging.getLogger(__name__)
 
 ABLATIONS = ("none", "no-separation", "no-recalibration")
 MASKS = ("gumbel", "binary")
 RELEASE_EPS = 1e-8  # the epsilon the authors' release adds inside every log and to τ
-OPTION_NAMES = ("tau", "lambda_sep", "lambda_rec", "hidden", "ablation", "mask", "eps_log")
 
 __all__ = [
     "ABLATIONS",
     "FSR",
     "FSRBlock",
+    "FSROptions",
     "FSRParts",
     "MASKS",
     "RELEASE_EPS",
@@ -87,6 +86,43 @@ def _eps_value(eps_log: bool | float) -> float:
         f"FSR option eps_log={eps_log!r} is not allowed; use false (exact numerics), "
         f"true (the release's {RELEASE_EPS:g}) or a small float in [0, 0.01)"
     )
+
+
+@dataclass
+class FSROptions:
+    """Options of an FSR block (the release's values are the defaults); see :class:`FSRBlock`."""
+
+    tau: float = 0.1
+    lambda_sep: float = 1.0
+    lambda_rec: float = 1.0
+    hidden: int = 64
+    ablation: str = "none"
+    mask: str = "gumbel"
+    eps_log: bool | float = False
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first option outside its allowed values."""
+        tau = self.tau
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
+            raise ConfigError(f"FSR option tau must be a number > 0, got {tau!r}")
+        if not math.isfinite(float(tau)):
+            raise ConfigError(f"FSR option tau must be finite, got {tau!r}")
+        for name, value in (("lambda_sep", self.lambda_sep), ("lambda_rec", self.lambda_rec)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"FSR option {name} must be a number >= 0, got {value!r}")
+        hidden = self.hidden
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ConfigError(f"FSR option hidden must be a positive integer, got {hidden!r}")
+        if self.ablation not in ABLATIONS:
+            raise ConfigError(
+                f"FSR option ablation={self.ablation!r} is not allowed; choose one of "
+                f"{list(ABLATIONS)}"
+            )
+        if self.mask not in MASKS:
+            raise ConfigError(
+                f"FSR option mask={self.mask!r} is not allowed; choose one of {list(MASKS)}"
+            )
+        _eps_value(self.eps_log)
 
 
 def gumbel_mask(
@@ -201,23 +237,7 @@ class FSRBlock(CaptureMixin, nn.Module):
             raise ConfigError(f"FSR channels must be a positive integer, got {channels!r}")
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ConfigError(f"FSR num_classes must be an integer >= 2, got {num_classes!r}")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
-            raise ConfigError(f"FSR option tau must be a number > 0, got {tau!r}")
-        if not math.isfinite(float(tau)):
-            raise ConfigError(f"FSR option tau must be finite, got {tau!r}")
-        for name, value in (("lambda_sep", lambda_sep), ("lambda_rec", lambda_rec)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"FSR option {name} must be a number >= 0, got {value!r}")
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise ConfigError(f"FSR option hidden must be a positive integer, got {hidden!r}")
-        if ablation not in ABLATIONS:
-            raise ConfigError(
-                f"FSR option ablation={ablation!r} is not allowed; choose one of {list(ABLATIONS)}"
-            )
-        if mask not in MASKS:
-            raise ConfigError(
-                f"FSR option mask={mask!r} is not allowed; choose one of {list(MASKS)}"
-            )
+        FSROptions(tau, lambda_sep, lambda_rec, hidden, ablation, mask, eps_log).validate()
         self.channels = channels
         self.num_classes = num_classes
         self.tau = float(tau)
@@ -355,10 +375,7 @@ FSR = FSRBlock
 
 
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(OPTION_NAMES))
-    if unknown:
-        raise ConfigError(f"unknown FSR option(s) {unknown}; allowed options: {list(OPTION_NAMES)}")
-    return dict(options)
+    return asdict(options_from_dict(FSROptions, options, "FSR"))
 
 
 def attach_fsr(
@@ -385,30 +402,28 @@ def attach_fsr(
     return attach(model, lambda shape: FSRBlock(shape[0], num_classes, **opts), at, input_shape)
 
 
-@register_defence("fsr")
-def build(
-    model: nn.Module,
-    *,
-    model_name: str,
-    at: Sequence[str],
-    options: dict[str, Any],
-    num_classes: int,
-    image_shape: tuple[int, int, int],
-) -> nn.Module:
-    """Defence builder for configs: ``at=[]`` uses the backbone's ``fsr_position``."""
-    positions = list(at)
-    if not positions:
-        from fortify.models import spec
+def _default_position(model: nn.Module, model_name: str) -> list[str]:
+    from fortify.models import spec
 
-        default = spec(model_name).fsr_position
-        if default is None:
-            raise ConfigError(
-                f"model {model_name!r} has no default FSR position; list module names in "
-                "defenses[].at (e.g. the last residual stage)"
-            )
-        positions = [default]
-    log.info("attaching FSR after %s (options %s)", positions, options or "default")
-    return attach_fsr(model, positions, num_classes, as_chw(image_shape), **options)
+    default = spec(model_name).fsr_position
+    if default is None:
+        raise ConfigError(
+            f"model {model_name!r} has no default FSR position; list module names in "
+            "defenses[].at (e.g. the last residual stage)"
+        )
+    return [default]
+
+
+# Config builder; ``at=[]`` uses the backbone's ``fsr_position``.
+build = register_block_defence(
+    "fsr",
+    "FSR",
+    FSROptions,
+    lambda model, at, num_classes, chw, opts: attach_fsr(
+        model, at, num_classes, chw, **asdict(opts)
+    ),
+    _default_position,
+)
 
 
 def fsr_blocks(model: nn.Module) -> dict[str, FSRBlock]:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -16,6 +17,8 @@ from torch import nn
 
 from fortify.errors import ConfigError
 from fortify.registry import Registry
+
+log = logging.getLogger(__name__)
 
 DefenceBuilder = Callable[..., nn.Module]
 _Opts = TypeVar("_Opts")
@@ -55,6 +58,43 @@ def options_from_dict(cls: type[_Opts], options: dict[str, Any], kind: str) -> _
     opts = cls(**options)
     opts.validate()  # type: ignore[attr-defined]
     return opts
+
+
+BlockAttach = Callable[[nn.Module, list[str], int, tuple[int, int, int], Any], nn.Module]
+
+
+def register_block_defence(
+    kind: str,
+    label: str,
+    options_cls: type[Any],
+    attach: BlockAttach,
+    default_at: Callable[[nn.Module, str], list[str]],
+) -> DefenceBuilder:
+    """Register the config builder of a defence that attaches one block kind at named layers.
+
+    The builder validates ``options`` into ``options_cls``, uses ``default_at(model,
+    model_name)`` when the config's ``at`` is empty, logs where the blocks go and calls
+    ``attach(model, positions, num_classes, (C, H, W), opts)``.
+    """
+
+    def build(
+        model: nn.Module,
+        *,
+        model_name: str,
+        at: Sequence[str],
+        options: dict[str, Any],
+        num_classes: int,
+        image_shape: tuple[int, int, int],
+    ) -> nn.Module:
+        from fortify.utils.shapes import as_chw
+
+        opts = options_from_dict(options_cls, options, label)
+        positions = list(at) or default_at(model, model_name)
+        log.info("attaching %s after %s (%s)", label, positions, opts)
+        return attach(model, positions, num_classes, as_chw(image_shape), opts)
+
+    build.__doc__ = f"Config builder of ``kind: {kind}`` ({label} blocks)."
+    return register_defence(kind)(build)
 
 
 def check_number(kind: str, name: str, value: object, *, low: float, strict: bool = False) -> None:

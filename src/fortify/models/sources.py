@@ -53,6 +53,7 @@ from torch import nn
 
 from fortify.errors import ConfigError, DataError, FortifyError
 from fortify.registry import Registry
+from fortify.utils.probe import dry_forward
 
 log = logging.getLogger(__name__)
 
@@ -243,21 +244,19 @@ def check_logits(
 ) -> None:
     """One forward pass (eval mode, no grad): raise :class:`ConfigError` unless the output is
     (N, num_classes) logits for (N, C, H, W) = (2, *image_shape) inputs."""
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            out = model(torch.zeros(2, *image_shape, device=device))
+        out = dry_forward(model, image_shape)
     except FortifyError:
         raise
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(
             f"model {name!r} cannot process images of shape (C, H, W) = {tuple(image_shape)}: {exc}"
         ) from exc
-    finally:
-        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(
+            f"model {name!r} returns {type(out).__name__} for a batch of images; expected a "
+            f"tensor of logits of shape (2, {num_classes})"
+        )
     if tuple(out.shape) != (2, num_classes):
         raise ConfigError(
             f"model {name!r} returns an output of shape {tuple(out.shape)} for 2 images; expected "

@@ -22,6 +22,7 @@ class AdversarialTraining(Objective):
     """``L = CE(f(x_adv), y) + Σ aux(x_adv)`` with ``x_adv`` from ``train.attack``."""
 
     options: dict[str, object] | None = {}
+    metric_names: tuple[str, str] = ("ce_adv", "acc_adv")  # (loss, accuracy) in metrics
 
     def compute(
         self,
@@ -33,4 +34,5 @@ class AdversarialTraining(Objective):
     ) -> tuple[torch.Tensor, Metrics]:
         logits, terms = forward_aux(model, x_adv, y, x_clean=x)
         ce = F.cross_entropy(logits.float(), y)
-        return with_aux(ce, terms, {"ce_adv": ce.detach(), "acc_adv": accuracy(logits, y)})
+        ce_name, acc_name = self.metric_names
+        return with_aux(ce, terms, {ce_name: ce.detach(), acc_name: accuracy(logits, y)})

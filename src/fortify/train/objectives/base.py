@@ -10,6 +10,7 @@ RNG for random starts, distributed facts) comes in a :class:`StepContext`. See
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,27 @@ class StepContext:
             )
         return x_adv.detach()
 
+    def gaussian_ascent(
+        self,
+        x: torch.Tensor,
+        sigma: float,
+        make_loss: Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]],
+    ) -> torch.Tensor:
+        """The TRADES / MART releases' inner attack, detached: signed-gradient ascent of
+        ``make_loss(net)(x_adv)`` (a scalar; ``make_loss`` runs in crafting mode, so it may
+        precompute clean outputs) from ``x + sigma·N(0, I)`` with ``train.attack``'s ε, step
+        size and steps (one step for ``fgsm-rs``), on the unwrapped model under autocast."""
+        a, net = self.cfg.attack, self.module
+        with self.crafting(net), self.autocast():
+            return signed_ascent(
+                make_loss(net),
+                x,
+                gaussian_start(x, sigma, self.generator),
+                eps=a.eps,
+                step_size=a.step_size,
+                steps=1 if a.kind == "fgsm-rs" else a.steps,
+            )
+
     # -- the update ------------------------------------------------------------------------
     def check_finite(self, loss: torch.Tensor) -> None:
         """Raise :class:`NonFiniteLossError` if ``loss`` is NaN/Inf on any rank."""
@@ -231,6 +253,22 @@ def kl_clean_adv(logits_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.
     """Per-sample KL(p(x) ‖ p(x_adv)) of softmax distributions, shape (N,)."""
     log_p = F.log_softmax(logits_clean.float(), dim=1)
     return (log_p.exp() * (log_p - F.log_softmax(logits_adv.float(), dim=1))).sum(1)
+
+
+def check_start_sigma(value: object, option: str) -> float:
+    """``train.options.<option>``, the σ of a Gaussian start in pixel units, as a float; a
+    :class:`ConfigError` unless it is a finite number >= 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigError(
+            f"train.options.{option} (σ of the Gaussian start, pixel units) must be a finite "
+            f"number >= 0, got {value!r}"
+        )
+    return float(value)
 
 
 def gaussian_start(

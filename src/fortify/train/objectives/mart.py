@@ -13,6 +13,8 @@ Defaults follow the authors' release:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,12 +26,11 @@ from fortify.train.objectives.base import (
     Objective,
     StepContext,
     accuracy,
+    check_start_sigma,
     forward_aux,
     forward_labelled,
-    gaussian_start,
     kl_clean_adv,
     register_objective,
-    signed_ascent,
     with_aux,
 )
 
@@ -64,30 +65,18 @@ class Mart(Objective):
                 f"train.options.mart_start={self.start!r} is not allowed; choose 'gaussian' "
                 "(the release: x + mart_init·N(0, 1)) or 'uniform' (uniform in the ε-ball)"
             )
-        try:
-            self.sigma = float(merged["mart_init"])
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"train.options.mart_init must be a number >= 0, got {merged['mart_init']!r}"
-            ) from None
-        if not self.sigma >= 0:
-            raise ConfigError(f"train.options.mart_init must be >= 0, got {self.sigma!r}")
+        self.sigma = check_start_sigma(merged["mart_init"], "mart_init")
 
     def perturb(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext
     ) -> torch.Tensor:
         if self.start == "uniform":
             return ctx.attack(x, y)
-        a, net = self.cfg.attack, ctx.module
-        with ctx.crafting(net), ctx.autocast():
-            return signed_ascent(
-                lambda xa: F.cross_entropy(net(xa).float(), y, reduction="sum"),
-                x,
-                gaussian_start(x, self.sigma, ctx.generator),
-                eps=a.eps,
-                step_size=a.step_size,
-                steps=1 if a.kind == "fgsm-rs" else a.steps,
-            )
+
+        def summed_ce(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda xa: F.cross_entropy(net(xa).float(), y, reduction="sum")
+
+        return ctx.gaussian_ascent(x, self.sigma, summed_ce)
 
     def compute(
         self,

@@ -6,25 +6,23 @@ trades_init``, default 0.001) with L∞ signed-gradient steps of ``train.attack`
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fortify.config.schema import TrainConfig
-from fortify.errors import ConfigError
 from fortify.train.objectives.base import (
     Metrics,
     Objective,
     StepContext,
     accuracy,
+    check_start_sigma,
     forward_aux,
     forward_labelled,
-    gaussian_start,
     kl_clean_adv,
     register_objective,
-    signed_ascent,
     with_aux,
 )
 
@@ -37,34 +35,17 @@ class Trades(Objective):
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
-        sigma = cfg.options.get("trades_init", 0.001)
-        if (
-            isinstance(sigma, bool)
-            or not isinstance(sigma, (int, float))
-            or not math.isfinite(sigma)
-            or sigma < 0
-        ):
-            raise ConfigError(
-                f"train.options.trades_init (σ of the Gaussian start, pixel units) must be a "
-                f"finite number >= 0, got {sigma!r}"
-            )
+        self.sigma = check_start_sigma(cfg.options.get("trades_init", 0.001), "trades_init")
 
     def perturb(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext
     ) -> torch.Tensor:
-        a, net = self.cfg.attack, ctx.module
-        sigma = float(self.cfg.options.get("trades_init", 0.001))
-        with ctx.crafting(net), ctx.autocast():
+        def kl_from_clean(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
             with torch.no_grad():
                 target = net(x).float()
-            return signed_ascent(
-                lambda xa: kl_clean_adv(target, net(xa)).sum(),
-                x,
-                gaussian_start(x, sigma, ctx.generator),
-                eps=a.eps,
-                step_size=a.step_size,
-                steps=1 if a.kind == "fgsm-rs" else a.steps,
-            )
+            return lambda xa: kl_clean_adv(target, net(xa)).sum()
+
+        return ctx.gaussian_ascent(x, self.sigma, kl_from_clean)
 
     def compute(
         self,
