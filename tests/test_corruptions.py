@@ -86,10 +86,10 @@ def test_families_cover_cifar_c_groups():
 
 
 def test_benchmark_corruptions_all_generated_except_frost():
-    from fortify.evaluate import ood
+    from fortify.evaluate import ood_readers
 
-    assert set(ood.BENCHMARK_CORRUPTIONS) - set(C.available()) == {"frost"}
-    assert set(ood.EXTRA_CORRUPTIONS) <= set(C.available())
+    assert set(ood_readers.BENCHMARK_CORRUPTIONS) - set(C.available()) == {"frost"}
+    assert set(ood_readers.EXTRA_CORRUPTIONS) <= set(C.available())
 
 
 def test_frost_is_refused_with_the_reason():

@@ -126,7 +126,7 @@ def test_report_json_roundtrip_and_save(both_report, tmp_path):
         and d["settings"]["mode"] == "both"
         and "torch" in d["settings"]["versions"]
     )
-    from fortify.evaluate.report import unpack_bits
+    from fortify.evaluate.outcome import unpack_bits
 
     assert d["format"] == "fortify-eval/2" and d["reliable"] is True
     per = {

@@ -62,7 +62,7 @@ def test_seeds_are_parsed_and_checked():
 def test_two_rows_two_seeds_end_to_end(tmp_path, capsys, monkeypatch):
     """Train and evaluate AT and AT+FSR with seeds 0 and 1 (tiny budget), then re-run: every
     (row, seed) job is reused and the page is regenerated from the intervals."""
-    from fortify.replicate.common import SeedGrid
+    from fortify.replicate.seed_grid import SeedGrid
 
     monkeypatch.chdir(tmp_path)
     argv = [

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fortify.errors import ConfigError, DataError
-from fortify.evaluate import ood
+from fortify.evaluate import ood, ood_readers
 
 
 def _write_cifar_c(root, per: int, rows: int | None = None, label_rows: int | None = None):
@@ -25,42 +25,44 @@ def _write_cifar_c(root, per: int, rows: int | None = None, label_rows: int | No
 
 def test_read_cifar_c_severity_major(tmp_path):
     _write_cifar_c(tmp_path, per=20)
-    sets = ood.read_cifar_c(tmp_path, "gaussian_noise", per_severity=20)
+    sets = ood_readers.read_cifar_c(tmp_path, "gaussian_noise", per_severity=20)
     assert sorted(sets) == [1, 2, 3, 4, 5]
     for s, iset in sets.items():
         assert iset.images.shape == (20, 3, 8, 8) and iset.images.dtype == torch.uint8
         assert int(iset.images[0, 0, 0, 0]) == s
         assert iset.labels.tolist() == [i % 10 for i in range(20)]
     assert (
-        ood.read_cifar_c(tmp_path, "gaussian_noise", per_severity=20, limit=5)[3].images.shape[0]
+        ood_readers.read_cifar_c(tmp_path, "gaussian_noise", per_severity=20, limit=5)[
+            3
+        ].images.shape[0]
         == 5
     )
-    assert ood.list_cifar_c(tmp_path) == ["gaussian_noise"]
+    assert ood_readers.list_cifar_c(tmp_path) == ["gaussian_noise"]
 
 
 def test_read_cifar_c_wrong_rows_fail_clearly(tmp_path):
     _write_cifar_c(tmp_path / "a", per=20, rows=90)
     with pytest.raises(DataError, match=r"90 rows; expected 100 \(5 severities × 20"):
-        ood.read_cifar_c(tmp_path / "a", "gaussian_noise", per_severity=20)
+        ood_readers.read_cifar_c(tmp_path / "a", "gaussian_noise", per_severity=20)
     # the published layout expects 50,000 rows
     _write_cifar_c(tmp_path / "b", per=20)
     with pytest.raises(DataError, match="expected 50000"):
-        ood.read_cifar_c(tmp_path / "b", "gaussian_noise")
+        ood_readers.read_cifar_c(tmp_path / "b", "gaussian_noise")
     with pytest.raises(DataError, match="not found.*gaussian_noise"):
-        ood.read_cifar_c(tmp_path / "b", "fog", per_severity=20)
+        ood_readers.read_cifar_c(tmp_path / "b", "fog", per_severity=20)
     # images right, labels short
     _write_cifar_c(tmp_path / "c", per=20, label_rows=95)
     with pytest.raises(DataError, match=r"labels\.npy' has 95 rows; expected 100"):
-        ood.read_cifar_c(tmp_path / "c", "gaussian_noise", per_severity=20)
+        ood_readers.read_cifar_c(tmp_path / "c", "gaussian_noise", per_severity=20)
     # labels of the wrong shape, images of the wrong dtype
     _write_cifar_c(tmp_path / "d", per=20)
     np.save(tmp_path / "d" / "labels.npy", np.zeros((100, 2), np.int64))
     with pytest.raises(DataError, match=r"one integer label per row .*\(100, 2\)"):
-        ood.read_cifar_c(tmp_path / "d", "gaussian_noise", per_severity=20)
+        ood_readers.read_cifar_c(tmp_path / "d", "gaussian_noise", per_severity=20)
     _write_cifar_c(tmp_path / "e", per=20)
     np.save(tmp_path / "e" / "gaussian_noise.npy", np.zeros((100, 8, 8, 3), np.float32))
     with pytest.raises(DataError, match="uint8 images .*float32"):
-        ood.read_cifar_c(tmp_path / "e", "gaussian_noise", per_severity=20)
+        ood_readers.read_cifar_c(tmp_path / "e", "gaussian_noise", per_severity=20)
 
 
 def test_read_tiny_imagenet_c(tmp_path):
@@ -72,12 +74,12 @@ def test_read_tiny_imagenet_c(tmp_path):
         d.mkdir(parents=True)
         for i in range(3):
             Image.fromarray(np.full((8, 8, 3), 40 * ci + i, np.uint8)).save(d / f"{i}.JPEG")
-    s = ood.read_tiny_imagenet_c(tmp_path, "fog", 2, classes)
+    s = ood_readers.read_tiny_imagenet_c(tmp_path, "fog", 2, classes)
     assert s.images.shape == (6, 3, 8, 8) and s.labels.tolist() == [0, 0, 0, 1, 1, 1]
     with pytest.raises(DataError, match="not found"):
-        ood.read_tiny_imagenet_c(tmp_path, "fog", 4, classes)
+        ood_readers.read_tiny_imagenet_c(tmp_path, "fog", 4, classes)
     with pytest.raises(DataError, match="not one of the model's classes"):
-        ood.read_tiny_imagenet_c(tmp_path, "fog", 2, ["n01"])
+        ood_readers.read_tiny_imagenet_c(tmp_path, "fog", 2, ["n01"])
 
 
 def test_tiny_imagenet_c_is_read_from_the_cache_the_second_time(tmp_path, monkeypatch):
@@ -90,17 +92,21 @@ def test_tiny_imagenet_c_is_read_from_the_cache_the_second_time(tmp_path, monkey
         d.mkdir(parents=True)
         for i in range(4):
             Image.fromarray(np.full((8, 8, 3), 50 * ci + 9 * i, np.uint8)).save(d / f"{i}.png")
-    first = ood.read_tiny_imagenet_c(tmp_path / "data", "fog", 3, classes, cache_dir=cache)
-    sub = ood.read_tiny_imagenet_c(tmp_path / "data", "fog", 3, classes, limit=5, cache_dir=cache)
+    first = ood_readers.read_tiny_imagenet_c(tmp_path / "data", "fog", 3, classes, cache_dir=cache)
+    sub = ood_readers.read_tiny_imagenet_c(
+        tmp_path / "data", "fog", 3, classes, limit=5, cache_dir=cache
+    )
     assert list(cache.glob("tiny-imagenet-c-fog-3-*.safetensors"))
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded an image although the cache was valid")
 
     monkeypatch.setattr(Image, "open", no_decoding)
-    again = ood.read_tiny_imagenet_c(tmp_path / "data", "fog", 3, classes, cache_dir=cache)
+    again = ood_readers.read_tiny_imagenet_c(tmp_path / "data", "fog", 3, classes, cache_dir=cache)
     assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
-    sub2 = ood.read_tiny_imagenet_c(tmp_path / "data", "fog", 3, classes, limit=5, cache_dir=cache)
+    sub2 = ood_readers.read_tiny_imagenet_c(
+        tmp_path / "data", "fog", 3, classes, limit=5, cache_dir=cache
+    )
     assert len(sub2) == 5 and torch.equal(sub2.images, sub.images)
     assert first.images[:, 0, 0, 0].tolist() == [0, 9, 18, 27, 50, 59, 68, 77]
 

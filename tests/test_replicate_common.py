@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from fortify.errors import ComparisonError, ConfigError
-from fortify.evaluate.report import EvalReport, Outcome, first_mask
-from fortify.replicate.common import SeedGrid, extend_with_prefix, job_dir, parse_seeds
+from fortify.evaluate.outcome import Outcome, first_mask
+from fortify.evaluate.report import EvalReport
+from fortify.replicate.common import extend_with_prefix, job_dir, parse_seeds
+from fortify.replicate.seed_grid import SeedGrid
 from fortify.stats import LOWER, NO_DIFFERENCE
 
 N = 400

@@ -276,7 +276,9 @@ def test_mart_uniform_start_is_the_labelled_option(batch):
 def test_mart_options_are_checked():
     with pytest.raises(FortifyError, match="mart_start='box'.*gaussian.*uniform"):
         get_objective("mart", _cfg(options={"mart_start": "box"}))
-    with pytest.raises(FortifyError, match=r"mart_init \(σ of the Gaussian start.*must be a finite number >= 0"):
+    with pytest.raises(
+        FortifyError, match=r"mart_init \(σ of the Gaussian start.*must be a finite number >= 0"
+    ):
         get_objective("mart", _cfg(options={"mart_init": -1}))
     with pytest.raises(FortifyError, match="unknown train.options.*mart_sigma"):
         get_objective("mart", _cfg(options={"mart_sigma": 0.1}))

@@ -18,6 +18,7 @@ See docs/evaluation.md for the semantics of ``mode="final"`` / ``"best"`` and of
 from fortify.evaluate.compare import Comparison, compare_reports
 from fortify.evaluate.context import SuiteContext
 from fortify.evaluate.driver import evaluate, evaluate_split
+from fortify.evaluate.outcome import Check, Outcome, ensemble_of, worst_case
 from fortify.evaluate.plot import eps_curve, plot_eps_curve
 from fortify.evaluate.registry import (
     available_suites,
@@ -25,14 +26,7 @@ from fortify.evaluate.registry import (
     get_suite,
     register_suite,
 )
-from fortify.evaluate.report import (
-    Check,
-    EvalReport,
-    Outcome,
-    ensemble_of,
-    side_by_side,
-    worst_case,
-)
+from fortify.evaluate.report import EvalReport, side_by_side
 
 # Importing the suite modules registers every built-in suite.
 from fortify.evaluate import suites, adaptive, ood  # noqa: E402,F401  isort: skip

@@ -41,8 +41,9 @@ from fortify.errors import ConfigError, FortifyError, check_point_count
 from fortify.evaluate.autoattack import Square, StandardAutoAttack, check_classes
 from fortify.evaluate.context import SuiteContext, attack_first, first_points, first_points_note
 from fortify.evaluate.driver import evaluate
+from fortify.evaluate.outcome import Outcome, accuracy_on, first_mask, worst_case
 from fortify.evaluate.registry import describe_option, register_suite
-from fortify.evaluate.report import EvalReport, Outcome, accuracy_on, first_mask, worst_case
+from fortify.evaluate.report import EvalReport
 
 log = logging.getLogger(__name__)
 

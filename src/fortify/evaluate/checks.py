@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from fortify.attacks import pgd_attack
 from fortify.evaluate.autoattack import Square
 from fortify.evaluate.context import SuiteContext
-from fortify.evaluate.report import MODE_FREE, NATURAL, Outcome, accuracy_on, first_mask, worst_case
+from fortify.evaluate.outcome import MODE_FREE, Outcome, accuracy_on, first_mask, worst_case
+from fortify.evaluate.report import NATURAL
 
 CHECK_ATTACKS = "Check attacks"
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from fortify.attacks import fgsm_attack, pgd_attack
 from fortify.errors import EvaluationError
-from fortify.evaluate.report import Check, Outcome
+from fortify.evaluate.outcome import Check, Outcome
 from fortify.evaluate.shard import Shard
 
 log = logging.getLogger(__name__)

@@ -680,7 +680,7 @@ NOT_GENERATED: dict[str, tuple[str, str]] = {
         "ship with ImageNet-C; fortify does not bundle them, and a synthetic texture would give "
         "numbers that are not comparable with CIFAR-10-C's frost, so frost is not generated. "
         "Evaluate it on the published files instead (CIFAR-10-C/frost.npy: "
-        "fortify.evaluate.ood.read_cifar_c, or the ood suite with source='published')",
+        "fortify.evaluate.ood_readers.read_cifar_c, or the ood suite with source='published')",
     )
 }
 

@@ -17,8 +17,9 @@ from torch import nn
 from fortify.errors import ConfigError, DataError, FortifyError
 from fortify.evaluate import checks as honesty
 from fortify.evaluate.context import SuiteContext
+from fortify.evaluate.outcome import MODE_FREE, Outcome
 from fortify.evaluate.registry import describe_option, get_suite, suites_with
-from fortify.evaluate.report import MODE_FREE, NATURAL, EvalReport, Outcome
+from fortify.evaluate.report import NATURAL, EvalReport
 from fortify.evaluate.shard import (
     Shard,
     finalize,

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from fortify.errors import ConfigError, DataError
-from fortify.evaluate.report import NATURAL, Check, EvalReport, Outcome
+from fortify.evaluate.outcome import Check, Outcome
+from fortify.evaluate.report import NATURAL, EvalReport
 
 log = logging.getLogger(__name__)
 

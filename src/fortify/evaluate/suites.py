@@ -12,8 +12,8 @@ import torch
 from fortify.errors import ConfigError, check_point_count
 from fortify.evaluate.autoattack import StandardAutoAttack, capture_warnings, check_classes
 from fortify.evaluate.context import SuiteContext, first_points, first_points_note
+from fortify.evaluate.outcome import MODE_FREE, Outcome, ensemble_of, first_mask
 from fortify.evaluate.registry import register_suite
-from fortify.evaluate.report import MODE_FREE, Outcome, ensemble_of, first_mask
 
 log = logging.getLogger(__name__)
 

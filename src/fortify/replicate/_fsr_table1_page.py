@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fortify.replicate import fsr_table1 as t1
-from fortify.replicate.common import SeedGrid
+from fortify.replicate.seed_grid import SeedGrid
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def write_report(
         "per-point worst case over these; AutoAttack standard via pyautoattack; checks = the "
         "gradient-masking checks on the first 200 points (docs/evaluation.md)",
         f"- per-(row, seed) reports with per-sample outcomes: `{per_seed_dir}/` "
-        "(re-aggregate with `fortify.replicate.common.SeedGrid.load_per_seed`)",
+        "(re-aggregate with `fortify.replicate.seed_grid.SeedGrid.load_per_seed`)",
         "",
         "Paper (ResNet-18, CIFAR-10, ε = 8/255), for orientation only — different dataset, model "
         "size and budget: AT 48.22 → AT+FSR 52.47 PGD-20; TRADES 50.74 → 52.27; "

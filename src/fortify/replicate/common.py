@@ -1,4 +1,4 @@
-"""Shared machinery of the ``fortify replicate`` commands: seeds, reuse, tables, readings.
+"""Shared machinery of the ``fortify replicate`` commands: seeds, reuse, reports of subsets.
 
 A replicate command trains and evaluates a grid of (row, seed) jobs and turns the evaluation
 reports into a page. This module holds the parts every command shares:
@@ -12,12 +12,8 @@ reports into a page. This module holds the parts every command shares:
 * several evaluations of one model — :func:`extend_with_prefix` adds the columns of a report
   computed on the first k points (e.g. AutoAttack) to the main report, as columns that ran on
   those k points (one rule for subsets, docs/evaluation.md);
-* tables and readings — :class:`SeedGrid` holds ``{row: {seed: EvalReport}}``; its
-  :meth:`~SeedGrid.table` renders mean ± sd over seeds per column with the number of seeds, the
-  columns' n and the checks, :meth:`~SeedGrid.readings` the method-vs-baseline differences with
-  the seed-then-point bootstrap CI of :func:`fortify.stats.seed_point_bootstrap` and the
-  verdict derived from it, and :meth:`~SeedGrid.save_per_seed` one compact JSON per
-  (row, seed) with the per-sample outcomes (small enough to commit under docs/results/).
+
+Tables and readings over seeds live in :mod:`fortify.replicate.seed_grid`.
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -41,7 +37,6 @@ if TYPE_CHECKING:  # torch and the evaluator are imported where used: `fortify -
 
     from fortify.evaluate.report import EvalReport
     from fortify.runs.rundir import Mode
-    from fortify.stats import Interval
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +240,8 @@ def extend_with_prefix(
     """
     import torch
 
-    from fortify.evaluate.report import NATURAL, EvalReport, Outcome, first_mask
+    from fortify.evaluate.outcome import Outcome, first_mask
+    from fortify.evaluate.report import NATURAL, EvalReport
 
     n, k = main.n_points, extra.n_points
     if k > n:
@@ -283,233 +279,3 @@ def extend_with_prefix(
         },
     ]
     return EvalReport(settings, outcomes, checks, dict(main.extras))
-
-
-# --------------------------------------------------------------------------- tables
-
-
-@dataclass(frozen=True)
-class Reading:
-    """Method minus baseline on one column: means over seeds (%), the seeds and points used,
-    and the seed-then-point bootstrap interval (percentage points) with its verdict."""
-
-    baseline: str
-    method: str
-    column: str
-    seeds: tuple[int, ...]
-    n: int
-    baseline_mean: float
-    method_mean: float
-    interval: Interval
-
-    @property
-    def verdict(self) -> str:
-        """From the CI alone: higher / lower / no detectable difference at this scale."""
-        return self.interval.verdict
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return {
-            "baseline": self.baseline,
-            "method": self.method,
-            "column": self.column,
-            "seeds": list(self.seeds),
-            "n": self.n,
-            "baseline_mean": self.baseline_mean,
-            "method_mean": self.method_mean,
-            "difference": self.interval.to_dict(),
-            "verdict": self.verdict,
-        }
-
-
-@dataclass
-class SeedGrid:
-    """Evaluation reports of a replicate command: ``reports[row][seed]``, all on the same points.
-
-    ``labels`` maps row keys to the names shown in tables.
-    """
-
-    reports: dict[str, dict[int, EvalReport]] = field(default_factory=dict)
-    labels: dict[str, str] = field(default_factory=dict)
-    mode: str = "final"
-
-    def add(self, row: str, seed: int, report: EvalReport) -> None:
-        """Record the report of one (row, seed) job."""
-        self.reports.setdefault(row, {})[seed] = report
-
-    def label(self, row: str) -> str:
-        """The display name of ``row``."""
-        return self.labels.get(row, row)
-
-    def _cell(self, row: str, column: str) -> tuple[str, set[int]]:
-        from fortify.stats import mean_sd
-
-        vals, ns = [], set()
-        for rep in self.reports[row].values():
-            t, tn = rep.table().get(self.mode, {}), rep.table_n().get(self.mode, {})
-            if column in t and tn.get(column, 0) > 0:
-                vals.append(t[column])
-                ns.add(tn[column])
-        if not vals:
-            return "–", ns
-        m = mean_sd(vals)
-        return m.format(2) + ("" if m.n == len(self.reports[row]) else f" ({m.n} seeds)"), ns
-
-    def table(self, columns: Sequence[str]) -> list[str]:
-        """Markdown lines: one row per table row, ``mean ± sd`` over seeds per column (sample sd;
-        a single seed shows its value alone), the number of seeds and the checks. A column
-        computed on fewer points than the reports hold shows its n in the header."""
-        cells: dict[str, list[str]] = {}
-        col_n: dict[str, set[int]] = {c: set() for c in columns}
-        total = {rep.n_points for reps in self.reports.values() for rep in reps.values()}
-        for row in self.reports:
-            cells[row] = []
-            for c in columns:
-                text, ns = self._cell(row, c)
-                cells[row].append(text)
-                col_n[c] |= ns
-        heads = []
-        for c in columns:
-            ns = col_n[c]
-            if not ns or ns <= total:
-                heads.append(c)
-            else:
-                heads.append(c + f" (n={'/'.join(str(v) for v in sorted(ns))})")
-        lines = [
-            "| method | seeds | " + " | ".join(heads) + " | checks |",
-            "|---|---|" + "---|" * len(columns) + "---|",
-        ]
-        for row, reps in self.reports.items():
-            status = sorted({r.checks_status() for r in reps.values()})
-            checks = "ok" if status == ["ok"] else "; ".join(status)
-            seeds = ",".join(str(s) for s in sorted(reps))
-            lines.append(
-                f"| {self.label(row)} | {len(reps)} ({seeds}) | "
-                + " | ".join(cells[row])
-                + f" | {checks} |"
-            )
-        return lines
-
-    def reading(
-        self,
-        baseline: str,
-        method: str,
-        column: str,
-        *,
-        resamples: int = 2000,
-        seed: int = 0,
-        level: float = 0.95,
-    ) -> Reading | None:
-        """Method − baseline on ``column`` over the seeds both rows have (paired by seed) and the
-        points every one of those reports' column ran on; None if there is no such seed or
-        point."""
-        from fortify.stats import mean_sd, seed_point_bootstrap
-
-        ra, rb = self.reports.get(baseline, {}), self.reports.get(method, {})
-        seeds = sorted(set(ra) & set(rb))
-        given = [(ra[s].column(column, self.mode), rb[s].column(column, self.mode)) for s in seeds]
-        cols = [(a, b) for a, b in given if a is not None and b is not None]
-        if not seeds or len(cols) < len(given):
-            return None
-        prints = {r.settings.get("points_sha256") for s in seeds for r in (ra[s], rb[s])} - {None}
-        if len(prints) > 1 or len({r.n_points for s in seeds for r in (ra[s], rb[s])}) > 1:
-            raise ComparisonError(
-                f"{self.label(baseline)} and {self.label(method)} were not all evaluated on the "
-                "same points; a paired reading needs the same points for every seed"
-            )
-        shared = cols[0][0][1].clone()
-        for a, b in cols:
-            shared &= a[1] & b[1]
-        n = int(shared.sum())
-        if n == 0:
-            return None
-        a_seeds = [a[0][shared] for a, _ in cols]
-        b_seeds = [b[0][shared] for _, b in cols]
-        iv = seed_point_bootstrap(a_seeds, b_seeds, resamples=resamples, seed=seed, level=level)
-        return Reading(
-            baseline,
-            method,
-            column,
-            tuple(seeds),
-            n,
-            mean_sd([100.0 * float(t.float().mean()) for t in a_seeds]).mean,
-            mean_sd([100.0 * float(t.float().mean()) for t in b_seeds]).mean,
-            iv,
-        )
-
-    def readings(
-        self, pairs: Sequence[tuple[str, str]], columns: Sequence[str], **kw: Any
-    ) -> list[Reading]:
-        """:meth:`reading` for every (baseline, method) pair and column that can be read."""
-        out = []
-        for base, meth in pairs:
-            for c in columns:
-                r = self.reading(base, meth, c, **kw)
-                if r is not None:
-                    out.append(r)
-        return out
-
-    def readings_markdown(self, readings: Sequence[Reading]) -> list[str]:
-        """Markdown lines: one row per reading with the difference, its CI and the verdict, then
-        a sentence saying how the CI was computed."""
-        if not readings:
-            return ["(no pair of rows to compare)"]
-        first = readings[0].interval
-        lines = [
-            f"| pair | column | seeds | n | baseline | method | difference [{100 * first.level:g} "
-            "% CI] | verdict |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in readings:
-            lines.append(
-                f"| {self.label(r.method)} − {self.label(r.baseline)} | {r.column} | "
-                f"{len(r.seeds)} | {r.n} | {r.baseline_mean:.2f} | {r.method_mean:.2f} | "
-                f"{r.interval.format(2)} | {r.verdict} |"
-            )
-        single = any(len(r.seeds) == 1 for r in readings)
-        lines += [
-            "",
-            "Differences in percentage points (method − baseline, mean over seeds). CI: "
-            f"bootstrap with {first.resamples} resamples (seed {first.seed}) that draws the "
-            "seeds with replacement, then the test points with replacement (one draw shared by "
-            "the drawn seeds, which were all evaluated on the same points), pairing the two rows "
-            "by seed and point. The verdict follows from the CI alone: higher / lower when it "
-            "excludes 0, otherwise no detectable difference at this scale."
-            + (
-                " With one seed the CI covers only the test-point noise, not the training-seed "
-                "noise."
-                if single
-                else ""
-            ),
-        ]
-        return lines
-
-    def save_per_seed(self, directory: str | Path) -> list[Path]:
-        """One JSON per (row, seed) — ``<row>-seed<s>.json``, the report without its extras
-        (per-sample outcomes as bit strings) — so the table can be re-aggregated without
-        retraining. Returns the paths written."""
-        d = Path(directory)
-        written = []
-        for row, reps in self.reports.items():
-            for s, rep in sorted(reps.items()):
-                data = rep.to_dict()
-                data["extras"] = {}
-                data["row"], data["training_seed"] = row, s
-                path = d / f"{row}-seed{s}.json"
-                atomic_write_text(path, json.dumps(data, separators=(",", ":")))
-                written.append(path)
-        return written
-
-    @classmethod
-    def load_per_seed(cls, directory: str | Path, labels: dict[str, str] | None = None) -> SeedGrid:
-        """Rebuild a grid from the files :meth:`save_per_seed` wrote."""
-        from fortify.evaluate.report import EvalReport
-
-        grid = cls(labels=dict(labels or {}))
-        files = sorted(Path(directory).glob("*-seed*.json"))
-        if not files:
-            raise DataError(f"no per-seed reports (<row>-seed<s>.json) in {directory}")
-        for f in files:
-            data = json.loads(f.read_text())
-            grid.add(data["row"], int(data["training_seed"]), EvalReport.from_dict(data))
-        return grid

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from fortify.replicate.common import (
-    SeedGrid,
     add_seed_arguments,
     cached_report,
     extend_with_prefix,
@@ -38,6 +37,7 @@ from fortify.replicate.common import (
     seeds_from_args,
     train_or_reuse,
 )
+from fortify.replicate.seed_grid import SeedGrid
 from fortify.stats import BootstrapOptions
 
 NAME = "fsr-table1"

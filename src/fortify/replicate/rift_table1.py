@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from fortify.replicate.common import (
-    SeedGrid,
     add_seed_arguments,
     extend_with_prefix,
     per_seed_args,
     train_or_reuse,
 )
+from fortify.replicate.seed_grid import SeedGrid
 
 NAME = "rift-table1"
 HELP = "RiFT Table 1 at CPU scale: AT vs AT+RiFT (Std, OOD, PGD-10, AutoAttack) on Fashion-MNIST"

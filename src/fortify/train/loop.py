@@ -37,6 +37,7 @@ from fortify.errors import FortifyError, RunDirError
 from fortify.runs.rundir import Mode, RunDir
 from fortify.train import distributed as D
 from fortify.train.build import Built, apply_trainable, build, probe_model
+from fortify.train.checkpointer import Checkpointer
 from fortify.train.objectives.base import Objective, StepContext, get_objective, set_train_mode
 from fortify.train.resume import (
     EPOCH_BASE,
@@ -48,9 +49,8 @@ from fortify.train.resume import (
     resume_point,
     training_changes,
 )
-from fortify.train.state import capture_rng, prune_states, save_state
+from fortify.train.state import capture_rng
 from fortify.train.validate import validate
-from fortify.utils.runtime import compute_record
 
 log = logging.getLogger(__name__)
 
@@ -100,68 +100,6 @@ def _progress(iterable: Any, enabled: bool, desc: str, total: int) -> Any:
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
-class _Checkpointer:
-    """Rank-0 writer of ``last``/``best`` checkpoints, training state and metrics."""
-
-    def __init__(
-        self,
-        run: RunDir,
-        cfg: ExperimentConfig,
-        splits: DataSplits,
-        world_size: int,
-        device: str | torch.device = "cpu",
-    ):
-        self.run = run
-        self.cfg = cfg
-        self.base_meta = {
-            "compute": compute_record(device, cfg.train.precision),
-            "config": to_dict(cfg),
-            "num_classes": splits.num_classes,
-            "image_shape": list(splits.image_shape),
-            "seed": cfg.seed,
-            "dataset": splits.name,
-            "objective": cfg.train.objective,
-            "world_size": world_size,
-        }
-        self.last = Path(run.checkpoint_path("last"))
-        self.best = Path(run.checkpoint_path("best"))
-
-    def meta(self, epoch: int, metrics: dict[str, Any], tag: str) -> dict[str, Any]:
-        return {
-            **self.base_meta,
-            "epoch": epoch,
-            "epoch_base": EPOCH_BASE,
-            "metrics": metrics,
-            "tag": tag,
-        }
-
-    def save(
-        self,
-        module: nn.Module,
-        epoch: int,
-        metrics: dict[str, Any],
-        state: dict[str, Any],
-        best: bool,
-    ) -> None:
-        from fortify.runs import save_checkpoint
-
-        written = None
-        try:
-            written = save_state(self.last, epoch, state)
-            save_checkpoint(self.last, module, self.meta(epoch, metrics, "last"))
-            written = None  # now part of the 'last' checkpoint
-            prune_states(self.last, epoch)
-            if best:
-                save_checkpoint(self.best, module, self.meta(epoch, metrics, "best"))
-        except (RunDirError, OSError, RuntimeError) as exc:
-            if written is not None:  # a state file of an epoch 'last' never reached
-                written.unlink(missing_ok=True)
-            raise RunDirError(
-                f"could not write a checkpoint in {str(self.last.parent)!r} ({exc}); the previous "
-                "'last' checkpoint is intact — free disk space / fix permissions and resume"
-            ) from exc
-
-
 @dataclass
 class _Training:
     """One :func:`fit` call: its inputs, what :func:`build` made, and where training stands.
@@ -181,7 +119,7 @@ class _Training:
     force: bool = False
     callbacks: Sequence[EpochCallback] = ()
     run: RunDir | None = None  # rank 0 only
-    ckpt: _Checkpointer | None = None  # rank 0 only
+    ckpt: Checkpointer | None = None  # rank 0 only
     last_path: Path = Path()
     point: ResumePoint = field(default_factory=ResumePoint)
     net: nn.Module | None = None  # the module, wrapped in DDP when distributed
@@ -260,7 +198,7 @@ def _open_run_dir(t: _Training) -> None:
     if info.is_main:
         try:
             t.run = _open_run(run_dir, t.mode, t.cfg, t.force)
-            t.ckpt = _Checkpointer(t.run, t.cfg, t.built.splits, info.world_size, info.device)
+            t.ckpt = Checkpointer(t.run, t.cfg, t.built.splits, info.world_size, info.device)
             paths = (str(t.ckpt.last), str(t.ckpt.best))
         except FortifyError as exc:
             err = f"{type(exc).__name__}: {exc}"
