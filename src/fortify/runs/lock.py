@@ -33,6 +33,8 @@ LOCK_NAME = ".fortify.lock"
 # seconds a lock whose recorded holder has died may stay busy (its forked children still
 # exiting after a SIGKILL) before acquire() gives up
 STALE_GRACE_S = 15.0
+# seconds a fresh holder gets to write its record (pid, command) before a refusal names nobody
+RECORD_WAIT_S = 2.0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -79,7 +81,7 @@ def _flock_or_wait_for_dead_holder(fd: int, shared: bool = False) -> None:
     A busy lock whose recorded holder has died is still held by processes that inherited the
     open file (forked workers); after a kill they exit within moments, so wait for them up to
     ``STALE_GRACE_S`` seconds instead of refusing at once. A lock whose holder has not written
-    its record yet gets 0.2 s to do so (the message then names it).
+    its record yet gets ``RECORD_WAIT_S`` to do so (the message then names it).
     """
     import fcntl
 
@@ -95,7 +97,7 @@ def _flock_or_wait_for_dead_holder(fd: int, shared: bool = False) -> None:
             info = _lock_info(fd)
             if info and not _holder_died(info):
                 raise  # a live holder: refuse now
-            limit = STALE_GRACE_S if info else 0.2
+            limit = STALE_GRACE_S if info else RECORD_WAIT_S
             if time.monotonic() - started >= limit:
                 raise
             time.sleep(0.02)

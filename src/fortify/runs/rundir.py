@@ -51,6 +51,9 @@ RUN_MARKERS = ("config.yaml", "status.json", "metrics.jsonl", "checkpoints")
 CHECKPOINT_SUFFIX = ".safetensors"
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
+# transient file a writer creates and removes at once to test a folder; never run contents
+WRITE_PROBE_PREFIX = ".write-probe."
+
 Mode = Literal["new", "resume", "overwrite"]
 State = Literal["running", "finished", "failed"]
 
@@ -225,7 +228,11 @@ class RunDir:
     @staticmethod
     def _listing(path: Path) -> list[str]:
         try:
-            return sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME)
+            return sorted(
+                p.name
+                for p in path.iterdir()
+                if p.name != LOCK_NAME and not p.name.startswith(WRITE_PROBE_PREFIX)
+            )
         except OSError as exc:
             raise RunDirError(
                 f"cannot list the run directory {path}: {exc.strerror or exc}"
@@ -295,7 +302,7 @@ class RunDir:
     def _make_writable_dir(path: Path) -> None:
         try:
             path.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=path)
+            fd, probe = tempfile.mkstemp(prefix=WRITE_PROBE_PREFIX, dir=path)
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
