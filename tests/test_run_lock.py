@@ -286,7 +286,7 @@ def test_fit_releases_the_lock_even_when_training_fails(tmp_path: Path) -> None:
 
 DISK_FULL = """
 import resource, signal, sys, json
-import fortify.train.loop as loop
+import fortify.train.checkpointer as checkpointer
 from fortify.config import ExperimentConfig, load_config
 from fortify.errors import RunDirError
 from fortify.train import fit
@@ -302,13 +302,13 @@ if where == "state":  # the disk fills up after epoch 1: the torch.save state fi
     callbacks = [lambda epoch, record: full_disk()]
 else:  # the state file still fits; the safetensors weights do not
     callbacks = []
-    real = loop.save_state
+    real = checkpointer.save_state
     def save_state(checkpoint, epoch, state):
         out = real(checkpoint, epoch, state)
         if epoch == 2:  # epochs are numbered from 1
             full_disk()
         return out
-    loop.save_state = save_state
+    checkpointer.save_state = save_state
 cfg = load_config(ExperimentConfig, None, overrides)
 try:
     fit(cfg, run, progress=False, callbacks=callbacks)
