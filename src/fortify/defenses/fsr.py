@@ -398,7 +398,6 @@ def attach_fsr(
         the defended model (``model`` itself, or a wrapper for a plain ``nn.Sequential``).
     """
     opts = _check_options(options)
-    FSRBlock(1, max(num_classes, 2), **opts)  # validate options before touching the model
     return attach(model, lambda shape: FSRBlock(shape[0], num_classes, **opts), at, input_shape)
 
 

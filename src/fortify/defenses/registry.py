@@ -17,6 +17,7 @@ from torch import nn
 
 from fortify.errors import ConfigError
 from fortify.registry import Registry
+from fortify.utils.shapes import as_chw
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,6 @@ def register_block_defence(
         num_classes: int,
         image_shape: tuple[int, int, int],
     ) -> nn.Module:
-        from fortify.utils.shapes import as_chw
-
         opts = options_from_dict(options_cls, options, label)
         positions = list(at) or default_at(model, model_name)
         log.info("attaching %s after %s (%s)", label, positions, opts)

@@ -76,7 +76,8 @@ def _holder_died(info: dict[str, Any]) -> bool:
 
 
 def _flock_or_wait_for_dead_holder(fd: int, shared: bool = False) -> None:
-    """``flock(fd, LOCK_EX | LOCK_NB)`` (``LOCK_SH`` if ``shared``: a probe); raises the ``OSError`` if the lock stays busy.
+    """``flock(fd, LOCK_EX | LOCK_NB)`` (``LOCK_SH`` if ``shared``: a probe); raises the
+    ``OSError`` if the lock stays busy.
 
     A busy lock whose recorded holder has died is still held by processes that inherited the
     open file (forked workers); after a kill they exit within moments, so wait for them up to
@@ -228,7 +229,7 @@ class RunLock:
         if info.get("since"):
             holder += f", since {info['since']}"
         same_host = host in (None, socket.gethostname())
-        if isinstance(pid, int) and same_host and not _pid_alive(pid):
+        if _holder_died(info):
             return (
                 f"run directory {self.path.parent} is locked although {holder} that took the "
                 "lock has exited: a process it started still holds the lock file open. Find it "
