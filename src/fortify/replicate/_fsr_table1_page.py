@@ -180,6 +180,8 @@ def write_report(
     lines = [
         "# FSR Table 1 at CPU scale (Fashion-MNIST, L∞ ε = 0.1)",
         "",
+        f"Command: `{command}` (regenerates this page; finished jobs are reused).",
+        "",
         f"Accuracy (%) on the first {args.test_points} Fashion-MNIST test images, mean ± sd "
         f"(sample sd) over the training seeds listed per row; AutoAttack on the first {n_aa} "
         "(n in its header). Worst case = per-point worst case over every column, AutoAttack and "

@@ -319,7 +319,8 @@ def _workers(args: argparse.Namespace) -> int:
 
 def _command(args: argparse.Namespace) -> str:
     workers = ["--workers", str(_workers(args))] if _workers(args) > 1 else []
-    return " ".join(shlex.quote(p) for p in ["fortify", *_argv(args), *workers])
+    per_seed = ["--per-seed-dir", str(args.per_seed_dir)] if args.per_seed_dir else []
+    return " ".join(shlex.quote(p) for p in ["fortify", *_argv(args), *per_seed, *workers])
 
 
 def _how_run(args: argparse.Namespace) -> str:
