@@ -398,6 +398,9 @@ def attach_fsr(
         the defended model (``model`` itself, or a wrapper for a plain ``nn.Sequential``).
     """
     opts = _check_options(options)
+    # A throwaway block checks the options against the block itself before the model is touched.
+    # Its parameter init draws from the global RNG: keep it, or every seeded FSR run changes.
+    FSRBlock(1, max(num_classes, 2), **opts)
     return attach(model, lambda shape: FSRBlock(shape[0], num_classes, **opts), at, input_shape)
 
 
