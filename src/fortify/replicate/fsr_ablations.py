@@ -24,7 +24,8 @@ def _fsr(at: list[str], **options: object) -> list[dict[str, object]]:
 
 
 ROWS = {
-    "at-fsr": Row("AT + FSR (full, layer4)", _fsr(["layer4"]), "46.41 (Table 4)"),
+    # the default place is layer4; fsr-table4's row of the same name (the same run directory)
+    "at-fsr": Row("AT + FSR (full, layer4)", _fsr([]), "46.41 (Table 4)"),
     "fsr-no-separation": Row(
         "w/o separation", _fsr(["layer4"], ablation="no-separation"), "45.47 (Table 6)"
     ),

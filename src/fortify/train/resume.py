@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 #: record this as ``epoch_base`` so runs written when epochs counted from 0 still resume.
 EPOCH_BASE = 1
 
-# Config fields that may differ on resume without --force (they do not change the result).
-RESUME_IGNORED = ("device", "train.tensorboard", "eval")
+# Config fields that may differ on resume without --force (they do not change the result; the
+# experiment's ``name`` is a label that nothing in training reads).
+RESUME_IGNORED = ("name", "device", "train.tensorboard", "eval")
 
 
 def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -55,7 +56,7 @@ def _ignored(path: str) -> bool:
 
 def training_changes(stored: Any, cfg: ExperimentConfig) -> list[str]:
     """Differences (``path: old -> new``) between a stored config dict and ``cfg`` that change
-    what is trained (device, TensorBoard and the ``eval`` section do not)."""
+    what is trained (the name, device, TensorBoard and the ``eval`` section do not)."""
     return [d for d in config_diff(stored, to_dict(cfg)) if not _ignored(d.split(":")[0])]
 
 
