@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,19 @@ def test_replicate_table4_tiny_run_writes_page_json_and_reuses(tmp_path, capsys)
     assert ckpt.stat().st_mtime == stamp
     assert main([*argv[:-1], "--seeds", "0,0"]) == 2
     assert main([*argv, "--rows", "at,nope"]) == 2
+
+    # a later session without the run directories re-aggregates the committed per-seed JSON
+    shutil.rmtree(tmp_path / "runs")
+    page = doc.read_text()
+    assert main(argv) == 0
+    assert not (tmp_path / "runs" / "at-cas").exists()  # nothing trained again
+    assert doc.read_text() == page
+    # ... but a changed training recipe or evaluation setting is computed again
+    assert main([*argv, "--test-points", "8", "--rows", "at", "--seeds", "0"]) == 0
+    assert (tmp_path / "runs" / "at" / "seed0" / "checkpoints" / "last.safetensors").is_file()
+    shutil.rmtree(tmp_path / "runs")
+    assert main([*argv, "--epochs", "2", "--rows", "at", "--seeds", "1"]) == 0
+    assert (tmp_path / "runs" / "at" / "seed1" / "checkpoints" / "last.safetensors").is_file()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,3 +142,17 @@ def test_cli_help_shows_options_with_defaults(capsys):
     assert "'sgd' | 'adam' | 'adamax'" in lines["train.optimizer"]
     assert "0.0313725 (=8/255)" in lines["train.attack.eps"]
     assert "= null " in lines["train.grad_clip"] and "= [75, 90] " in lines["train.milestones"]
+
+
+def test_training_fingerprint_ignores_labels_and_follows_training_changes():
+    from fortify.config.loader import from_dict, to_dict
+    from fortify.config.schema import ExperimentConfig
+    from fortify.train.resume import training_changes, training_fingerprint
+
+    base = to_dict(ExperimentConfig())
+    renamed = from_dict(ExperimentConfig, {**base, "name": "another-label", "device": "cpu"})
+    longer = from_dict(ExperimentConfig, {**base, "train": {**base["train"], "epochs": 7}})
+    assert training_changes(base, renamed) == []
+    assert training_fingerprint(renamed) == training_fingerprint(ExperimentConfig())
+    assert [c.split(":")[0] for c in training_changes(base, longer)] == ["train.epochs"]
+    assert training_fingerprint(longer) != training_fingerprint(ExperimentConfig())

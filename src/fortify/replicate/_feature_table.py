@@ -7,13 +7,17 @@ suite and AutoAttack on the first ``--aa-points``; per-point outcomes are kept s
 can be compared with the baseline row by :func:`fortify.stats.seed_point_bootstrap` (seeds, then
 points) and a CI-derived verdict. Run directories live under ``--out/<row>/seed<k>``; the two
 commands share the default ``--out``, so a row they have in common (AT + FSR) is trained once.
-Re-running resumes unfinished training and skips finished evaluations with the same settings.
+Re-running resumes unfinished training and skips finished evaluations with the same settings; a
+(row, seed) whose run directory is absent but whose per-seed JSON (``--json-dir``, committed under
+docs/results/) was computed from the same training config and evaluation settings is reused from
+the JSON, so a later session adds seeds or rows without retraining the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import platform
 import shlex
@@ -193,6 +197,27 @@ def _evaluate_row(
         "checks": checks,
         "seconds": {"paper": round(t_paper, 1), "autoattack": round(t_aa, 1)},
     }
+
+
+def committed(path: Path, cfg: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The per-(row, seed) JSON at ``path`` if it was computed with the same evaluation settings
+    from a run of the same training config (:func:`~fortify.train.resume.training_fingerprint`),
+    else None: a later session re-aggregates committed results without the run directories."""
+    from fortify.train.resume import training_fingerprint
+
+    if not path.is_file():
+        return None
+    try:
+        ev = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s); training/evaluating again", path, exc)
+        return None
+    if not isinstance(ev, dict) or ev.get("settings") != _settings(args):
+        return None
+    if ev.get("training_sha256") != training_fingerprint(cfg):
+        return None
+    log.info("%s: committed result reused (same training config and evaluation settings)", path)
+    return ev
 
 
 def _command(name: str, args: argparse.Namespace) -> str:
@@ -419,7 +444,8 @@ def run_table(
 ) -> int:
     """Train/evaluate every chosen (row, seed), compare with ``baseline``, write page + JSON."""
     from fortify.data import load_dataset
-    from fortify.runs import load_model, write_json_atomic
+    from fortify.runs import RunDir, load_model, write_json_atomic
+    from fortify.train.resume import training_fingerprint
 
     chosen = _check_args(args, rows, baseline)
     seeds = _seeds(args.seeds)
@@ -435,14 +461,18 @@ def run_table(
         for seed in seeds:
             cfg = row_config(row, rows[row], seed, args)
             run_dir = out / row / f"seed{seed}"
-            train_or_reuse(cfg, run_dir, progress=sys.stderr.isatty())
-            model, _ = load_model(run_dir, tag="last")  # evaluate exactly what is on disk
-            ev = evaluate_row(model, run_dir, args, splits)
-            ev = {**ev, "train_seconds": round(t1._train_seconds(run_dir), 1)}
-            ev["final_epoch"] = t1._last_record(run_dir)
-            ev["config"] = {"defenses": _expand(rows[row].defences, args), "seed": seed}
+            json_path = json_dir / f"{row}-seed{seed}.json"
+            ev = None if RunDir(run_dir).state == "finished" else committed(json_path, cfg, args)
+            if ev is None:
+                train_or_reuse(cfg, run_dir, progress=sys.stderr.isatty())
+                model, _ = load_model(run_dir, tag="last")  # evaluate exactly what is on disk
+                ev = evaluate_row(model, run_dir, args, splits)
+                ev = {**ev, "train_seconds": round(t1._train_seconds(run_dir), 1)}
+                ev["final_epoch"] = t1._last_record(run_dir)
+                ev["config"] = {"defenses": _expand(rows[row].defences, args), "seed": seed}
+                ev["training_sha256"] = training_fingerprint(cfg)
+                write_json_atomic(json_path, ev)
             results[row][seed] = ev
-            write_json_atomic(json_dir / f"{row}-seed{seed}.json", ev)
             log.info("%s seed %d: %s", row, seed, ev["accuracy"])
     diffs = compare(results, baseline, args.resamples)
     write_json_atomic(json_dir / "differences.json", diffs)

@@ -9,6 +9,8 @@ way out (``--force`` or ``--overwrite``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,25 @@ def training_changes(stored: Any, cfg: ExperimentConfig) -> list[str]:
     """Differences (``path: old -> new``) between a stored config dict and ``cfg`` that change
     what is trained (the name, device, TensorBoard and the ``eval`` section do not)."""
     return [d for d in config_diff(stored, to_dict(cfg)) if not _ignored(d.split(":")[0])]
+
+
+def _trained_part(data: Any, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for k, v in data.items():
+        path = f"{prefix}.{k}" if prefix else str(k)
+        if not _ignored(path):
+            out[str(k)] = _trained_part(v, path)
+    return out
+
+
+def training_fingerprint(cfg: ExperimentConfig) -> str:
+    """SHA-256 (hex) of what ``cfg`` trains: two configs have the same fingerprint when
+    :func:`training_changes` between them is empty. Stored next to committed results, so that a
+    later session can tell whether a result belongs to a config without its run directory."""
+    blob = json.dumps(_trained_part(to_dict(cfg)), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def check_resume_config(stored: dict[str, Any], cfg: ExperimentConfig, force: bool) -> None:
