@@ -396,7 +396,7 @@ def test_torchattacks_pgd_runs_on_the_defended_model(kind):
 def test_training_passes_hand_the_labels_to_cas(objective):
     from fortify.config.schema import TrainConfig
     from fortify.defenses.contract import labels_for
-    from fortify.train import get_objective
+    from fortify.train import AdvBatch, get_objective
 
     net = create("small-cnn", num_classes=4, in_channels=1, width=4)
     model = attach_cas(net, ["features.1"], 4, (1, 8, 8)).train()
@@ -405,7 +405,7 @@ def test_training_passes_hand_the_labels_to_cas(objective):
     block.register_forward_hook(lambda m, i, o: seen.append(labels_for(m)))
     x, y = torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
     obj = get_objective(objective, TrainConfig(objective=objective))
-    loss, metrics = obj.compute(model, x, y, x.clone(), None)
+    loss, metrics = obj.compute(model, AdvBatch(x, y, x.clone()), None)
     assert "cas" in metrics and torch.isfinite(loss)
     assert seen and all(s is not None and torch.equal(s, y) for s in seen)
     model(x)  # outside the objective's passes: no labels

@@ -12,6 +12,7 @@ import fortify.models.resnet  # noqa: F401  (registers the ResNets)
 from fortify.config.schema import DefenseConfig, ModelConfig, TrainConfig
 from fortify.defenses.contract import AuxContext, aux_providers, capture_aux
 from fortify.defenses.fpd import FPD, build_fpd, denoise, middle_denoise
+from fortify.defenses.registry import DefenceSpec
 from fortify.errors import ConfigError, DataError, FortifyError
 from fortify.factory import build_model
 from fortify.models import create
@@ -24,7 +25,7 @@ def _fpd(name: str = "small-resnet", shape=(1, 28, 28), width: int = 4, **option
         kw["stem"] = options.pop("stem")
     m = create(name, num_classes=10, in_channels=shape[0], **kw)
     opts = {"width": 8, **options}
-    return build_fpd(m, model_name=name, at=[], options=opts, num_classes=10, image_shape=shape)
+    return build_fpd(m, DefenceSpec(name, [], opts, 10, shape))
 
 
 # ---- the denoising operation ---------------------------------------------------------------
@@ -261,12 +262,7 @@ def test_dropout_only_in_training():
 def test_stages_option_on_a_non_resnet():
     m = create("small-cnn", num_classes=10, in_channels=1, width=4)
     f = build_fpd(
-        m,
-        model_name="small-cnn",
-        at=["features.0", "features.1"],
-        options={"width": 8},
-        num_classes=10,
-        image_shape=(1, 28, 28),
+        m, DefenceSpec("small-cnn", ["features.0", "features.1"], {"width": 8}, 10, (1, 28, 28))
     )
     assert f(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
@@ -289,17 +285,10 @@ def test_missing_stages_are_named():
     m = create("small-cnn", num_classes=10, in_channels=1, width=4)
     with pytest.raises(ConfigError, match=r"layer1.*not found.*features"):
         build_fpd(
-            m,
-            model_name="small-cnn",
-            at=[],
-            options={"stages": ["layer1", "layer2"]},
-            num_classes=10,
-            image_shape=(1, 28, 28),
+            m, DefenceSpec("small-cnn", [], {"stages": ["layer1", "layer2"]}, 10, (1, 28, 28))
         )
     with pytest.raises(ConfigError, match="stage names"):
-        build_fpd(
-            m, model_name="small-cnn", at=[], options={}, num_classes=10, image_shape=(1, 28, 28)
-        )
+        build_fpd(m, DefenceSpec("small-cnn", [], {}, 10, (1, 28, 28)))
 
 
 def test_too_small_input_names_the_minimum():

@@ -8,6 +8,7 @@ from torch import nn
 
 import fortify.models.resnet  # noqa: F401  (registers the ResNets)
 from fortify.defenses.fpd import build_fpd
+from fortify.defenses.registry import DefenceSpec
 from fortify.errors import ConfigError, FortifyError
 from fortify.evaluate import available_suites, evaluate
 from fortify.evaluate.adaptive import AdaptiveOptions, UnboundedLogits, adaptive_evaluate
@@ -72,11 +73,7 @@ def test_fpd_model_with_transfer_and_square():
     torch.manual_seed(0)
     fpd = build_fpd(
         create("small-resnet", num_classes=10, in_channels=1, width=4),
-        model_name="small-resnet",
-        at=[],
-        options={"width": 8},
-        num_classes=10,
-        image_shape=(1, 16, 16),
+        DefenceSpec("small-resnet", [], {"width": 8}, 10, (1, 16, 16)),
     )
     surrogate = create("small-resnet", num_classes=10, in_channels=1, width=4)
     x = torch.rand(6, 1, 16, 16)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import fortify.models.resnet  # noqa: F401  (registers the ResNets)
 from fortify.defenses.fpd import FPD, build_fpd
+from fortify.defenses.registry import DefenceSpec
 from fortify.models import create
 
 
@@ -62,11 +63,7 @@ def _model(**options) -> FPD:
     net = create("resnet18", num_classes=10, in_channels=3, width=4, stem="imagenet")
     m = build_fpd(
         net,
-        model_name="resnet18",
-        at=[],
-        options={"width": 8, "activation": "elu", **options},
-        num_classes=10,
-        image_shape=(3, 64, 64),
+        DefenceSpec("resnet18", [], {"width": 8, "activation": "elu", **options}, 10, (3, 64, 64)),
     )
     with torch.no_grad():  # "given weights": every parameter and BN statistic set from a seed
         g = torch.Generator().manual_seed(1)

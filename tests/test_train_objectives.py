@@ -16,7 +16,7 @@ from fortify.defenses import attach
 from fortify.defenses.contract import CaptureMixin
 from fortify.errors import FortifyError
 from fortify.models import create
-from fortify.train import StepContext, available_objectives, get_objective
+from fortify.train import AdvBatch, StepContext, available_objectives, get_objective
 
 EPS = 0.1
 
@@ -92,7 +92,7 @@ def test_at_loss_is_cross_entropy_on_adversarial_batch(batch):
     model = _model().eval()
     obj = get_objective("at", _cfg())
     x_adv = _fixed_adv(x)
-    loss, metrics = obj.compute(model, x, y, x_adv, _ctx(model, obj.cfg))
+    loss, metrics = obj.compute(model, AdvBatch(x, y, x_adv), _ctx(model, obj.cfg))
     p = _probs(model, x_adv)
     hand = -np.mean(np.log(p[np.arange(len(y)), y.numpy()]))
     assert loss.item() == pytest.approx(hand, rel=1e-5)
@@ -105,7 +105,7 @@ def test_trades_loss_matches_hand_computation(batch, beta):
     model = _model().eval()
     obj = get_objective("trades", _cfg(beta=beta))
     x_adv = _fixed_adv(x)
-    loss, metrics = obj.compute(model, x, y, x_adv, _ctx(model, obj.cfg))
+    loss, metrics = obj.compute(model, AdvBatch(x, y, x_adv), _ctx(model, obj.cfg))
     pc, pa = _probs(model, x), _probs(model, x_adv)
     idx = np.arange(len(y)), y.numpy()
     ce = -np.mean(np.log(pc[idx]))
@@ -120,7 +120,7 @@ def test_mart_loss_matches_hand_computation(batch):
     model = _model().eval()
     obj = get_objective("mart", _cfg(beta=6.0))
     x_adv = _fixed_adv(x)
-    loss, _ = obj.compute(model, x, y, x_adv, _ctx(model, obj.cfg))
+    loss, _ = obj.compute(model, AdvBatch(x, y, x_adv), _ctx(model, obj.cfg))
     pc, pa = _probs(model, x), _probs(model, x_adv)
     total = 0.0
     for i, label in enumerate(y.tolist()):  # per-sample, straight from the MART equations
@@ -194,7 +194,7 @@ def test_aux_losses_are_added_and_logged(batch):
     model = attach(_model(), ToyDefence, at="features.0", input_shape=(1, 8, 8)).eval()
     obj = get_objective("at", _cfg())
     x_adv = _fixed_adv(x)
-    loss, metrics = obj.compute(model, x, y, x_adv, _ctx(model, obj.cfg))
+    loss, metrics = obj.compute(model, AdvBatch(x, y, x_adv), _ctx(model, obj.cfg))
     with torch.no_grad():
         ce = F.cross_entropy(model(x_adv), y).item()
         feat = model.features[0](x_adv)  # the hook applies the defence
@@ -208,7 +208,7 @@ def test_models_without_providers_report_no_aux_terms(batch):
     x, y = batch
     model = _model().eval()
     obj = get_objective("trades", _cfg())
-    _, metrics = obj.compute(model, x, y, _fixed_adv(x), _ctx(model, obj.cfg))
+    _, metrics = obj.compute(model, AdvBatch(x, y, _fixed_adv(x)), _ctx(model, obj.cfg))
     assert set(metrics) == {"ce", "kl", "acc", "acc_adv", "loss"}
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from fortify.config.schema import DefenseConfig, ModelConfig
-from fortify.defenses.registry import defence_builder
+from fortify.defenses.registry import DefenceSpec, defence_builder
 from fortify.models import create
 from fortify.models.sources import check_logits, is_source
 from fortify.utils.shapes import as_chw
@@ -42,12 +42,7 @@ def build_model(
     if is_source(model_cfg.name):
         check_logits(model, model_cfg.name, num_classes, as_chw(image_shape))
     for d in defenses:
-        model = defence_builder(d.kind)(
-            model,
-            model_name=model_cfg.name,
-            at=list(d.at),
-            options=dict(d.options),
-            num_classes=num_classes,
-            image_shape=tuple(image_shape),
-        )
+        chw = as_chw(image_shape)
+        spec = DefenceSpec(model_cfg.name, list(d.at), dict(d.options), num_classes, chw)
+        model = defence_builder(d.kind)(model, spec)
     return model

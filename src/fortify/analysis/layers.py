@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fortify.defenses.attach import DEFENSES_ATTR
-from fortify.utils.probe import dry_forward
+from fortify.utils.probe import dry_forward_observed
 
 
 @dataclass(frozen=True)
@@ -46,27 +46,19 @@ def list_layers(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Lay
     restored. Modules of attached defences (``fortify_defenses.*``) and the input ``normalize``
     are skipped.
     """
-    seen: dict[str, list[Any]] = {}
-    handles = []
     modules = [
         (n, m)
         for n, m in model.named_modules()
         if n and not n.startswith(DEFENSES_ATTR) and n.split(".")[0] != "normalize"
     ]
-    for name, module in modules:
-        seen[name] = [0, None]
+    seen: dict[str, list[Any]] = {n: [0, None] for n, _ in modules}  # [calls, output shape]
 
-        def hook(_m: nn.Module, _i: tuple[Any, ...], out: object, _name: str = name) -> None:
-            seen[_name][0] += 1
-            if isinstance(out, torch.Tensor) and out.dim() >= 2:
-                seen[_name][1] = tuple(out.shape[1:])
+    def observe(name: str, out: object) -> None:
+        seen[name][0] += 1
+        if isinstance(out, torch.Tensor) and out.dim() >= 2:
+            seen[name][1] = tuple(out.shape[1:])
 
-        handles.append(module.register_forward_hook(hook))
-    try:
-        dry_forward(model, input_shape)
-    finally:
-        for h in handles:
-            h.remove()
+    dry_forward_observed(model, input_shape, modules, observe)
     return [Layer(n, type(m).__name__, seen[n][1], seen[n][0]) for n, m in modules]
 
 

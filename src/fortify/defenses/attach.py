@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fortify.errors import FortifyError
-from fortify.utils.probe import dry_forward
+from fortify.utils.probe import dry_forward_observed
 from fortify.utils.shapes import as_chw
 
 DEFENSES_ATTR = "fortify_defenses"
@@ -105,25 +105,17 @@ def infer_feature_shapes(
     """
     shapes: dict[str, tuple[int, int, int]] = {}
     calls: dict[str, int] = dict.fromkeys(names, 0)
-    handles = []
-    for name in names:
-        module = find_module(model, name)
 
-        def hook(_m: nn.Module, _i: tuple[Any, ...], out: object, _name: str = name) -> None:
-            if not isinstance(out, torch.Tensor) or out.dim() != 4:
-                raise FortifyError(
-                    f"cannot attach a defence after {_name!r}: its output is {_describe(out)}, "
-                    "not a 4-D feature map (N, C, H, W)"
-                )
-            calls[_name] += 1
-            shapes[_name] = as_chw(out.shape[1:])
+    def observe(name: str, out: object) -> None:
+        if not isinstance(out, torch.Tensor) or out.dim() != 4:
+            raise FortifyError(
+                f"cannot attach a defence after {name!r}: its output is {_describe(out)}, "
+                "not a 4-D feature map (N, C, H, W)"
+            )
+        calls[name] += 1
+        shapes[name] = as_chw(out.shape[1:])
 
-        handles.append(module.register_forward_hook(hook))
-    try:
-        dry_forward(model, input_shape)
-    finally:
-        for h in handles:
-            h.remove()
+    dry_forward_observed(model, input_shape, [(n, find_module(model, n)) for n in names], observe)
     unused = [n for n in names if calls[n] == 0]
     if unused:
         raise FortifyError(

@@ -50,7 +50,7 @@ from fortify.defenses.fpd_parts import (
     refuse_old_layouts,
     stat_key,
 )
-from fortify.defenses.registry import register_defence
+from fortify.defenses.registry import DefenceSpec, register_defence
 from fortify.errors import ConfigError, DataError, FortifyError
 from fortify.utils.shapes import as_chw
 
@@ -452,30 +452,22 @@ def find_fpd(model: nn.Module) -> FPD:
 
 
 @register_defence("fpd")
-def build_fpd(
-    model: nn.Module,
-    *,
-    model_name: str,
-    at: Sequence[str],
-    options: dict[str, Any],
-    num_classes: int,
-    image_shape: tuple[int, int, int],
-) -> FPD:
+def build_fpd(model: nn.Module, spec: DefenceSpec) -> FPD:
     """Defence builder for ``kind: fpd``: wrap ``model`` in :class:`FPD`.
 
-    Stages come from ``options.stages``, else ``at``, else the registry's
+    Stages come from ``options.stages``, else ``spec.at``, else the registry's
     ``spec(model_name).stages``. Other options: :class:`~fortify.defenses.fpd_options.FPDOptions`.
     """
-    opts = FPDOptions.from_dict(options)
-    stages = opts.stages
+    opts = FPDOptions.from_dict(spec.options)
+    stages, at = opts.stages, spec.at
     if stages and at and list(stages) != list(at):
         raise ConfigError(f"FPD got stages twice (at={list(at)}, options.stages={list(stages)})")
     stages = list(stages or at or ())
     if not stages:
-        from fortify.models import spec
+        from fortify.models import spec as model_spec
 
         try:
-            stages = list(spec(model_name).stages)
+            stages = list(model_spec(spec.model_name).stages)
         except FortifyError:
             stages = []
-    return FPD(model, stages, image_shape, options=opts)
+    return FPD(model, stages, spec.image_shape, options=opts)

@@ -1,8 +1,9 @@
 """Registry of defence kinds. A builder takes a backbone and returns the defended model.
 
-``builder(model, *, model_name, at, options, num_classes, image_shape) -> nn.Module`` where
-``at`` is the list of positions from the config (empty: the backbone's default) and
-``image_shape`` is (C, H, W). The returned model's ``forward(x)`` returns logits.
+``builder(model, spec: DefenceSpec) -> nn.Module``; :class:`DefenceSpec` carries what the
+config asks for (positions ``at``, empty: the backbone's default; the ``options`` dict) and the
+facts of the backbone (registry name, number of classes, (C, H, W) image shape). The returned
+model's ``forward(x)`` returns logits.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from torch import nn
@@ -21,7 +22,27 @@ from fortify.utils.shapes import as_chw
 
 log = logging.getLogger(__name__)
 
-DefenceBuilder = Callable[..., nn.Module]
+
+@dataclass(frozen=True)
+class DefenceSpec:
+    """One ``defenses[]`` entry of a config applied to a backbone.
+
+    Attributes:
+        model_name: the backbone's registry name (for default positions).
+        at: module names to attach after (empty: the defence's default for the backbone).
+        options: the entry's ``options`` dict (validated by the defence's options dataclass).
+        num_classes: number of classes of the backbone's logits.
+        image_shape: (C, H, W) of one input image.
+    """
+
+    model_name: str
+    at: Sequence[str]
+    options: dict[str, Any]
+    num_classes: int
+    image_shape: tuple[int, int, int]
+
+
+DefenceBuilder = Callable[[nn.Module, DefenceSpec], nn.Module]
 _Opts = TypeVar("_Opts")
 
 #: Every defence kind; the defence modules of :mod:`fortify.defenses` register at import.
@@ -78,19 +99,11 @@ def register_block_defence(
     ``attach(model, positions, num_classes, (C, H, W), opts)``.
     """
 
-    def build(
-        model: nn.Module,
-        *,
-        model_name: str,
-        at: Sequence[str],
-        options: dict[str, Any],
-        num_classes: int,
-        image_shape: tuple[int, int, int],
-    ) -> nn.Module:
-        opts = options_from_dict(options_cls, options, label)
-        positions = list(at) or default_at(model, model_name)
+    def build(model: nn.Module, spec: DefenceSpec) -> nn.Module:
+        opts = options_from_dict(options_cls, spec.options, label)
+        positions = list(spec.at) or default_at(model, spec.model_name)
         log.info("attaching %s after %s (%s)", label, positions, opts)
-        return attach(model, positions, num_classes, as_chw(image_shape), opts)
+        return attach(model, positions, spec.num_classes, as_chw(spec.image_shape), opts)
 
     build.__doc__ = f"Config builder of ``kind: {kind}`` ({label} blocks)."
     return register_defence(kind)(build)

@@ -106,25 +106,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _configs(a: argparse.Namespace) -> dict[str, Any]:
-    from fortify.config.schema import (
-        DataConfig,
-        DefenseConfig,
-        EvalConfig,
-        ExperimentConfig,
-        InnerAttackConfig,
-        ModelConfig,
-        TrainConfig,
-    )
+    from fortify.config import schema
 
-    data = DataConfig(
+    data = schema.DataConfig(
         name="fashion-mnist",
         root=a.data_root,
         val_size=5000,
         train_subset=a.train_subset,
         augment="none",
     )
-    model = ModelConfig(name="small-resnet", kwargs={"width": a.width})
-    fpd = DefenseConfig(
+    model = schema.ModelConfig(name="small-resnet", kwargs={"width": a.width})
+    fpd = schema.DefenseConfig(
         kind="fpd",
         options={
             "width": a.decoder_width,
@@ -138,69 +130,44 @@ def _configs(a: argparse.Namespace) -> dict[str, Any]:
             "denoise_scale": a.denoise_scale,
         },
     )
-    ev = EvalConfig(suite="adaptive", eps=a.eps, n_points=a.n_points, autoattack_points=a.aa_points)
+    ev = schema.EvalConfig(
+        suite="adaptive", eps=a.eps, n_points=a.n_points, autoattack_points=a.aa_points
+    )
     common: dict[str, Any] = dict(
         batch_size=128, val_points=500, val_attack_steps=0, select="clean", grad_clip=10.0
     )
 
-    def experiment(name: str, defenses: list[Any], train: TrainConfig) -> ExperimentConfig:
-        return ExperimentConfig(
+    def experiment(
+        name: str, defenses: list[Any], train: schema.TrainConfig
+    ) -> schema.ExperimentConfig:
+        return schema.ExperimentConfig(
             name=name, seed=a.seed, device=a.device, data=data, model=model,
             defenses=defenses, eval=ev, train=train,
         )  # fmt: skip
 
+    def train(objective: str, optimizer: Any, lr: float, wd: float, epochs: int, schedule: Any,
+              **more: Any) -> schema.TrainConfig:  # fmt: skip
+        return schema.TrainConfig(
+            objective=objective, optimizer=optimizer, lr=lr, weight_decay=wd, epochs=epochs,
+            schedule=schedule, **more, **common,
+        )  # fmt: skip
+
     plain = experiment(
-        "fpd-table-plain",
-        [],
-        TrainConfig(
-            objective="standard",
-            optimizer="adam",
-            lr=1e-3,
-            weight_decay=0.0,
-            epochs=a.epochs_plain,
-            schedule="cosine",
-            **common,
-        ),
+        "fpd-table-plain", [], train("standard", "adam", 1e-3, 0.0, a.epochs_plain, "cosine")
     )
-    fpd_cfg = experiment(
-        "fpd-table-fpd",
-        [fpd],
-        TrainConfig(
-            objective="fpd",
-            optimizer="adamax",
-            lr=1e-3,
-            weight_decay=1e-5,
-            epochs=a.epochs_fpd,
-            schedule="plateau",
-            gamma=0.1,
-            plateau_patience=2,
-            options={
-                "threshold": a.threshold,
-                "noise": 0.01,
-                "second_weight": 1.0,
-                "warn_after_epochs": 2,
-            },
-            **common,
-        ),
-    )
+    fpd_options = {"threshold": a.threshold, "noise": 0.01, "second_weight": 1.0}
+    fpd_options["warn_after_epochs"] = 2
+    fpd_train = train(
+        "fpd", "adamax", 1e-3, 1e-5, a.epochs_fpd, "plateau", gamma=0.1, plateau_patience=2,
+        options=fpd_options,
+    )  # fmt: skip
+    fpd_cfg = experiment("fpd-table-fpd", [fpd], fpd_train)
     if a.ft_attack == "pgd":
-        attack = InnerAttackConfig(kind="pgd", eps=a.eps, step_size=a.eps / 4, steps=10)
+        attack = schema.InnerAttackConfig(kind="pgd", eps=a.eps, step_size=a.eps / 4, steps=10)
     else:
-        attack = InnerAttackConfig(kind="fgsm-rs", eps=a.eps, step_size=1.25 * a.eps)
-    ft = experiment(
-        "fpd-table-fpd-at",
-        [fpd],
-        TrainConfig(
-            objective="at",
-            optimizer="adam",
-            lr=1e-4,
-            weight_decay=0.0,
-            epochs=a.epochs_ft,
-            schedule="constant",
-            attack=attack,
-            **common,
-        ),
-    )
+        attack = schema.InnerAttackConfig(kind="fgsm-rs", eps=a.eps, step_size=1.25 * a.eps)
+    ft_train = train("at", "adam", 1e-4, 0.0, a.epochs_ft, "constant", attack=attack)
+    ft = experiment("fpd-table-fpd-at", [fpd], ft_train)
     plain_ft = copy.deepcopy(ft)
     plain_ft.name, plain_ft.defenses = "fpd-table-plain-at", []
     equal = copy.deepcopy(plain_ft)

@@ -15,6 +15,7 @@ from fortify.rift.interpolate import (
 )
 from fortify.rift.mrc import (
     ModuleMRC,
+    MRCOptions,
     MRCReport,
     build_adversarial_set,
     compute_mrc,
@@ -35,6 +36,7 @@ __all__ = [
     "alpha_grid",
     "build_adversarial_set",
     "choose_module",
+    "MRCOptions",
     "compute_mrc",
     "evaluate_grid",
     "finetune",

@@ -325,17 +325,56 @@ def plot_mrc(report: MRCReport, path: str | Path, chosen: str | None = None) -> 
 # the computation
 
 
-def _check_options(eps: float, passes: int, lr: float, batch_size: int, variant: str) -> None:
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ConfigError(f"MRC radius eps must be > 0 (relative to ‖W‖), got {eps!r}")
-    if not (isinstance(passes, int) and passes >= 1):
-        raise ConfigError(f"MRC passes must be an integer >= 1, got {passes!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ConfigError(f"MRC lr must be > 0, got {lr!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ConfigError(f"MRC batch size must be an integer >= 1, got {batch_size!r}")
-    if variant not in VARIANTS:
-        raise ConfigError(f"unknown MRC variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+@dataclass
+class MRCOptions:
+    """How a module's robust criticality is measured (defaults: the release's).
+
+    Attributes:
+        eps: radius of the weight perturbation relative to the weight's L2 norm (> 0).
+        passes: ascent passes over the fixed adversarial set (>= 1).
+        lr: ascent step size on the weight (> 0).
+        batch_size: mini-batch size of the passes (>= 1).
+        variant: ``"max"`` (release: the largest loss over all passes) or
+            ``"first-projection"`` (paper: stop at the first pass that hits the radius).
+    """
+
+    eps: float = 0.1
+    passes: int = 10
+    lr: float = 1.0
+    batch_size: int = 512
+    variant: str = "max"
+
+    def validate(self) -> MRCOptions:
+        """``self`` if every field is allowed, else a ConfigError naming it and what is allowed."""
+        eps, passes, lr, batch_size = self.eps, self.passes, self.lr, self.batch_size
+        if not (isinstance(eps, (int, float)) and eps > 0):
+            raise ConfigError(f"MRC radius eps must be > 0 (relative to ‖W‖), got {eps!r}")
+        if not (isinstance(passes, int) and passes >= 1):
+            raise ConfigError(f"MRC passes must be an integer >= 1, got {passes!r}")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ConfigError(f"MRC lr must be > 0, got {lr!r}")
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ConfigError(f"MRC batch size must be an integer >= 1, got {batch_size!r}")
+        if self.variant not in VARIANTS:
+            raise ConfigError(
+                f"unknown MRC variant {self.variant!r}; allowed: {', '.join(VARIANTS)}"
+            )
+        return self
+
+
+def _options(options: MRCOptions | None, settings: dict[str, Any]) -> MRCOptions:
+    """``options``, or :class:`MRCOptions` from keyword ``settings`` (not both), validated."""
+    if options is not None and settings:
+        raise ConfigError(
+            f"pass MRC options either as options= or as keywords, not both: {sorted(settings)}"
+        )
+    if options is None:
+        allowed = set(MRCOptions.__dataclass_fields__)
+        unknown = sorted(set(settings) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown MRC option(s) {unknown}; allowed: {sorted(allowed)}")
+        options = MRCOptions(**settings)
+    return options.validate()
 
 
 def module_mrc(
@@ -344,20 +383,22 @@ def module_mrc(
     x_adv: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float = 0.1,
-    passes: int = 10,
-    lr: float = 1.0,
-    batch_size: int = 512,
-    variant: str = "max",
+    options: MRCOptions | None = None,
     baseline: tuple[float, float] | None = None,
     index: int = 0,
+    **settings: Any,
 ) -> ModuleMRC:
     """MRC of module ``name`` on the fixed adversarial set (x_adv (N, C, H, W) in [0,1], y (N,)).
 
-    ``baseline`` = (loss, acc%) of the unperturbed model on the set, computed when omitted.
-    The model is evaluated in eval mode; its weight is restored exactly before returning.
+    ``options`` (or its fields as keywords: ``eps``, ``passes``, ``lr``, ``batch_size``,
+    ``variant``) say how; ``baseline`` = (loss, acc%) of the unperturbed model on the set,
+    computed when omitted. The model is evaluated in eval mode; its weight is restored exactly
+    before returning.
     """
-    _check_options(eps, passes, lr, batch_size, variant)
+    opts = _options(options, settings)
+    eps, passes, lr, batch_size, variant = (
+        opts.eps, opts.passes, opts.lr, opts.batch_size, opts.variant
+    )  # fmt: skip
     if len(x_adv) == 0 or len(x_adv) != len(y):
         raise DataError(
             f"MRC needs a non-empty adversarial set with one label per image; got "
@@ -437,12 +478,9 @@ def compute_mrc(
     y: torch.Tensor,
     *,
     modules: Sequence[str] | None = None,
-    eps: float = 0.1,
-    passes: int = 10,
-    lr: float = 1.0,
-    batch_size: int = 512,
-    variant: str = "max",
+    options: MRCOptions | None = None,
     progress: Callable[[str], None] | None = None,
+    **settings: Any,
 ) -> MRCReport:
     """MRC of every Conv2d/Linear weight (or of ``modules``) on a fixed adversarial set.
 
@@ -450,12 +488,11 @@ def compute_mrc(
         model: classifier mapping [0,1] images to logits; evaluated in eval mode.
         x_adv: fixed adversarial images (N, C, H, W) in [0, 1]; y: labels (N,).
         modules: module names (default: :func:`weight_modules` in depth order).
-        eps: radius relative to each weight's L2 norm (0.1).
-        passes, lr, batch_size: ascent passes over the set, step size, mini-batch size.
-        variant: ``"max"`` (release) or ``"first-projection"`` (paper).
+        options: :class:`MRCOptions` (radius relative to each weight's L2 norm, passes, step
+            size, mini-batch size, variant), or its fields as keywords (``eps=0.1, ...``).
         progress: called with each module name before it is processed (for progress bars).
     """
-    _check_options(eps, passes, lr, batch_size, variant)
+    opts = _options(options, settings)
     names = list(modules) if modules is not None else weight_modules(model)
     if not names:
         raise ConfigError("the model has no Conv2d/Linear weights to score")
@@ -466,36 +503,25 @@ def compute_mrc(
     was_training = model.training
     model.eval()
     try:
-        baseline = loss_and_accuracy(model, x_adv, y, batch_size)
+        baseline = loss_and_accuracy(model, x_adv, y, opts.batch_size)
     finally:
         model.train(was_training)
     results = []
     for n in names:
         if progress is not None:
             progress(n)
-        r = module_mrc(
-            model,
-            n,
-            x_adv,
-            y,
-            eps=eps,
-            passes=passes,
-            lr=lr,
-            batch_size=batch_size,
-            variant=variant,
-            baseline=baseline,
-            index=order.get(n, len(order)),
-        )
+        index = order.get(n, len(order))
+        r = module_mrc(model, n, x_adv, y, options=opts, baseline=baseline, index=index)
         log.info("MRC %-28s %.4f (robust-acc drop %.2f pts)", n, r.mrc, r.acc_drop)
         results.append(r)
     results.sort(key=lambda m: m.index)
     return MRCReport(
         modules=results,
-        eps=float(eps),
-        passes=passes,
-        lr=float(lr),
-        batch_size=batch_size,
-        variant=variant,
+        eps=float(opts.eps),
+        passes=opts.passes,
+        lr=float(opts.lr),
+        batch_size=opts.batch_size,
+        variant=opts.variant,
         n_points=len(x_adv),
         baseline_loss=baseline[0],
         baseline_acc=baseline[1],

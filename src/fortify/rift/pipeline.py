@@ -27,6 +27,7 @@ from fortify.config.schema import ExperimentConfig
 from fortify.data.base import DataSplits
 from fortify.errors import ConfigError, FortifyError
 from fortify.rift.finetune import FinetuneOptions
+from fortify.rift.mrc import MRCOptions
 from fortify.runs.rundir import Mode
 from fortify.utils.atomic import atomic_write_text
 
@@ -36,14 +37,11 @@ STEPS = ("mrc", "finetune", "interpolate", "evaluate")
 
 
 @dataclass
-class MRCOptions:
-    """Step 1 options (see :mod:`fortify.rift.mrc`)."""
+class MRCStepOptions(MRCOptions):
+    """Step 1 options: how MRC is measured (:class:`~fortify.rift.mrc.MRCOptions`: eps relative
+    to ‖W‖, passes, lr, batch_size, variant max (release) | first-projection (paper)) and the
+    fixed adversarial set it is measured on."""
 
-    eps: float = 0.1  # radius relative to ‖W‖
-    passes: int = 10
-    lr: float = 1.0
-    batch_size: int = 512
-    variant: str = "max"  # max (release) | first-projection (paper)
     n_points: int = 10_000  # validation images in the fixed adversarial set (capped by the split)
     attack_eps: float | None = None  # None: the run's training ε (or the dataset default)
     attack_steps: int = 10
@@ -91,7 +89,7 @@ class EvalOptions:
 class RiftConfig:
     """All RiFT options (YAML: ``configs/rift/default.yaml``)."""
 
-    mrc: MRCOptions = field(default_factory=MRCOptions)
+    mrc: MRCStepOptions = field(default_factory=MRCStepOptions)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
     module: str = "auto"  # module to fine-tune, or auto (lowest MRC among middle stages)
     interpolate: InterpolateOptions = field(default_factory=InterpolateOptions)
@@ -228,7 +226,12 @@ class RiftRun:
     # -- step 1 ------------------------------------------------------------------------------
     def mrc(self, force: bool = False) -> Any:
         """Compute (or load) the MRC report."""
-        from fortify.rift.mrc import MRCReport, build_adversarial_set, compute_mrc, plot_mrc
+        from fortify.rift.mrc import (
+            MRCReport,
+            build_adversarial_set,
+            compute_mrc,
+            plot_mrc,
+        )
 
         d = self.step_dir("mrc")
         if self._reuse("mrc", force):
@@ -247,16 +250,7 @@ class RiftRun:
             batch_size=o.batch_size,
             seed=self.cfg.seed,
         )
-        report = compute_mrc(
-            self.model,
-            x_adv,
-            y,
-            eps=o.eps,
-            passes=o.passes,
-            lr=o.lr,
-            batch_size=o.batch_size,
-            variant=o.variant,
-        )
+        report = compute_mrc(self.model, x_adv, y, options=o)
         report.extra.update(attack_eps=self.eps, attack_steps=o.attack_steps, split="validation")
         report.save(d)
         chosen = self.choose(report)[0] if self.cfg.module == "auto" else self.cfg.module

@@ -8,6 +8,7 @@
 
 from fortify.train.loop import FitResult, apply_trainable, config_diff, fit
 from fortify.train.objectives import (
+    AdvBatch,
     NonFiniteLossError,
     Objective,
     StepContext,
@@ -20,6 +21,7 @@ from fortify.train.objectives import (
 from fortify.train.optim import LRSchedule, build_optimizer
 
 __all__ = [
+    "AdvBatch",
     "FitResult",
     "LRSchedule",
     "NonFiniteLossError",

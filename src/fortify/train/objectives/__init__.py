@@ -6,9 +6,11 @@ register with ``@register_objective("name")``. See ``docs/training.md`` and ``do
 
 from fortify.train.objectives.base import (
     OBJECTIVES,
+    AdvBatch,
     Metrics,
     NonFiniteLossError,
     Objective,
+    Scored,
     StepContext,
     accuracy,
     available_objectives,
@@ -24,10 +26,12 @@ from fortify.train.objectives.base import (
 from fortify.train.objectives import at, fpd, mart, standard, trades  # noqa: E402,F401  isort: skip
 
 __all__ = [
+    "AdvBatch",
     "Metrics",
     "NonFiniteLossError",
     "OBJECTIVES",
     "Objective",
+    "Scored",
     "StepContext",
     "accuracy",
     "available_objectives",

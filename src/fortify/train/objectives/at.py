@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fortify.train.objectives.base import (
-    Metrics,
+    AdvBatch,
     Objective,
+    Scored,
     StepContext,
     accuracy,
     forward_aux,
@@ -24,15 +24,8 @@ class AdversarialTraining(Objective):
     options: dict[str, object] | None = {}
     metric_names: tuple[str, str] = ("ce_adv", "acc_adv")  # (loss, accuracy) in metrics
 
-    def compute(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        x_adv: torch.Tensor,
-        ctx: StepContext,
-    ) -> tuple[torch.Tensor, Metrics]:
-        logits, terms = forward_aux(model, x_adv, y, x_clean=x)
-        ce = F.cross_entropy(logits.float(), y)
+    def compute(self, model: nn.Module, b: AdvBatch, ctx: StepContext) -> Scored:
+        logits, terms = forward_aux(model, b.x_adv, b.y, x_clean=b.x)
+        ce = F.cross_entropy(logits.float(), b.y)
         ce_name, acc_name = self.metric_names
-        return with_aux(ce, terms, {ce_name: ce.detach(), acc_name: accuracy(logits, y)})
+        return with_aux(ce, terms, {ce_name: ce.detach(), acc_name: accuracy(logits, b.y)})

@@ -13,7 +13,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,17 @@ from fortify.errors import ConfigError, FortifyError
 from fortify.registry import Registry
 
 Metrics = dict[str, torch.Tensor | float]
+Scored = tuple[torch.Tensor, Metrics]  # an objective's (loss, metrics)
+
+
+class AdvBatch(NamedTuple):
+    """One batch for :meth:`Objective.compute`: clean images ``x`` (N, C, H, W) in [0, 1] pixel
+    units, labels ``y`` (N,) and the inner maximisation's ``x_adv`` (shape of ``x``; ``x``
+    itself for non-adversarial objectives)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_adv: torch.Tensor
 
 
 class NonFiniteLossError(FortifyError, RuntimeError):
@@ -233,6 +244,16 @@ def forward_labelled(model: nn.Module, inputs: torch.Tensor, y: torch.Tensor) ->
         return model(inputs)
 
 
+def clean_and_adv(
+    model: nn.Module, b: AdvBatch
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """``(logits_clean, logits_adv, terms)``: the clean pass (labels visible to label-reading
+    defences), then the adversarial pass with the defences' auxiliary terms (TRADES, MART)."""
+    logits_clean = forward_labelled(model, b.x, b.y)
+    logits_adv, terms = forward_aux(model, b.x_adv, b.y, x_clean=b.x)
+    return logits_clean, logits_adv, terms
+
+
 def with_aux(
     loss: torch.Tensor, terms: dict[str, torch.Tensor], metrics: Metrics
 ) -> tuple[torch.Tensor, Metrics]:
@@ -342,15 +363,9 @@ class Objective:
         """The inner maximisation; by default ``train.attack`` on the unwrapped model."""
         return ctx.attack(x, y)
 
-    def compute(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        x_adv: torch.Tensor,
-        ctx: StepContext,
-    ) -> tuple[torch.Tensor, Metrics]:
-        """The outer loss on a batch given its adversarial examples: ``(loss, metrics)``."""
+    def compute(self, model: nn.Module, b: AdvBatch, ctx: StepContext) -> Scored:
+        """The outer loss on a batch and its adversarial examples ``b.x_adv``: ``(loss,
+        metrics)``."""
         raise NotImplementedError
 
     def loss(
@@ -358,7 +373,7 @@ class Objective:
     ) -> tuple[torch.Tensor, Metrics]:
         """Craft ``x_adv`` (if adversarial) and return :meth:`compute`'s ``(loss, metrics)``."""
         x_adv = self.perturb(model, x, y, ctx) if self.adversarial else x
-        return self.compute(model, x, y, x_adv, ctx)
+        return self.compute(model, AdvBatch(x, y, x_adv), ctx)
 
     def train_step(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext

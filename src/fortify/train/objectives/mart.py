@@ -21,25 +21,15 @@ from torch import nn
 
 from fortify.config.schema import TrainConfig
 from fortify.errors import ConfigError
-from fortify.train.objectives.base import (
-    Metrics,
-    Objective,
-    StepContext,
-    accuracy,
-    check_start_sigma,
-    forward_aux,
-    forward_labelled,
-    kl_clean_adv,
-    register_objective,
-    with_aux,
-)
+from fortify.train.objectives import base
+from fortify.train.objectives.base import AdvBatch, Objective, Scored, StepContext
 
 BOOST_OFFSET = 1.0001  # the release's constant inside log(offset − max wrong probability)
 MART_STARTS = ("gaussian", "uniform")
 _OPTIONS = {"mart_start": "gaussian", "mart_init": 0.001}
 
 
-@register_objective("mart")
+@base.register_objective("mart")
 class Mart(Objective):
     """``L = BCE(p(x_adv), y) + β · mean_i KL(p(x_i) ‖ p(x_adv,i)) · (1 − p_y(x_i)) + Σ aux``.
 
@@ -65,7 +55,7 @@ class Mart(Objective):
                 f"train.options.mart_start={self.start!r} is not allowed; choose 'gaussian' "
                 "(the release: x + mart_init·N(0, 1)) or 'uniform' (uniform in the ε-ball)"
             )
-        self.sigma = check_start_sigma(merged["mart_init"], "mart_init")
+        self.sigma = base.check_start_sigma(merged["mart_init"], "mart_init")
 
     def perturb(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext
@@ -78,27 +68,20 @@ class Mart(Objective):
 
         return ctx.gaussian_ascent(x, self.sigma, summed_ce)
 
-    def compute(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        x_adv: torch.Tensor,
-        ctx: StepContext,
-    ) -> tuple[torch.Tensor, Metrics]:
-        logits_clean = forward_labelled(model, x, y)
-        logits_adv, terms = forward_aux(model, x_adv, y, x_clean=x)
+    def compute(self, model: nn.Module, b: AdvBatch, ctx: StepContext) -> Scored:
+        logits_clean, logits_adv, terms = base.clean_and_adv(model, b)
+        y = b.y
         p_adv = F.softmax(logits_adv.float(), dim=1)
         ce = F.cross_entropy(logits_adv.float(), y)
         wrong = p_adv.scatter(1, y[:, None], -1.0).amax(1)  # max over k != y
         boost = -torch.log(BOOST_OFFSET - wrong).mean()
         p_true = F.softmax(logits_clean.float(), dim=1).gather(1, y[:, None]).squeeze(1)
-        kl = (kl_clean_adv(logits_clean, logits_adv) * (1.0 - p_true)).mean()
-        metrics: Metrics = {
+        kl = (base.kl_clean_adv(logits_clean, logits_adv) * (1.0 - p_true)).mean()
+        metrics: base.Metrics = {
             "ce_adv": ce.detach(),
             "boost": boost.detach(),
             "kl_weighted": kl.detach(),
-            "acc": accuracy(logits_clean, y),
-            "acc_adv": accuracy(logits_adv, y),
+            "acc": base.accuracy(logits_clean, y),
+            "acc_adv": base.accuracy(logits_adv, y),
         }
-        return with_aux(ce + boost + self.cfg.beta * kl, terms, metrics)
+        return base.with_aux(ce + boost + self.cfg.beta * kl, terms, metrics)

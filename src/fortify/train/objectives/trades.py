@@ -14,13 +14,14 @@ from torch import nn
 
 from fortify.config.schema import TrainConfig
 from fortify.train.objectives.base import (
+    AdvBatch,
     Metrics,
     Objective,
+    Scored,
     StepContext,
     accuracy,
     check_start_sigma,
-    forward_aux,
-    forward_labelled,
+    clean_and_adv,
     kl_clean_adv,
     register_objective,
     with_aux,
@@ -47,16 +48,9 @@ class Trades(Objective):
 
         return ctx.gaussian_ascent(x, self.sigma, kl_from_clean)
 
-    def compute(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        x_adv: torch.Tensor,
-        ctx: StepContext,
-    ) -> tuple[torch.Tensor, Metrics]:
-        logits_clean = forward_labelled(model, x, y)
-        logits_adv, terms = forward_aux(model, x_adv, y, x_clean=x)
+    def compute(self, model: nn.Module, b: AdvBatch, ctx: StepContext) -> Scored:
+        logits_clean, logits_adv, terms = clean_and_adv(model, b)
+        y = b.y
         ce = F.cross_entropy(logits_clean.float(), y)
         kl = kl_clean_adv(logits_clean, logits_adv).mean()
         metrics: Metrics = {
