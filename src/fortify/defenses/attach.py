@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fortify.errors import FortifyError
+from fortify.errors import ConfigError, FortifyError
 from fortify.utils.probe import dry_forward_observed
 from fortify.utils.shapes import as_chw
 
@@ -218,3 +218,14 @@ def attached(model: nn.Module, kind: type[nn.Module] = nn.Module) -> dict[str, A
     if found is None:
         return {}
     return {k.replace("__", "."): m for k, m in found.items() if isinstance(m, kind)}
+
+
+def check_block_sizes(kind: str, channels: object, num_classes: object | None = None) -> None:
+    """Raise :class:`ConfigError` unless ``channels`` is an integer >= 1 and ``num_classes``
+    (when given) an integer >= 2 — the sizes every block's constructor takes."""
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+        raise ConfigError(f"{kind} channels must be a positive integer, got {channels!r}")
+    if num_classes is not None and (
+        not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2
+    ):
+        raise ConfigError(f"{kind} num_classes must be an integer >= 2, got {num_classes!r}")

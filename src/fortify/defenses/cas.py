@@ -36,14 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fortify.defenses.attach import attach, attached
-from fortify.defenses.contract import AuxContext, CaptureMixin, labels_for
-from fortify.defenses.registry import (
-    check_choice,
-    check_number,
-    last_stage_blocks,
-    register_block_defence,
-)
+from fortify.defenses.attach import attach, attached, check_block_sizes
+from fortify.defenses.contract import AuxContext, ChannelSelectionBlock, labels_for
+from fortify.defenses.registry import check_choice, check_number, last_stage, register_block_defence
 from fortify.errors import ConfigError, FortifyError
 
 log = logging.getLogger(__name__)
@@ -88,7 +83,7 @@ class CASParts:
     out: torch.Tensor
 
 
-class CASBlock(CaptureMixin, nn.Module):
+class CASBlock(ChannelSelectionBlock, nn.Module):
     """One CAS module for feature maps with ``channels`` channels (see the module docstring).
 
     Args:
@@ -101,10 +96,7 @@ class CASBlock(CaptureMixin, nn.Module):
 
     def __init__(self, channels: int, num_classes: int, options: CASOptions | None = None):
         super().__init__()
-        if not isinstance(channels, int) or channels < 1:
-            raise ConfigError(f"CAS channels must be a positive integer, got {channels!r}")
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ConfigError(f"CAS num_classes must be an integer >= 2, got {num_classes!r}")
+        check_block_sizes("CAS", channels, num_classes)
         self.opts = options or CASOptions()
         self.opts.validate()
         self.channels = channels
@@ -150,24 +142,11 @@ class CASBlock(CaptureMixin, nn.Module):
         out = f * mask.to(f.dtype)[:, :, None, None]
         return CASParts(logits, classes, mask, out)
 
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) → (N, C, H, W); records the auxiliary logits while capturing."""
-        p = self.parts(f)
-        self.record(logits=p.logits)
-        return p.out
-
     def aux_losses(self, ctx: AuxContext) -> dict[str, torch.Tensor]:
         """``{"cas": β · CE(p̂, y)}`` from the last captured forward (averaged over blocks)."""
-        rec = self.recorded
-        if not rec:
-            log.warning("CAS block recorded nothing during capture_aux; no CAS loss added")
+        logits = self.captured_logits(ctx, "CAS")
+        if logits is None:
             return {}
-        logits = rec["logits"]
-        if ctx.y.shape[0] != logits.shape[0]:
-            raise FortifyError(
-                f"AuxContext.y has {ctx.y.shape[0]} labels but the captured CAS forward saw "
-                f"{logits.shape[0]} inputs"
-            )
         return {self.term: self.opts.beta * F.cross_entropy(logits.float(), ctx.y)}
 
 
@@ -198,13 +177,7 @@ def attach_cas(
 
 
 # Config builder; ``at=[]`` uses the two blocks of the backbone's last stage (paper).
-build = register_block_defence(
-    "cas",
-    "CAS",
-    CASOptions,
-    attach_cas,
-    lambda model, model_name: last_stage_blocks(model, model_name, "CAS"),
-)
+build = register_block_defence("cas", "CAS", CASOptions, attach_cas, last_stage("CAS"))
 
 
 def cas_blocks(model: nn.Module) -> dict[str, CASBlock]:

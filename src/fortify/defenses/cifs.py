@@ -44,15 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fortify.defenses.attach import attach, attached
+from fortify.defenses.attach import attach, attached, check_block_sizes
 from fortify.defenses.cas import SELECTIONS
-from fortify.defenses.contract import AuxContext, CaptureMixin, labels_for
-from fortify.defenses.registry import (
-    check_choice,
-    check_number,
-    last_stage_blocks,
-    register_block_defence,
-)
+from fortify.defenses.contract import AuxContext, ChannelSelectionBlock, labels_for
+from fortify.defenses.registry import check_choice, check_number, last_stage, register_block_defence
 from fortify.errors import ConfigError, FortifyError
 
 log = logging.getLogger(__name__)
@@ -143,7 +138,7 @@ class CIFSParts:
     out: torch.Tensor
 
 
-class CIFSBlock(CaptureMixin, nn.Module):
+class CIFSBlock(ChannelSelectionBlock, nn.Module):
     """One CIFS block for feature maps with ``channels`` channels (see the module docstring).
 
     Args:
@@ -164,10 +159,7 @@ class CIFSBlock(CaptureMixin, nn.Module):
         options: CIFSOptions | None = None,
     ):
         super().__init__()
-        if not isinstance(channels, int) or channels < 1:
-            raise ConfigError(f"CIFS channels must be a positive integer, got {channels!r}")
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ConfigError(f"CIFS num_classes must be an integer >= 2, got {num_classes!r}")
+        check_block_sizes("CIFS", channels, num_classes)
         check_choice("CIFS", "probe", probe, PROBES)
         self.opts = options or CIFSOptions()
         self.opts.validate()
@@ -236,24 +228,11 @@ class CIFSBlock(CaptureMixin, nn.Module):
         out = z * mask.to(z.dtype)[:, :, None, None]
         return CIFSParts(logits, classes, relevance, mask, out)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) → (N, C, H, W); records the probe logits while capturing."""
-        p = self.parts(z)
-        self.record(logits=p.logits)
-        return p.out
-
     def aux_losses(self, ctx: AuxContext) -> dict[str, torch.Tensor]:
         """``{"cifs": 3/(β+1)·β·CE(p, y)}`` (+ ``cifs_norm`` for β ≠ 2), averaged over blocks."""
-        rec = self.recorded
-        if not rec:
-            log.warning("CIFS block recorded nothing during capture_aux; no CIFS loss added")
+        logits = self.captured_logits(ctx, "CIFS")
+        if logits is None:
             return {}
-        logits = rec["logits"]
-        if ctx.y.shape[0] != logits.shape[0]:
-            raise FortifyError(
-                f"AuxContext.y has {ctx.y.shape[0]} labels but the captured CIFS forward saw "
-                f"{logits.shape[0]} inputs"
-            )
         beta = self.opts.beta
         norm = 3.0 / (beta + 1.0) if self.opts.normalise else 1.0
         out = {"cifs": norm * beta * F.cross_entropy(logits.float(), ctx.y)}
@@ -300,13 +279,7 @@ def attach_cifs(
 
 
 # Config builder; ``at=[]`` uses the two blocks of the backbone's last stage (paper).
-build = register_block_defence(
-    "cifs",
-    "CIFS",
-    CIFSOptions,
-    attach_cifs,
-    lambda model, model_name: last_stage_blocks(model, model_name, "CIFS"),
-)
+build = register_block_defence("cifs", "CIFS", CIFSOptions, attach_cifs, last_stage("CIFS"))
 
 
 def cifs_blocks(model: nn.Module) -> dict[str, CIFSBlock]:

@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from fortify.errors import FortifyError
 
 
 @dataclass
@@ -80,6 +83,8 @@ class AuxLossProvider(Protocol):
 
 # Recorded tensors live outside the modules (keyed weakly by module) so that deep copies,
 # pickling and state dicts never see them, even between a forward pass and ``losses()``.
+log = logging.getLogger(__name__)
+
 _RECORDS: weakref.WeakKeyDictionary[object, Any] = weakref.WeakKeyDictionary()
 # True labels handed to label-reading modules for the forward passes inside a context.
 _LABELS: weakref.WeakKeyDictionary[object, Any] = weakref.WeakKeyDictionary()
@@ -141,6 +146,38 @@ class CaptureMixin:
     @property
     def recorded(self) -> dict[str, torch.Tensor]:
         return _RECORDS.get(self, {})
+
+
+class ChannelSelectionBlock(CaptureMixin):
+    """Shared behaviour of blocks that reweight channels from auxiliary class logits (CAS,
+    CIFS): ``parts(f)`` returns an object with ``logits`` (N, K) and ``out`` (shape of ``f``);
+    ``forward`` returns ``out`` and records ``logits`` while capturing, and
+    :meth:`captured_logits` hands them to ``aux_losses``."""
+
+    def parts(self, f: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) → (N, C, H, W); records the auxiliary logits while capturing."""
+        p = self.parts(f)
+        self.record(logits=p.logits)
+        return p.out
+
+    def captured_logits(self, ctx: AuxContext, label: str) -> torch.Tensor | None:
+        """The auxiliary logits of the last captured forward, or None (with a warning) if the
+        block did not run during capture; FortifyError if they do not match ``ctx.y``."""
+        rec = self.recorded
+        if not rec:
+            log.warning("%s block recorded nothing during capture_aux; no %s loss added", label,
+                        label)  # fmt: skip
+            return None
+        logits = rec["logits"]
+        if ctx.y.shape[0] != logits.shape[0]:
+            raise FortifyError(
+                f"AuxContext.y has {ctx.y.shape[0]} labels but the captured {label} forward saw "
+                f"{logits.shape[0]} inputs"
+            )
+        return logits
 
 
 def aux_providers(model: nn.Module) -> list[AuxLossProvider]:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fortify.defenses.attach import attach, attached
+from fortify.defenses.attach import attach, attached, check_block_sizes
 from fortify.defenses.registry import (
     check_choice,
     check_number,
@@ -104,8 +104,7 @@ class FDBlock(nn.Module):
 
     def __init__(self, channels: int, options: FDOptions | None = None):
         super().__init__()
-        if not isinstance(channels, int) or channels < 1:
-            raise ConfigError(f"FD channels must be a positive integer, got {channels!r}")
+        check_block_sizes("FD", channels)
         self.opts = options or FDOptions()
         self.opts.validate()
         self.channels = channels

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fortify.defenses.attach import attach
+from fortify.defenses.attach import attach, check_block_sizes
 from fortify.defenses.contract import AuxContext, CaptureMixin
 from fortify.defenses.registry import options_from_dict, register_block_defence
 from fortify.errors import ConfigError, FortifyError
@@ -233,10 +233,7 @@ class FSRBlock(CaptureMixin, nn.Module):
         eps_log: bool | float = False,
     ):
         super().__init__()
-        if not isinstance(channels, int) or channels < 1:
-            raise ConfigError(f"FSR channels must be a positive integer, got {channels!r}")
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ConfigError(f"FSR num_classes must be an integer >= 2, got {num_classes!r}")
+        check_block_sizes("FSR", channels, num_classes)
         FSROptions(tau, lambda_sep, lambda_rec, hidden, ablation, mask, eps_log).validate()
         self.channels = channels
         self.num_classes = num_classes

@@ -147,6 +147,12 @@ def stage_positions(model_name: str, kind: str) -> list[str]:
     )
 
 
+def last_stage(kind: str) -> Callable[[nn.Module, str], list[str]]:
+    """A ``default_at`` for :func:`register_block_defence`: the two blocks of the backbone's
+    last stage (:func:`last_stage_blocks`; the CAS and CIFS papers' placement)."""
+    return lambda model, model_name: last_stage_blocks(model, model_name, kind)
+
+
 def last_stage_blocks(model: nn.Module, model_name: str, kind: str, count: int = 2) -> list[str]:
     """Names of the last ``count`` blocks of a backbone's last stage (e.g. layer4.0, layer4.1).
 

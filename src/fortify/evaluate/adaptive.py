@@ -36,7 +36,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from fortify.attacks import attack_loss, pgd
+from fortify.attacks import PGDOptions, attack_loss, pgd
 from fortify.errors import ConfigError, FortifyError, check_point_count
 from fortify.evaluate.autoattack import Square, StandardAutoAttack, check_classes
 from fortify.evaluate.context import SuiteContext, attack_first, first_points, first_points_note
@@ -229,25 +229,14 @@ def adaptive_suite(ctx: SuiteContext) -> None:
         check_classes(ctx.num_classes, instead=AA_INSTEAD)  # before any attack runs
     columns: dict[str, list[Outcome]] = {}
 
+    base = PGDOptions(eps=eps, steps=k, norm=norm, restarts=opts.restarts, kappa=opts.kappa)
+
     def pgd_fn(
         net: nn.Module, loss: str, salt: int, s: float = step, n: int = k
     ) -> Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]:
         def fn(xb: torch.Tensor, yb: torch.Tensor, sl: slice) -> torch.Tensor:
-            return pgd(
-                net,
-                xb,
-                yb,
-                eps=eps,
-                steps=n,
-                step_size=s,
-                norm=norm,
-                loss=loss,
-                random_start=True,
-                restarts=opts.restarts,
-                kappa=opts.kappa,
-                mode="final",
-                generator=ctx.generator(salt + sl.start),
-            )
+            gen = ctx.generator(salt + sl.start)
+            return pgd(net, xb, yb, options=base, steps=n, step_size=s, loss=loss, generator=gen)
 
         return fn
 
@@ -396,18 +385,8 @@ def adaptive_suite(ctx: SuiteContext) -> None:
         for i in range(0, m, ctx.batch_size):
             xb = ctx.x[i : min(i + ctx.batch_size, m)].to(ctx.device)
             yb = ctx.y[i : min(i + ctx.batch_size, m)].to(ctx.device)
-            xa = pgd(
-                target,
-                xb,
-                yb,
-                eps=big,
-                steps=k,
-                step_size=2.5 * big / k,
-                norm=norm,
-                loss="dlr",
-                random_start=True,
-                generator=ctx.generator(19 + i),
-            )
+            large = PGDOptions(eps=big, steps=k, norm=norm, loss="dlr")  # step 2.5·big/k
+            xa = pgd(target, xb, yb, options=large, generator=ctx.generator(19 + i))
             ctx.verify_ball("large-ε DLR on logits", xa, xb, big)
             broken += int((ctx.predict(xa) != yb).sum())
         acc_big = 100.0 * (1 - broken / max(m, 1))

@@ -51,6 +51,34 @@ class Row:
     train: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FeatureTable:
+    """One ``fortify replicate`` table over AT rows: its rows, the baseline every row is compared
+    with, the page's title and notes, the default page and seeds. ``add_arguments`` and ``run``
+    are the plug-in's entry points (a table module assigns them to module-level names)."""
+
+    name: str
+    title: str
+    rows: dict[str, Row]
+    baseline: str
+    doc: str
+    notes: list[str]
+    seeds: str = "0,1,2"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_common_arguments(parser, self.rows, self.doc, self.seeds)
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_table(
+            args,
+            name=self.name,
+            title=self.title,
+            rows=self.rows,
+            baseline=self.baseline,
+            notes=self.notes,
+        )
+
+
 def add_common_arguments(
     parser: argparse.ArgumentParser, rows: dict[str, Row], doc: str, seeds: str
 ) -> None:

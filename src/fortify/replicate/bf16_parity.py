@@ -12,9 +12,7 @@ directories with ``fsr-table4`` (same default ``--out``), so it is trained once 
 
 from __future__ import annotations
 
-import argparse
-
-from fortify.replicate._feature_table import Row, add_common_arguments, run_table
+from fortify.replicate._feature_table import FeatureTable, Row
 
 NAME = "bf16-parity"
 HELP = "AT trained in bf16 + channels-last vs fp32 (Fashion-MNIST, fp32 evaluation, 3 seeds)"
@@ -27,22 +25,14 @@ ROWS = {
 BASELINE = "at"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, ROWS, "docs/results/bf16_parity.md", "0,1,2")
-
-
-def run(args: argparse.Namespace) -> int:
-    return run_table(
-        args,
-        name=NAME,
-        title="bf16 + channels-last vs fp32 training at CPU scale (Fashion-MNIST, AT)",
-        rows=ROWS,
-        baseline=BASELINE,
-        notes=[
-            "- both rows: the fsr-table1 AT recipe (small-resnet, PGD inner attack, SGD "
-            "multistep); only `train.precision` and `train.channels_last` differ; every "
-            "evaluation runs in fp32",
-            "- the difference is fp32 − bf16: a CI that covers 0 means no detectable cost of "
-            "bf16 training at this scale",
-        ],
-    )
+TITLE = "bf16 + channels-last vs fp32 training at CPU scale (Fashion-MNIST, AT)"
+DOC = "docs/results/bf16_parity.md"
+NOTES = [
+    "- both rows: the fsr-table1 AT recipe (small-resnet, PGD inner attack, SGD "
+    "multistep); only `train.precision` and `train.channels_last` differ; every "
+    "evaluation runs in fp32",
+    "- the difference is fp32 − bf16: a CI that covers 0 means no detectable cost of "
+    "bf16 training at this scale",
+]
+TABLE = FeatureTable(NAME, TITLE, ROWS, BASELINE, DOC, NOTES)
+add_arguments, run = TABLE.add_arguments, TABLE.run

@@ -10,9 +10,7 @@ a CI-derived verdict. Shares run directories with ``fsr-table4`` (default ``--ou
 
 from __future__ import annotations
 
-import argparse
-
-from fortify.replicate._feature_table import Row, add_common_arguments, run_table
+from fortify.replicate._feature_table import FeatureTable, Row
 
 NAME = "fsr-ablations"
 HELP = "FSR Tables 6/A6/A4 at CPU scale: FSR ablations and block positions on Fashion-MNIST"
@@ -43,22 +41,14 @@ ROWS = {
 BASELINE = "at-fsr"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, ROWS, "docs/results/fsr_ablations.md", "0,1,2")
-
-
-def run(args: argparse.Namespace) -> int:
-    return run_table(
-        args,
-        name=NAME,
-        title="FSR ablations and block positions at CPU scale (Fashion-MNIST)",
-        rows=ROWS,
-        baseline=BASELINE,
-        notes=[
-            "- ablations as defined in docs/fsr.md: without separation = no mask, output "
-            "f + R(f), only the recalibration loss; without recalibration = output f+, only the "
-            "separation loss; binary mask = hard 0/1 mask with a straight-through gradient",
-            "- the paper's Table A4 reports block 4 as best; its numbers for the other positions "
-            "are not in our spec",
-        ],
-    )
+TITLE = "FSR ablations and block positions at CPU scale (Fashion-MNIST)"
+DOC = "docs/results/fsr_ablations.md"
+NOTES = [
+    "- ablations as defined in docs/fsr.md: without separation = no mask, output "
+    "f + R(f), only the recalibration loss; without recalibration = output f+, only the "
+    "separation loss; binary mask = hard 0/1 mask with a straight-through gradient",
+    "- the paper's Table A4 reports block 4 as best; its numbers for the other positions "
+    "are not in our spec",
+]
+TABLE = FeatureTable(NAME, TITLE, ROWS, BASELINE, DOC, NOTES)
+add_arguments, run = TABLE.add_arguments, TABLE.run

@@ -10,9 +10,7 @@ follow ``configs/fsr/cifar10/resnet18-at-*.yaml``: FSR after ``layer4``; FD afte
 
 from __future__ import annotations
 
-import argparse
-
-from fortify.replicate._feature_table import Row, add_common_arguments, run_table
+from fortify.replicate._feature_table import FeatureTable, Row
 
 NAME = "fsr-table4"
 HELP = "FSR Table 4 at CPU scale: AT, AT+FSR, AT+FD, AT+CAS, AT+CIFS on Fashion-MNIST, 3 seeds"
@@ -30,23 +28,15 @@ ROWS = {
 BASELINE = "at"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, ROWS, "docs/results/fsr_table4.md", "0,1,2")
-
-
-def run(args: argparse.Namespace) -> int:
-    return run_table(
-        args,
-        name=NAME,
-        title="FSR Table 4 at CPU scale: feature-level defences under AT (Fashion-MNIST)",
-        rows=ROWS,
-        baseline=BASELINE,
-        notes=[
-            "- rows: AT; AT + FSR after layer4 (τ 0.1, λ_sep = λ_rec = 1); AT + FD after every "
-            "stage (embedded Gaussian non-local means, 1×1 conv + zero-γ BN, residual); AT + CAS "
-            "after layer4.0 and layer4.1 (β 2); AT + CIFS after layer4.0 (non-linear probe) and "
-            "layer4.1 (linear probe), β 2, k 2, detached relevance — each block's paper defaults",
-            "- attacks see the deterministic eval-mode models: CAS/CIFS masks from their own "
-            "predictions; the attacks target the final logits only (FSR protocol)",
-        ],
-    )
+TITLE = "FSR Table 4 at CPU scale: feature-level defences under AT (Fashion-MNIST)"
+DOC = "docs/results/fsr_table4.md"
+NOTES = [
+    "- rows: AT; AT + FSR after layer4 (τ 0.1, λ_sep = λ_rec = 1); AT + FD after every "
+    "stage (embedded Gaussian non-local means, 1×1 conv + zero-γ BN, residual); AT + CAS "
+    "after layer4.0 and layer4.1 (β 2); AT + CIFS after layer4.0 (non-linear probe) and "
+    "layer4.1 (linear probe), β 2, k 2, detached relevance — each block's paper defaults",
+    "- attacks see the deterministic eval-mode models: CAS/CIFS masks from their own "
+    "predictions; the attacks target the final logits only (FSR protocol)",
+]
+TABLE = FeatureTable(NAME, TITLE, ROWS, BASELINE, DOC, NOTES)
+add_arguments, run = TABLE.add_arguments, TABLE.run
