@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -67,6 +67,29 @@ def _check_labels(t: object, n: int, what: str) -> tuple[torch.Tensor, int]:
     if lo < 0:
         raise DataError(f"{what} must be class indices in [0, K), got a negative value {lo}")
     return t.long(), hi
+
+
+_Opts = TypeVar("_Opts", PGDOptions, FGSMOptions)
+
+
+def _prepared(
+    cls: type[_Opts],
+    options: _Opts | None,
+    settings: dict[str, Any],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: torch.Tensor | None,
+) -> tuple[_Opts, torch.Tensor, torch.Tensor | None, int]:
+    """The attack's options (``options`` with ``settings`` replacing fields, validated) and the
+    checked labels/targets on ``x``'s device with the largest class index."""
+    opts = cls.build(options, **settings)
+    norm = opts.norm if isinstance(opts, PGDOptions) else "linf"
+    y, target, max_label = _check_common(
+        x, y, opts.eps, norm, opts.loss, opts.targeted, target, opts.kappa
+    )
+    opts.validate()
+    target = target.to(x.device) if target is not None else None
+    return opts, y.to(x.device), target, max_label
 
 
 def _check_common(
@@ -320,13 +343,7 @@ def pgd_attack(
     Returns:
         :class:`AttackResult` with detached tensors of the same shape as ``x``.
     """
-    opts = PGDOptions.build(options, **settings)
-    y, target, max_label = _check_common(
-        x, y, opts.eps, opts.norm, opts.loss, opts.targeted, target, opts.kappa
-    )
-    opts.validate()
-    y = y.to(x.device)
-    target = target.to(x.device) if target is not None else None
+    opts, y, target, max_label = _prepared(PGDOptions, options, settings, x, y, target)
     if opts.restarts == 1:
         return _pgd_single(
             model, x, y, target, opts, need_success=need_success, max_label=max_label
@@ -401,13 +418,9 @@ def fgsm_attack(
     required), as keyword arguments or ``options=``; ``target`` (N,) when targeted;
     ``need_success=False`` skips the verifying forward (``success`` is then all False).
     """
-    opts = FGSMOptions.build(options, **settings)
+    opts, y, target, max_label = _prepared(FGSMOptions, options, settings, x, y, target)
     eps, loss, targeted, kappa = opts.eps, opts.loss, opts.targeted, opts.kappa
-    y, target, max_label = _check_common(x, y, eps, "linf", loss, targeted, target, kappa)
-    opts.validate()
     x = x.detach()
-    y = y.to(x.device)
-    target = target.to(x.device) if target is not None else None
     _, grad = _input_grad(model, x, y, target, loss, targeted, kappa, max_label)
     x_adv = torch.empty_like(x).copy_(x)
     x_adv.add_(grad.sign_(), alpha=float(eps)).clamp_(0.0, 1.0)

@@ -16,26 +16,12 @@ from torch import nn
 
 from fortify.errors import ConfigError, DataError, FortifyError
 from fortify.evaluate import checks as honesty
+from fortify.evaluate import validation
 from fortify.evaluate.context import SuiteContext
 from fortify.evaluate.outcome import MODE_FREE, Outcome
 from fortify.evaluate.registry import describe_option, get_suite, suites_with
 from fortify.evaluate.report import NATURAL, EvalReport
-from fortify.evaluate.shard import (
-    Shard,
-    finalize,
-    gather,
-    merge_partials,
-    model_digest,
-    partial_report,
-    points_fingerprint,
-)
-from fortify.evaluate.validation import (
-    check_deterministic,
-    check_eps,
-    check_images_labels,
-    check_labels_range,
-    check_logits,
-)
+from fortify.evaluate.shard import Shard, complete, model_digest, points_fingerprint
 from fortify.utils.runtime import compute_record
 
 log = logging.getLogger(__name__)
@@ -154,10 +140,10 @@ def evaluate(
     Returns:
         :class:`EvalReport` (table, per-sample outcomes, checks, settings).
     """
-    check_images_labels(x, y)
+    validation.check_images_labels(x, y)
     if mode not in EVAL_MODES:
         raise ConfigError(f"unknown evaluation mode {mode!r}; allowed: {', '.join(EVAL_MODES)}")
-    check_eps(eps, norm, tuple(x.shape[1:]))
+    validation.check_eps(eps, norm, tuple(x.shape[1:]))
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     spec = get_suite(suite)
@@ -184,13 +170,13 @@ def evaluate(
             with torch.no_grad():
                 out = model(xb) if i else _first_forward(model, xb)
             if i == 0:
-                logits = check_logits(out, len(xb))
+                logits = validation.check_logits(out, len(xb))
                 num_classes = logits.shape[1]
-                check_deterministic(model, xb, logits)
+                validation.check_deterministic(model, xb, logits)
             else:
-                check_logits(out, len(xb))
+                validation.check_logits(out, len(xb))
             correct[i : i + len(xb)] = out.argmax(1).cpu() == y[i : i + len(xb)].cpu()
-        check_labels_range(y, num_classes)
+        validation.check_labels_range(y, num_classes)
 
         ctx = SuiteContext(
             model=model,
@@ -250,16 +236,8 @@ def evaluate(
     report_settings.update(settings or {})
     if part.count > 1:
         report_settings["shard"] = str(part)
-    partial = partial_report(
-        EvalReport(report_settings, ctx.outcomes, ctx.checks, ctx.extras), check_data
-    )
-    if distributed and part.count > 1:
-        partials = gather(partial)
-    elif part.count > 1:
-        return partial  # one slice: `fortify report --merge` joins them
-    else:
-        partials = [partial]
-    return finalize(merge_partials(partials), quiet=part.index != 0)
+    report = EvalReport(report_settings, ctx.outcomes, ctx.checks, ctx.extras)
+    return complete(report, check_data, part, distributed=distributed)
 
 
 def _resolve_shard(shard: Shard | str | None, distributed: bool) -> Shard:

@@ -9,9 +9,10 @@ No column counts an unattacked point as robust.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -27,6 +28,8 @@ from fortify.evaluate.outcome import (
     worst_case,
 )
 from fortify.utils.atomic import atomic_write_text
+
+T = TypeVar("T")
 
 ENSEMBLE = "Ensemble"
 WORST_CASE = "Worst case"
@@ -140,32 +143,30 @@ class EvalReport:
         col = self.column(name, mode)
         return None if col is None else col[1]
 
-    def table(self) -> dict[str, dict[str, float]]:
-        """``{row (mode): {column: accuracy %}}`` (each over the points the column ran on)."""
-        out: dict[str, dict[str, float]] = {}
+    def _cells(
+        self, value: Callable[[torch.Tensor, torch.Tensor], T], *, computed_only: bool
+    ) -> dict[str, dict[str, T]]:
+        """``{row (mode): {column: value(correct, ran)}}`` over the columns present."""
+        out: dict[str, dict[str, T]] = {}
         for mode in self.modes:
-            row: dict[str, float] = {}
+            row: dict[str, T] = {}
             for col in self.columns:
                 o = self.outcome(col, mode)
-                if o is not None and not o.computed:
+                if computed_only and o is not None and not o.computed:
                     continue
                 c = self.column(col, mode)
                 if c is not None:
-                    row[col] = accuracy_on(c[0], c[1])
+                    row[col] = value(c[0], c[1])
             out[mode] = row
         return out
 
+    def table(self) -> dict[str, dict[str, float]]:
+        """``{row (mode): {column: accuracy %}}`` (each over the points the column ran on)."""
+        return self._cells(accuracy_on, computed_only=True)
+
     def table_n(self) -> dict[str, dict[str, int]]:
         """``{row (mode): {column: number of points the accuracy is computed on}}``."""
-        out: dict[str, dict[str, int]] = {}
-        for mode in self.modes:
-            row: dict[str, int] = {}
-            for col in self.columns:
-                c = self.column(col, mode)
-                if c is not None:
-                    row[col] = int(c[1].sum())
-            out[mode] = row
-        return out
+        return self._cells(lambda _correct, ran: int(ran.sum()), computed_only=False)
 
     @property
     def unreliable_reasons(self) -> list[str]:

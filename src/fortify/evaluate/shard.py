@@ -304,6 +304,22 @@ def partial_report(report: EvalReport, check_data: dict[str, Any] | None) -> Eva
     return report
 
 
+def complete(
+    report: EvalReport, check_data: dict[str, Any] | None, part: Shard, *, distributed: bool
+) -> EvalReport:
+    """One slice's ``report`` (and its raw check data) made final: with one slice it is
+    finalized; under ``torchrun`` the ranks' slices are gathered, joined and finalized; a
+    separate (job-array) slice is returned as a partial report for ``fortify report --merge``."""
+    partial = partial_report(report, check_data)
+    if part.count == 1:
+        partials = [partial]
+    elif distributed:
+        partials = gather(partial)
+    else:
+        return partial
+    return finalize(merge_partials(partials), quiet=part.index != 0)
+
+
 def gather(partial: EvalReport) -> list[EvalReport]:
     """Every rank's partial report, in rank order (all-gather over the default group)."""
     import torch.distributed as dist

@@ -54,15 +54,16 @@ class Row:
 @dataclass(frozen=True)
 class FeatureTable:
     """One ``fortify replicate`` table over AT rows: its rows, the baseline every row is compared
-    with, the page's title and notes, the default page and seeds. ``add_arguments`` and ``run``
-    are the plug-in's entry points (a table module assigns them to module-level names)."""
+    with, the page's title and notes (Markdown lines), the default page and seeds.
+    ``add_arguments`` and ``run`` are the plug-in's entry points (a table module assigns them
+    to module-level names)."""
 
     name: str
     title: str
     rows: dict[str, Row]
     baseline: str
     doc: str
-    notes: list[str]
+    notes: str
     seeds: str = "0,1,2"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -75,7 +76,7 @@ class FeatureTable:
             title=self.title,
             rows=self.rows,
             baseline=self.baseline,
-            notes=self.notes,
+            notes=self.notes.strip().splitlines(),
         )
 
 

@@ -27,12 +27,11 @@ BASELINE = "at"
 
 TITLE = "bf16 + channels-last vs fp32 training at CPU scale (Fashion-MNIST, AT)"
 DOC = "docs/results/bf16_parity.md"
-NOTES = [
-    "- both rows: the fsr-table1 AT recipe (small-resnet, PGD inner attack, SGD "
-    "multistep); only `train.precision` and `train.channels_last` differ; every "
-    "evaluation runs in fp32",
-    "- the difference is fp32 − bf16: a CI that covers 0 means no detectable cost of "
-    "bf16 training at this scale",
-]
+NOTES = """\
+- both rows: the fsr-table1 AT recipe (small-resnet, PGD inner attack, SGD multistep); only
+  `train.precision` and `train.channels_last` differ; every evaluation runs in fp32
+- the difference is fp32 − bf16: a CI that covers 0 means no detectable cost of bf16 training at
+  this scale
+"""
 TABLE = FeatureTable(NAME, TITLE, ROWS, BASELINE, DOC, NOTES)
 add_arguments, run = TABLE.add_arguments, TABLE.run

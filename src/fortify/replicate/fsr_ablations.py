@@ -43,12 +43,12 @@ BASELINE = "at-fsr"
 
 TITLE = "FSR ablations and block positions at CPU scale (Fashion-MNIST)"
 DOC = "docs/results/fsr_ablations.md"
-NOTES = [
-    "- ablations as defined in docs/fsr.md: without separation = no mask, output "
-    "f + R(f), only the recalibration loss; without recalibration = output f+, only the "
-    "separation loss; binary mask = hard 0/1 mask with a straight-through gradient",
-    "- the paper's Table A4 reports block 4 as best; its numbers for the other positions "
-    "are not in our spec",
-]
+NOTES = """\
+- ablations as defined in docs/fsr.md: without separation = no mask, output f + R(f), only the
+  recalibration loss; without recalibration = output f+, only the separation loss; binary mask =
+  hard 0/1 mask with a straight-through gradient
+- the paper's Table A4 reports block 4 as best; its numbers for the other positions are not in
+  our spec
+"""
 TABLE = FeatureTable(NAME, TITLE, ROWS, BASELINE, DOC, NOTES)
 add_arguments, run = TABLE.add_arguments, TABLE.run

@@ -30,13 +30,13 @@ BASELINE = "at"
 
 TITLE = "FSR Table 4 at CPU scale: feature-level defences under AT (Fashion-MNIST)"
 DOC = "docs/results/fsr_table4.md"
-NOTES = [
-    "- rows: AT; AT + FSR after layer4 (τ 0.1, λ_sep = λ_rec = 1); AT + FD after every "
-    "stage (embedded Gaussian non-local means, 1×1 conv + zero-γ BN, residual); AT + CAS "
-    "after layer4.0 and layer4.1 (β 2); AT + CIFS after layer4.0 (non-linear probe) and "
-    "layer4.1 (linear probe), β 2, k 2, detached relevance — each block's paper defaults",
-    "- attacks see the deterministic eval-mode models: CAS/CIFS masks from their own "
-    "predictions; the attacks target the final logits only (FSR protocol)",
-]
+NOTES = """\
+- rows: AT; AT + FSR after layer4 (τ 0.1, λ_sep = λ_rec = 1); AT + FD after every stage
+  (embedded Gaussian non-local means, 1×1 conv + zero-γ BN, residual); AT + CAS after layer4.0
+  and layer4.1 (β 2); AT + CIFS after layer4.0 (non-linear probe) and layer4.1 (linear probe), β
+  2, k 2, detached relevance — each block's paper defaults
+- attacks see the deterministic eval-mode models: CAS/CIFS masks from their own predictions; the
+  attacks target the final logits only (FSR protocol)
+"""
 TABLE = FeatureTable(NAME, TITLE, ROWS, BASELINE, DOC, NOTES)
 add_arguments, run = TABLE.add_arguments, TABLE.run

@@ -226,12 +226,7 @@ class RiftRun:
     # -- step 1 ------------------------------------------------------------------------------
     def mrc(self, force: bool = False) -> Any:
         """Compute (or load) the MRC report."""
-        from fortify.rift.mrc import (
-            MRCReport,
-            build_adversarial_set,
-            compute_mrc,
-            plot_mrc,
-        )
+        from fortify.rift.mrc import MRCReport, build_adversarial_set, compute_mrc, plot_mrc
 
         d = self.step_dir("mrc")
         if self._reuse("mrc", force):
