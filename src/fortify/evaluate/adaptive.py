@@ -270,15 +270,7 @@ def adaptive_suite(ctx: SuiteContext) -> None:
             ("AutoAttack (logits)", target, "standard AutoAttack on the pre-bound logits")
         )
     for name, net, note in aa_nets:
-        adversary = StandardAutoAttack(
-            net,
-            num_classes=ctx.num_classes,
-            norm=norm,
-            eps=eps,
-            seed=ctx.seed,
-            device=ctx.device,
-            instead=AA_INSTEAD,
-        )
+        adversary = StandardAutoAttack.in_context(ctx, net, instead=AA_INSTEAD)
 
         def aa_fn(
             xb: torch.Tensor, yb: torch.Tensor, sl: slice, adversary: StandardAutoAttack = adversary

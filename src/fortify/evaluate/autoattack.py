@@ -24,12 +24,15 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fortify.errors import ConfigError, EvaluationError
+
+if TYPE_CHECKING:  # for annotations only
+    from fortify.evaluate.context import SuiteContext
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,18 @@ class StandardAutoAttack:
         self.targets = min(MAX_TARGETS, num_classes - 1)
         self.adversary.apgd_targeted.n_target_classes = self.targets
         self.adversary.fab.n_target_classes = self.targets
+
+    @classmethod
+    def in_context(
+        cls, ctx: SuiteContext, net: nn.Module | None = None, *, instead: str
+    ) -> StandardAutoAttack:
+        """AutoAttack on ``net`` (default: the context's model) with the context's number of
+        classes, norm, ε, seed and device — how every suite builds it."""
+        net = ctx.model if net is None else net
+        return cls(
+            net, num_classes=ctx.num_classes, norm=ctx.norm, eps=ctx.eps, seed=ctx.seed,
+            device=ctx.device, instead=instead,
+        )  # fmt: skip
 
     @property
     def note(self) -> str:

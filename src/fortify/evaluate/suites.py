@@ -117,15 +117,7 @@ def run_autoattack(
             "autoattack_scope='robust' needs cheaper attacks to run first: use suite 'full' "
             "(the autoattack suite alone has no worst case to restrict AutoAttack to)"
         )
-    adversary = StandardAutoAttack(
-        ctx.model,
-        num_classes=ctx.num_classes,
-        norm=ctx.norm,
-        eps=ctx.eps,
-        seed=ctx.seed,
-        device=ctx.device,
-        instead=AA_INSTEAD,
-    )
+    adversary = StandardAutoAttack.in_context(ctx, instead=AA_INSTEAD)
     limit = first_points(ctx.n, points)
     notes = [first_points_note("AutoAttack", limit, ctx.n), adversary.note]
     ctx.settings["autoattack_points"] = limit
