@@ -128,3 +128,15 @@ def test_analyze_cli_params_on_saved_checkpoint(tmp_path, capsys):
     report = json.loads((tmp_path / "run" / "reports" / "analysis.json").read_text())
     assert report["cost"]["params_total"] > report["cost"]["params_backbone"]
     assert main(["analyze", str(tmp_path / "nope")]) == 2
+    # a later session without the run directories: committed per-seed JSON stand for the jobs
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    assert t1.run(_args(*argv)) == 0
+    summary3 = json.loads((tmp_path / "docs" / "t.json").read_text())
+    assert {j["training"] for j in summary3["jobs"].values()} == {"committed"}
+    assert summary3["readings"] == summary["readings"]
+    assert not (tmp_path / "runs" / "at").exists()  # nothing was trained
+    # a different evaluation setting is not taken from the JSON: that job runs again
+    assert t1.run(_args(*[a if a != "24" else "20" for a in argv[:-3]], "--seeds", "0")) == 0
+    assert (tmp_path / "runs" / "at" / "seed-0" / "checkpoints").is_dir()

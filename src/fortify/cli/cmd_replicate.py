@@ -30,9 +30,10 @@ def run(args: argparse.Namespace) -> int:
     workers = check_workers(getattr(args, "workers", 1))
     if workers > 1:
         jobs = args._plugin.jobs(args)
-        results = run_jobs(jobs, min(workers, len(jobs)), Path(args.out) / "jobs")
-        print(
-            f"{len(results)} job(s) finished in {workers} worker(s): "
-            + ", ".join(f"{r.job.label} {r.seconds / 60:.1f} min" for r in results)
-        )
+        if jobs:  # none left when every (row, seed) has a committed result
+            results = run_jobs(jobs, min(workers, len(jobs)), Path(args.out) / "jobs")
+            print(
+                f"{len(results)} job(s) finished in {workers} worker(s): "
+                + ", ".join(f"{r.job.label} {r.seconds / 60:.1f} min" for r in results)
+            )
     return run_plugin(args)

@@ -14,7 +14,9 @@ with disjoint ``--rows`` can share one ``--out`` and a last call with every row 
 The page (``--doc``) shows mean ± sd over seeds, the per-pair differences (FSR minus baseline)
 with seed-then-point bootstrap CIs and the verdicts derived from them; one JSON per (row, seed)
 with the per-sample outcomes goes to ``--per-seed-dir`` (default: ``--doc`` without ``.md``),
-a summary to ``--out/fsr_table1.json`` and a copy next to the Markdown.
+a summary to ``--out/fsr_table1.json`` and a copy next to the Markdown. A (row, seed) whose run
+directory is absent but whose per-seed JSON records the same training fingerprint and evaluation
+settings is taken from the JSON (a later session adds rows or seeds without retraining).
 """
 
 from __future__ import annotations
@@ -279,6 +281,43 @@ def _evaluate(
     return cached_report(row_dir / "reports" / "fsr_table1_eval.json", key, compute)
 
 
+def _per_seed_dir(args: argparse.Namespace) -> Path:
+    """Where the per-(row, seed) JSON go: ``--per-seed-dir``, else ``--doc`` without ``.md``."""
+    doc = Path(args.doc) if args.doc else Path(args.out) / "fsr_table1.md"
+    return Path(args.per_seed_dir) if args.per_seed_dir else doc.with_suffix("")
+
+
+def _job_facts(cfg: Any, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """What a committed result must match to stand for this (row, seed): the training
+    fingerprint and the evaluation settings."""
+    from fortify.train.resume import training_fingerprint
+
+    return {
+        "training_sha256": training_fingerprint(cfg),
+        "evaluation": _eval_key(args, seed, None),
+    }
+
+
+def _committed(
+    per_seed_dir: Path, row: str, seed: int, facts: dict[str, Any], run_dir: Path
+) -> tuple[Any, dict[str, Any]] | None:
+    """The committed report of (row, seed) when its run directory holds no finished run and
+    the per-seed JSON was computed from the same training config and evaluation settings (a
+    later session re-aggregates without retraining); else None."""
+    from fortify.runs import RunDir
+
+    if RunDir(run_dir).state == "finished":
+        return None
+    loaded = SeedGrid.load_one(per_seed_dir / f"{row}-seed{seed}.json")
+    if loaded is None:
+        return None
+    report, stored = loaded
+    if any(stored.get(k) != v for k, v in facts.items()):
+        return None
+    log.info("%s seed %d: committed result reused (%s)", row, seed, per_seed_dir)
+    return report, stored
+
+
 def _train_seconds(run_dir: Path) -> float:
     """Training + validation seconds over all epochs recorded in the run's metrics.jsonl."""
     from fortify.runs import RunDir
@@ -342,7 +381,9 @@ def jobs(args: argparse.Namespace) -> list[Any]:
     """One independent job per (row, seed) for ``--workers``: trains and evaluates that one.
 
     A job writes its one-row page under ``<out>/jobs/`` (not ``--doc``); the full table is
-    assembled afterwards from the finished jobs' reports.
+    assembled afterwards from the finished jobs' reports. A (row, seed) with a committed result
+    (per-seed JSON of the same training config and evaluation settings, no run directory) is
+    not a job.
     """
     from fortify.errors import ConfigError
     from fortify.replicate.workers import Job
@@ -353,6 +394,7 @@ def jobs(args: argparse.Namespace) -> list[Any]:
         raise ConfigError(f"unknown row(s) {bad}; choose from {list(ROWS)}")
     out = Path(args.out) / "jobs"
     seeds = _seeds(args)
+    per_seed_dir = _per_seed_dir(args)
     return [
         Job(
             f"{row}" if len(seeds) == 1 else f"{row}-seed{seed}",
@@ -360,6 +402,14 @@ def jobs(args: argparse.Namespace) -> list[Any]:
         )
         for seed in seeds
         for row in rows
+        if _committed(
+            per_seed_dir,
+            row,
+            seed,
+            _job_facts(row_config(row, args, seed), args, seed),
+            job_dir(args.out, row, seed),
+        )
+        is None
     ]
 
 
@@ -400,29 +450,42 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     grid = SeedGrid(labels=dict(LABELS))
     jobs: dict[str, dict[str, Any]] = {}
+    per_seed_dir = _per_seed_dir(args)
     for seed in seeds:
         for row in rows:
             run_dir = job_dir(out, row, seed)
-            trained = train_or_reuse(
-                row_config(row, args, seed), run_dir, splits=splits, progress=sys.stderr.isatty()
-            )
-            t0 = time.perf_counter()
-            report, reused = _evaluate(trained.model, run_dir, args, splits, seed)
-            grid.add(row, seed, report)
-            jobs[f"{row}/seed-{seed}"] = {
-                "training": trained.how,
-                "evaluation": "reused" if reused else "new",
-                "seconds": {
+            cfg = row_config(row, args, seed)
+            facts = _job_facts(cfg, args, seed)
+            committed = _committed(per_seed_dir, row, seed, facts, run_dir)
+            if committed is not None:
+                report, stored = committed
+                facts.update(stored)
+                how = {"training": "committed", "evaluation": "committed"}
+                this_call = {"train_this_call": 0.0, "eval_this_call": 0.0}
+            else:
+                trained = train_or_reuse(cfg, run_dir, splits=splits, progress=sys.stderr.isatty())
+                t0 = time.perf_counter()
+                report, reused = _evaluate(trained.model, run_dir, args, splits, seed)
+                facts["train_total"] = round(_train_seconds(run_dir), 1)
+                facts["final_epoch"] = _last_record(run_dir)
+                how = {"training": trained.how, "evaluation": "reused" if reused else "new"}
+                this_call = {
                     "train_this_call": round(trained.seconds, 1),
                     "eval_this_call": round(time.perf_counter() - t0, 1),
-                    "train_total": round(_train_seconds(run_dir), 1),
+                }
+            grid.add(row, seed, report, facts)
+            jobs[f"{row}/seed-{seed}"] = {
+                **how,
+                "seconds": {
+                    **this_call,
+                    "train_total": facts["train_total"],
                     "eval_total": float(report.settings.get("seconds", 0.0))
                     + sum(
                         float(a.get("seconds") or 0.0)
                         for a in report.settings.get("added_reports", [])
                     ),
                 },
-                "final_epoch": _last_record(run_dir),
+                "final_epoch": facts["final_epoch"],
                 "checks": report.checks_status(),
             }
             acc = report.table()["final"]
@@ -453,7 +516,6 @@ def run(args: argparse.Namespace) -> int:
         },
     }
     doc = Path(args.doc)
-    per_seed_dir = Path(args.per_seed_dir) if args.per_seed_dir else doc.with_suffix("")
     grid.save_per_seed(per_seed_dir)
     from fortify.replicate._fsr_table1_page import write_report
 

@@ -11,6 +11,7 @@ per-sample outcomes (small enough to commit under docs/results/).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from fortify.errors import ComparisonError, DataError
 from fortify.utils.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the evaluator is imported where used: `fortify --help` stays fast
     from fortify.evaluate.report import EvalReport
@@ -68,10 +71,16 @@ class SeedGrid:
     reports: dict[str, dict[int, EvalReport]] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     mode: str = "final"
+    #: per (row, seed): facts saved next to the report (e.g. the training fingerprint)
+    job_facts: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
 
-    def add(self, row: str, seed: int, report: EvalReport) -> None:
-        """Record the report of one (row, seed) job."""
+    def add(
+        self, row: str, seed: int, report: EvalReport, facts: dict[str, Any] | None = None
+    ) -> None:
+        """Record the report of one (row, seed) job (and ``facts`` to save with it)."""
         self.reports.setdefault(row, {})[seed] = report
+        if facts is not None:
+            self.job_facts[(row, seed)] = dict(facts)
 
     def label(self, row: str) -> str:
         """The display name of ``row``."""
@@ -231,6 +240,8 @@ class SeedGrid:
                 data = rep.to_dict()
                 data["extras"] = {}
                 data["row"], data["training_seed"] = row, s
+                if (row, s) in self.job_facts:
+                    data["job"] = self.job_facts[(row, s)]
                 path = d / f"{row}-seed{s}.json"
                 atomic_write_text(path, json.dumps(data, separators=(",", ":")))
                 written.append(path)
@@ -247,5 +258,23 @@ class SeedGrid:
             raise DataError(f"no per-seed reports (<row>-seed<s>.json) in {directory}")
         for f in files:
             data = json.loads(f.read_text())
-            grid.add(data["row"], int(data["training_seed"]), EvalReport.from_dict(data))
+            grid.add(
+                data["row"], int(data["training_seed"]), EvalReport.from_dict(data), data.get("job")
+            )
         return grid
+
+    @staticmethod
+    def load_one(path: str | Path) -> tuple[EvalReport, dict[str, Any]] | None:
+        """The report and job facts of one file :meth:`save_per_seed` wrote; None if the file
+        is absent or unreadable (logged)."""
+        from fortify.evaluate.report import EvalReport
+
+        p = Path(path)
+        if not p.is_file():
+            return None
+        try:
+            data = json.loads(p.read_text())
+            return EvalReport.from_dict(data), dict(data.get("job") or {})
+        except (OSError, ValueError, KeyError, TypeError, DataError) as exc:
+            log.warning("%s is unreadable (%s); computing that job again", p, exc)
+            return None
