@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import pytest
 import torch
@@ -102,6 +103,16 @@ def test_two_rows_two_seeds_end_to_end(tmp_path, capsys, monkeypatch):
     assert sorted(grid.reports) == ["at", "at-fsr"] and sorted(grid.reports["at"]) == [0, 1]
     again = grid.reading("at", "at-fsr", "AutoAttack")
     assert again.to_dict() == summary["readings"][3]
+    # a later session without the run directories: committed per-seed JSON stand for the jobs
+    shutil.rmtree(tmp_path / "runs")
+    assert t1.run(_args(*argv)) == 0
+    summary3 = json.loads((tmp_path / "docs" / "t.json").read_text())
+    assert {j["training"] for j in summary3["jobs"].values()} == {"committed"}
+    assert summary3["readings"] == summary["readings"]
+    assert not (tmp_path / "runs" / "at").exists()  # nothing was trained
+    # a different evaluation setting is not taken from the JSON: that job runs again
+    assert t1.run(_args(*[a if a != "24" else "20" for a in argv[:-3]], "--seeds", "0")) == 0
+    assert (tmp_path / "runs" / "at" / "seed-0" / "checkpoints").is_dir()
 
 
 def test_analyze_cli_params_on_saved_checkpoint(tmp_path, capsys):
@@ -128,15 +139,3 @@ def test_analyze_cli_params_on_saved_checkpoint(tmp_path, capsys):
     report = json.loads((tmp_path / "run" / "reports" / "analysis.json").read_text())
     assert report["cost"]["params_total"] > report["cost"]["params_backbone"]
     assert main(["analyze", str(tmp_path / "nope")]) == 2
-    # a later session without the run directories: committed per-seed JSON stand for the jobs
-    import shutil
-
-    shutil.rmtree(tmp_path / "runs")
-    assert t1.run(_args(*argv)) == 0
-    summary3 = json.loads((tmp_path / "docs" / "t.json").read_text())
-    assert {j["training"] for j in summary3["jobs"].values()} == {"committed"}
-    assert summary3["readings"] == summary["readings"]
-    assert not (tmp_path / "runs" / "at").exists()  # nothing was trained
-    # a different evaluation setting is not taken from the JSON: that job runs again
-    assert t1.run(_args(*[a if a != "24" else "20" for a in argv[:-3]], "--seeds", "0")) == 0
-    assert (tmp_path / "runs" / "at" / "seed-0" / "checkpoints").is_dir()
