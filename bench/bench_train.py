@@ -14,7 +14,11 @@ step) is printed too for comparison; it flatters the loop.
 Wall-clock and process CPU time are both reported (median over interleaved repeats); on a
 shared machine the CPU-time ratio is the steadier one.
 
+It also prints fp32 ÷ (bf16 + channels-last) time per AT step through ``fit`` (the speed-up of
+the CPU presets' precision), each repeat running both precisions back to back.
+
 Usage: OMP_NUM_THREADS=1 python bench/bench_train.py [--batches 20] [--steps 10] [--repeats 5]
+       [--model small-resnet --width 4]  (the fsr-table1 / bf16-parity recipe's model)
 """
 
 from __future__ import annotations
@@ -115,29 +119,57 @@ def main() -> None:
           f"fashion-mnist 28x28, {args.model} width {args.width}, batch {batch}, "
           f"{args.batches} batches, PGD-{args.steps}, "
           f"{args.repeats} interleaved repeats")  # fmt: skip
-    for precision, cl in (("fp32", False), ("bf16", True)):
-        cfg = load_config(ExperimentConfig, None, [
-            "data.name=fashion-mnist", "device=cpu", f"model.name={args.model}",
-            f"model.kwargs={{width: {args.width}}}", "train.objective=at", "train.epochs=1",
-            f"train.batch_size={batch}", "train.lr=0.05", f"train.attack.steps={args.steps}",
-            "train.attack.eps=0.1", "train.attack.step_size=0.025", "train.val_points=0",
-            f"train.precision={precision}", f"train.channels_last={str(cl).lower()}",
-        ])  # fmt: skip
-        tight, loose, loop = [], [], []
-        for _ in range(args.repeats):  # interleaved so machine load affects all alike
-            tight.append(tight_epoch(splits, cfg, args.steps))
-            loop.append(fit_epoch(splits, cfg))
-            loose.append(loose_epoch(splits, cfg, args.steps))
-        label = precision + ("+channels_last" if cl else "")
+    settings = {"fp32": ("fp32", False), "bf16+channels_last": ("bf16", True)}
+    cfgs = {
+        label: load_config(
+            ExperimentConfig,
+            None,
+            [
+                "data.name=fashion-mnist",
+                "device=cpu",
+                f"model.name={args.model}",
+                f"model.kwargs={{width: {args.width}}}",
+                "train.objective=at",
+                "train.epochs=1",
+                f"train.batch_size={batch}",
+                "train.lr=0.05",
+                f"train.attack.steps={args.steps}",
+                "train.attack.eps=0.1",
+                "train.attack.step_size=0.025",
+                "train.val_points=0",
+                f"train.precision={precision}",
+                f"train.channels_last={str(cl).lower()}",
+            ],
+        )  # fmt: skip
+        for label, (precision, cl) in settings.items()
+    }
+    tight: dict[str, list[tuple[float, float]]] = {k: [] for k in cfgs}
+    loose: dict[str, list[tuple[float, float]]] = {k: [] for k in cfgs}
+    loop: dict[str, list[tuple[float, float]]] = {k: [] for k in cfgs}
+    for _ in range(args.repeats):  # interleaved (and both precisions per repeat): load hits all
+        for label, cfg in cfgs.items():
+            tight[label].append(tight_epoch(splits, cfg, args.steps))
+            loop[label].append(fit_epoch(splits, cfg))
+            loose[label].append(loose_epoch(splits, cfg, args.steps))
+    for label in cfgs:
         for i, what in ((0, "wall"), (1, "cpu")):
-            t = statistics.median(r[i] for r in tight)
-            f = statistics.median(r[i] for r in loop)
-            lo = statistics.median(r[i] for r in loose)
-            per_rep = [fr[i] / tr[i] for fr, tr in zip(loop, tight, strict=True)]
+            t = statistics.median(r[i] for r in tight[label])
+            f = statistics.median(r[i] for r in loop[label])
+            lo = statistics.median(r[i] for r in loose[label])
+            per_rep = [fr[i] / tr[i] for fr, tr in zip(loop[label], tight[label], strict=True)]
             print(f"{label} {what}: tight floor {t:.3f}s, fit {f:.3f}s -> fit/tight "
                   f"{f / t:.3f} (per repeat {', '.join(f'{r:.3f}' for r in per_rep)}; target "
                   f"<= 1.10); loose floor {lo:.3f}s -> fit/loose {f / lo:.3f}")  # fmt: skip
-        print(f"{label}: {args.batches * batch / statistics.median(r[0] for r in loop):.0f} img/s")
+        rate = args.batches * batch / statistics.median(r[0] for r in loop[label])
+        print(f"{label}: {rate:.0f} img/s")
+    # the speed of bf16 + channels-last relative to fp32: one AT epoch through fit, same repeat
+    for i, what in ((0, "wall"), (1, "cpu")):
+        per_rep = [
+            a[i] / b[i] for a, b in zip(loop["fp32"], loop["bf16+channels_last"], strict=True)
+        ]
+        print(f"fp32 / bf16+channels_last time per AT step ({what}): "
+              f"{statistics.median(per_rep):.2f} (per repeat "
+              f"{', '.join(f'{r:.2f}' for r in per_rep)})")  # fmt: skip
 
 
 if __name__ == "__main__":
