@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from fortify.errors import ConfigError
 from fortify.replicate import fsr_table1 as t1
 
 
@@ -110,6 +111,13 @@ def test_two_rows_two_seeds_end_to_end(tmp_path, capsys, monkeypatch):
     assert {j["training"] for j in summary3["jobs"].values()} == {"committed"}
     assert summary3["readings"] == summary["readings"]
     assert not (tmp_path / "runs" / "at").exists()  # nothing was trained
+    # a hand-written appendix is appended verbatim and named in the page's command
+    (tmp_path / "notes.md").write_text("## Investigation\n\nWritten by hand.\n")
+    assert t1.run(_args(*argv, "--appendix", "notes.md")) == 0
+    page = (tmp_path / "docs" / "t.md").read_text()
+    assert page.rstrip().endswith("Written by hand.") and "--appendix notes.md" in page
+    with pytest.raises(ConfigError, match="--appendix"):
+        t1.run(_args(*argv, "--appendix", "missing.md"))
     # a different evaluation setting is not taken from the JSON: that job runs again
     assert t1.run(_args(*[a if a != "24" else "20" for a in argv[:-3]], "--seeds", "0")) == 0
     assert (tmp_path / "runs" / "at" / "seed-0" / "checkpoints").is_dir()

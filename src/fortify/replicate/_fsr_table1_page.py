@@ -232,6 +232,9 @@ def write_report(
         "MART 50.88 → 54.80.",
         "",
     ]
+    appendix = getattr(args, "appendix", None)
+    if appendix:
+        lines += [Path(appendix).read_text().strip(), ""]
     text = "\n".join(lines)
     write_text_atomic(path, text)
     write_json_atomic(path.with_suffix(".json"), summary)

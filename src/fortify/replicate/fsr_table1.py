@@ -122,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "without .md)",
     )
     parser.add_argument(
+        "--appendix",
+        default=None,
+        help="Markdown file appended verbatim to the page (a hand-written investigation, e.g. "
+        "docs/results/fsr_table1_mart.md); kept in the page's command",
+    )
+    parser.add_argument(
         "--resamples", type=int, default=2000, help="bootstrap resamples of the CIs (>= 2000)"
     )
     parser.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
@@ -359,7 +365,9 @@ def _workers(args: argparse.Namespace) -> int:
 def _command(args: argparse.Namespace) -> str:
     workers = ["--workers", str(_workers(args))] if _workers(args) > 1 else []
     per_seed = ["--per-seed-dir", str(args.per_seed_dir)] if args.per_seed_dir else []
-    return " ".join(shlex.quote(p) for p in ["fortify", *_argv(args), *per_seed, *workers])
+    appendix = ["--appendix", str(args.appendix)] if getattr(args, "appendix", None) else []
+    parts = ["fortify", *_argv(args), *per_seed, *appendix, *workers]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _how_run(args: argparse.Namespace) -> str:
@@ -435,6 +443,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--aa-points must be >= 0, got {args.aa_points}")
     seeds = _seeds(args)
     BootstrapOptions(resamples=args.resamples).validate()
+    appendix = getattr(args, "appendix", None)
+    if appendix and not Path(appendix).is_file():
+        raise ConfigError(f"--appendix {appendix!r} is not a file; give a Markdown file to append")
     if args.estimate:
         from fortify.replicate._fsr_table1_page import estimate
 
