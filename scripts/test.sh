@@ -10,4 +10,4 @@ fi
 echo "==> ruff check"; "$VENV/bin/ruff" check src tests bench
 echo "==> ruff format --check"; "$VENV/bin/ruff" format --check src tests bench
 echo "==> mypy"; "$VENV/bin/mypy"
-echo "==> pytest"; OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest -q -n "${FORTIFY_TEST_WORKERS:-2}" "$@"
+echo "==> pytest"; OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest -q -n "${FORTIFY_TEST_WORKERS:-2}" --dist worksteal "$@"
