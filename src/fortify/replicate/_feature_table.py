@@ -405,7 +405,13 @@ def write_page(
     lines += [f"- {f}" for f in flagged] or ["- every check of every row and seed passed"]
     lines += ["", "## Paper (CIFAR-10, ResNet-18, ε = 8/255, AutoAttack), for orientation", ""]
     lines += [f"- {spec.label}: {spec.paper}" for r, spec in rows.items() if r in results]
-    lines += ["", "## Settings", "", *notes, ""]
+    lines += ["", "## Settings", "", *notes]
+    if args.fd_at and any(d["kind"] == "fd" for r in results for d in rows[r].defences):
+        lines.append(
+            f"- **FD placement changed by `--fd-at`: after {args.fd_at}** (the release, and this "
+            "command's default, add a block after every stage)"
+        )
+    lines.append("")
     lines += [
         f"- training: fsr-table1's AT recipe — small-resnet width {args.width}, "
         f"{args.train_subset} training images, {args.epochs} epochs, batch {args.batch_size}, "
