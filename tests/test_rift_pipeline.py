@@ -194,3 +194,40 @@ def test_non_adversarial_run_warns(tmp_path, caplog, objective):
     assert "not adversarially" in caplog.text and repr(objective) in caplog.text
     assert rr.eps == pytest.approx(0.1)  # dataset default for a standard run
     torch.manual_seed(0)
+
+
+def test_replicate_runs_both_bn_settings_side_by_side(at_run, tmp_path, capsys):
+    """rift-table1 --bn adapt,frozen: one AT model, two RiFT runs; the second reuses the MRC
+    step and the AT model's reports; the page puts both rows and their difference side by side."""
+    from fortify.cli.main import main
+
+    doc = tmp_path / "rift.md"
+    argv = [
+        "replicate", "rift-table1", "--run", str(at_run), "--out", str(tmp_path / "out"),
+        "--doc", str(doc), "--bn", "adapt,frozen", "--device", "cpu",
+        "--set", "mrc.passes=2", "--set", "mrc.n_points=64", "--set", "mrc.batch_size=64",
+        "--set", "finetune.epochs=1", "--set", "finetune.lr=0.01",
+        "--set", "interpolate.step=0.5", "--set", "interpolate.n_points=64",
+        "--set", "evaluate.suites=[pgd10, ood]", "--set", "evaluate.n_points=32",
+        "--set", "evaluate.checks=false",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = tmp_path / "out"
+    adapt, frozen = out / "rift-adapt", out / "rift-frozen"
+    assert json.loads((adapt / "finetune" / "finetune.json").read_text())["options"]["bn"] == (
+        "adapt"
+    )
+    assert json.loads((frozen / "finetune" / "finetune.json").read_text())["options"]["bn"] == (
+        "frozen"
+    )
+    # shared work: the same MRC result and the same AT-model report (copied, not recomputed)
+    assert (adapt / "mrc" / "done.json").read_bytes() == (frozen / "mrc" / "done.json").read_bytes()
+    for name in ("at-pgd10.json", "at-ood.json"):
+        assert (adapt / "evaluate" / name).read_bytes() == (frozen / "evaluate" / name).read_bytes()
+    text = doc.read_text()
+    assert "| AT + RiFT (BN adapt) |" in text and "| AT + RiFT (BN frozen) |" in text
+    assert "rift_seed0_adapt.md" in text and (tmp_path / "rift_seed0_frozen.md").is_file()
+    assert "| method | seeds | OOD |" in text
+    # the BN setting is chosen with --bn, not with --set
+    assert main([*argv, "--set", "finetune.bn=frozen"]) == 2
+    assert "--bn" in capsys.readouterr().err

@@ -7,10 +7,14 @@ module → α on validation) and reports, for AT and AT+RiFT on the TEST split: 
 (mean accuracy over generated corruptions, 5 severities), PGD-10 and AutoAttack (standard).
 Every step is resumable: rerunning the command skips finished work. The table goes to ``--doc``.
 
-Budget (estimated from bench/bench_mrc.py and the training preset on the 2-core machine):
-AT training ≈ 15–20 min, MRC (21 modules × 10 passes × 1,000 points) ≈ 7 min, fine-tuning
-≈ 4 min, α grid (11 × PGD-10 on 1,000 points) ≈ 4 min, test evaluation of two models (PGD-10
-and OOD on 1,000 points, AutoAttack on 500) ≈ 40 min: about 75 min in all, under the 2 h cap.
+``--bn adapt,frozen`` (default) runs the fine-tuning with BN statistics adapting (the release)
+and with BN frozen on the same AT model, side by side; the second run reuses the first one's MRC
+step and the AT model's reports.
+
+Budget per seed: one setting took 98.8 min on the shared 2-core machine (2026-11-22; AT training
+10.5 min, the rest MRC, fine-tuning, α grid and the test evaluation of two models, which
+dominates); the second setting adds fine-tuning, α grid and one model's evaluation: ≈ 2.5 h per
+seed for both settings.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,7 @@ HELP = "RiFT Table 1 at CPU scale: AT vs AT+RiFT (Std, OOD, PGD-10, AutoAttack) 
 DESCRIPTION = __doc__
 
 DEFAULT_PRESET = "configs/train/cpu/fmnist-resnet-at.yaml"
+BN_SETTINGS = ("adapt", "frozen")
 DEFAULT_RIFT = "configs/rift/fashion-mnist-cpu.yaml"
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="training override, e.g. --train-set train.epochs=3",
     )
+    parser.add_argument(
+        "--bn",
+        default=",".join(BN_SETTINGS),
+        help="fine-tuning BatchNorm settings run on the same AT model, side by side: adapt (the "
+        "release: BN statistics follow the clean fine-tuning data) and/or frozen",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed when --seeds is not given")
     add_seed_arguments(parser, default=None)
     parser.add_argument("--device", default="auto")
@@ -91,42 +103,101 @@ def _train_at(args: argparse.Namespace, out: Path) -> Path:
 READING_COLUMNS = ("Natural", "PGD-10", "Ensemble", "AutoAttack")
 
 
+@dataclass
+class BNResult:
+    """One RiFT run (one BN setting) on one seed's AT model."""
+
+    bn: str
+    page: str
+    eval_dir: Path
+    summary: dict[str, Any]
+
+
+def _bns(args: argparse.Namespace) -> list[str]:
+    from fortify.errors import ConfigError
+
+    bns = [b.strip() for b in str(args.bn).split(",") if b.strip()]
+    if not bns or any(b not in BN_SETTINGS for b in bns) or len(set(bns)) != len(bns):
+        raise ConfigError(
+            f"--bn must name distinct settings from {', '.join(BN_SETTINGS)}, got {args.bn!r}"
+        )
+    if any(o.split("=")[0].strip() == "finetune.bn" for o in args.overrides):
+        raise ConfigError("choose the BN setting with --bn, not --set finetune.bn=...")
+    return bns
+
+
+def _row(bn: str) -> str:
+    return f"RiFT-{bn}"
+
+
 def run(args: argparse.Namespace) -> int:
-    """One AT run + RiFT per seed (``--seeds``: one folder per seed); the page."""
+    """One AT run + RiFT per seed and BN setting (``--seeds``: one folder per seed); the page."""
+    from fortify.stats import mean_sd
     from fortify.utils.atomic import atomic_write_text
 
     if args.doc is None:
         args.doc = str(Path(args.out) / "rift_table1.md")
-    grid = SeedGrid(labels={"AT": "AT", "RiFT": "AT + RiFT"})
-    pages = {}
+    bns = _bns(args)
+    grid = SeedGrid(labels={"AT": "AT", **{_row(b): f"AT + RiFT (BN {b})" for b in bns}})
+    results: dict[int, list[BNResult]] = {}
     for a_s in per_seed_args(args):
-        pages[a_s.seed], eval_dir = _run_seed(a_s)
-        add_eval_reports(grid, a_s.seed, eval_dir)
-    seeds = list(pages)
-    readings = grid.readings([("AT", "RiFT")], READING_COLUMNS)
+        results[a_s.seed] = _run_seed(a_s, bns)
+        for r in results[a_s.seed]:
+            add_eval_reports(grid, a_s.seed, r.eval_dir, rift_row=_row(r.bn))
+    seeds = list(results)
+    pairs = [("AT", _row(b)) for b in bns]
+    if len(bns) == 2:
+        pairs.append((_row("frozen"), _row("adapt")))
+    readings = grid.readings(pairs, READING_COLUMNS)
     doc = Path(args.doc)
     section = [
         "",
-        "## AT + RiFT minus AT (generated from the intervals)",
+        "## Differences (generated from the intervals)",
         "",
         *grid.readings_markdown(readings),
         "",
     ]
-    if len(seeds) == 1:
-        text = pages[seeds[0]] + "\n".join(section)
+    if len(seeds) == 1 and len(bns) == 1:
+        text = results[seeds[0]][0].page + "\n".join(section)
     else:
-        for seed, page in pages.items():
-            atomic_write_text(doc.with_name(f"{doc.stem}_seed{seed}.md"), page)
+        names = []
+        for seed, per_bn in results.items():
+            for r in per_bn:
+                name = f"{doc.stem}_seed{seed}_{r.bn}.md"
+                atomic_write_text(doc.with_name(name), r.page)
+                names.append(f"[{name}]({name})")
+        ood_rows = []
+        for row, label in grid.labels.items():
+            if row == "AT":  # one AT model per seed, the same for every BN setting
+                picked = [(per_bn[0], "AT") for per_bn in results.values()]
+            else:
+                picked = [(r, "RiFT") for per_bn in results.values() for r in per_bn
+                          if _row(r.bn) == row]  # fmt: skip
+            vals = [r.summary["models"][name].get("ood_mean") for r, name in picked]
+            vals = [v for v in vals if isinstance(v, (int, float))]
+            if vals:
+                ood_rows.append(f"| {label} | {len(vals)} | {mean_sd(vals).format(2)} |")
         text = "\n".join(
             [
-                "# RiFT Table 1 — CPU-scale replication, several seeds",
+                "# RiFT Table 1 — CPU-scale replication, BN settings side by side",
                 "",
-                f"Seeds {', '.join(str(s) for s in seeds)}; accuracy (%) mean ± sd over seeds on "
-                "the TEST split (a column on fewer points gives its n). Per-seed pages: "
-                + ", ".join(f"`{doc.stem}_seed{s}.md`" for s in seeds)
+                f"Command: `{_command()}`",
+                "",
+                f"Seeds {', '.join(str(s) for s in seeds)}; fine-tuning BN "
+                f"{' and '.join(bns)} on the same AT model of each seed (adapt = the release). "
+                "Accuracy (%) mean ± sd over seeds on the TEST split (a column on fewer points "
+                "gives its n). Per-seed, per-setting pages (fine-tuned module, α grid, checks): "
+                + ", ".join(names)
                 + ".",
                 "",
                 *grid.table(READING_COLUMNS),
+                "",
+                "OOD (mean accuracy over the generated corruptions; mean ± sd over seeds — no "
+                "per-point interval, the OOD score is a mean over corruption sets):",
+                "",
+                "| method | seeds | OOD |",
+                "|---|---|---|",
+                *ood_rows,
                 *section,
             ]
         )
@@ -136,9 +207,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval_reports(grid: SeedGrid, seed: int, eval_dir: Path) -> None:
+def _command() -> str:
+    if not sys.argv[1:]:
+        return "fortify replicate rift-table1"
+    return "fortify " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def add_eval_reports(grid: SeedGrid, seed: int, eval_dir: Path, rift_row: str = "RiFT") -> None:
     """Add the AT and RiFT reports of one seed (``<model>-<suite>.json`` of the pipeline's
-    evaluate step: PGD-10 and paper on the test points, AutoAttack on a prefix) to ``grid``."""
+    evaluate step: PGD-10 and paper on the test points, AutoAttack on a prefix) to ``grid``, the
+    RiFT model's as row ``rift_row``."""
     from fortify.evaluate import EvalReport
 
     for name in ("AT", "RiFT"):
@@ -149,38 +227,61 @@ def add_eval_reports(grid: SeedGrid, seed: int, eval_dir: Path) -> None:
                 rep = EvalReport.load(p)
                 main = rep if main is None else extend_with_prefix(main, rep)
         if main is not None:
-            grid.add(name, seed, main)
+            grid.add(name if name == "AT" else rift_row, seed, main)
 
 
-def _run_seed(args: argparse.Namespace) -> tuple[str, Path]:
-    """Train (or reuse) the AT run and run RiFT for ``args.seed``; returns (page, eval dir)."""
+def _run_seed(args: argparse.Namespace, bns: list[str]) -> list[BNResult]:
+    """Train (or reuse) the AT run of ``args.seed`` and run RiFT once per BN setting on it (the
+    later settings reuse the first one's MRC step and AT-model reports)."""
     from fortify.rift.pipeline import RiftRun, load_rift_config, summary_markdown
+    from fortify.utils.atomic import atomic_write_text
 
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     at_run = Path(args.run) if args.run else _train_at(args, out)
     t_train = time.perf_counter() - t0
-    cfg = load_rift_config(
-        args.rift_config, [f"seed={args.seed}", f"device={args.device}", *args.overrides]
-    )
-    rr = RiftRun(at_run, cfg, out=out / "rift")
-    summary = rr.run_all()
-    grid = json.loads((rr.step_dir("interpolate") / "grid.json").read_text())
-    ft = json.loads((rr.step_dir("finetune") / "finetune.json").read_text())
-    wall = time.perf_counter() - t0
-    text = render(summary, grid, ft, args, at_run, wall, t_train, rr)
-    from fortify.utils.atomic import atomic_write_text
+    results: list[BNResult] = []
+    for bn in bns:
+        t_bn = time.perf_counter()
+        cfg = load_rift_config(
+            args.rift_config,
+            [f"seed={args.seed}", f"device={args.device}", *args.overrides, f"finetune.bn={bn}"],
+        )
+        rift_out = out / f"rift-{bn}"
+        if results:
+            _share_at_work(out / f"rift-{results[0].bn}", rift_out)
+        rr = RiftRun(at_run, cfg, out=rift_out)
+        summary = rr.run_all()
+        grid = json.loads((rr.step_dir("interpolate") / "grid.json").read_text())
+        ft = json.loads((rr.step_dir("finetune") / "finetune.json").read_text())
+        wall = time.perf_counter() - t_bn + (t_train if not results else 0.0)
+        text = render(summary, grid, ft, args, at_run, wall, t_train, rr)
+        atomic_write_text(
+            out / f"rift_table1_{bn}.json",
+            json.dumps(
+                {"summary": summary, "grid": grid, "module": ft["module"], "wall_seconds": wall},
+                indent=2,
+            ),
+        )
+        print(summary_markdown(summary))
+        results.append(BNResult(bn, text, rr.step_dir("evaluate"), summary))
+    return results
 
-    atomic_write_text(
-        out / "rift_table1.json",
-        json.dumps(
-            {"summary": summary, "grid": grid, "module": ft["module"], "wall_seconds": wall},
-            indent=2,
-        ),
-    )
-    print(summary_markdown(summary))
-    return text, rr.step_dir("evaluate")
+
+def _share_at_work(src: Path, dst: Path) -> None:
+    """Copy what does not depend on the BN setting from one RiFT run folder to another (if
+    absent): the MRC step (reused when its options match) and the AT model's evaluation
+    reports (reused when the weights, points and settings match)."""
+    import shutil
+
+    if (src / "mrc" / "done.json").is_file() and not (dst / "mrc").exists():
+        shutil.copytree(src / "mrc", dst / "mrc")
+    for f in sorted((src / "evaluate").glob("at-*")):
+        target = dst / "evaluate" / f.name
+        if f.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
 
 
 def render(

@@ -430,19 +430,24 @@ def evaluate_models(
                 n = opts.ood_points
             x, y = splits.test.head(n).floats()
             t0 = time.perf_counter()
-            report = evaluate(
-                model,
-                x,
-                y,
-                suite=suite,
-                eps=eps,
-                batch_size=opts.batch_size,
-                seed=seed,
-                checks=opts.checks and suite != "ood",
-                suite_options={**ood_options, "label": name} if suite == "ood" else None,
-            )
-            if out_dir is not None:
-                report.save(out_dir, stem=f"{name.lower()}-{suite}")
+            stem = f"{name.lower()}-{suite}"
+            checks = opts.checks and suite != "ood"
+            want = {"suite": suite, "eps": float(eps), "seed": seed, "checks": checks}
+            report = stored_report(out_dir, stem, model, x, y, want)
+            if report is None:
+                report = evaluate(
+                    model,
+                    x,
+                    y,
+                    suite=suite,
+                    eps=eps,
+                    batch_size=opts.batch_size,
+                    seed=seed,
+                    checks=checks,
+                    suite_options={**ood_options, "label": name} if suite == "ood" else None,
+                )
+                if out_dir is not None:
+                    report.save(out_dir, stem=stem)
             table = report.table()
             row = table.get("final") or next(iter(table.values()))
             res[suite] = row
@@ -454,6 +459,38 @@ def evaluate_models(
             res[f"points_{suite}"] = report.table_n().get("final", {})
         out["models"][name] = res
     return out
+
+
+def stored_report(
+    out_dir: str | Path | None,
+    stem: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    want: dict[str, Any],
+) -> Any:
+    """The report saved as ``<out_dir>/<stem>.json`` if it evaluated these weights
+    (``model_digest``) on these points (``points_sha256``) with the settings in ``want``; else
+    None. Lets an interrupted evaluate step resume, and lets two RiFT runs on one AT model share
+    the AT model's reports."""
+    from fortify.evaluate import EvalReport
+    from fortify.evaluate.shard import model_digest, points_fingerprint
+
+    if out_dir is None or not (Path(out_dir) / f"{stem}.json").is_file():
+        return None
+    try:
+        report = EvalReport.load(Path(out_dir) / f"{stem}.json")
+    except (OSError, ValueError, KeyError, TypeError, FortifyError) as exc:
+        log.warning("%s/%s.json is unreadable (%s); evaluating again", out_dir, stem, exc)
+        return None
+    s = report.settings
+    same = all(s.get(k) == v for k, v in want.items())
+    same = same and s.get("points_sha256") == points_fingerprint(x, y)
+    same = same and s.get("model_digest") == model_digest(model)
+    if same:
+        log.info("%s/%s.json: reusing the stored report (same weights, points, settings)",
+                 out_dir, stem)  # fmt: skip
+    return report if same else None
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
