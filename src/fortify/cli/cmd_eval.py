@@ -177,17 +177,16 @@ def run(args: argparse.Namespace) -> int:
 
 def check_eval_args(args: argparse.Namespace) -> None:
     """Refuse bad ``fortify eval`` options before any file is read."""
-    from fortify.errors import ConfigError, check_point_count
+    from fortify.config.schema import check_eval_numbers
+    from fortify.errors import ConfigError
     from fortify.evaluate import get_suite
     from fortify.runs.rundir import check_tag
-    from fortify.utils.runtime import check_seed
 
-    if args.n_points < 1:
-        raise ConfigError(f"--n-points must be >= 1, got {args.n_points}")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    check_point_count(args.aa_points, "--aa-points")
-    check_seed(args.seed, "--seed")
+    flags = {"autoattack_points": "--aa-points"}
+    check_eval_numbers(
+        args.n_points, args.batch_size, args.seed, args.aa_points,
+        lambda f: flags.get(f, "--" + f.replace("_", "-")),
+    )  # fmt: skip
     check_tag(args.tag)
     get_suite(args.suite)  # an unknown suite fails before the model and data are loaded
     if args.eps is not None and not (math.isfinite(args.eps) and args.eps > 0):

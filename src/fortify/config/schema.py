@@ -8,6 +8,7 @@ Sections are owned by the subsystem that reads them: ``data`` (:mod:`fortify.dat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -189,12 +190,9 @@ class EvalConfig:
     def validate(self) -> None:
         if self.eps is not None and not 0 < self.eps <= 1:
             raise ConfigError(f"eval.eps must be in (0, 1] (pixel units), got {self.eps}")
-        if self.n_points < 1:
-            raise ConfigError(f"eval.n_points must be >= 1, got {self.n_points}")
-        if self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
-        _check_seed(self.seed, "eval.seed")
-        check_point_count(self.autoattack_points, "eval.autoattack_points")
+        check_eval_numbers(
+            self.n_points, self.batch_size, self.seed, self.autoattack_points, lambda f: f"eval.{f}"
+        )
 
 
 @dataclass
@@ -221,6 +219,23 @@ class ExperimentConfig:
             )
         _check_seed(self.seed, "seed")
         check_device_name(self.device, "device")
+
+
+def check_eval_numbers(
+    n_points: int,
+    batch_size: int,
+    seed: int,
+    autoattack_points: int | None,
+    name: Callable[[str], str],
+) -> None:
+    """The evaluation's counts, for the config (``eval.<field>``) and the CLI (``--flag``):
+    ``name(field)`` says how the message names a field."""
+    if n_points < 1:
+        raise ConfigError(f"{name('n_points')} must be >= 1, got {n_points}")
+    if batch_size < 1:
+        raise ConfigError(f"{name('batch_size')} must be >= 1, got {batch_size}")
+    _check_seed(seed, name("seed"))
+    check_point_count(autoattack_points, name("autoattack_points"))
 
 
 def _check_seed(seed: int, what: str) -> None:
