@@ -435,17 +435,11 @@ def evaluate_models(
             want = {"suite": suite, "eps": float(eps), "seed": seed, "checks": checks}
             report = stored_report(out_dir, stem, model, x, y, want)
             if report is None:
+                extra = {**ood_options, "label": name} if suite == "ood" else None
                 report = evaluate(
-                    model,
-                    x,
-                    y,
-                    suite=suite,
-                    eps=eps,
-                    batch_size=opts.batch_size,
-                    seed=seed,
-                    checks=checks,
-                    suite_options={**ood_options, "label": name} if suite == "ood" else None,
-                )
+                    model, x, y, suite=suite, eps=eps, batch_size=opts.batch_size, seed=seed,
+                    checks=checks, suite_options=extra,
+                )  # fmt: skip
                 if out_dir is not None:
                     report.save(out_dir, stem=stem)
             table = report.table()
