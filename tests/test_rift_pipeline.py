@@ -231,3 +231,26 @@ def test_replicate_runs_both_bn_settings_side_by_side(at_run, tmp_path, capsys):
     # the BN setting is chosen with --bn, not with --set
     assert main([*argv, "--set", "finetune.bn=frozen"]) == 2
     assert "--bn" in capsys.readouterr().err
+
+
+def test_stored_report_is_reused_only_for_the_same_weights_points_and_settings(tmp_path):
+    from torch import nn
+
+    import fortify.data
+    from fortify.evaluate import evaluate
+    from fortify.rift.pipeline import stored_report
+
+    x, y = fortify.data.load_dataset("digits").test.head(16).floats()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    evaluate(model, x, y, suite="pgd10", eps=0.1, seed=0, checks=False, batch_size=8).save(
+        tmp_path, "at-pgd10"
+    )
+    want = {"suite": "pgd10", "eps": 0.1, "seed": 0, "checks": False, "batch_size": 8}
+    assert stored_report(tmp_path, "at-pgd10", model, x, y, want) is not None
+    assert stored_report(tmp_path, "at-pgd10", model, x, y, {**want, "batch_size": 16}) is None
+    assert stored_report(tmp_path, "at-pgd10", model, x, y, {**want, "seed": 1}) is None
+    assert stored_report(tmp_path, "at-pgd10", model, x[:8], y[:8], want) is None
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    assert stored_report(tmp_path, "at-pgd10", other, x, y, want) is None
+    assert stored_report(tmp_path, "missing", model, x, y, want) is None

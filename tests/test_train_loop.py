@@ -152,8 +152,8 @@ def test_new_mode_refuses_existing_run_and_resume_needs_a_run(tmp_path, splits):
 class _NanLater(Objective):
     adversarial = False
 
-    def compute(self, model, x, y, x_adv, ctx):
-        loss = nn.functional.cross_entropy(model(x), y)
+    def compute(self, model, b, ctx):
+        loss = nn.functional.cross_entropy(model(b.x), b.y)
         if ctx.epoch >= 1:
             loss = loss * float("nan")
         return loss, {"loss": loss.detach()}

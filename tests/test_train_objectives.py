@@ -282,3 +282,13 @@ def test_mart_options_are_checked():
         get_objective("mart", _cfg(options={"mart_init": -1}))
     with pytest.raises(FortifyError, match="unknown train.options.*mart_sigma"):
         get_objective("mart", _cfg(options={"mart_sigma": 0.1}))
+
+
+def test_an_objective_with_the_former_compute_signature_is_refused_clearly():
+    from fortify.train import Objective
+
+    with pytest.raises(TypeError, match=r"AdvBatch\(x, y, x_adv\)"):
+
+        class Former(Objective):  # noqa: F841 - defining the class is the test
+            def compute(self, model, x, y, x_adv, ctx):
+                raise AssertionError("never called")

@@ -27,7 +27,6 @@ diagnostic (the attack on this variant sees a smooth, label-driven mask), never 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,8 +39,6 @@ from fortify.defenses.attach import attach, attached, check_block_sizes
 from fortify.defenses.contract import AuxContext, ChannelSelectionBlock, labels_for
 from fortify.defenses.registry import check_choice, check_number, last_stage, register_block_defence
 from fortify.errors import ConfigError, FortifyError
-
-log = logging.getLogger(__name__)
 
 SELECTIONS = ("paper", "predicted", "label")
 

@@ -35,7 +35,6 @@ evaluation). The top-k class choice is piecewise constant in both cases.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -49,8 +48,6 @@ from fortify.defenses.cas import SELECTIONS
 from fortify.defenses.contract import AuxContext, ChannelSelectionBlock, labels_for
 from fortify.defenses.registry import check_choice, check_number, last_stage, register_block_defence
 from fortify.errors import ConfigError, FortifyError
-
-log = logging.getLogger(__name__)
 
 PROBES = ("linear", "nonlinear")
 DUPLICATES = ("keep", "skip-label")

@@ -8,9 +8,9 @@ can be compared with the baseline row by :func:`fortify.stats.seed_point_bootstr
 points) and a CI-derived verdict. Run directories live under ``--out/<row>/seed<k>``; the two
 commands share the default ``--out``, so a row they have in common (AT + FSR) is trained once.
 Re-running resumes unfinished training and skips finished evaluations with the same settings; a
-(row, seed) whose run directory is absent but whose per-seed JSON (``--json-dir``, committed under
-docs/results/) was computed from the same training config and evaluation settings is reused from
-the JSON, so a later session adds seeds or rows without retraining the others.
+(row, seed) whose run directory holds no finished run but whose per-seed JSON (``--json-dir``,
+committed under docs/results/) was computed from the same training config and evaluation
+settings is reused from the JSON, so a later session adds seeds or rows without retraining.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ COLUMNS = tuple(c for c in t1.COLUMNS if c != "Worst case")
 EPS = t1.EPS
 DEFAULT_OUT = "runs/fsr-feature-defences"
 EVAL_CACHE = "feature_table_eval.json"
+RULES = "fortify-eval/2"  # the evaluation rules a committed result was computed under
 
 
 @dataclass(frozen=True)
@@ -230,8 +231,9 @@ def _evaluate_row(
 
 def committed(path: Path, cfg: Any, args: argparse.Namespace) -> dict[str, Any] | None:
     """The per-(row, seed) JSON at ``path`` if it was computed with the same evaluation settings
-    from a run of the same training config (:func:`~fortify.train.resume.training_fingerprint`),
-    else None: a later session re-aggregates committed results without the run directories."""
+    and rules from a run of the same training config
+    (:func:`~fortify.train.resume.training_fingerprint`), else None: a later session
+    re-aggregates committed results without the run directories."""
     from fortify.train.resume import training_fingerprint
 
     if not path.is_file():
@@ -243,7 +245,7 @@ def committed(path: Path, cfg: Any, args: argparse.Namespace) -> dict[str, Any] 
         return None
     if not isinstance(ev, dict) or ev.get("settings") != _settings(args):
         return None
-    if ev.get("training_sha256") != training_fingerprint(cfg):
+    if ev.get("training_sha256") != training_fingerprint(cfg) or ev.get("rules") != RULES:
         return None
     log.info("%s: committed result reused (same training config and evaluation settings)", path)
     return ev
@@ -506,6 +508,7 @@ def run_table(
                 ev["final_epoch"] = t1._last_record(run_dir)
                 ev["config"] = {"defenses": _expand(rows[row].defences, args), "seed": seed}
                 ev["training_sha256"] = training_fingerprint(cfg)
+                ev["rules"] = RULES
                 write_json_atomic(json_path, ev)
             results[row][seed] = ev
             log.info("%s seed %d: %s", row, seed, ev["accuracy"])

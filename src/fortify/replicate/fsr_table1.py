@@ -15,8 +15,9 @@ The page (``--doc``) shows mean ± sd over seeds, the per-pair differences (FSR 
 with seed-then-point bootstrap CIs and the verdicts derived from them; one JSON per (row, seed)
 with the per-sample outcomes goes to ``--per-seed-dir`` (default: ``--doc`` without ``.md``),
 a summary to ``--out/fsr_table1.json`` and a copy next to the Markdown. A (row, seed) whose run
-directory is absent but whose per-seed JSON records the same training fingerprint and evaluation
-settings is taken from the JSON (a later session adds rows or seeds without retraining).
+directory holds no finished run (e.g. a fresh clone) but whose per-seed JSON records the same
+training fingerprint and evaluation settings is taken from the JSON (a later session adds rows or
+seeds without retraining).
 """
 
 from __future__ import annotations
@@ -287,6 +288,14 @@ def _evaluate(
     return cached_report(row_dir / "reports" / "fsr_table1_eval.json", key, compute)
 
 
+def _check_appendix(args: argparse.Namespace) -> None:
+    from fortify.errors import ConfigError
+
+    appendix = getattr(args, "appendix", None)
+    if appendix and not Path(appendix).is_file():
+        raise ConfigError(f"--appendix {appendix!r} is not a file; give a Markdown file to append")
+
+
 def _per_seed_dir(args: argparse.Namespace) -> Path:
     """Where the per-(row, seed) JSON go: ``--per-seed-dir``, else ``--doc`` without ``.md``."""
     doc = Path(args.doc) if args.doc else Path(args.out) / "fsr_table1.md"
@@ -307,9 +316,10 @@ def _job_facts(cfg: Any, args: argparse.Namespace, seed: int) -> dict[str, Any]:
 def _committed(
     per_seed_dir: Path, row: str, seed: int, facts: dict[str, Any], run_dir: Path
 ) -> tuple[Any, dict[str, Any]] | None:
-    """The committed report of (row, seed) when its run directory holds no finished run and
-    the per-seed JSON was computed from the same training config and evaluation settings (a
-    later session re-aggregates without retraining); else None."""
+    """The committed report of (row, seed) when its run directory holds no finished run (an
+    unfinished one is not resumed then) and the per-seed JSON was computed from the same
+    training config and evaluation settings (a later session re-aggregates without
+    retraining); else None."""
     from fortify.runs import RunDir
 
     if RunDir(run_dir).state == "finished":
@@ -319,6 +329,10 @@ def _committed(
         return None
     report, stored = loaded
     if any(stored.get(k) != v for k, v in facts.items()):
+        return None
+    if not {"train_total", "final_epoch"} <= set(stored):
+        log.warning("%s seed %d: the committed result lacks its training facts; computing again",
+                    row, seed)  # fmt: skip
         return None
     log.info("%s seed %d: committed result reused (%s)", row, seed, per_seed_dir)
     return report, stored
@@ -400,6 +414,7 @@ def jobs(args: argparse.Namespace) -> list[Any]:
     bad = [r for r in rows if r not in ROWS]
     if bad:
         raise ConfigError(f"unknown row(s) {bad}; choose from {list(ROWS)}")
+    _check_appendix(args)  # before hours of jobs, not after
     out = Path(args.out) / "jobs"
     seeds = _seeds(args)
     per_seed_dir = _per_seed_dir(args)
@@ -443,9 +458,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--aa-points must be >= 0, got {args.aa_points}")
     seeds = _seeds(args)
     BootstrapOptions(resamples=args.resamples).validate()
-    appendix = getattr(args, "appendix", None)
-    if appendix and not Path(appendix).is_file():
-        raise ConfigError(f"--appendix {appendix!r} is not a file; give a Markdown file to append")
+    _check_appendix(args)
     if args.estimate:
         from fortify.replicate._fsr_table1_page import estimate
 

@@ -323,11 +323,7 @@ def render(
                 + " | ".join(cell(m[name], k) for k in ("std", "ood", "pgd10", "aa"))
                 + " |"
             )
-    cmd = (
-        "fortify " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        if sys.argv
-        else "fortify replicate rift-table1"
-    )
+    cmd = _command()
     grid_rows = [
         "| α | clean (val) | PGD-10 (val) | clean − AT [95 % CI] | PGD-10 − AT [95 % CI] |",
         "|---:|---:|---:|---:|---:|",

@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from fortify.rift.finetune import FinetuneOptions
 from fortify.rift.mrc import MRCOptions
 from fortify.runs.rundir import Mode
 from fortify.utils.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    from fortify.evaluate.report import EvalReport
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +372,7 @@ class RiftRun:
             seed=self.cfg.seed,
             out_dir=d,
             data_root=self.exp.data.root,
+            reuse=not force,
         )
         grid = json.loads((self.step_dir("interpolate") / "grid.json").read_text())
         summary["alpha"] = grid["chosen"]["alpha"]
@@ -407,15 +411,19 @@ def evaluate_models(
     seed: int = 0,
     out_dir: str | Path | None = None,
     data_root: str | Path | None = None,
+    reuse: bool = True,
 ) -> dict[str, Any]:
     """Std / PGD / AutoAttack / OOD on the TEST split for each model; reports saved per suite.
 
     ``data_root`` is where the run's data lives; the OOD suite also looks for published
-    corrupted sets (CIFAR-10-C, ...) there.
+    corrupted sets (CIFAR-10-C, ...) there. With ``reuse``, a report already saved in
+    ``out_dir`` for the same weights, points and settings (:func:`stored_report`) is used
+    instead of evaluating again.
 
     Returns ``{"models": {name: {"std", "pgd10"?, "paper": table, "autoattack", "ood"}}, ...}``.
     """
     from fortify.evaluate import evaluate
+    from fortify.evaluate.registry import describe_option, get_suite
 
     ood_options = {"dataset": splits.name, "root": data_root, "classes": splits.classes}
 
@@ -432,10 +440,14 @@ def evaluate_models(
             t0 = time.perf_counter()
             stem = f"{name.lower()}-{suite}"
             checks = opts.checks and suite != "ood"
-            want = {"suite": suite, "eps": float(eps), "seed": seed, "checks": checks}
-            report = stored_report(out_dir, stem, model, x, y, want)
+            extra = {**ood_options, "label": name} if suite == "ood" else None
+            want = {
+                "suite": suite, "eps": float(eps), "seed": seed, "checks": checks,
+                "batch_size": opts.batch_size,
+                "suite_options": describe_option(get_suite(suite).check_options(extra)),
+            }  # fmt: skip
+            report = stored_report(out_dir, stem, model, x, y, want) if reuse else None
             if report is None:
-                extra = {**ood_options, "label": name} if suite == "ood" else None
                 report = evaluate(
                     model, x, y, suite=suite, eps=eps, batch_size=opts.batch_size, seed=seed,
                     checks=checks, suite_options=extra,
@@ -462,7 +474,7 @@ def stored_report(
     x: torch.Tensor,
     y: torch.Tensor,
     want: dict[str, Any],
-) -> Any:
+) -> EvalReport | None:
     """The report saved as ``<out_dir>/<stem>.json`` if it evaluated these weights
     (``model_digest``) on these points (``points_sha256``) with the settings in ``want``; else
     None. Lets an interrupted evaluate step resume, and lets two RiFT runs on one AT model share

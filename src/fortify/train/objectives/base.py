@@ -10,6 +10,7 @@ RNG for random starts, distributed facts) comes in a :class:`StepContext`. See
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -345,6 +346,18 @@ class Objective:
     # checks them itself). Declared options are checked on construction: an unknown name is a
     # ConfigError instead of being silently ignored.
     options: dict[str, object] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        compute = cls.__dict__.get("compute")
+        if compute is not None:
+            params = list(inspect.signature(compute).parameters)
+            if len(params) == 6:  # the former (self, model, x, y, x_adv, ctx)
+                raise TypeError(
+                    f"{cls.__name__}.compute{inspect.signature(compute)} must take "
+                    "(self, model, b, ctx) with b = AdvBatch(x, y, x_adv) — the signature "
+                    "changed from compute(self, model, x, y, x_adv, ctx)"
+                )
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
