@@ -328,6 +328,12 @@ def compare(
 # --------------------------------------------------------------------------- report
 
 
+def _masking_warned(ev: dict[str, Any]) -> bool:
+    """Whether any check of one (row, seed) evaluation did not pass (the masking checks and the
+    robust ≤ clean sanity check, which masking also trips)."""
+    return any(c["status"] != "ok" for c in ev.get("checks", []))
+
+
 def write_page(
     name: str,
     title: str,
@@ -390,9 +396,17 @@ def write_page(
     for row, cols in diffs.items():
         h = cols.get(head)
         if h:
+            warned = [s for s, e in results[row].items() if _masking_warned(e)]
+            caveat = (
+                f" Gradient-masking checks warned on {len(warned)} of {len(results[row])} "
+                "seeds: its white-box columns (FGSM … Ensemble) overstate its robustness; only "
+                f"the {head} column is read."
+                if warned
+                else ""
+            )
             lines.append(
                 f"- {rows[row].label} vs {rows[baseline].label} ({head}): {h['text']} points — "
-                f"{h['verdict']}."
+                f"{h['verdict']}.{caveat}"
             )
     flagged = sorted(
         {
