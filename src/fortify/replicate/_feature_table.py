@@ -399,7 +399,7 @@ def write_page(
             warned = [s for s, e in results[row].items() if _masking_warned(e)]
             caveat = (
                 f" Gradient-masking checks warned on {len(warned)} of {len(results[row])} "
-                "seeds: its white-box columns (FGSM … Ensemble) overstate its robustness; only "
+                "seeds: its white-box columns (FGSM … Ensemble) may overstate its robustness; only "
                 f"the {head} column is read."
                 if warned
                 else ""
