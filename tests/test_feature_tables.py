@@ -192,7 +192,7 @@ def test_bf16_parity_rows_differ_only_in_training_precision():
     bf16_parity.add_arguments(p)
     args = p.parse_args([])
     assert args.seeds == "0,1,2" and args.doc == "docs/results/bf16_parity.md"
-    bf16 = to_dict(ft.row_config("at", bf16_parity.ROWS["at"], 1, args))
+    bf16 = to_dict(ft.row_config("at-bf16", bf16_parity.ROWS["at-bf16"], 1, args))
     fp32 = to_dict(ft.row_config("at-fp32", bf16_parity.ROWS["at-fp32"], 1, args))
     assert (bf16["train"]["precision"], bf16["train"]["channels_last"]) == ("bf16", True)
     assert (fp32["train"]["precision"], fp32["train"]["channels_last"]) == ("fp32", False)
@@ -201,8 +201,16 @@ def test_bf16_parity_rows_differ_only_in_training_precision():
         d["train"].pop("precision")
         d["train"].pop("channels_last")
     assert bf16 == fp32  # same recipe, seed, data, model and evaluation otherwise
-    # the bf16 row is the plain AT row of fsr-table4 (same run directory and config)
+    # the bf16 row trains what fsr-table4's AT row trains with --precision bf16, and the fp32
+    # row what it trains by default
+    p4 = argparse.ArgumentParser()
+    fsr_table4.add_arguments(p4)
+    fast, default = p4.parse_args(["--precision", "bf16"]), p4.parse_args([])
     assert (
-        ft.row_config("at", fsr_table4.ROWS["at"], 1, args).train
-        == ft.row_config("at", bf16_parity.ROWS["at"], 1, args).train
+        ft.row_config("at", fsr_table4.ROWS["at"], 1, fast).train
+        == ft.row_config("at-bf16", bf16_parity.ROWS["at-bf16"], 1, args).train
+    )
+    assert (
+        ft.row_config("at", fsr_table4.ROWS["at"], 1, default).train
+        == ft.row_config("at-fp32", bf16_parity.ROWS["at-fp32"], 1, args).train
     )

@@ -25,7 +25,9 @@ def test_row_configs():
         cfg = t1.row_config(row, args)
         assert cfg.train.objective == row.split("-")[0]
         assert cfg.train.attack.eps == pytest.approx(0.1)
-        assert cfg.train.precision == "bf16" and cfg.train.channels_last
+        assert cfg.train.precision == "fp32" and not cfg.train.channels_last  # the default
+        fast = t1.row_config(row, _args("--epochs", "4", "--precision", "bf16"))
+        assert fast.train.precision == "bf16" and fast.train.channels_last
         assert cfg.model.kwargs == {"width": 4}
         assert [d.kind for d in cfg.defenses] == (["fsr"] if row.endswith("fsr") else [])
         assert cfg.train.milestones == [3, 3]

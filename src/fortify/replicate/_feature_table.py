@@ -112,6 +112,7 @@ def add_common_arguments(
     )
     parser.add_argument("--batch-size", type=int, default=d["batch_size"])
     parser.add_argument("--attack-steps", type=int, default=d["attack_steps"])
+    t1.add_precision_argument(parser)
     parser.add_argument("--test-points", type=int, default=d["test_points"])
     parser.add_argument("--aa-points", type=int, default=d["aa_points"], help="0: skip")
     parser.add_argument("--eval-seed", type=int, default=0, help="seed of the attacks")
@@ -260,6 +261,8 @@ def _command(name: str, args: argparse.Namespace) -> str:
     ):  # fmt: skip
         if getattr(args, flag) != "":
             parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.precision != "fp32":
+        parts += ["--precision", args.precision]
     if args.json_dir:
         parts += ["--json-dir", args.json_dir]
     if args.no_checks:
@@ -419,8 +422,12 @@ def write_page(
     )
     lines += ["", "## Gradient-masking checks", ""]
     lines += [f"- {f}" for f in flagged] or ["- every check of every row and seed passed"]
-    lines += ["", "## Paper (CIFAR-10, ResNet-18, ε = 8/255, AutoAttack), for orientation", ""]
-    lines += [f"- {spec.label}: {spec.paper}" for r, spec in rows.items() if r in results]
+    papers = [
+        f"- {spec.label}: {spec.paper}" for r, spec in rows.items() if r in results and spec.paper
+    ]
+    if papers:
+        lines += ["", "## Paper (CIFAR-10, ResNet-18, ε = 8/255, AutoAttack), for orientation", ""]
+        lines += papers
     lines += ["", "## Settings", "", *notes]
     if args.fd_at and any(d["kind"] == "fd" for r in results for d in rows[r].defences):
         lines.append(
@@ -432,8 +439,14 @@ def write_page(
         f"- training: fsr-table1's AT recipe — small-resnet width {args.width}, "
         f"{args.train_subset} training images, {args.epochs} epochs, batch {args.batch_size}, "
         f"PGD-{args.attack_steps} inner attack (step 0.25ε, random start, eval mode), SGD lr "
-        "0.05 (×0.1 at 75 % and 90 % of the epochs), bf16 autocast + channels-last; the last "
-        "epoch is evaluated",
+        "0.05 (×0.1 at 75 % and 90 % of the epochs), "
+        + (
+            "bf16 autocast + channels-last (`--precision bf16`: ≈ 2× faster, but it cost AT "
+            "robustness in docs/results/bf16_parity.md; every row here trains the same way)"
+            if args.precision == "bf16"
+            else "fp32"
+        )
+        + " unless a row says otherwise; the last epoch is evaluated",
         f"- sizes scaled to the narrow backbone: FSR hidden {args.fsr_hidden}, CIFS probe hidden "
         f"{args.cifs_hidden}",
         "- evaluation (fp32): FGSM; PGD-20/PGD-100 step 0.1ε, no random start; C&W = PGD-30 on "
