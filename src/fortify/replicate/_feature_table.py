@@ -440,12 +440,7 @@ def write_page(
         f"{args.train_subset} training images, {args.epochs} epochs, batch {args.batch_size}, "
         f"PGD-{args.attack_steps} inner attack (step 0.25ε, random start, eval mode), SGD lr "
         "0.05 (×0.1 at 75 % and 90 % of the epochs), "
-        + (
-            "bf16 autocast + channels-last (`--precision bf16`: ≈ 2× faster, but it cost AT "
-            "robustness in docs/results/bf16_parity.md; every row here trains the same way)"
-            if args.precision == "bf16"
-            else "fp32"
-        )
+        + t1.precision_text(args, "; every row here trains the same way")
         + " unless a row says otherwise; the last epoch is evaluated",
         f"- sizes scaled to the narrow backbone: FSR hidden {args.fsr_hidden}, CIFS probe hidden "
         f"{args.cifs_hidden}",

@@ -219,12 +219,7 @@ def write_report(
         f"- training: {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9, wd 5e-4; "
         f"{t1.lr_schedule_text(args.epochs)}; PGD-{args.attack_steps} inner attack (step 0.025, "
         "random start, eval mode), "
-        + (
-            "bf16 autocast + channels-last (`--precision bf16`: ≈ 2× faster, but it cost AT "
-            "robustness in docs/results/bf16_parity.md)"
-            if getattr(args, "precision", "fp32") == "bf16"
-            else "fp32"
-        )
+        + t1.precision_text(args)
         + "; TRADES/MART β = 6; the last epoch is evaluated (as the release does)",
         "- evaluation (fp32, eval mode, deterministic FSR mask): FGSM; PGD-20 and PGD-100 with "
         "step 0.1ε, no random start; C&W = PGD-30 on the margin loss with κ = 50; Ensemble = "

@@ -161,6 +161,20 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _precision(args: argparse.Namespace) -> str:
+    return str(getattr(args, "precision", "fp32"))
+
+
+def precision_text(args: argparse.Namespace, note: str = "") -> str:
+    """How the rows trained, for a page's settings (``note`` is added inside the bf16 remark)."""
+    if _precision(args) != "bf16":
+        return "fp32"
+    return (
+        "bf16 autocast + channels-last (`--precision bf16`: ≈ 2× faster, but it cost AT "
+        f"robustness in docs/results/bf16_parity.md{note})"
+    )
+
+
 def row_config(row: str, args: argparse.Namespace, seed: int | None = None) -> Any:
     """The ExperimentConfig of one row and training seed (Fashion-MNIST, small-resnet, ε = 0.1);
     ``seed`` None: the first of ``--seeds``."""
@@ -197,8 +211,8 @@ def row_config(row: str, args: argparse.Namespace, seed: int | None = None) -> A
             "schedule": "multistep",
             "milestones": _milestones(args.epochs),
             "warmup_epochs": _warmup(args.epochs),
-            "precision": getattr(args, "precision", "fp32"),
-            "channels_last": getattr(args, "precision", "fp32") == "bf16",
+            "precision": _precision(args),
+            "channels_last": _precision(args) == "bf16",
             "attack": {
                 "kind": "pgd",
                 "eps": EPS,
@@ -380,8 +394,8 @@ def _argv(args: argparse.Namespace, **override: str) -> list[str]:
         parts += [f"--{flag.replace('_', '-')}", str(override.get(flag, getattr(args, flag)))]
     seeds = override.get("seeds", ",".join(str(s) for s in _seeds(args)))
     parts += ["--seeds", seeds]
-    if getattr(args, "precision", "fp32") != "fp32":
-        parts += ["--precision", args.precision]
+    if _precision(args) != "fp32":
+        parts += ["--precision", _precision(args)]
     if args.no_checks:
         parts.append("--no-checks")
     return parts
