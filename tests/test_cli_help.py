@@ -57,7 +57,7 @@ def test_help_is_plain_text_with_real_defaults(path: str) -> None:
 @pytest.mark.parametrize("step", ["mrc", "finetune", "interpolate", "run"])
 def test_rift_help_states_the_config_defaults(step: str) -> None:
     from fortify.cli.cmd_rift import _MAP
-    from fortify.rift.pipeline import RiftConfig
+    from fortify.rift.config import RiftConfig
 
     p = PARSERS[f"fortify rift {step}"]
     cfg = RiftConfig()

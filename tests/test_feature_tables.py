@@ -19,8 +19,9 @@ from fortify.defenses.cifs import attach_cifs
 from fortify.defenses.contract import provide_labels
 from fortify.errors import FortifyError
 from fortify.models import create
-from fortify.replicate import _feature_table as ft
 from fortify.replicate import fsr_ablations, fsr_table4
+from fortify.replicate._feature_table_results import compare
+from fortify.replicate._feature_table_rows import row_config
 from fortify.stats import NO_DIFFERENCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def test_compare_reads_the_bootstrap_over_seeds_and_points():
         base[s] = {"outcomes": {"PGD-20": _bits(a)}}
         same[s] = {"outcomes": {"PGD-20": _bits(a)}}
         better[s] = {"outcomes": {"PGD-20": _bits(b)}}
-    diffs = ft.compare({"at": base, "same": same, "better": better}, "at", 2000)
+    diffs = compare({"at": base, "same": same, "better": better}, "at", 2000)
     assert diffs["same"]["PGD-20"]["estimate"] == 0 and diffs["same"]["PGD-20"]["verdict"] == (
         NO_DIFFERENCE
     )
@@ -58,11 +59,11 @@ def test_row_configs_of_both_tables_build():
         mod.add_arguments(p)
         args = p.parse_args([])
         for row, spec in mod.ROWS.items():
-            cfg = ft.row_config(row, spec, 2, args)
+            cfg = row_config(row, spec, 2, args)
             assert cfg.seed == 2 and cfg.data.name == "fashion-mnist"
             model = build_model(cfg.model, cfg.defenses, 10, (1, 28, 28))
             assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
-    assert ft.row_config("at-cifs", fsr_table4.ROWS["at-cifs"], 0, args).defenses[0].options[
+    assert row_config("at-cifs", fsr_table4.ROWS["at-cifs"], 0, args).defenses[0].options[
         "hidden"
     ] == (args.cifs_hidden)
 
@@ -192,8 +193,8 @@ def test_bf16_parity_rows_differ_only_in_training_precision():
     bf16_parity.add_arguments(p)
     args = p.parse_args([])
     assert args.seeds == "0,1,2" and args.doc == "docs/results/bf16_parity.md"
-    bf16 = to_dict(ft.row_config("at-bf16", bf16_parity.ROWS["at-bf16"], 1, args))
-    fp32 = to_dict(ft.row_config("at-fp32", bf16_parity.ROWS["at-fp32"], 1, args))
+    bf16 = to_dict(row_config("at-bf16", bf16_parity.ROWS["at-bf16"], 1, args))
+    fp32 = to_dict(row_config("at-fp32", bf16_parity.ROWS["at-fp32"], 1, args))
     assert (bf16["train"]["precision"], bf16["train"]["channels_last"]) == ("bf16", True)
     assert (fp32["train"]["precision"], fp32["train"]["channels_last"]) == ("fp32", False)
     for d in (bf16, fp32):
@@ -207,10 +208,10 @@ def test_bf16_parity_rows_differ_only_in_training_precision():
     fsr_table4.add_arguments(p4)
     fast, default = p4.parse_args(["--precision", "bf16"]), p4.parse_args([])
     assert (
-        ft.row_config("at", fsr_table4.ROWS["at"], 1, fast).train
-        == ft.row_config("at-bf16", bf16_parity.ROWS["at-bf16"], 1, args).train
+        row_config("at", fsr_table4.ROWS["at"], 1, fast).train
+        == row_config("at-bf16", bf16_parity.ROWS["at-bf16"], 1, args).train
     )
     assert (
-        ft.row_config("at", fsr_table4.ROWS["at"], 1, default).train
-        == ft.row_config("at-fp32", bf16_parity.ROWS["at-fp32"], 1, args).train
+        row_config("at", fsr_table4.ROWS["at"], 1, default).train
+        == row_config("at-fp32", bf16_parity.ROWS["at-fp32"], 1, args).train
     )

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fortify.analysis.cost import cost_report, count_flops, count_params
+from fortify.analysis.cost import cost_report, count_call_flops, count_flops, count_params
 from fortify.analysis.features import (
     block_features,
     feature_analysis,
@@ -48,6 +48,30 @@ def test_params_and_flops_by_hand():
     assert rep.flops_defences == {"net.4": fsr_flops}
     assert rep.flops_total == count_flops(model, torch.zeros(1, 1, 8, 8))
     assert "GFLOPs" in rep.table()
+
+
+def test_call_flops_count_input_gradients_by_hand():
+    # Linear (N=5, 7 → 3): forward 2·5·7·3; the gradient w.r.t. the input only is one more
+    # product of the same size (no weight gradient is asked for)
+    lin = nn.Linear(7, 3)
+    x = torch.rand(5, 7, requires_grad=True)
+
+    def input_gradient() -> None:
+        torch.autograd.grad(lin(x).sum(), x)
+
+    assert count_call_flops(input_gradient) == 2 * (2 * 5 * 7 * 3)
+
+    # CPU fused attention (B=2, P=16, d=8): forward QKᵀ and AV = 2·(2·2·16·16·8); the fused
+    # gradient w.r.t. q, k, v executes five such products (QKᵀ recomputed, dP, dV, dQ, dK) —
+    # both formulas are registered by fortify
+    q, k, v = (torch.rand(2, 16, 8, requires_grad=True) for _ in range(3))
+    product = 2 * 2 * 16 * 16 * 8
+
+    def attention() -> None:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        torch.autograd.grad(out.sum(), (q, k, v))
+
+    assert count_call_flops(attention) == 2 * product + 5 * product
 
 
 def test_weighted_knn():

@@ -32,6 +32,7 @@ def test_preset_loads(path):
 
 
 def test_fmnist_presets_match_replication_defaults():
+    from fortify.replicate import _fsr_recipe as recipe
     from fortify.replicate import fsr_table1 as t1
 
     parser = argparse.ArgumentParser()
@@ -39,7 +40,7 @@ def test_fmnist_presets_match_replication_defaults():
     args = parser.parse_args([])
     for row in t1.ROWS:
         preset = to_dict(load_config(ExperimentConfig, ROOT / "fmnist" / f"{row}.yaml"))
-        ours = to_dict(t1.row_config(row, args))
+        ours = to_dict(recipe.row_config(row, args))
         for section in ("model", "defenses"):
             assert preset[section] == ours[section], (row, section)
         for key in ("objective", "epochs", "lr", "milestones", "batch_size", "precision", "select"):

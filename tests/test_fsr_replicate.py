@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fortify.errors import ConfigError
+from fortify.replicate import _fsr_recipe as recipe
 from fortify.replicate import fsr_table1 as t1
 
 
@@ -22,11 +23,11 @@ def _args(*argv: str) -> argparse.Namespace:
 def test_row_configs():
     args = _args("--epochs", "4", "--width", "4", "--fsr-hidden", "8")
     for row in t1.ROWS:
-        cfg = t1.row_config(row, args)
+        cfg = recipe.row_config(row, args)
         assert cfg.train.objective == row.split("-")[0]
         assert cfg.train.attack.eps == pytest.approx(0.1)
         assert cfg.train.precision == "fp32" and not cfg.train.channels_last  # the default
-        fast = t1.row_config(row, _args("--epochs", "4", "--precision", "bf16"))
+        fast = recipe.row_config(row, _args("--epochs", "4", "--precision", "bf16"))
         assert fast.train.precision == "bf16" and fast.train.channels_last
         assert cfg.model.kwargs == {"width": 4}
         assert [d.kind for d in cfg.defenses] == (["fsr"] if row.endswith("fsr") else [])
@@ -43,18 +44,18 @@ def test_bad_rows_and_numbers_raise():
 
 
 def test_lr_schedule_text_says_what_runs():
-    four = t1.lr_schedule_text(4)
+    four = recipe.lr_schedule_text(4)
     assert four.startswith(
         "epoch 1: linear warm-up to 0.05; epochs 2–3: lr 0.05; epoch 4: lr 0.0005 (×0.01)"
     )
-    assert "epoch 4: lr 0.005 (×0.1); epoch 5: lr 0.0005 (×0.01)" in t1.lr_schedule_text(5)
+    assert "epoch 4: lr 0.005 (×0.1); epoch 5: lr 0.0005 (×0.01)" in recipe.lr_schedule_text(5)
 
 
 def test_seeds_are_parsed_and_checked():
-    assert t1._seeds(_args("--seeds", "0,1,2")) == [0, 1, 2]
-    assert t1._seeds(_args("--seeds", "0,1", "--seed", "5")) == [5]
-    assert t1.row_config("at", _args("--seeds", "3,4")).seed == 3
-    assert t1.row_config("at", _args(), 7).seed == 7
+    assert recipe._seeds(_args("--seeds", "0,1,2")) == [0, 1, 2]
+    assert recipe._seeds(_args("--seeds", "0,1", "--seed", "5")) == [5]
+    assert recipe.row_config("at", _args("--seeds", "3,4")).seed == 3
+    assert recipe.row_config("at", _args(), 7).seed == 7
     from fortify.errors import ConfigError
 
     for bad in ("0,0", "a", "-1", ""):

@@ -42,7 +42,7 @@ BN_BUFFERS = {"running_mean", "running_var", "num_batches_tracked"}
 
 
 def _opts(extra: list[str] | None = None):
-    from fortify.rift.pipeline import load_rift_config
+    from fortify.rift.config import load_rift_config
 
     return load_rift_config(
         None,
@@ -238,7 +238,7 @@ def test_stored_report_is_reused_only_for_the_same_weights_points_and_settings(t
 
     import fortify.data
     from fortify.evaluate import evaluate
-    from fortify.rift.pipeline import stored_report
+    from fortify.rift.evaluation import stored_report
 
     x, y = fortify.data.load_dataset("digits").test.head(16).floats()
     torch.manual_seed(0)

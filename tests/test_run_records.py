@@ -126,8 +126,8 @@ def test_eval_logs_an_estimate_before_a_long_suite(tmp_path, caplog) -> None:
 
 def test_replicate_logs_an_estimate_for_its_grid(caplog) -> None:
     from fortify.data import load_from_config
+    from fortify.replicate._fsr_recipe import row_config
     from fortify.replicate._fsr_table1_page import log_grid_estimate
-    from fortify.replicate.fsr_table1 import row_config
 
     args = build_parser().parse_args(["replicate", "fsr-table1", "--test-points", "8"])
     splits = load_from_config(row_config("at", args, 0).data)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from fortify.errors import ComparisonError, ConfigError, DataError
+from fortify.utils.records import record
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +73,7 @@ class Interval:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict including the verdict."""
-        return {
-            "estimate": self.estimate,
-            "low": self.low,
-            "high": self.high,
-            "level": self.level,
-            "n": self.n,
-            "n_seeds": self.n_seeds,
-            "resamples": self.resamples,
-            "seed": self.seed,
-            "method": self.method,
-            "verdict": self.verdict,
-        }
+        return record(self, verdict=self.verdict)
 
 
 @dataclass(frozen=True)

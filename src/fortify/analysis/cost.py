@@ -5,19 +5,23 @@ FLOPs are counted with :class:`torch.utils.flop_counter.FlopCounterMode`, which 
 pooling and other element-wise work. Under this convention a CIFAR ResNet-18 (32×32) is ≈1.11
 GFLOPs, the figure the FSR paper reports (Table 7); tools that count multiply-adds (MACs, e.g.
 ``thop``) report half of it. PyTorch's CPU fused attention kernel (used by FD's Gaussian
-non-local blocks) has no formula in the counter; this module registers one (the same count as
-the other attention kernels: the two matrix products, as executed).
+non-local blocks) has no formula in the counter; this module registers one for its forward and
+its backward (the same counts as for the other fused attention kernels, as executed: the two
+matrix products of the forward; the five of the gradient, the scores recomputed included).
+:func:`count_call_flops` counts a whole training step, backward included.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from fortify.defenses.attach import DEFENSES_ATTR, attached, infer_feature_shapes
@@ -40,7 +44,34 @@ if _CPU_FLASH not in flop_counter.flop_registry:
         return flops
 
 
-__all__ = ["CostReport", "cost_report", "cost_table", "count_flops", "count_params"]
+_CPU_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+if _CPU_FLASH_BACKWARD not in flop_counter.flop_registry:
+
+    @flop_counter.register_flop_formula(_CPU_FLASH_BACKWARD)
+    def _cpu_flash_backward_flops(
+        grad_out_shape: Any,
+        query_shape: Any,
+        key_shape: Any,
+        value_shape: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> int:
+        """The five matrix products of the fused attention gradient, as the counter does for
+        the other fused kernels: the recomputed scores QKᵀ, then dP, dV, dQ, dK."""
+        flops: int = flop_counter.sdpa_backward_flop_count(  # type: ignore[no-untyped-call]
+            grad_out_shape, query_shape, key_shape, value_shape
+        )
+        return flops
+
+
+__all__ = [
+    "CostReport",
+    "cost_report",
+    "cost_table",
+    "count_call_flops",
+    "count_flops",
+    "count_params",
+]
 
 
 def count_params(model: nn.Module, *, include_defences: bool = True) -> int:
@@ -67,6 +98,31 @@ def count_flops(module: nn.Module, inputs: torch.Tensor) -> int:
     finally:
         module.train(was_training)
     return int(counter.get_total_flops())
+
+
+class _TotalFlops(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Sums the counter's formulas over every op dispatched (no module tracking: unlike
+    :class:`FlopCounterMode` it works under ``torch.autograd.grad``)."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_counter.flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
+def count_call_flops(fn: Callable[[], object]) -> int:
+    """FLOPs (2 per multiply-add) of everything ``fn()`` executes, backward passes included
+    (e.g. one adversarial-training step: the inner attack's input gradients and the update)."""
+    with _TotalFlops() as counter:
+        fn()
+    return counter.total
 
 
 @dataclass

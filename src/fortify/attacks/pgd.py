@@ -17,15 +17,16 @@ Two semantics for iterative attacks:
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
 
+from fortify.attacks.inputs import prepared
 from fortify.attacks.losses import attack_loss
-from fortify.attacks.options import FGSMOptions, PGDOptions, check_loss, check_norm, check_number
+from fortify.attacks.options import FGSMOptions, PGDOptions
 from fortify.errors import ConfigError, DataError, EvaluationError
 
 log = logging.getLogger(__name__)
@@ -53,92 +54,11 @@ class AttackResult:
     success_best: torch.Tensor | None = None
 
 
-def _check_labels(t: object, n: int, what: str) -> tuple[torch.Tensor, int]:
-    """``t`` as int64 (N,) and its largest value; raise :class:`DataError` for anything else."""
-    if not isinstance(t, torch.Tensor) or t.shape != (n,):
-        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise DataError(f"{what} must be an int64 tensor of shape ({n},), got {got}")
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise DataError(
-            f"{what} must hold integer class indices (int64), got dtype {t.dtype}; convert with "
-            ".long() only if the values are whole class numbers"
-        )
-    lo, hi = (int(v) for v in torch.aminmax(t))
-    if lo < 0:
-        raise DataError(f"{what} must be class indices in [0, K), got a negative value {lo}")
-    return t.long(), hi
-
-
 _Opts = TypeVar("_Opts", PGDOptions, FGSMOptions)
-
-
-def _prepared(
-    cls: type[_Opts],
-    options: _Opts | None,
-    settings: dict[str, Any],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    target: torch.Tensor | None,
-) -> tuple[_Opts, torch.Tensor, torch.Tensor | None, int]:
-    """The attack's options (``options`` with ``settings`` replacing fields, validated) and the
-    checked labels/targets on ``x``'s device with the largest class index."""
-    opts = cls.build(options, **settings)
-    norm = opts.norm if isinstance(opts, PGDOptions) else "linf"
-    y, target, max_label = _check_common(
-        x, y, opts.eps, norm, opts.loss, opts.targeted, target, opts.kappa
-    )
-    opts.validate()
-    target = target.to(x.device) if target is not None else None
-    return opts, y.to(x.device), target, max_label
-
-
-def _check_common(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: float,
-    norm: str,
-    loss: str,
-    targeted: bool,
-    target: torch.Tensor | None,
-    kappa: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Validate the arguments shared by every attack (one pass over ``x``, one over ``y``).
-
-    Returns ``(y, target, largest class index)`` with labels as int64; the index is checked
-    against the model's number of logits at the first forward pass.
-    """
-    if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise DataError(f"x must be a tensor (N, C, H, W) of images in [0, 1], got {got}")
-    if not torch.is_floating_point(x):
-        raise DataError(f"x must be a float tensor in [0, 1], got dtype {x.dtype}")
-    if x.shape[0] == 0 or x.numel() == 0:
-        raise DataError(f"x holds no pixels (shape {tuple(x.shape)}); pass at least one image")
-    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
-    if not (lo >= 0.0 and hi <= 1.0):  # also False for NaN
-        if math.isnan(lo) or math.isnan(hi):
-            raise DataError("x holds NaN pixels; attacks need finite images in [0, 1]")
-        raise DataError(
-            f"x must hold pixel values in [0, 1] (fortify models normalise inside), got values "
-            f"in [{lo:g}, {hi:g}]; divide uint8 images by 255 and do not pre-normalise"
-        )
-    y, y_max = _check_labels(y, x.shape[0], "y")
-    check_norm(norm)
-    # L∞: a change of at most 1 per pixel already spans [0, 1]; L2: the cube's diameter.
-    top = 1.0 if norm == "linf" else math.sqrt(x[0].numel())
-    check_number(eps, f"eps ({norm}, pixel units)", 0.0, top, open_low=True)
-    check_loss(loss, kappa)
-    if targeted:
-        if target is None:
-            raise ConfigError(
-                "targeted=True needs target= (int64 tensor of target classes, one per point)"
-            )
-        target, t_max = _check_labels(target, x.shape[0], "target")
-        y_max = max(y_max, t_max)
-    elif target is not None:
-        target, t_max = _check_labels(target, x.shape[0], "target")
-        y_max = max(y_max, t_max)
-    return y, target, y_max
+#: An attack's core: (model, x, y, target, validated options, need_success, largest label).
+_Core = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", _Opts, bool, int], "AttackResult"
+]
 
 
 def _logits(model: nn.Module, x: torch.Tensor, max_label: int = -1) -> torch.Tensor:
@@ -240,15 +160,14 @@ def _input_grad(
     return logits.detach(), grad
 
 
-def _pgd_single(
+def _pgd_run(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     target: torch.Tensor | None,
     opts: PGDOptions,
-    *,
     need_success: bool,
-    max_label: int = -1,
+    max_label: int,
 ) -> AttackResult:
     """One restart of PGD on all of ``x`` (``opts`` validated, ``step_size`` resolved)."""
     eps, steps, norm, loss = float(opts.eps), opts.steps, opts.norm, opts.loss
@@ -317,113 +236,114 @@ def _pgd_single(
     return AttackResult(x_adv, success, x_best, success_best | success)
 
 
-def pgd_attack(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    target: torch.Tensor | None = None,
-    need_success: bool = True,
-    options: PGDOptions | None = None,
-    **settings: Any,
-) -> AttackResult:
-    """PGD returning adversarial examples *and* per-sample success masks (for evaluators).
+class AttackFunction(Generic[_Opts]):
+    """The one calling convention of fortify's functional attacks (``pgd_attack``,
+    ``fgsm_attack``): ``f(model, x, y, *, target=None, need_success=True, options=None,
+    **settings) -> AttackResult``.
 
-    Args:
+    A call builds the attack's options (``options`` with ``settings`` replacing its fields,
+    validated), checks ``x`` (float (N, C, H, W) in [0, 1]), ``y`` and ``target`` (int64 (N,))
+    and runs the attack's core on them.
+
+    Args of a call:
         model: maps images in [0, 1] (N, C, H, W) to logits (N, K); its mode is left alone.
         x: float images in [0, 1], shape (N, C, H, W). y: int64 labels (N,).
         target: int64 target classes (N,) when ``targeted``.
-        need_success: in final mode with one restart, False skips the verifying forward
-            (``success`` is then all False).
-        options, settings: the attack's settings, the fields of
-            :class:`~fortify.attacks.options.PGDOptions` (``eps`` and ``steps`` required):
-            ``pgd_attack(model, x, y, eps=8/255, steps=10, loss="cw")``, or ``options=``
-            with keyword arguments replacing its fields.
-
-    Returns:
-        :class:`AttackResult` with detached tensors of the same shape as ``x``.
+        need_success: False skips the verifying forward where the attack can (``success`` is
+            then all False); with ``restarts > 1`` (an option of PGD) later restarts attack
+            only the points whose returned example does not fool yet.
+        options, settings: the fields of the attack's options dataclass, e.g.
+            ``pgd_attack(model, x, y, eps=8/255, steps=10, loss="cw")``.
+    Returns: :class:`AttackResult` with detached tensors of the same shape as ``x``.
     """
-    opts, y, target, max_label = _prepared(PGDOptions, options, settings, x, y, target)
-    if opts.restarts == 1:
-        return _pgd_single(
-            model, x, y, target, opts, need_success=need_success, max_label=max_label
-        )
 
-    result = _pgd_single(model, x, y, target, opts, need_success=True, max_label=max_label)
-    for _ in range(opts.restarts - 1):
-        # Later restarts attack the points whose *returned* example does not fool yet: in
-        # mode "both" that is the final example, so the final row equals a mode="final" run
-        # (a point fooled only at an intermediate iterate is attacked again for that row).
-        todo = ~result.success
-        if not bool(todo.any()):
-            break
-        t_sub = target[todo] if target is not None else None
-        r = _pgd_single(
-            model, x[todo], y[todo], t_sub, opts, need_success=True, max_label=max_label
-        )
-        idx = todo.nonzero().squeeze(1)
-        # Replace the example where this restart fooled (final) or, if it did not, keep the latest.
-        result.x_adv[idx] = r.x_adv
-        result.success[idx] = r.success
-        if result.x_best is not None and r.x_best is not None and r.success_best is not None:
-            assert result.success_best is not None
-            fresh = ~result.success_best[idx]  # keep an iterate already seen to fool
-            result.x_best[idx[fresh]] = r.x_best[fresh]
-            result.success_best[idx] |= r.success_best
-    return result
+    def __init__(self, name: str, options_cls: type[_Opts], core: _Core[_Opts], doc: str) -> None:
+        self.__name__ = self.__qualname__ = name
+        self.__module__ = __name__
+        self.__doc__ = doc
+        self.options_cls: type[_Opts] = options_cls
+        self._core: _Core[_Opts] = core
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        target: torch.Tensor | None = None,
+        need_success: bool = True,
+        options: _Opts | None = None,
+        **settings: Any,
+    ) -> AttackResult:
+        opts, y, target, max_label = prepared(self.options_cls, options, settings, x, y, target)
+        x = x.detach()
+        restarts: int = getattr(opts, "restarts", 1)
+        result = self._core(model, x, y, target, opts, need_success or restarts > 1, max_label)
+        for _ in range(restarts - 1):
+            # Later restarts attack the points whose *returned* example does not fool yet: in
+            # mode "both" that is the final example, so the final row equals a mode="final" run
+            # (a point fooled only at an intermediate iterate is attacked again for that row).
+            todo = ~result.success
+            if not bool(todo.any()):
+                break
+            t_sub = target[todo] if target is not None else None
+            r = self._core(model, x[todo], y[todo], t_sub, opts, True, max_label)
+            idx = todo.nonzero().squeeze(1)
+            # Replace the example where this restart fooled (final) or, if not, keep the latest.
+            result.x_adv[idx] = r.x_adv
+            result.success[idx] = r.success
+            if result.x_best is not None and r.x_best is not None and r.success_best is not None:
+                assert result.success_best is not None
+                fresh = ~result.success_best[idx]  # keep an iterate already seen to fool
+                result.x_best[idx[fresh]] = r.x_best[fresh]
+                result.success_best[idx] |= r.success_best
+        return result
+
+    def __repr__(self) -> str:
+        return f"<attack function {self.__name__}>"
 
 
-def pgd(
+class ExamplesOnly(Generic[_Opts]):
+    """An :class:`AttackFunction` that returns only ``x_adv`` (detached, same shape and memory
+    format as ``x``) and skips the verifying forward: ``pgd(model, x, y, eps=..., steps=...)``.
+    """
+
+    def __init__(self, name: str, attack: AttackFunction[_Opts], doc: str) -> None:
+        self.__name__ = self.__qualname__ = name
+        self.__module__ = __name__
+        self.__doc__ = doc
+        self.attack: AttackFunction[_Opts] = attack
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        """``kwargs``: ``target=`` (int64 (N,)), ``options=`` and the options' fields."""
+        target, options = kwargs.pop("target", None), kwargs.pop("options", None)
+        opts = self.attack.options_cls.build(options, **kwargs)
+        if getattr(opts, "mode", "final") == "both":
+            raise ConfigError(
+                f"{self.__name__}() returns one set of examples; use mode='final' or 'best' (or "
+                f"{self.attack.__name__} for 'both')"
+            )
+        return self.attack(model, x, y, target=target, need_success=False, options=opts).x_adv
+
+    def __repr__(self) -> str:
+        return f"<attack function {self.__name__}>"
+
+
+def _fgsm_run(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    *,
-    target: torch.Tensor | None = None,
-    options: PGDOptions | None = None,
-    **settings: Any,
-) -> torch.Tensor:
-    """Projected gradient descent; returns ``x_adv`` (detached, same shape/format as ``x``).
-
-    ``x`` is float (N, C, H, W) in [0, 1]; the settings are the fields of
-    :class:`~fortify.attacks.options.PGDOptions` (``eps``, ``steps`` required; ``eps`` and
-    ``step_size`` in pixel units, ``step_size`` defaulting to ``2.5 * eps / steps``). Each
-    step: ascend the per-sample loss (sign step for L∞, per-sample normalised step for L2),
-    then project onto the ε-ball and [0, 1]. ``mode="final"`` returns the last iterate and
-    costs exactly ``steps`` forward+backward passes; ``mode="best"`` returns, for each point,
-    the first iterate whose logits fooled the model (broken points leave the batch). See
-    :func:`pgd_attack` for per-sample success masks.
-    """
-    opts = PGDOptions.build(options, **settings)
-    if opts.mode == "both":
-        raise ConfigError(
-            "pgd() returns one set of examples; use mode='final' or 'best' (or pgd_attack for "
-            "'both')"
-        )
-    return pgd_attack(model, x, y, target=target, need_success=False, options=opts).x_adv
-
-
-def fgsm_attack(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    target: torch.Tensor | None = None,
-    need_success: bool = True,
-    options: FGSMOptions | None = None,
-    **settings: Any,
+    target: torch.Tensor | None,
+    opts: FGSMOptions,
+    need_success: bool,
+    max_label: int,
 ) -> AttackResult:
-    """FGSM (L∞): ``clamp(x + eps * sign(∇ loss), 0, 1)`` with per-sample success mask.
-
-    The settings are the fields of :class:`~fortify.attacks.options.FGSMOptions` (``eps``
-    required), as keyword arguments or ``options=``; ``target`` (N,) when targeted;
-    ``need_success=False`` skips the verifying forward (``success`` is then all False).
-    """
-    opts, y, target, max_label = _prepared(FGSMOptions, options, settings, x, y, target)
-    eps, loss, targeted, kappa = opts.eps, opts.loss, opts.targeted, opts.kappa
-    x = x.detach()
-    _, grad = _input_grad(model, x, y, target, loss, targeted, kappa, max_label)
+    targeted, kappa = opts.targeted, opts.kappa
+    _, grad = _input_grad(model, x, y, target, opts.loss, targeted, kappa, max_label)
     x_adv = torch.empty_like(x).copy_(x)
-    x_adv.add_(grad.sign_(), alpha=float(eps)).clamp_(0.0, 1.0)
+    x_adv.add_(grad.sign_(), alpha=float(opts.eps)).clamp_(0.0, 1.0)
     if not need_success:
         return AttackResult(x_adv, torch.zeros(len(x), dtype=torch.bool, device=x.device))
     with torch.no_grad():
@@ -431,20 +351,60 @@ def fgsm_attack(
     return AttackResult(x_adv, success)
 
 
-def fgsm(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    target: torch.Tensor | None = None,
-    options: FGSMOptions | None = None,
-    **settings: Any,
-) -> torch.Tensor:
+pgd_attack: AttackFunction[PGDOptions] = AttackFunction(
+    "pgd_attack",
+    PGDOptions,
+    _pgd_run,
+    """PGD returning adversarial examples *and* per-sample success masks (for evaluators).
+
+    ``pgd_attack(model, x, y, *, target=None, need_success=True, options=None, **settings)``;
+    the settings are the fields of :class:`~fortify.attacks.options.PGDOptions` (``eps`` and
+    ``steps`` required, pixel units): ``pgd_attack(model, x, y, eps=8/255, steps=10,
+    loss="cw")``, or ``options=`` with keyword arguments replacing its fields. With
+    ``restarts > 1`` later restarts attack only the points not fooled yet.
+    ``need_success=False`` skips the verifying forward in final mode with one restart.
+    Returns :class:`AttackResult` (see :class:`AttackFunction` for the calling convention).
+    """,
+)
+
+pgd: ExamplesOnly[PGDOptions] = ExamplesOnly(
+    "pgd",
+    pgd_attack,
+    """Projected gradient descent; returns ``x_adv`` (detached, same shape/format as ``x``).
+
+    ``pgd(model, x, y, *, target=None, options=None, **settings)``: ``x`` is float
+    (N, C, H, W) in [0, 1]; the settings are the fields of
+    :class:`~fortify.attacks.options.PGDOptions` (``eps``, ``steps`` required; ``eps`` and
+    ``step_size`` in pixel units, ``step_size`` defaulting to ``2.5 * eps / steps``). Each
+    step: ascend the per-sample loss (sign step for L∞, per-sample normalised step for L2),
+    then project onto the ε-ball and [0, 1]. ``mode="final"`` returns the last iterate and
+    costs exactly ``steps`` forward+backward passes; ``mode="best"`` returns, for each point,
+    the first iterate whose logits fooled the model (broken points leave the batch). See
+    :func:`pgd_attack` for per-sample success masks.
+    """,
+)
+
+fgsm_attack: AttackFunction[FGSMOptions] = AttackFunction(
+    "fgsm_attack",
+    FGSMOptions,
+    _fgsm_run,
+    """FGSM (L∞): ``clamp(x + eps * sign(∇ loss), 0, 1)`` with per-sample success mask.
+
+    ``fgsm_attack(model, x, y, *, target=None, need_success=True, options=None,
+    **settings)``; the settings are the fields of :class:`~fortify.attacks.options.FGSMOptions`
+    (``eps`` required, pixel units); ``target`` (N,) when targeted; ``need_success=False`` skips
+    the verifying forward (``success`` is then all False).
+    """,
+)
+
+fgsm: ExamplesOnly[FGSMOptions] = ExamplesOnly(
+    "fgsm",
+    fgsm_attack,
     """Fast gradient sign method (L∞, one forward+backward); returns ``x_adv`` detached.
 
-    ``x`` float (N, C, H, W) in [0, 1]; the settings are the fields of
+    ``fgsm(model, x, y, *, target=None, options=None, **settings)``: ``x`` float
+    (N, C, H, W) in [0, 1]; the settings are the fields of
     :class:`~fortify.attacks.options.FGSMOptions` (``eps`` in pixel units). Untargeted it
     ascends the loss w.r.t. ``y``; targeted it descends towards ``target``.
-    """
-    opts = FGSMOptions.build(options, **settings)
-    return fgsm_attack(model, x, y, target=target, need_success=False, options=opts).x_adv
+    """,
+)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from fortify.cli._help import HelpFormatter
 
 if TYPE_CHECKING:
-    from fortify.rift.pipeline import RiftConfig
+    from fortify.rift.config import RiftConfig
 
 NAME = "rift"
 HELP = "robust critical fine-tuning: mrc, finetune, interpolate, run"
@@ -174,7 +174,7 @@ def build_config(args: argparse.Namespace) -> RiftConfig:
     """The RiftConfig from --config, --set and the explicit flags (flags win)."""
     import json
 
-    from fortify.rift.pipeline import load_rift_config
+    from fortify.rift.config import load_rift_config
 
     overrides = list(args.overrides)
     for attr, key in _MAP.items():
@@ -191,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fortify.errors import RunDirError
-    from fortify.rift.pipeline import RiftRun, summary_markdown
+    from fortify.rift.evaluation import summary_markdown
+    from fortify.rift.pipeline import RiftRun
     from fortify.utils.atomic import check_writable_dir
 
     cfg = build_config(args)

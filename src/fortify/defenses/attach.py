@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -30,6 +30,13 @@ from fortify.utils.shapes import as_chw
 DEFENSES_ATTR = "fortify_defenses"
 
 DefenceFactory = Callable[[tuple[int, int, int]], nn.Module]
+
+
+class _Validated(Protocol):
+    def validate(self) -> None: ...
+
+
+_O = TypeVar("_O", bound=_Validated)
 
 
 class Defended(nn.Module):
@@ -229,3 +236,48 @@ def check_block_sizes(kind: str, channels: object, num_classes: object | None = 
         not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2
     ):
         raise ConfigError(f"{kind} num_classes must be an integer >= 2, got {num_classes!r}")
+
+
+class ClassBlockAttacher(Generic[_O]):
+    """The public ``attach_<kind>(model, at, num_classes, input_shape, options=None)`` of a
+    defence whose blocks know the number of classes (CAS, CIFS): one calling convention.
+
+    A call validates ``options`` (default: ``options_cls()``), builds the blocks with
+    ``blocks(names, num_classes, opts)`` — a factory ``f((C, H, W)) -> block`` called once per
+    name, in order — attaches them after the modules named in ``at`` and runs ``finish(model,
+    opts)`` when given. It returns the defended model (``model`` itself, or a
+    :class:`Defended` wrapper for a plain container root).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        options_cls: Callable[[], _O],
+        blocks: Callable[[list[str], int, _O], DefenceFactory],
+        doc: str,
+        finish: Callable[[nn.Module, _O], None] | None = None,
+    ) -> None:
+        self.__name__ = self.__qualname__ = name
+        self.__doc__ = doc
+        self.options_cls = options_cls
+        self._blocks = blocks
+        self._finish = finish
+
+    def __call__(
+        self,
+        model: nn.Module,
+        at: str | Sequence[str],
+        num_classes: int,
+        input_shape: tuple[int, int, int],
+        options: _O | None = None,
+    ) -> nn.Module:
+        opts = options if options is not None else self.options_cls()
+        opts.validate()
+        names = [at] if isinstance(at, str) else list(at)
+        model = attach(model, self._blocks(names, num_classes, opts), names, input_shape)
+        if self._finish is not None:
+            self._finish(model, opts)
+        return model
+
+    def __repr__(self) -> str:
+        return f"<defence attach function {self.__name__}>"

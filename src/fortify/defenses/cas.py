@@ -27,7 +27,6 @@ diagnostic (the attack on this variant sees a smooth, label-driven mask), never 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,7 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fortify.defenses.attach import attach, attached, check_block_sizes
+from fortify.defenses.attach import (
+    ClassBlockAttacher,
+    DefenceFactory,
+    attached,
+    check_block_sizes,
+)
 from fortify.defenses.contract import AuxContext, ChannelSelectionBlock, labels_for
 from fortify.defenses.registry import check_choice, check_number, last_stage, register_block_defence
 from fortify.errors import ConfigError, FortifyError
@@ -147,33 +151,32 @@ class CASBlock(ChannelSelectionBlock, nn.Module):
         return {self.term: self.opts.beta * F.cross_entropy(logits.float(), ctx.y)}
 
 
-def attach_cas(
-    model: nn.Module,
-    at: str | Sequence[str],
-    num_classes: int,
-    input_shape: tuple[int, int, int],
-    options: CASOptions | None = None,
-) -> nn.Module:
-    """Attach a CAS block after each module named in ``at`` (one auxiliary head per block).
+def _cas_blocks(names: list[str], num_classes: int, opts: CASOptions) -> DefenceFactory:
+    return lambda shape: CASBlock(shape[0], num_classes, opts)
 
-    Args:
-        model: any CNN mapping (N, C, H, W) images to (N, K) logits.
-        at: module names whose 4-D outputs CAS replaces (ResNet-18 paper default:
-            ``["layer4.0", "layer4.1"]``).
-        num_classes: K. input_shape: (C, H, W) of one image.
-        options: :class:`CASOptions`.
-    Returns: the defended model (``model`` itself, or a wrapper for a plain container).
-    """
-    opts = options or CASOptions()
-    opts.validate()
-    model = attach(model, lambda shape: CASBlock(shape[0], num_classes, opts), at, input_shape)
+
+def _name_terms(model: nn.Module, opts: CASOptions) -> None:
     if not opts.average:
         for name, block in cas_blocks(model).items():
             block.term = f"cas[{name}]"
-    return model
 
 
-# Config builder; ``at=[]`` uses the two blocks of the backbone's last stage (paper).
+attach_cas: ClassBlockAttacher[CASOptions] = ClassBlockAttacher(
+    "attach_cas",
+    CASOptions,
+    _cas_blocks,
+    """Attach a CAS block after each module named in ``at`` (one auxiliary head per block).
+
+    ``attach_cas(model, at, num_classes, input_shape, options=None)``: ``model`` any CNN mapping
+    (N, C, H, W) images to (N, K) logits; ``at`` module names whose 4-D outputs CAS replaces
+    (ResNet-18 paper default: ``["layer4.0", "layer4.1"]``); ``num_classes`` K;
+    ``input_shape`` (C, H, W) of one image; ``options`` :class:`CASOptions`. Returns the
+    defended model (``model`` itself, or a wrapper for a plain container).
+    """,
+    finish=_name_terms,
+)
+
+
 build = register_block_defence("cas", "CAS", CASOptions, attach_cas, last_stage("CAS"))
 
 

@@ -35,7 +35,6 @@ evaluation). The top-k class choice is piecewise constant in both cases.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -43,7 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fortify.defenses.attach import attach, attached, check_block_sizes
+from fortify.defenses.attach import (
+    ClassBlockAttacher,
+    DefenceFactory,
+    attached,
+    check_block_sizes,
+)
 from fortify.defenses.cas import SELECTIONS
 from fortify.defenses.contract import AuxContext, ChannelSelectionBlock, labels_for
 from fortify.defenses.registry import check_choice, check_number, last_stage, register_block_defence
@@ -238,25 +242,7 @@ class CIFSBlock(ChannelSelectionBlock, nn.Module):
         return out
 
 
-def attach_cifs(
-    model: nn.Module,
-    at: str | Sequence[str],
-    num_classes: int,
-    input_shape: tuple[int, int, int],
-    options: CIFSOptions | None = None,
-) -> nn.Module:
-    """Attach a CIFS block after each module named in ``at``.
-
-    Args:
-        model: any CNN mapping (N, C, H, W) images to (N, K) logits.
-        at: module names (ResNet-18 paper default ``["layer4.0", "layer4.1"]``).
-        num_classes: K. input_shape: (C, H, W) of one image.
-        options: :class:`CIFSOptions`; ``probes`` gives one probe kind per position.
-    Returns: the defended model.
-    """
-    opts = options or CIFSOptions()
-    opts.validate()
-    names = [at] if isinstance(at, str) else list(at)
+def _cifs_blocks(names: list[str], num_classes: int, opts: CIFSOptions) -> DefenceFactory:
     probes = list(opts.probes) if opts.probes is not None else None
     if probes is None:
         probes = ["nonlinear"] * (len(names) - 1) + ["linear"]
@@ -268,11 +254,22 @@ def attach_cifs(
     kinds = dict(zip(names, probes, strict=True))
     block_opts = replace(opts, probes=None)
     order = iter(names)
+    return lambda shape: CIFSBlock(shape[0], num_classes, kinds[next(order)], block_opts)
 
-    def factory(shape: tuple[int, int, int]) -> CIFSBlock:
-        return CIFSBlock(shape[0], num_classes, kinds[next(order)], block_opts)
 
-    return attach(model, factory, names, input_shape)
+attach_cifs: ClassBlockAttacher[CIFSOptions] = ClassBlockAttacher(
+    "attach_cifs",
+    CIFSOptions,
+    _cifs_blocks,
+    """Attach a CIFS block after each module named in ``at``.
+
+    ``attach_cifs(model, at, num_classes, input_shape, options=None)``: ``model`` any CNN
+    mapping (N, C, H, W) images to (N, K) logits; ``at`` module names (ResNet-18 paper default
+    ``["layer4.0", "layer4.1"]``); ``num_classes`` K; ``input_shape`` (C, H, W) of one image;
+    ``options`` :class:`CIFSOptions` (``probes`` gives one probe kind per position). Returns
+    the defended model.
+    """,
+)
 
 
 # Config builder; ``at=[]`` uses the two blocks of the backbone's last stage (paper).

@@ -25,6 +25,7 @@ from fortify.stats import (
     mcnemar_exact,
     paired_bootstrap,
 )
+from fortify.utils.records import record
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +61,9 @@ class ColumnComparison:
         return self.interval.verdict
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return {
-            "column": self.column,
-            "mode": self.mode,
-            "n": self.n,
-            "a": self.a,
-            "b": self.b,
-            "difference": self.interval.to_dict(),
-            "mcnemar_p": self.p_value,
-            "a_only": self.a_only,
-            "b_only": self.b_only,
-            "verdict": self.verdict,
-        }
+        """JSON-ready dict (``interval`` as ``difference``, ``p_value`` as ``mcnemar_p``)."""
+        rename = {"interval": "difference", "p_value": "mcnemar_p"}
+        return record(self, rename=rename, verdict=self.verdict)
 
 
 @dataclass

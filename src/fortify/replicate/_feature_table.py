@@ -11,45 +11,34 @@ Re-running resumes unfinished training and skips finished evaluations with the s
 (row, seed) whose run directory holds no finished run but whose per-seed JSON (``--json-dir``,
 committed under docs/results/) was computed from the same training config and evaluation
 settings is reused from the JSON, so a later session adds seeds or rows without retraining.
+
+Here: the table spec (:class:`FeatureTable`), its arguments, the time estimate and the run. The
+rows are in :mod:`~fortify.replicate._feature_table_rows`, the evaluation, committed results and
+differences in :mod:`~fortify.replicate._feature_table_results`, the page in
+:mod:`~fortify.replicate._feature_table_page`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
-import platform
-import shlex
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fortify.replicate import _fsr_recipe as recipe
 from fortify.replicate import fsr_table1 as t1
-from fortify.replicate.common import cached, checkpoint_key, train_or_reuse
+from fortify.replicate._feature_table_page import write_page
+from fortify.replicate._feature_table_results import RULES, committed, compare, evaluate_row
+from fortify.replicate._feature_table_rows import Row, _expand, row_config
+from fortify.replicate.common import train_or_reuse
 
 log = logging.getLogger(__name__)
 
-# Natural, FGSM, PGD-20, PGD-100, C&W, Ensemble, AutoAttack (fsr-table1 adds a Worst case column)
-COLUMNS = tuple(c for c in t1.COLUMNS if c != "Worst case")
-EPS = t1.EPS
 DEFAULT_OUT = "runs/fsr-feature-defences"
-EVAL_CACHE = "feature_table_eval.json"
-RULES = "fortify-eval/2"  # the evaluation rules a committed result was computed under
-
-
-@dataclass(frozen=True)
-class Row:
-    """One table row: a label, the defences (config dicts), what the paper reports for it and
-    ``train`` settings that replace the recipe's (e.g. ``{"precision": "fp32"}``)."""
-
-    label: str
-    defences: list[dict[str, Any]] = field(default_factory=list)
-    paper: str = ""
-    train: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,7 +74,7 @@ def add_common_arguments(
     parser: argparse.ArgumentParser, rows: dict[str, Row], doc: str, seeds: str
 ) -> None:
     """Arguments shared by both commands (the fsr-table1 recipe plus seeds and peers' sizes)."""
-    d = t1.DEFAULTS
+    d = recipe.DEFAULTS
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the run dirs")
     parser.add_argument("--doc", default=doc, help="Markdown page to write")
     parser.add_argument(
@@ -112,7 +101,7 @@ def add_common_arguments(
     )
     parser.add_argument("--batch-size", type=int, default=d["batch_size"])
     parser.add_argument("--attack-steps", type=int, default=d["attack_steps"])
-    t1.add_precision_argument(parser)
+    recipe.add_precision_argument(parser)
     parser.add_argument("--test-points", type=int, default=d["test_points"])
     parser.add_argument("--aa-points", type=int, default=d["aa_points"], help="0: skip")
     parser.add_argument("--eval-seed", type=int, default=0, help="seed of the attacks")
@@ -136,140 +125,6 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _expand(defences: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Fill the CPU-scale sizes (FSR hidden, CIFS probe width) into a row's defences."""
-    out = []
-    for d in copy.deepcopy(defences):
-        opts = d.setdefault("options", {})
-        if d["kind"] == "fsr":
-            opts.setdefault("hidden", args.fsr_hidden)
-        if d["kind"] == "cifs":
-            opts.setdefault("hidden", args.cifs_hidden)
-        if d["kind"] == "fd" and args.fd_at:
-            d["at"] = [p.strip() for p in args.fd_at.split(",") if p.strip()]
-        out.append(d)
-    return out
-
-
-def row_config(row: str, spec: Row, seed: int, args: argparse.Namespace) -> Any:
-    """The ExperimentConfig of one (row, seed): fsr-table1's AT recipe plus the row's defences."""
-    from fortify.config.loader import from_dict, to_dict
-    from fortify.config.schema import ExperimentConfig
-
-    data = to_dict(t1.row_config("at", args, seed=seed))
-    data["name"] = f"fsr-feature-{row}-seed{seed}"
-    data["defenses"] = _expand(spec.defences, args)
-    data["train"].update(copy.deepcopy(spec.train))
-    return from_dict(ExperimentConfig, data)
-
-
-def _bits(t: Any) -> str:
-    return "".join("1" if v else "0" for v in t.tolist())
-
-
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "eps": EPS,
-        "test_points": args.test_points,
-        "aa_points": args.aa_points,
-        "eval_seed": args.eval_seed,
-        "checks": not args.no_checks,
-        "checkpoint": "last",
-    }
-
-
-def evaluate_row(
-    model: Any, run_dir: Path, args: argparse.Namespace, splits: Any
-) -> dict[str, Any]:
-    """Paper suite + AutoAttack with per-point outcomes, cached in the run's reports folder
-    (:func:`~fortify.replicate.common.cached`: reused while the settings and the checkpoint's
-    SHA-256 are unchanged)."""
-    settings = _settings(args)
-    key = checkpoint_key(settings, checkpoint=run_dir / "checkpoints" / "last.safetensors")
-    value, _ = cached(
-        run_dir / "reports" / EVAL_CACHE, key, lambda: _evaluate_row(model, args, splits, settings)
-    )
-    return value
-
-
-def _evaluate_row(
-    model: Any, args: argparse.Namespace, splits: Any, settings: dict[str, Any]
-) -> dict[str, Any]:
-    from fortify.evaluate import evaluate
-
-    x, y = splits.test.head(args.test_points).floats()
-    t0 = time.perf_counter()
-    rep = evaluate(
-        model, x, y, suite="paper", eps=EPS, seed=args.eval_seed, checks=not args.no_checks
-    )
-    outcomes, n = {}, {}
-    for col in COLUMNS:
-        c = rep.correct(col, "final")
-        if c is not None:
-            outcomes[col], n[col] = _bits(c), len(c)
-    checks = [{"name": c.name, "status": c.status, "message": c.message} for c in rep.checks]
-    t_paper = time.perf_counter() - t0
-    t_aa = 0.0
-    if args.aa_points > 0:
-        k = min(args.aa_points, len(x))
-        t0 = time.perf_counter()
-        aa = evaluate(
-            model, x[:k], y[:k], suite="autoattack", eps=EPS, seed=args.eval_seed, checks=False
-        )
-        c = aa.correct("AutoAttack", "final")
-        if c is not None:
-            outcomes["AutoAttack"], n["AutoAttack"] = _bits(c), len(c)
-        t_aa = time.perf_counter() - t0
-    return {
-        "settings": settings,
-        "n": n,
-        "outcomes": outcomes,
-        "accuracy": {col: 100.0 * s.count("1") / len(s) for col, s in outcomes.items()},
-        "checks": checks,
-        "seconds": {"paper": round(t_paper, 1), "autoattack": round(t_aa, 1)},
-    }
-
-
-def committed(path: Path, cfg: Any, args: argparse.Namespace) -> dict[str, Any] | None:
-    """The per-(row, seed) JSON at ``path`` if it was computed with the same evaluation settings
-    and rules from a run of the same training config
-    (:func:`~fortify.train.resume.training_fingerprint`), else None: a later session
-    re-aggregates committed results without the run directories."""
-    from fortify.train.resume import training_fingerprint
-
-    if not path.is_file():
-        return None
-    try:
-        ev = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        log.warning("%s is unreadable (%s); training/evaluating again", path, exc)
-        return None
-    if not isinstance(ev, dict) or ev.get("settings") != _settings(args):
-        return None
-    if ev.get("training_sha256") != training_fingerprint(cfg) or ev.get("rules") != RULES:
-        return None
-    log.info("%s: committed result reused (same training config and evaluation settings)", path)
-    return ev
-
-
-def _command(name: str, args: argparse.Namespace) -> str:
-    parts = ["fortify", "replicate", name]
-    for flag in (
-        "out", "doc", "seeds", "epochs", "train_subset", "width", "fsr_hidden", "cifs_hidden",
-        "fd_at", "batch_size", "attack_steps", "test_points", "aa_points", "eval_seed", "rows",
-        "resamples",
-    ):  # fmt: skip
-        if getattr(args, flag) != "":
-            parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    if args.precision != "fp32":
-        parts += ["--precision", args.precision]
-    if args.json_dir:
-        parts += ["--json-dir", args.json_dir]
-    if args.no_checks:
-        parts.append("--no-checks")
-    return " ".join(shlex.quote(p) for p in parts)
-
-
 def _check_args(args: argparse.Namespace, rows: dict[str, Row], baseline: str) -> list[str]:
     from fortify.errors import ConfigError
 
@@ -290,169 +145,6 @@ def _check_args(args: argparse.Namespace, rows: dict[str, Row], baseline: str) -
     if baseline not in chosen:
         log.warning("baseline row %r not selected: no differences will be computed", baseline)
     return chosen
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def compare(
-    results: dict[str, dict[int, dict[str, Any]]], baseline: str, resamples: int
-) -> dict[str, dict[str, Any]]:
-    """``{row: {column: interval dict}}``: row − baseline over the seeds both have."""
-    import numpy as np
-
-    from fortify.stats import seed_point_bootstrap
-
-    out: dict[str, dict[str, Any]] = {}
-    base = results.get(baseline, {})
-    for row, per_seed in results.items():
-        if row == baseline:
-            continue
-        seeds = sorted(set(per_seed) & set(base))
-        if not seeds:
-            continue
-        cols: dict[str, Any] = {}
-        for col in COLUMNS:
-            a = [base[s]["outcomes"].get(col) for s in seeds]
-            b = [per_seed[s]["outcomes"].get(col) for s in seeds]
-            if any(v is None for v in a + b):
-                continue
-            iv = seed_point_bootstrap(
-                [np.frombuffer(v.encode(), dtype=np.uint8) - 48 for v in a],
-                [np.frombuffer(v.encode(), dtype=np.uint8) - 48 for v in b],
-                resamples=resamples,
-                seed=0,
-            )
-            cols[col] = {**iv.to_dict(), "text": iv.format(2), "verdict": iv.verdict}
-        out[row] = cols
-    return out
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _masking_warned(ev: dict[str, Any]) -> bool:
-    """Whether any check of one (row, seed) evaluation did not pass (the masking checks and the
-    robust ≤ clean sanity check, which masking also trips)."""
-    return any(c["status"] != "ok" for c in ev.get("checks", []))
-
-
-def write_page(
-    name: str,
-    title: str,
-    rows: dict[str, Row],
-    baseline: str,
-    results: dict[str, dict[int, dict[str, Any]]],
-    diffs: dict[str, dict[str, Any]],
-    args: argparse.Namespace,
-    notes: list[str],
-) -> str:
-    """The Markdown page (command, seeds, n per column, mean ± sd, CIs, verdicts)."""
-    from fortify.runs import write_text_atomic
-    from fortify.stats import mean_sd
-
-    any_row = next(iter(results.values()))
-    any_eval = next(iter(any_row.values()))
-    n = any_eval["n"]
-    head = "AutoAttack" if "AutoAttack" in n else "Ensemble"
-    lines = [
-        f"# {title}",
-        "",
-        "Generated by:",
-        "",
-        f"    {_command(name, args)}",
-        "",
-        f"Accuracy (%) on Fashion-MNIST test points, L∞ ε = {EPS}, mean ± sd over training seeds "
-        f"(seeds {args.seeds}; the seed count per row is in the table). Points per column: "
-        + ", ".join(f"{c} n = {k}" for c, k in n.items())
-        + " (AutoAttack on the first of the paper-suite points). The same points and attack "
-        f"seed ({args.eval_seed}) for every row and seed.",
-        "",
-        "| method | seeds | " + " | ".join(COLUMNS) + " |",
-        "|---|---|" + "---|" * len(COLUMNS),
-    ]
-    for row, per_seed in results.items():
-        cells = []
-        for col in COLUMNS:
-            vals = [e["accuracy"][col] for e in per_seed.values() if col in e["accuracy"]]
-            cells.append(mean_sd(vals).format(2) if vals else "–")
-        lines.append(f"| {rows[row].label} | {len(per_seed)} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"## Differences to {rows[baseline].label}",
-        "",
-        "Row − baseline in percentage points with a 95 % CI from a bootstrap over seeds, then "
-        f"over points (one point draw shared by the seeds; {args.resamples} resamples; "
-        "`fortify.stats.seed_point_bootstrap`); the verdict is read from the CI alone.",
-        "",
-        f"| method | {head} | verdict | Ensemble | PGD-20 | Natural |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row, cols in diffs.items():
-        h = cols.get(head)
-        t = {c: v["text"] for c, v in cols.items()}
-        lines.append(
-            f"| {rows[row].label} | {t.get(head, '–')} | {h['verdict'] if h else '–'} | "
-            f"{t.get('Ensemble', '–')} | {t.get('PGD-20', '–')} | {t.get('Natural', '–')} |"
-        )
-    lines += ["", "Readings:", ""]
-    for row, cols in diffs.items():
-        h = cols.get(head)
-        if h:
-            warned = [s for s, e in results[row].items() if _masking_warned(e)]
-            caveat = (
-                f" Gradient-masking checks warned on {len(warned)} of {len(results[row])} "
-                "seeds: its white-box columns (FGSM … Ensemble) may overstate its robustness; only "
-                f"the {head} column is read."
-                if warned
-                else ""
-            )
-            lines.append(
-                f"- {rows[row].label} vs {rows[baseline].label} ({head}): {h['text']} points — "
-                f"{h['verdict']}.{caveat}"
-            )
-    flagged = sorted(
-        {
-            f"{rows[r].label} seed {s}: {c['name']} ({c['status']})"
-            for r, per_seed in results.items()
-            for s, e in per_seed.items()
-            for c in e.get("checks", [])
-            if c["status"] != "ok"
-        }
-    )
-    lines += ["", "## Gradient-masking checks", ""]
-    lines += [f"- {f}" for f in flagged] or ["- every check of every row and seed passed"]
-    papers = [
-        f"- {spec.label}: {spec.paper}" for r, spec in rows.items() if r in results and spec.paper
-    ]
-    if papers:
-        lines += ["", "## Paper (CIFAR-10, ResNet-18, ε = 8/255, AutoAttack), for orientation", ""]
-        lines += papers
-    lines += ["", "## Settings", "", *notes]
-    if args.fd_at and any(d["kind"] == "fd" for r in results for d in rows[r].defences):
-        lines.append(
-            f"- **FD placement changed by `--fd-at`: after {args.fd_at}** (the release, and this "
-            "command's default, add a block after every stage)"
-        )
-    lines.append("")
-    lines += [
-        f"- training: fsr-table1's AT recipe — small-resnet width {args.width}, "
-        f"{args.train_subset} training images, {args.epochs} epochs, batch {args.batch_size}, "
-        f"PGD-{args.attack_steps} inner attack (step 0.25ε, random start, eval mode), SGD lr "
-        "0.05 (×0.1 at 75 % and 90 % of the epochs), "
-        + t1.precision_text(args, "; every row here trains the same way")
-        + " unless a row says otherwise; the last epoch is evaluated",
-        f"- sizes scaled to the narrow backbone: FSR hidden {args.fsr_hidden}, CIFS probe hidden "
-        f"{args.cifs_hidden}",
-        "- evaluation (fp32): FGSM; PGD-20/PGD-100 step 0.1ε, no random start; C&W = PGD-30 on "
-        "the margin loss, κ = 50; Ensemble = per-point worst case of those; AutoAttack standard",
-        f"- machine: {platform.machine()} CPU; per-row, per-seed JSON (per-point outcomes) next "
-        "to this page",
-        "",
-    ]
-    text = "\n".join(lines)
-    write_text_atomic(Path(args.doc), text)
-    return text
 
 
 # --------------------------------------------------------------------------- estimate

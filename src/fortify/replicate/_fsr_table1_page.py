@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fortify.replicate import fsr_table1 as t1
+from fortify.replicate._fsr_recipe import lr_schedule_text, precision_text, row_config
 from fortify.replicate.seed_grid import SeedGrid
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def estimate(args: argparse.Namespace, rows: list[str], n_seeds: int) -> int:
         for row in ("at", "at", "at-fsr", "trades-fsr", "mart-fsr"):  # first "at" = warm-up
             a = copy.copy(args)
             a.epochs, a.train_subset = 1, probe
-            cfg = t1.row_config(row, a)
+            cfg = row_config(row, a)
             out_dir = Path(tmp) / f"{row}-{len(per_img)}"
             res = fit(cfg, out_dir, mode="new", progress=False)
             rec = res.history[-1]
@@ -106,7 +107,7 @@ def log_grid_estimate(
     from fortify.evaluate.estimate import minutes, suite_seconds, unit_costs
     from fortify.factory import build_model
 
-    cfg = t1.row_config(rows[0], args, seeds[0])
+    cfg = row_config(rows[0], args, seeds[0])
     model = build_model(cfg.model, cfg.defenses, splits.num_classes, splits.image_shape).eval()
     x, _ = splits.test.head(min(64, args.test_points)).floats()
     costs = unit_costs(model, x)
@@ -217,9 +218,9 @@ def write_report(
         f"- model: small-resnet (ResNet-18 layout) width {args.width}; FSR after `layer4` with "
         f"hidden {args.fsr_hidden}, τ = 0.1, λ_sep = λ_rec = 1",
         f"- training: {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9, wd 5e-4; "
-        f"{t1.lr_schedule_text(args.epochs)}; PGD-{args.attack_steps} inner attack (step 0.025, "
+        f"{lr_schedule_text(args.epochs)}; PGD-{args.attack_steps} inner attack (step 0.025, "
         "random start, eval mode), "
-        + t1.precision_text(args)
+        + precision_text(args)
         + "; TRADES/MART β = 6; the last epoch is evaluated (as the release does)",
         "- evaluation (fp32, eval mode, deterministic FSR mask): FGSM; PGD-20 and PGD-100 with "
         "step 0.1ε, no random start; C&W = PGD-30 on the margin loss with κ = 50; Ensemble = "

@@ -12,7 +12,8 @@ CPU presets and the replicate recipes train in fp32 by default (``--precision bf
 
 from __future__ import annotations
 
-from fortify.replicate._feature_table import FeatureTable, Row
+from fortify.replicate._feature_table import FeatureTable
+from fortify.replicate._feature_table_rows import Row
 
 NAME = "bf16-parity"
 HELP = "AT trained in bf16 + channels-last vs fp32 (Fashion-MNIST, fp32 evaluation, 3 seeds)"

@@ -10,7 +10,8 @@ a CI-derived verdict. Shares run directories with ``fsr-table4`` (default ``--ou
 
 from __future__ import annotations
 
-from fortify.replicate._feature_table import FeatureTable, Row
+from fortify.replicate._feature_table import FeatureTable
+from fortify.replicate._feature_table_rows import Row
 
 NAME = "fsr-ablations"
 HELP = "FSR Tables 6/A6/A4 at CPU scale: FSR ablations and block positions on Fashion-MNIST"

@@ -10,7 +10,8 @@ follow ``configs/fsr/cifar10/resnet18-at-*.yaml``: FSR after ``layer4``; FD afte
 
 from __future__ import annotations
 
-from fortify.replicate._feature_table import FeatureTable, Row
+from fortify.replicate._feature_table import FeatureTable
+from fortify.replicate._feature_table_rows import Row
 
 NAME = "fsr-table4"
 HELP = "FSR Table 4 at CPU scale: AT, AT+FSR, AT+FD, AT+CAS, AT+CIFS on Fashion-MNIST, 3 seeds"

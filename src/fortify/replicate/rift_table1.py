@@ -233,7 +233,9 @@ def add_eval_reports(grid: SeedGrid, seed: int, eval_dir: Path, rift_row: str = 
 def _run_seed(args: argparse.Namespace, bns: list[str]) -> list[BNResult]:
     """Train (or reuse) the AT run of ``args.seed`` and run RiFT once per BN setting on it (the
     later settings reuse the first one's MRC step and AT-model reports)."""
-    from fortify.rift.pipeline import RiftRun, load_rift_config, summary_markdown
+    from fortify.rift.config import load_rift_config
+    from fortify.rift.evaluation import summary_markdown
+    from fortify.rift.pipeline import RiftRun
     from fortify.utils.atomic import atomic_write_text
 
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from fortify.errors import ComparisonError, DataError
 from fortify.utils.atomic import atomic_write_text
+from fortify.utils.records import record
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +48,8 @@ class Reading:
         return self.interval.verdict
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return {
-            "baseline": self.baseline,
-            "method": self.method,
-            "column": self.column,
-            "seeds": list(self.seeds),
-            "n": self.n,
-            "baseline_mean": self.baseline_mean,
-            "method_mean": self.method_mean,
-            "difference": self.interval.to_dict(),
-            "verdict": self.verdict,
-        }
+        """JSON-ready dict (``interval`` as ``difference``)."""
+        return record(self, rename={"interval": "difference"}, verdict=self.verdict)
 
 
 @dataclass

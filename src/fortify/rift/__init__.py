@@ -5,6 +5,7 @@
 :func:`select_alpha`, :class:`RiftRun`.
 """
 
+from fortify.rift.config import RiftConfig, load_rift_config
 from fortify.rift.finetune import FinetuneOptions, finetune
 from fortify.rift.interpolate import (
     GridPoint,
@@ -14,16 +15,15 @@ from fortify.rift.interpolate import (
     select_alpha,
 )
 from fortify.rift.mrc import (
-    ModuleMRC,
     MRCOptions,
-    MRCReport,
     build_adversarial_set,
     compute_mrc,
     get_weight,
     module_mrc,
     weight_modules,
 )
-from fortify.rift.pipeline import RiftConfig, RiftRun, load_rift_config
+from fortify.rift.mrc_report import ModuleMRC, MRCReport
+from fortify.rift.pipeline import RiftRun
 from fortify.rift.select import choose_module, middle_modules
 
 __all__ = [

@@ -8,6 +8,9 @@ skips finished steps (``force=True`` redoes them). Steps:
 3. ``interpolate``: θ_α grid on VALIDATION (clean + PGD-10), α* by the paired rule, the chosen
    model saved as ``rift.safetensors`` (a fortify checkpoint).
 4. ``evaluate``: θ_AT and θ_α* on TEST with the paper suite, AutoAttack and OOD.
+
+The options are :class:`~fortify.rift.config.RiftConfig`; step 4's evaluation is
+:mod:`fortify.rift.evaluation`.
 """
 
 from __future__ import annotations
@@ -15,101 +18,25 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from fortify.config.loader import from_dict, load_config
+from fortify.config.loader import from_dict
 from fortify.config.schema import ExperimentConfig
 from fortify.data.base import DataSplits
 from fortify.errors import ConfigError, FortifyError
-from fortify.rift.finetune import FinetuneOptions
-from fortify.rift.mrc import MRCOptions
+from fortify.rift.config import RiftConfig
+from fortify.rift.evaluation import evaluate_models, summary_markdown
 from fortify.runs.rundir import Mode
 from fortify.utils.atomic import atomic_write_text
-
-if TYPE_CHECKING:
-    from fortify.evaluate.report import EvalReport
 
 log = logging.getLogger(__name__)
 
 STEPS = ("mrc", "finetune", "interpolate", "evaluate")
-
-
-@dataclass
-class MRCStepOptions(MRCOptions):
-    """Step 1 options: how MRC is measured (:class:`~fortify.rift.mrc.MRCOptions`: eps relative
-    to ‖W‖, passes, lr, batch_size, variant max (release) | first-projection (paper)) and the
-    fixed adversarial set it is measured on."""
-
-    n_points: int = 10_000  # validation images in the fixed adversarial set (capped by the split)
-    attack_eps: float | None = None  # None: the run's training ε (or the dataset default)
-    attack_steps: int = 10
-
-
-@dataclass
-class InterpolateOptions:
-    """Step 3 options."""
-
-    step: float = 0.1  # α grid step
-    tolerance: float = 0.1  # allowed robust-accuracy loss in points vs θ_AT
-    n_points: int = 2000  # validation images for the α grid
-    attack_steps: int = 10
-    batch_size: int = 512
-    rule: str = "paired"  # paired (CIs over the validation points) | fixed (the paper's gap)
-    level: float = 0.95  # confidence level of the paired rule's CIs
-    resamples: int = 2000  # bootstrap resamples of the paired rule
-
-    def validate(self) -> None:
-        from fortify.rift.interpolate import ALPHA_RULES
-
-        if self.rule not in ALPHA_RULES:
-            raise ConfigError(
-                f"interpolate.rule must be one of {list(ALPHA_RULES)}, got {self.rule!r}"
-            )
-        if not 0.0 < self.level < 1.0:
-            raise ConfigError(f"interpolate.level must be in (0, 1), got {self.level!r}")
-        if self.tolerance < 0:
-            raise ConfigError(f"interpolate.tolerance must be >= 0 points, got {self.tolerance!r}")
-
-
-@dataclass
-class EvalOptions:
-    """Step 4 options (TEST split)."""
-
-    suites: list[str] = field(default_factory=lambda: ["pgd10", "paper", "autoattack", "ood"])
-    n_points: int = 1000
-    autoattack_points: int | None = None  # None: n_points
-    ood_points: int | None = None  # None: n_points
-    batch_size: int = 256
-    checks: bool = True
-
-
-@dataclass
-class RiftConfig:
-    """All RiFT options (YAML: ``configs/rift/default.yaml``)."""
-
-    mrc: MRCStepOptions = field(default_factory=MRCStepOptions)
-    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
-    module: str = "auto"  # module to fine-tune, or auto (lowest MRC among middle stages)
-    interpolate: InterpolateOptions = field(default_factory=InterpolateOptions)
-    evaluate: EvalOptions = field(default_factory=EvalOptions)
-    tag: str = "best"  # checkpoint of the AT run
-    seed: int = 0
-    device: str = "auto"
-
-
-def load_rift_config(
-    path: str | Path | None = None, overrides: list[str] | None = None
-) -> RiftConfig:
-    """Load a :class:`RiftConfig` from YAML plus ``section.field=value`` overrides."""
-    return load_config(RiftConfig, path, overrides)
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 def _adversarial_objective(exp: ExperimentConfig) -> bool:
@@ -229,7 +156,8 @@ class RiftRun:
     # -- step 1 ------------------------------------------------------------------------------
     def mrc(self, force: bool = False) -> Any:
         """Compute (or load) the MRC report."""
-        from fortify.rift.mrc import MRCReport, build_adversarial_set, compute_mrc, plot_mrc
+        from fortify.rift.mrc import build_adversarial_set, compute_mrc
+        from fortify.rift.mrc_report import MRCReport, plot_mrc
 
         d = self.step_dir("mrc")
         if self._reuse("mrc", force):
@@ -400,129 +328,6 @@ def _changes(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += _changes(old.get(k), new.get(k), f"{prefix}{k}.")
         return out
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
-def evaluate_models(
-    models: dict[str, nn.Module],
-    splits: DataSplits,
-    *,
-    eps: float,
-    opts: EvalOptions,
-    seed: int = 0,
-    out_dir: str | Path | None = None,
-    data_root: str | Path | None = None,
-    reuse: bool = True,
-) -> dict[str, Any]:
-    """Std / PGD / AutoAttack / OOD on the TEST split for each model; reports saved per suite.
-
-    ``data_root`` is where the run's data lives; the OOD suite also looks for published
-    corrupted sets (CIFAR-10-C, ...) there. With ``reuse``, a report already saved in
-    ``out_dir`` for the same weights, points and settings (:func:`stored_report`) is used
-    instead of evaluating again.
-
-    Returns ``{"models": {name: {"std", "pgd10"?, "paper": table, "autoattack", "ood"}}, ...}``.
-    """
-    from fortify.evaluate import evaluate
-    from fortify.evaluate.registry import describe_option, get_suite
-
-    ood_options = {"dataset": splits.name, "root": data_root, "classes": splits.classes}
-
-    out: dict[str, Any] = {"eps": eps, "n_points": opts.n_points, "seed": seed, "models": {}}
-    for name, model in models.items():
-        res: dict[str, Any] = {}
-        for suite in opts.suites:
-            n = opts.n_points
-            if suite == "autoattack" and opts.autoattack_points is not None:
-                n = opts.autoattack_points
-            if suite == "ood" and opts.ood_points is not None:
-                n = opts.ood_points
-            x, y = splits.test.head(n).floats()
-            t0 = time.perf_counter()
-            stem = f"{name.lower()}-{suite}"
-            checks = opts.checks and suite != "ood"
-            extra = {**ood_options, "label": name} if suite == "ood" else None
-            want = {
-                "suite": suite, "eps": float(eps), "seed": seed, "checks": checks,
-                "batch_size": opts.batch_size,
-                "suite_options": describe_option(get_suite(suite).check_options(extra)),
-            }  # fmt: skip
-            report = stored_report(out_dir, stem, model, x, y, want) if reuse else None
-            if report is None:
-                report = evaluate(
-                    model, x, y, suite=suite, eps=eps, batch_size=opts.batch_size, seed=seed,
-                    checks=checks, suite_options=extra,
-                )  # fmt: skip
-                if out_dir is not None:
-                    report.save(out_dir, stem=stem)
-            table = report.table()
-            row = table.get("final") or next(iter(table.values()))
-            res[suite] = row
-            res.setdefault("std", row.get("Natural"))
-            if suite == "ood":
-                res["ood_mean"] = report.extras.get("ood", {}).get("mean")
-            res[f"seconds_{suite}"] = round(time.perf_counter() - t0, 1)
-            res[f"checks_{suite}"] = report.checks_status()
-            res[f"points_{suite}"] = report.table_n().get("final", {})
-        out["models"][name] = res
-    return out
-
-
-def stored_report(
-    out_dir: str | Path | None,
-    stem: str,
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    want: dict[str, Any],
-) -> EvalReport | None:
-    """The report saved as ``<out_dir>/<stem>.json`` if it evaluated these weights
-    (``model_digest``) on these points (``points_sha256``) with the settings in ``want``; else
-    None. Lets an interrupted evaluate step resume, and lets two RiFT runs on one AT model share
-    the AT model's reports."""
-    from fortify.evaluate import EvalReport
-    from fortify.evaluate.shard import model_digest, points_fingerprint
-
-    if out_dir is None or not (Path(out_dir) / f"{stem}.json").is_file():
-        return None
-    try:
-        report = EvalReport.load(Path(out_dir) / f"{stem}.json")
-    except (OSError, ValueError, KeyError, TypeError, FortifyError) as exc:
-        log.warning("%s/%s.json is unreadable (%s); evaluating again", out_dir, stem, exc)
-        return None
-    s = report.settings
-    same = all(s.get(k) == v for k, v in want.items())
-    same = same and s.get("points_sha256") == points_fingerprint(x, y)
-    same = same and s.get("model_digest") == model_digest(model)
-    if same:
-        log.info("%s/%s.json: reusing the stored report (same weights, points, settings)",
-                 out_dir, stem)  # fmt: skip
-    return report if same else None
-
-
-def summary_markdown(summary: dict[str, Any]) -> str:
-    """A Std / OOD / PGD / AutoAttack table of :func:`evaluate_models` output."""
-    lines = [
-        "| model | Std | OOD | PGD-10 | PGD-20 | PGD-100 | AutoAttack |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-
-    def f(v: Any) -> str:
-        return f"{v:.2f}" if isinstance(v, (int, float)) else "–"
-
-    for name, r in summary["models"].items():
-        paper = r.get("paper", {})
-        aa = r.get("autoattack", {})
-        aa_val = next((v for k, v in aa.items() if k.lower().startswith("autoattack")), None)
-        lines.append(
-            f"| {name} | {f(r.get('std'))} | {f(r.get('ood_mean'))} | "
-            f"{f(r.get('pgd10', {}).get('PGD-10'))} | {f(paper.get('PGD-20'))} | "
-            f"{f(paper.get('PGD-100'))} | {f(aa_val)} |"
-        )
-    extra = []
-    if "alpha" in summary:
-        extra.append(f"α* = {summary['alpha']}, module {summary.get('module')}")
-    extra.append(f"TEST split, {summary['n_points']} points, L∞ ε = {summary['eps']:.4g}")
-    return "\n".join(lines) + "\n\n" + "; ".join(extra) + "\n"
 
 
 def check_step(step: str) -> str:

@@ -23,7 +23,7 @@ import re
 from collections.abc import Sequence
 
 from fortify.errors import ConfigError
-from fortify.rift.mrc import MRCReport
+from fortify.rift.mrc_report import MRCReport
 
 _SHORTCUT = re.compile(r"(^|\.)(shortcut|downsample|convShortcut)(\.|$)")
 _STAGE = re.compile(r"^(?:net\.)?((?:layer|block)\d+)(?:\.|$)")
