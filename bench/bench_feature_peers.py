@@ -18,6 +18,9 @@ The two differ for blocks whose backward costs more than a convolution's relativ
 forward: an input-gradient pass through a convolution costs one forward-equivalent, through
 FD's fused attention two and a half (five products — the scores recomputed, dP, dV, dQ, dK —
 against the forward's two).
+For FD it also prints ``minimal_step_flop_ratio``: the step's FLOPs without the zero-padded
+products and the recomputed scores that the fused CPU attention kernel executes on top of the
+method's own arithmetic (``fd_minimal_flops``), and the time ratio over it.
 The backbone is narrowed by default (``--width 16``); FSR's hidden width scales with it.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_feature_peers.py --width 16 --batch 32 --steps 5
@@ -33,6 +36,17 @@ import torch
 from bench_fsr import make_step
 
 PEERS = ("fsr", "fd", "cas", "cifs")
+
+
+def fd_minimal_flops(ops: dict[str, int]) -> float:
+    """An FD step's FLOPs without what the fused CPU attention kernel adds to the method's own
+    arithmetic (θ, φ of width d = C/2 zero-padded to v's width C; the scores recomputed in the
+    backward): its forward counts 2 products of width C where QKᵀ needs d (×3/4), its backward 5
+    where dP, dV (width C) and dQ, dK (width d) need 3 (×3/5). Valid for FD's default
+    ``embed_ratio`` 0.5."""
+    fwd = sum(v for k, v in ops.items() if k.endswith("flash_attention_for_cpu"))
+    bwd = sum(v for k, v in ops.items() if k.endswith("flash_attention_for_cpu_backward"))
+    return sum(ops.values()) - fwd * (1 - 3 / 4) - bwd * (1 - 3 / 5)
 
 
 def build(kind: str, width: int):
@@ -62,7 +76,7 @@ def main() -> None:
     ap.add_argument("--attack-steps", type=int, default=10)
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset")
     args = ap.parse_args()
-    from fortify.analysis.cost import cost_report, count_call_flops
+    from fortify.analysis.cost import call_flops_by_op, cost_report
     from fortify.config.schema import TrainConfig
 
     peers = [p for p in args.peers.split(",") if p]
@@ -74,7 +88,8 @@ def main() -> None:
     steps = {k: make_step(m, tc, device) for k, m in models.items()}
     x = torch.rand(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
-    step_flops = {k: count_call_flops(lambda s=step: s(x, y)) for k, step in steps.items()}
+    by_op = {k: call_flops_by_op(lambda s=step: s(x, y)) for k, step in steps.items()}
+    step_flops = {k: sum(ops.values()) for k, ops in by_op.items()}
     for step in steps.values():
         for _ in range(args.warmup):
             step(x, y)
@@ -101,6 +116,10 @@ def main() -> None:
             "time_over_step_flop_ratio": round(t_ratio / s_ratio, 4),
             "within_target": t_ratio / s_ratio <= 1.15,
         }
+        if k == "fd":
+            minimal = fd_minimal_flops(by_op["fd"]) / step_flops["at"]
+            rows[k]["minimal_step_flop_ratio"] = round(minimal, 4)
+            rows[k]["time_over_minimal_step_flop_ratio"] = round(t_ratio / minimal, 4)
     result = {
         "backbone": f"resnet18 width {args.width} (paper: 64)",
         "batch": args.batch,

@@ -33,7 +33,11 @@ def test_feature_peer_bench_reports_step_flop_ratios():
     # FLOP ratio exceeds the forward ratio; CAS adds (almost) nothing in either count
     assert fd["step_flop_ratio"] > fd["forward_flop_ratio"] > 1.0
     assert 1.0 <= cas["step_flop_ratio"] < 1.01
+    # without the fused kernel's padded products and recomputed scores FD needs fewer FLOPs
+    assert fd["step_flop_ratio"] > fd["minimal_step_flop_ratio"] > 1.0
+    assert "minimal_step_flop_ratio" not in cas
     for row in (fd, cas):
         quotient = row["time_ratio"] / row["step_flop_ratio"]
         assert row["time_over_step_flop_ratio"] == pytest.approx(quotient, rel=1e-3)
-        assert row["within_target"] == (row["time_over_step_flop_ratio"] <= 1.15)
+        if abs(row["time_over_step_flop_ratio"] - 1.15) > 1e-3:  # rounding decides at 1.15
+            assert row["within_target"] == (row["time_over_step_flop_ratio"] <= 1.15)

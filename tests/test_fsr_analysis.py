@@ -61,6 +61,12 @@ def test_call_flops_count_input_gradients_by_hand():
 
     assert count_call_flops(input_gradient) == 2 * (2 * 5 * 7 * 3)
 
+    def inference() -> None:  # composite ops reach the counter undecomposed here
+        with torch.inference_mode():
+            lin(x)
+
+    assert count_call_flops(inference) == 2 * 5 * 7 * 3
+
     # CPU fused attention (B=2, P=16, d=8): forward QKᵀ and AV = 2·(2·2·16·16·8); the fused
     # gradient w.r.t. q, k, v executes five such products (QKᵀ recomputed, dP, dV, dQ, dK) —
     # both formulas are registered by fortify

@@ -14,6 +14,7 @@ matrix products of the forward; the five of the gradient, the scores recomputed 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -68,6 +69,7 @@ __all__ = [
     "CostReport",
     "cost_report",
     "cost_table",
+    "call_flops_by_op",
     "count_call_flops",
     "count_flops",
     "count_params",
@@ -100,29 +102,41 @@ def count_flops(module: nn.Module, inputs: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-class _TotalFlops(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """Sums the counter's formulas over every op dispatched (no module tracking: unlike
-    :class:`FlopCounterMode` it works under ``torch.autograd.grad``)."""
+class _FlopsByOp(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Sums the counter's formulas per op over every op dispatched (no module tracking: unlike
+    :class:`FlopCounterMode` it works under ``torch.autograd.grad``). A composite op without a
+    formula (as under ``torch.inference_mode``) is decomposed so its parts are counted."""
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self.total = 0
+        self.flops: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         formula = flop_counter.flop_registry.get(func._overloadpacket)
+        if formula is None:
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
         if formula is not None:
-            self.total += int(formula(*args, **kwargs, out_val=out))
+            self.flops[str(func._overloadpacket)] += int(formula(*args, **kwargs, out_val=out))
         return out
+
+
+def call_flops_by_op(fn: Callable[[], object]) -> dict[str, int]:
+    """FLOPs (2 per multiply-add) of everything ``fn()`` executes, backward passes included,
+    per ATen op name (e.g. ``"aten.convolution"``)."""
+    with _FlopsByOp() as counter:
+        fn()
+    return dict(counter.flops)
 
 
 def count_call_flops(fn: Callable[[], object]) -> int:
     """FLOPs (2 per multiply-add) of everything ``fn()`` executes, backward passes included
     (e.g. one adversarial-training step: the inner attack's input gradients and the update)."""
-    with _TotalFlops() as counter:
-        fn()
-    return counter.total
+    return sum(call_flops_by_op(fn).values())
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from fortify.attacks.options import FGSMOptions, PGDOptions, check_loss, check_norm, check_number
 from fortify.errors import ConfigError, DataError
 
-#: The options dataclasses of the functional attacks.
+#: The options dataclasses of the functional attacks (a new attack adds its options class here).
 Opts = TypeVar("Opts", PGDOptions, FGSMOptions)
 
 
@@ -41,7 +41,7 @@ def prepared(
     """The attack's options (``options`` with ``settings`` replacing fields, validated) and the
     checked labels/targets on ``x``'s device with the largest class index."""
     opts = cls.build(options, **settings)
-    norm = opts.norm if isinstance(opts, PGDOptions) else "linf"
+    norm = getattr(opts, "norm", "linf")
     y, target, max_label = check_common(
         x, y, opts.eps, norm, opts.loss, opts.targeted, target, opts.kappa
     )

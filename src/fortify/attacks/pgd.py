@@ -299,6 +299,9 @@ class AttackFunction(Generic[_Opts]):
                 result.success_best[idx] |= r.success_best
         return result
 
+    def __reduce__(self) -> str:
+        return self.__name__  # pickled by reference, like a function
+
     def __repr__(self) -> str:
         return f"<attack function {self.__name__}>"
 
@@ -326,6 +329,9 @@ class ExamplesOnly(Generic[_Opts]):
                 f"{self.attack.__name__} for 'both')"
             )
         return self.attack(model, x, y, target=target, need_success=False, options=opts).x_adv
+
+    def __reduce__(self) -> str:
+        return self.__name__  # pickled by reference, like a function
 
     def __repr__(self) -> str:
         return f"<attack function {self.__name__}>"

@@ -142,6 +142,15 @@ def infer_feature_shapes(
     return shapes
 
 
+def position_names(at: object) -> list[str]:
+    """``at`` (one module name or a sequence of names) as a list; :class:`FortifyError` else."""
+    if isinstance(at, str):
+        return [at]
+    if isinstance(at, Sequence) and all(isinstance(n, str) for n in at):
+        return list(at)
+    raise FortifyError(f"at must be a module name or a list of names, got {at!r}")
+
+
 def attach(
     model: nn.Module,
     defence: nn.Module | DefenceFactory,
@@ -167,12 +176,7 @@ def attach(
             f"defence must be an nn.Module or a factory (C, H, W) -> nn.Module, got "
             f"{type(defence).__name__}"
         )
-    if isinstance(at, str):
-        names = [at]
-    elif isinstance(at, Sequence) and all(isinstance(n, str) for n in at):
-        names = list(at)
-    else:
-        raise FortifyError(f"at must be a module name or a list of names, got {at!r}")
+    names = position_names(at)
     if input_shape is not None and not (
         isinstance(input_shape, (tuple, list))
         and len(input_shape) == 3
@@ -258,6 +262,7 @@ class ClassBlockAttacher(Generic[_O]):
         finish: Callable[[nn.Module, _O], None] | None = None,
     ) -> None:
         self.__name__ = self.__qualname__ = name
+        self.__module__ = getattr(options_cls, "__module__", __name__)
         self.__doc__ = doc
         self.options_cls = options_cls
         self._blocks = blocks
@@ -273,11 +278,14 @@ class ClassBlockAttacher(Generic[_O]):
     ) -> nn.Module:
         opts = options if options is not None else self.options_cls()
         opts.validate()
-        names = [at] if isinstance(at, str) else list(at)
+        names = position_names(at)
         model = attach(model, self._blocks(names, num_classes, opts), names, input_shape)
         if self._finish is not None:
             self._finish(model, opts)
         return model
+
+    def __reduce__(self) -> str:
+        return self.__name__  # pickled by reference, like a function
 
     def __repr__(self) -> str:
         return f"<defence attach function {self.__name__}>"
