@@ -106,6 +106,20 @@ def test_replicate_table4_tiny_run_writes_page_json_and_reuses(tmp_path, capsys)
     assert (tmp_path / "runs" / "at" / "seed1" / "checkpoints" / "last.safetensors").is_file()
 
 
+def test_table4_page_names_the_fd_placement_that_ran(tmp_path):
+    doc = tmp_path / "t4.md"
+    argv = [
+        "replicate", "fsr-table4", "--out", str(tmp_path / "runs"), "--doc", str(doc),
+        "--rows", "at,at-fd", "--seeds", "0", "--epochs", "1", "--train-subset", "32",
+        "--width", "2", "--test-points", "8", "--aa-points", "0", "--attack-steps", "1",
+        "--no-checks", "--fd-at", "layer4",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    settings = doc.read_text().split("## Settings", 1)[1]
+    assert "AT + FD after layer4 (`--fd-at`" in settings
+    assert "AT + FD after every stage" not in settings
+
+
 # ---------------------------------------------------------------------------------------------
 
 

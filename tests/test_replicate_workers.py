@@ -104,3 +104,10 @@ def test_fsr_table1_two_workers_equal_two_manual_processes(tmp_path):
     c = json.loads((par / "fsr_table1.json").read_text())["jobs"]
     assert all(j["training"] == "reused" and j["evaluation"] == "reused" for j in c.values())
     assert "2 job(s) finished" in again.stdout
+
+
+def test_estimate_with_workers_measures_and_starts_no_job(tmp_path):
+    out = tmp_path / "est"
+    proc = _replicate(out, "--rows", "at", "--workers", "2", "--estimate")
+    assert "estimated total" in proc.stdout
+    assert not (out / "jobs").exists() and not (out / "at").exists()

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from fortify.replicate.workers import check_workers, run_jobs
 
     workers = check_workers(getattr(args, "workers", 1))
-    if workers > 1:
+    if workers > 1 and not getattr(args, "estimate", False):  # --estimate only measures
         jobs = args._plugin.jobs(args)
         if jobs:  # none left when every (row, seed) has a committed result
             results = run_jobs(jobs, min(workers, len(jobs)), Path(args.out) / "jobs")

@@ -14,6 +14,9 @@ from fortify.replicate._feature_table_results import COLUMNS
 from fortify.replicate._feature_table_rows import Row
 from fortify.replicate._fsr_recipe import EPS, precision_text
 
+#: How the rows' notes name FD's release placement; ``--fd-at`` replaces it with the one used.
+FD_RELEASE_PLACEMENT = "AT + FD after every stage"
+
 
 def _command(name: str, args: argparse.Namespace) -> str:
     parts = ["fortify", "replicate", name]
@@ -130,6 +133,9 @@ def write_page(
     if papers:
         lines += ["", "## Paper (CIFAR-10, ResNet-18, ε = 8/255, AutoAttack), for orientation", ""]
         lines += papers
+    if args.fd_at and any(d["kind"] == "fd" for r in results for d in rows[r].defences):
+        moved = f"AT + FD after {args.fd_at} (`--fd-at`; the release: after every stage)"
+        notes = [n.replace(FD_RELEASE_PLACEMENT, moved) for n in notes]
     lines += ["", "## Settings", "", *notes]
     if args.fd_at and any(d["kind"] == "fd" for r in results for d in rows[r].defences):
         lines.append(
