@@ -486,3 +486,9 @@ def test_options_object_keywords_and_classes_give_the_same_examples(small_model,
         A.FGSM(small_model, eps=0.1, steps=3)
     with pytest.raises(ConfigError, match="restarts"):
         A.PGDOptions(eps=0.1, steps=1, restarts=0).validate()
+    # an options object of the wrong class (or a dict) is refused, not half-used
+    for bad in (A.PGDOptions(eps=0.1, steps=2), {"eps": 0.1}):
+        with pytest.raises(ConfigError, match=r"options must be a FGSMOptions for FGSM, got "):
+            A.fgsm(small_model, x, y, options=bad)
+    with pytest.raises(ConfigError, match=r"options must be a PGDOptions for PGD, got FGSMOpt"):
+        A.pgd_attack(small_model, x, y, options=A.FGSMOptions(eps=0.1))

@@ -309,6 +309,11 @@ def test_bad_values_name_the_value():
                     CIFSOptions(probes=["linear"]))  # fmt: skip
     with pytest.raises(ConfigError, match="selection='argmax'"):
         CIFSOptions(selection="argmax").validate()
+    net = create("resnet18", width=4)
+    with pytest.raises(FortifyError, match="at least one module name"):
+        attach_cifs(net, [], 10, (3, 16, 16))
+    with pytest.raises(ConfigError, match="options must be a CASOptions, got dict"):
+        attach_cas(net, "layer4.0", 10, (3, 16, 16), {"beta": 2})
 
 
 BASE = [

@@ -118,6 +118,29 @@ def test_table4_page_names_the_fd_placement_that_ran(tmp_path):
     settings = doc.read_text().split("## Settings", 1)[1]
     assert "AT + FD after layer4 (`--fd-at`" in settings
     assert "AT + FD after every stage" not in settings
+    # bad values are refused before any work
+    assert main([*argv[:-1], ","]) == 2
+    assert main([*argv, "--resamples", "2000000"]) == 2
+
+
+def test_feature_table_evaluation_cache_is_keyed_by_the_rules(tmp_path, monkeypatch):
+    from fortify.replicate import _feature_table, _feature_table_results
+
+    argv = [
+        "replicate", "fsr-table4", "--out", str(tmp_path / "runs"), "--doc",
+        str(tmp_path / "t4.md"), "--rows", "at", "--seeds", "0", "--epochs", "1",
+        "--train-subset", "32", "--width", "2", "--test-points", "8", "--aa-points", "0",
+        "--attack-steps", "1", "--no-checks",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    cache = tmp_path / "runs" / "at" / "seed0" / "reports" / "feature_table_eval.json"
+    assert json.loads(cache.read_text())["key"]["rules"] == _feature_table_results.RULES
+    for module in (_feature_table, _feature_table_results):
+        monkeypatch.setattr(module, "RULES", "fortify-eval/test")
+    assert main(argv) == 0  # the finished run is evaluated again under the new rules
+    assert json.loads(cache.read_text())["key"]["rules"] == "fortify-eval/test"
+    per_seed = json.loads((tmp_path / "t4" / "at-seed0.json").read_text())
+    assert per_seed["rules"] == "fortify-eval/test"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,6 +73,11 @@ class AttackOptions:
                     f"unknown {cls.KIND} option {key!r}{hint} (allowed: {', '.join(names)})"
                 )
         if options is not None:
+            if not isinstance(options, cls):
+                raise ConfigError(
+                    f"options must be a {cls.__name__} for {cls.KIND}, got "
+                    f"{type(options).__name__}; pass {cls.__name__}(...) or keyword settings"
+                )
             return dataclasses.replace(options, **settings)
         missing = [n for n in cls.REQUIRED if n not in settings]
         if missing:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
 import torch
 from torch import nn
 
-from fortify.attacks.inputs import prepared
+from fortify.attacks.inputs import Opts, prepared
 from fortify.attacks.losses import attack_loss
 from fortify.attacks.options import FGSMOptions, PGDOptions
 from fortify.errors import ConfigError, DataError, EvaluationError
@@ -54,10 +54,9 @@ class AttackResult:
     success_best: torch.Tensor | None = None
 
 
-_Opts = TypeVar("_Opts", PGDOptions, FGSMOptions)
 #: An attack's core: (model, x, y, target, validated options, need_success, largest label).
 _Core = Callable[
-    [nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", _Opts, bool, int], "AttackResult"
+    [nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", Opts, bool, int], "AttackResult"
 ]
 
 
@@ -236,7 +235,7 @@ def _pgd_run(
     return AttackResult(x_adv, success, x_best, success_best | success)
 
 
-class AttackFunction(Generic[_Opts]):
+class AttackFunction(Generic[Opts]):
     """The one calling convention of fortify's functional attacks (``pgd_attack``,
     ``fgsm_attack``): ``f(model, x, y, *, target=None, need_success=True, options=None,
     **settings) -> AttackResult``.
@@ -257,12 +256,12 @@ class AttackFunction(Generic[_Opts]):
     Returns: :class:`AttackResult` with detached tensors of the same shape as ``x``.
     """
 
-    def __init__(self, name: str, options_cls: type[_Opts], core: _Core[_Opts], doc: str) -> None:
+    def __init__(self, name: str, options_cls: type[Opts], core: _Core[Opts], doc: str) -> None:
         self.__name__ = self.__qualname__ = name
         self.__module__ = __name__
         self.__doc__ = doc
-        self.options_cls: type[_Opts] = options_cls
-        self._core: _Core[_Opts] = core
+        self.options_cls: type[Opts] = options_cls
+        self._core: _Core[Opts] = core
 
     def __call__(
         self,
@@ -272,7 +271,7 @@ class AttackFunction(Generic[_Opts]):
         *,
         target: torch.Tensor | None = None,
         need_success: bool = True,
-        options: _Opts | None = None,
+        options: Opts | None = None,
         **settings: Any,
     ) -> AttackResult:
         opts, y, target, max_label = prepared(self.options_cls, options, settings, x, y, target)
@@ -306,16 +305,16 @@ class AttackFunction(Generic[_Opts]):
         return f"<attack function {self.__name__}>"
 
 
-class ExamplesOnly(Generic[_Opts]):
+class ExamplesOnly(Generic[Opts]):
     """An :class:`AttackFunction` that returns only ``x_adv`` (detached, same shape and memory
     format as ``x``) and skips the verifying forward: ``pgd(model, x, y, eps=..., steps=...)``.
     """
 
-    def __init__(self, name: str, attack: AttackFunction[_Opts], doc: str) -> None:
+    def __init__(self, name: str, attack: AttackFunction[Opts], doc: str) -> None:
         self.__name__ = self.__qualname__ = name
         self.__module__ = __name__
         self.__doc__ = doc
-        self.attack: AttackFunction[_Opts] = attack
+        self.attack: AttackFunction[Opts] = attack
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs: Any

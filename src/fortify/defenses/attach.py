@@ -143,10 +143,13 @@ def infer_feature_shapes(
 
 
 def position_names(at: object) -> list[str]:
-    """``at`` (one module name or a sequence of names) as a list; :class:`FortifyError` else."""
+    """``at`` (one module name or a non-empty sequence of names) as a list; :class:`FortifyError`
+    else."""
     if isinstance(at, str):
         return [at]
     if isinstance(at, Sequence) and all(isinstance(n, str) for n in at):
+        if not at:
+            raise FortifyError("attach needs at least one module name in `at`")
         return list(at)
     raise FortifyError(f"at must be a module name or a list of names, got {at!r}")
 
@@ -185,8 +188,6 @@ def attach(
         raise FortifyError(
             f"input_shape must be (C, H, W) with three integers >= 1, got {input_shape!r}"
         )
-    if not names:
-        raise FortifyError("attach needs at least one module name in `at`")
     if len(set(names)) != len(names):
         raise FortifyError(f"the same position is listed twice in at={names}")
     if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
@@ -256,7 +257,7 @@ class ClassBlockAttacher(Generic[_O]):
     def __init__(
         self,
         name: str,
-        options_cls: Callable[[], _O],
+        options_cls: type[_O],
         blocks: Callable[[list[str], int, _O], DefenceFactory],
         doc: str,
         finish: Callable[[nn.Module, _O], None] | None = None,
@@ -276,6 +277,11 @@ class ClassBlockAttacher(Generic[_O]):
         input_shape: tuple[int, int, int],
         options: _O | None = None,
     ) -> nn.Module:
+        if options is not None and not isinstance(options, self.options_cls):
+            raise ConfigError(
+                f"options must be a {self.options_cls.__name__}, got {type(options).__name__}; "
+                f"pass {self.options_cls.__name__}(...) (or None for the paper's defaults)"
+            )
         opts = options if options is not None else self.options_cls()
         opts.validate()
         names = position_names(at)

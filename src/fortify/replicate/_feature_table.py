@@ -1,4 +1,4 @@
-"""Shared machinery of ``fortify replicate fsr-table4`` and ``fsr-ablations``.
+"""Shared machinery of ``fortify replicate fsr-table4``, ``fsr-ablations`` and ``bf16-parity``.
 
 Each row is AT with some feature-level defence on Fashion-MNIST (the ``fsr-table1`` CPU recipe:
 narrow ResNet-18 ``small-resnet``, training subset, a few epochs, PGD inner attack, ε = 0.1),
@@ -34,7 +34,8 @@ from fortify.replicate import fsr_table1 as t1
 from fortify.replicate._feature_table_page import write_page
 from fortify.replicate._feature_table_results import RULES, committed, compare, evaluate_row
 from fortify.replicate._feature_table_rows import Row, _expand, row_config
-from fortify.replicate.common import train_or_reuse
+from fortify.replicate.common import parse_seeds, train_or_reuse
+from fortify.stats import BootstrapOptions
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +114,6 @@ def add_common_arguments(
     )
 
 
-def _seeds(text: str) -> list[int]:
-    from fortify.errors import ConfigError
-
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds must be distinct integers >= 0 such as 0,1,2, got {text!r}")
-    return seeds
-
-
 def _check_args(args: argparse.Namespace, rows: dict[str, Row], baseline: str) -> list[str]:
     from fortify.errors import ConfigError
 
@@ -142,6 +131,11 @@ def _check_args(args: argparse.Namespace, rows: dict[str, Row], baseline: str) -
         raise ConfigError(f"--aa-points must be >= 0, got {args.aa_points}")
     if args.resamples < 2000:
         raise ConfigError(f"--resamples must be >= 2000, got {args.resamples}")
+    BootstrapOptions(resamples=args.resamples).validate()  # the upper bound, before any work
+    if args.fd_at and not [p for p in args.fd_at.split(",") if p.strip()]:
+        raise ConfigError(
+            f"--fd-at must name at least one position such as layer3,layer4, got {args.fd_at!r}"
+        )
     if baseline not in chosen:
         log.warning("baseline row %r not selected: no differences will be computed", baseline)
     return chosen
@@ -172,7 +166,7 @@ def estimate(rows: dict[str, Row], chosen: list[str], args: argparse.Namespace) 
         t_eval = ev["seconds"]["paper"] * args.test_points / pts
         t_eval += ev["seconds"]["autoattack"] * args.aa_points / aa
         per_seed = t_train + t_eval
-        total += per_seed * len(_seeds(args.seeds))
+        total += per_seed * len(parse_seeds(args.seeds))
         print(
             f"{row:18s} per seed: train ~{t_train / 60:6.1f} min, eval ~{t_eval / 60:6.1f} min "
             "(AutoAttack scaled from an untrained-for-long model: a lower bound)"
@@ -199,7 +193,7 @@ def run_table(
     from fortify.train.resume import training_fingerprint
 
     chosen = _check_args(args, rows, baseline)
-    seeds = _seeds(args.seeds)
+    seeds = parse_seeds(args.seeds)
     if args.estimate:
         return estimate(rows, chosen, args)
     out = Path(args.out)

@@ -105,10 +105,15 @@ def write_page(
         h = cols.get(head)
         if h:
             warned = [s for s, e in results[row].items() if _masking_warned(e)]
+            trusted = (
+                f"only the {head} column is read."
+                if head == "AutoAttack"
+                else "no column of this table is free of that doubt (run with --aa-points > 0)."
+            )
             caveat = (
                 f" Gradient-masking checks warned on {len(warned)} of {len(results[row])} "
-                "seeds: its white-box columns (FGSM … Ensemble) may overstate its robustness; only "
-                f"the {head} column is read."
+                "seeds: its white-box columns (FGSM … Ensemble) may overstate its robustness; "
+                + trusted
                 if warned
                 else ""
             )

@@ -46,7 +46,10 @@ def evaluate_row(
     (:func:`~fortify.replicate.common.cached`: reused while the settings and the checkpoint's
     SHA-256 are unchanged)."""
     settings = _settings(args)
-    key = checkpoint_key(settings, checkpoint=run_dir / "checkpoints" / "last.safetensors")
+    # the rules are part of the key (not of the committed settings): new rules, new evaluation
+    key = checkpoint_key(
+        {**settings, "rules": RULES}, checkpoint=run_dir / "checkpoints" / "last.safetensors"
+    )
     value, _ = cached(
         run_dir / "reports" / EVAL_CACHE, key, lambda: _evaluate_row(model, args, splits, settings)
     )

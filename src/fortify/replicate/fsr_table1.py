@@ -2,7 +2,8 @@
 
 Six rows — AT, AT+FSR, TRADES, TRADES+FSR, MART, MART+FSR — each trained with
 :func:`fortify.train.fit` (narrow ResNet-18 layout ``small-resnet``, a training subset, a few
-epochs, bf16 autocast + channels-last) and evaluated with :func:`fortify.evaluate.evaluate`:
+epochs, fp32 by default, ``--precision bf16`` for bf16 autocast + channels-last) and
+evaluated with :func:`fortify.evaluate.evaluate`:
 the FSR paper suite (Natural, FGSM, PGD-20, PGD-100, C&W κ=50, Ensemble) on ``--test-points``
 test images and AutoAttack (standard) on the first ``--aa-points`` of them; L∞ ε = 0.1.
 
