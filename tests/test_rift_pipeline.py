@@ -254,3 +254,38 @@ def test_stored_report_is_reused_only_for_the_same_weights_points_and_settings(t
     other = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
     assert stored_report(tmp_path, "at-pgd10", other, x, y, want) is None
     assert stored_report(tmp_path, "missing", model, x, y, want) is None
+
+
+def test_a_model_with_the_weights_of_another_reuses_its_reports(tmp_path, monkeypatch):
+    """RiFT with α* = 0 is the AT model: its test reports are the AT model's, not recomputed."""
+    import copy
+
+    from torch import nn
+
+    import fortify.data
+    import fortify.evaluate
+    from fortify.rift.config import EvalOptions
+    from fortify.rift.evaluation import evaluate_models
+
+    splits = fortify.data.load_dataset("digits")
+    torch.manual_seed(0)
+    at = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    moved = copy.deepcopy(at)
+    with torch.no_grad():
+        moved[1].bias += 1.0
+    calls: list[int] = []
+    real = fortify.evaluate.evaluate
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fortify.evaluate, "evaluate", counting)
+    opts = EvalOptions(suites=["pgd10"], n_points=16, batch_size=8, checks=False)
+    models = {"AT": at, "RiFT": copy.deepcopy(at), "Moved": moved}
+    out = evaluate_models(models, splits, eps=0.1, opts=opts, out_dir=tmp_path)
+    assert len(calls) == 2  # AT and Moved; RiFT reuses AT's report
+    assert out["models"]["RiFT"]["pgd10"] == out["models"]["AT"]["pgd10"]
+    assert (tmp_path / "rift-pgd10.json").is_file()
+    evaluate_models(models, splits, eps=0.1, opts=opts, out_dir=tmp_path, reuse=False)
+    assert len(calls) == 5  # without reuse every model is evaluated

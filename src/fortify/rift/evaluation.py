@@ -68,6 +68,13 @@ def evaluate_models(
                 "suite_options": describe_option(get_suite(suite).check_options(extra)),
             }  # fmt: skip
             report = stored_report(out_dir, stem, model, x, y, want) if reuse else None
+            for other in (o for o in models if o != name and report is None and reuse):
+                # identical weights (e.g. RiFT with α* = 0 is the AT model): the same report
+                report = stored_report(out_dir, f"{other.lower()}-{suite}", model, x, y, want)
+                if report is not None and out_dir is not None:
+                    log.info("%s has the weights of %s: its %s report is reused", name, other,
+                             suite)  # fmt: skip
+                    report.save(out_dir, stem=stem)
             if report is None:
                 report = evaluate(
                     model, x, y, suite=suite, eps=eps, batch_size=opts.batch_size, seed=seed,
