@@ -10,60 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import cli_err as _cli
+from tiny_runs import snapshot
 
 from fortify.cli.main import main
 from fortify.config import ExperimentConfig, load_config
 from fortify.errors import CheckpointError, ConfigError, DataError, FortifyError
 from fortify.runs import RunDir, load_model, sidecar_path
 from fortify.train import fit
-
-TINY = """\
-name: tiny
-device: cpu
-data: {name: digits, val_size: 100, train_subset: 128}
-model: {name: small-cnn, kwargs: {width: 4}}
-train:
-  epochs: 2
-  batch_size: 64
-  lr: 0.05
-  milestones: [1]
-  attack: {eps: 0.1, step_size: 0.04, steps: 1}
-  val_points: 32
-  val_attack_steps: 1
-"""
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` with its bytes (hidden lock files excluded)."""
-    return {
-        str(p.relative_to(folder)): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != ".fortify.lock"
-    }
-
-
-@pytest.fixture()
-def tiny(tmp_path: Path) -> Path:
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished one-epoch run (its files are compared before/after each bad command)."""
-    folder = tmp_path_factory.mktemp("finished")
-    (folder / "tiny.yaml").write_text(TINY)
-    run = folder / "run"
-    cfg = load_config(ExperimentConfig, folder / "tiny.yaml", ["train.epochs=1"])
-    fit(cfg, run, progress=False)
-    return run
-
-
-def _cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
-    rc = main(list(argv))
-    return rc, capsys.readouterr().err
-
 
 # ----------------------------------------------------------------------------- fortify train
 
@@ -197,20 +151,20 @@ def test_resume_of_a_damaged_run_is_refused_and_keeps_the_files(
 
     # a valid torch.save dict that lacks keys
     torch.save({"epoch": 1, "optimizer": {}}, state)
-    before = _snapshot(run)
+    before = snapshot(run)
     rc, err = _cli(capsys, "train", "--resume", str(run))
     assert rc == 2 and "lacks" in err and "schedule" in err and "--overwrite" in err, err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
     # a state whose values have the wrong types
     state.write_bytes(good_state)
     loaded = torch.load(state, weights_only=True)
     loaded["history"] = "all of it"
     torch.save(loaded, state)
-    before = _snapshot(run)
+    before = snapshot(run)
     rc, err = _cli(capsys, "train", "--resume", str(run))
     assert rc == 2 and "'history' must be a list" in err, err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
     # a sidecar whose epoch is not a number (its hash still matches: only the sidecar changed)
     state.write_bytes(good_state)
@@ -218,10 +172,10 @@ def test_resume_of_a_damaged_run_is_refused_and_keeps_the_files(
     meta = json.loads(side.read_text())
     meta["epoch"] = "zero"
     side.write_text(json.dumps(meta))
-    before = _snapshot(run)
+    before = snapshot(run)
     rc, err = _cli(capsys, "train", "--resume", str(run))
     assert rc == 2 and "'zero'" in err and "epoch" in err, err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
     # put the sidecar back: the run resumes and finishes
     meta["epoch"] = 1
@@ -253,10 +207,10 @@ def test_resume_of_a_damaged_run_is_refused_and_keeps_the_files(
 def test_eval_bad_options(
     finished_run: Path, capsys: pytest.CaptureFixture, args: list[str], words: str
 ) -> None:
-    before = _snapshot(finished_run)
+    before = snapshot(finished_run)
     rc, err = _cli(capsys, "eval", str(finished_run), "--suite", "quick", "--n-points", "8", *args)
     assert rc == 2 and re.search(words, err), err
-    assert _snapshot(finished_run) == before
+    assert snapshot(finished_run) == before
 
 
 def test_eval_tag_cannot_leave_the_run(finished_run: Path, capsys: pytest.CaptureFixture) -> None:
@@ -448,11 +402,11 @@ def test_other_commands_check_their_outputs_first(
     blocker = tmp_path / "file"
     blocker.write_text("x")
     fill = {"run": str(finished_run), "file": str(blocker), "tmp": str(tmp_path)}
-    before = _snapshot(finished_run)
+    before = snapshot(finished_run)
     rc, err = _cli(capsys, *[a.format(**fill) for a in argv])
     assert rc == 2 and re.search(words, err), err
     assert "Traceback" not in err and "unexpected error" not in err
-    assert _snapshot(finished_run) == before and blocker.read_text() == "x"
+    assert snapshot(finished_run) == before and blocker.read_text() == "x"
 
 
 def test_file_system_refusals_are_exit_2_with_the_path(

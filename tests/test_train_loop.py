@@ -379,7 +379,7 @@ def _robust_accuracy(model: nn.Module, splits, eps: float) -> float:
 def test_adversarial_training_raises_robust_accuracy_over_clean_training(tmp_path):
     splits = load_dataset("digits", val_size=300)
     common = ["train.epochs=8", "train.milestones=[6]", "train.lr=0.1", "model.kwargs={width: 8}"]
-    common += ["train.attack.steps=3", "train.val_points=0"]
+    common += ["train.attack.steps=3", "train.val_points=0", "train.select=last"]
     std = fit(_cfg(*common, "train.objective=standard"), tmp_path / "std", splits=splits)
     at = fit(_cfg(*common, "train.objective=at"), tmp_path / "at", splits=splits)
     rob_std = _robust_accuracy(std.model, splits, 0.1)

@@ -236,6 +236,10 @@ def seed_point_bootstrap(
     :func:`paired_bootstrap` (with its own random stream).
     """
     opts = BootstrapOptions(resamples, seed, level).validate()
+    a_per_seed, b_per_seed = (
+        _per_seed(a_per_seed, "a_per_seed"),
+        _per_seed(b_per_seed, "b_per_seed"),
+    )
     if len(a_per_seed) != len(b_per_seed):
         raise ComparisonError(
             f"A has {len(a_per_seed)} seeds and B has {len(b_per_seed)}; pair them one to one"
@@ -258,9 +262,26 @@ def seed_point_bootstrap(
     return _percentile_interval(reps, point, opts, diff.shape[1], diff.shape[0], method)
 
 
+def _per_seed(values: Any, what: str) -> list[Any]:
+    """``values`` (a list/tuple of per-seed outcomes, or an array with one row per seed) as a
+    list; :class:`DataError` for anything else (None, a number, a string, a generator)."""
+    rows = isinstance(values, Sequence) and not isinstance(values, (str, bytes))
+    if not rows and not (getattr(values, "ndim", 0) >= 1 and hasattr(values, "__getitem__")):
+        raise DataError(
+            f"{what} must be a list with one 1-D array of 0/1 outcomes per seed, got "
+            f"{type(values).__name__}"
+        )
+    return list(values)
+
+
 def verdict(interval: Interval) -> str:
     """``"higher"`` if the CI lies above 0, ``"lower"`` if below, otherwise
     ``"no detectable difference at this scale"`` (the CI touches or covers 0)."""
+    if not isinstance(interval, Interval):
+        raise DataError(
+            f"verdict needs an Interval (from paired_bootstrap or seed_point_bootstrap), got "
+            f"{type(interval).__name__}"
+        )
     if interval.low > 0:
         return HIGHER
     if interval.high < 0:
@@ -288,9 +309,20 @@ class MeanSd:
 
 
 def mean_sd(values: Sequence[float]) -> MeanSd:
-    """Mean ± sample sd over seeds (e.g. accuracies in %). Raises :class:`DataError` if empty
-    or non-finite."""
-    vals = np.asarray([float(v) for v in values], dtype=np.float64)
+    """Mean ± sample sd over seeds (e.g. accuracies in %). Raises :class:`DataError` if
+    ``values`` is not a sequence of numbers, or is empty or non-finite."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise DataError(f"mean_sd needs a list of numbers, got {type(values).__name__}")
+    items = list(values)
+    floats = []
+    for v in items:
+        try:
+            if isinstance(v, (str, bytes, bool)):
+                raise TypeError
+            floats.append(float(v))
+        except (TypeError, ValueError):
+            raise DataError(f"mean_sd values must be numbers, got {v!r} in {items!r}") from None
+    vals = np.asarray(floats, dtype=np.float64)
     if vals.size == 0:
         raise DataError("mean_sd needs at least one value")
     if not np.isfinite(vals).all():

@@ -25,6 +25,7 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from fortify.attacks.inputs import first_forward
 from fortify.defenses.attach import DEFENSES_ATTR, attached, infer_feature_shapes
 from fortify.models import count_parameters
 from fortify.utils.shapes import as_chw
@@ -91,12 +92,17 @@ def count_params(model: nn.Module, *, include_defences: bool = True) -> int:
 
 
 def count_flops(module: nn.Module, inputs: torch.Tensor) -> int:
-    """FLOPs (2 per multiply-add) of one eval-mode forward pass of ``module`` on ``inputs``."""
+    """FLOPs (2 per multiply-add) of one eval-mode forward pass of ``module`` on ``inputs``.
+
+    Raises:
+        DataError: ``module`` cannot take inputs of this shape (e.g. an image smaller than its
+            kernels); EvaluationError: its forward fails otherwise.
+    """
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(inputs)
+            first_forward(module, inputs)
     finally:
         module.train(was_training)
     return int(counter.get_total_flops())

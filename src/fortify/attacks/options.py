@@ -31,9 +31,18 @@ def check_number(value: object, what: str, low: float, high: float, *, open_low:
         v = float(value)  # type: ignore[arg-type]
         ok = math.isfinite(v) and (v > low if open_low else v >= low) and v <= high
     if not ok:
-        bracket = "(" if open_low else "["
-        raise ConfigError(f"{what} must be a number in {bracket}{low:g}, {high:g}], got {value!r}")
+        left = "(" if open_low else "["
+        right = ")" if math.isinf(high) else "]"  # infinity itself is refused (not finite)
+        raise ConfigError(
+            f"{what} must be a number in {left}{low:g}, {high:g}{right}, got {value!r}"
+        )
     return float(value)  # type: ignore[arg-type]
+
+
+def check_flag(value: object, what: str) -> None:
+    """Refuse anything but ``True`` / ``False`` (a truthy string such as ``"no"`` included)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be True or False, got {value!r}")
 
 
 def check_norm(norm: object) -> None:
@@ -130,6 +139,8 @@ class PGDOptions(AttackOptions):
         check_norm(self.norm)
         check_number(self.eps, f"eps ({self.norm}, pixel units)", 0.0, math.inf, open_low=True)
         check_loss(self.loss, self.kappa)
+        check_flag(self.random_start, "random_start")
+        check_flag(self.targeted, "targeted")
         for what, n in (("steps", self.steps), ("restarts", self.restarts)):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ConfigError(f"{what} must be an integer >= 1, got {n!r}")
@@ -172,6 +183,7 @@ class FGSMOptions(AttackOptions):
         """Raise :class:`ConfigError` naming the first bad field and what it allows."""
         check_number(self.eps, "eps (linf, pixel units)", 0.0, 1.0, open_low=True)
         check_loss(self.loss, self.kappa)
+        check_flag(self.targeted, "targeted")
 
 
 __all__ = [
@@ -180,6 +192,7 @@ __all__ = [
     "AttackOptions",
     "FGSMOptions",
     "PGDOptions",
+    "check_flag",
     "check_loss",
     "check_norm",
     "check_number",

@@ -24,7 +24,7 @@ from typing import Any, Generic
 import torch
 from torch import nn
 
-from fortify.attacks.inputs import Opts, prepared
+from fortify.attacks.inputs import Opts, first_forward, prepared
 from fortify.attacks.losses import attack_loss
 from fortify.attacks.options import FGSMOptions, PGDOptions
 from fortify.errors import ConfigError, DataError, EvaluationError
@@ -60,14 +60,31 @@ _Core = Callable[
 ]
 
 
-def _logits(model: nn.Module, x: torch.Tensor, max_label: int = -1) -> torch.Tensor:
-    out = model(x)
+def _logits(
+    model: nn.Module, x: torch.Tensor, max_label: int = -1, first: bool = False
+) -> torch.Tensor:
+    """``model(x)`` checked to be logits (N, K); on the ``first`` pass of an attack model errors
+    are explained (:func:`~fortify.attacks.inputs.first_forward`) and the logits must be float
+    and finite (one cheap check per attack, not per step)."""
+    out = first_forward(model, x) if first else model(x)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise EvaluationError(
             f"the model returned {got}, attacks need a tensor of logits ({x.shape[0]}, K); "
             "wrap the model so that forward(x) returns logits only"
         )
+    if first:
+        if not out.is_floating_point():
+            raise EvaluationError(
+                f"the model returned logits of dtype {out.dtype}; attacks need float logits "
+                "(N, K) to take gradients (do not round or argmax inside forward)"
+            )
+        bad = int((~torch.isfinite(out.detach())).any(1).sum())
+        if bad:
+            raise EvaluationError(
+                f"the model returned NaN or Inf logits for {bad} of {len(out)} images; an "
+                "attack on non-finite outputs is meaningless"
+            )
     if max_label >= out.shape[1]:
         raise DataError(
             f"labels must be class indices in [0, K) = [0, {out.shape[1]}) for this model's "
@@ -138,8 +155,10 @@ def _input_grad(
     targeted: bool,
     kappa: float,
     max_label: int = -1,
+    first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward + backward: (logits detached, d loss / d x_adv).
+    """One forward + backward: (logits detached, d loss / d x_adv); ``first``: the attack's
+    first pass (see :func:`_logits`).
 
     The gradient is always a tensor the caller may change in place: a model whose output does
     not depend on its input (fully detached) gives zeros, and an expanded (stride-0) gradient,
@@ -147,7 +166,7 @@ def _input_grad(
     """
     with torch.enable_grad():
         xa = x_adv.detach().requires_grad_(True)
-        logits = _logits(model, xa, max_label)
+        logits = _logits(model, xa, max_label, first)
         obj = attack_loss(logits, y, target, loss=loss, targeted=targeted, kappa=kappa).sum()
         grad = None
         if obj.requires_grad:
@@ -185,8 +204,10 @@ def _pgd_run(
         success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         idx = torch.arange(len(x), device=x.device)
         xa_x, xa_y, xa_t = x, y, target
-        for _ in range(steps):
-            logits, grad = _input_grad(model, x_adv, xa_y, xa_t, loss, targeted, kappa, max_label)
+        for i in range(steps):
+            logits, grad = _input_grad(
+                model, x_adv, xa_y, xa_t, loss, targeted, kappa, max_label, i == 0
+            )
             fooled = _fooled(logits, xa_y, xa_t, targeted)
             if bool(fooled.any()):
                 out[idx[fooled]] = x_adv[fooled]  # the iterate whose logits we just saw fool
@@ -215,8 +236,10 @@ def _pgd_run(
     if track:
         x_best = torch.empty_like(x)
         success_best = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    for _ in range(steps):
-        logits, grad = _input_grad(model, x_adv, y, target, loss, targeted, kappa, max_label)
+    for i in range(steps):
+        logits, grad = _input_grad(
+            model, x_adv, y, target, loss, targeted, kappa, max_label, i == 0
+        )
         if track:
             new = _fooled(logits, y, target, targeted) & ~success_best
             if bool(new.any()):
@@ -274,7 +297,9 @@ class AttackFunction(Generic[Opts]):
         options: Opts | None = None,
         **settings: Any,
     ) -> AttackResult:
-        opts, y, target, max_label = prepared(self.options_cls, options, settings, x, y, target)
+        opts, y, target, max_label = prepared(
+            self.options_cls, model, options, settings, x, y, target
+        )
         x = x.detach()
         restarts: int = getattr(opts, "restarts", 1)
         result = self._core(model, x, y, target, opts, need_success or restarts > 1, max_label)
@@ -346,7 +371,7 @@ def _fgsm_run(
     max_label: int,
 ) -> AttackResult:
     targeted, kappa = opts.targeted, opts.kappa
-    _, grad = _input_grad(model, x, y, target, opts.loss, targeted, kappa, max_label)
+    _, grad = _input_grad(model, x, y, target, opts.loss, targeted, kappa, max_label, True)
     x_adv = torch.empty_like(x).copy_(x)
     x_adv.add_(grad.sign_(), alpha=float(opts.eps)).clamp_(0.0, 1.0)
     if not need_success:

@@ -47,9 +47,9 @@ def add_source_arguments(parser: argparse.ArgumentParser, need_dataset: bool = T
 
 
 def parse_model_args(items: list[str]) -> dict[str, Any]:
-    """``["k=v", ...]`` → ``{k: yaml(v)}`` (ConfigError on a malformed item)."""
-    import yaml
-
+    """``["k=v", ...]`` → ``{k: yaml(v)}`` (ConfigError on a malformed item or a value that is
+    not valid YAML, parsed as ``fortify train``'s overrides are)."""
+    from fortify.config.loader import _parse_scalar
     from fortify.errors import ConfigError
 
     out: dict[str, Any] = {}
@@ -57,7 +57,7 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--model-arg {item!r} must look like KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value) if value else None
+        out[key.strip()] = _parse_scalar(value, f"--model-arg {item}") if value else None
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +118,19 @@ def run(args: argparse.Namespace) -> int:
     from fortify.runs import load_model, write_json_atomic, write_text_atomic
     from fortify.utils.atomic import check_writable_dir
 
-    counts = (("--steps", args.steps), ("--points", args.points), ("--images", args.images))
+    counts = (
+        ("--steps", args.steps),
+        ("--points", args.points),
+        ("--images", args.images),
+        ("--memory", args.memory),
+    )
     for flag, value in counts:
         if value < 1:
             raise ConfigError(f"{flag} must be an integer >= 1, got {value}")
+    if args.eps is not None and not (math.isfinite(args.eps) and 0 < args.eps <= 1):
+        raise ConfigError(
+            f"--eps must be a number in (0, 1] (L∞ radius in pixel units), got {args.eps}"
+        )
     if args.out:
         check_writable_dir(args.out, "report folder (--out)")
     if args.compare:
@@ -171,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
             val_size=cfg.data.val_size,
             split_seed=cfg.data.split_seed,
         )
-        eps = args.eps or cfg.eval.eps or splits.default_eps
+        eps = args.eps if args.eps is not None else (cfg.eval.eps or splits.default_eps)
         if "features" in whats:
             from fortify.analysis.features import feature_analysis
 

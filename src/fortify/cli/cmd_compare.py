@@ -36,15 +36,37 @@ def add_compare_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def compare_columns(args: argparse.Namespace) -> list[str] | None:
+    """Check the bootstrap options of ``args`` (before any report is read) and return the
+    ``--columns`` names (None: every common column); ConfigError for a value out of range or a
+    ``--columns`` that names no column."""
+    from fortify.errors import ConfigError
+    from fortify.stats import BootstrapOptions
+
+    try:
+        BootstrapOptions(args.resamples, args.ci_seed, args.level).validate()
+    except ConfigError as exc:  # name the flags, not the function's arguments
+        raise ConfigError(f"--resamples/--ci-seed/--level: {exc}") from None
+    if args.columns is None:
+        return None
+    cols = [c.strip() for c in args.columns.split(",") if c.strip()]
+    if not cols:
+        raise ConfigError(
+            f"--columns {args.columns!r} names no column; give comma-separated column names "
+            "(e.g. 'PGD-20,AutoAttack') or leave it out to compare every common column"
+        )
+    return cols
+
+
 def compare_paths(a: Path, b: Path, args: argparse.Namespace, labels: tuple[str, str]) -> Any:
     """Load two reports and compare them with the options in ``args``."""
     from fortify.cli.cmd_report import find_report
     from fortify.evaluate import EvalReport
     from fortify.evaluate.compare import compare_reports
 
+    cols = compare_columns(args)
     ra = EvalReport.load(find_report(a, args.suite))
     rb = EvalReport.load(find_report(b, args.suite))
-    cols = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     return compare_reports(
         ra,
         rb,
@@ -57,9 +79,13 @@ def compare_paths(a: Path, b: Path, args: argparse.Namespace, labels: tuple[str,
 
 
 def run(args: argparse.Namespace) -> int:
-    from fortify.cli.cmd_report import run_label
+    from fortify.cli.cmd_report import check_output_file, run_label
     from fortify.utils.atomic import atomic_write_text
 
+    compare_columns(args)
+    for flag, path in (("--out", args.out), ("--json", args.json)):
+        if path:
+            check_output_file(path, flag)
     a, b = Path(args.a), Path(args.b)
     la, lb = run_label(a), run_label(b)
     if la == lb:

@@ -61,6 +61,17 @@ def find_report(run: Path, suite: str | None) -> Path:
     raise RunDirError(f"no {name} in {run}/reports or {run}; run `fortify eval {run}` first")
 
 
+def check_output_file(path: str, flag: str) -> None:
+    """Before any work: ``path`` must name a file (not a folder) whose folder exists or can be
+    created and is writable (RunDirError naming ``flag`` otherwise)."""
+    from fortify.errors import RunDirError
+    from fortify.utils.atomic import check_writable_dir
+
+    if Path(path).is_dir():
+        raise RunDirError(f"{flag} {path!r} is a folder; give a file name (e.g. report.md)")
+    check_writable_dir(Path(path).expanduser().parent, f"folder of {flag}")
+
+
 def _merge(args: argparse.Namespace) -> int:
     from fortify.errors import RunDirError
     from fortify.evaluate.shard import finalize, load_partials, merge_partials
@@ -89,17 +100,19 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fortify.errors import RunDirError
+    from fortify.cli.cmd_compare import compare_columns
+    from fortify.errors import ConfigError
     from fortify.evaluate import EvalReport, side_by_side
-    from fortify.utils.atomic import atomic_write_text, check_writable_dir
+    from fortify.utils.atomic import atomic_write_text
 
     if args.merge:
         return _merge(args)
 
+    columns = compare_columns(args)  # checked with or without --compare
     if args.out:
-        if Path(args.out).is_dir():
-            raise RunDirError(f"--out {args.out!r} is a folder; give a file name (e.g. report.md)")
-        check_writable_dir(Path(args.out).parent, "folder of --out")
+        check_output_file(args.out, "--out")
+    if args.compare and len(args.runs) < 2:
+        raise ConfigError("--compare needs at least two runs (the first is the baseline)")
     reports = {}
     paths = {}
     for r in args.runs:
@@ -109,6 +122,13 @@ def run(args: argparse.Namespace) -> int:
             label += "'"
         reports[label] = EvalReport.load(find_report(p, args.suite))
         paths[label] = p
+    for label, rep in reports.items():
+        unknown = [c for c in columns or [] if c not in rep.columns]
+        if unknown:
+            raise ConfigError(
+                f"--columns: {unknown} not in the report of {label}; its columns: "
+                f"{', '.join(rep.columns)}"
+            )
     text = side_by_side(reports)
     if args.checks:
         lines = []
@@ -121,10 +141,6 @@ def run(args: argparse.Namespace) -> int:
         from fortify.cli.cmd_compare import compare_paths
 
         labels = list(paths)
-        if len(labels) < 2:
-            from fortify.errors import ConfigError
-
-            raise ConfigError("--compare needs at least two runs (the first is the baseline)")
         for other in labels[1:]:
             comp = compare_paths(paths[labels[0]], paths[other], args, (labels[0], other))
             text += "\n" + comp.to_markdown()

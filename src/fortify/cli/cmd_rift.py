@@ -182,9 +182,10 @@ def build_config(args: argparse.Namespace) -> RiftConfig:
         if v is not None:
             overrides.append(f"{key}={json.dumps(v)}")  # JSON is valid YAML
     suites = getattr(args, "suites", None)
-    if suites:
-        overrides.append(f"evaluate.suites={json.dumps([s.strip() for s in suites.split(',')])}")
-    return load_rift_config(args.config, overrides)
+    if suites is not None:  # "" or ",,": no suite, refused by the config's validation
+        names = [s.strip() for s in suites.split(",") if s.strip()]
+        overrides.append(f"evaluate.suites={json.dumps(names)}")
+    return load_rift_config(args.config, overrides)  # every step's options checked here
 
 
 def run(args: argparse.Namespace) -> int:

@@ -96,9 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from fortify.config import ExperimentConfig, load_config
     from fortify.errors import ConfigError
     from fortify.train import fit
-    from fortify.utils.runtime import configure_threads, env_int
+    from fortify.utils.runtime import env_int
 
-    configure_threads()
     overrides = list(args.sets) + list(args.overrides)
     for item in overrides:
         if "=" not in item:

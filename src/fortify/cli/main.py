@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mod = importlib.import_module(args._module)
     try:
+        from fortify.utils.runtime import configure_threads
+
+        configure_threads()  # FORTIFY_THREADS, checked and applied for every command
         return int(mod.run(args) or 0)
     except FortifyError as exc:
         print(f"fortify {args.command}: error: {exc}", file=sys.stderr)

@@ -188,6 +188,13 @@ class EvalConfig:
     autoattack_points: int | None = None
 
     def validate(self) -> None:
+        from fortify.errors import FortifyError
+        from fortify.evaluate.registry import get_suite
+
+        try:
+            get_suite(self.suite)  # the registered suites (importing fortify.evaluate fills them)
+        except FortifyError as exc:
+            raise ConfigError(f"eval.suite: {exc}") from None
         if self.eps is not None and not 0 < self.eps <= 1:
             raise ConfigError(f"eval.eps must be in (0, 1] (pixel units), got {self.eps}")
         check_eval_numbers(

@@ -142,6 +142,42 @@ def infer_feature_shapes(
     return shapes
 
 
+def _check_block(name: str, block: object, shape: tuple[int, int, int], model: nn.Module) -> None:
+    """Refuse a factory's result that is not an ``nn.Module``, or whose dry pass (eval mode,
+    no gradients, two blank feature maps) does not map a (N, C, H, W) feature map of ``shape``
+    to a tensor of the same shape; the global RNG state is left unchanged."""
+    if not isinstance(block, nn.Module):
+        raise FortifyError(
+            f"the defence factory returned {_describe(block)} for {name!r}; it must return an "
+            f"nn.Module mapping (N, C, H, W) feature maps to the same shape (here C, H, W = "
+            f"{shape})"
+        )
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    block.to(device)
+    was_training = block.training
+    try:
+        block.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = block(torch.zeros(2, *shape, device=device))
+    except FortifyError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the block's own code
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise FortifyError(
+            f"the defence built for {name!r} fails on its feature map (N, C, H, W) = "
+            f"(2, {', '.join(map(str, shape))}): {type(exc).__name__}: {msg}"
+        ) from exc
+    finally:
+        block.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, *shape):
+        raise FortifyError(
+            f"the defence built for {name!r} returns {_describe(out)} for a feature map of shape "
+            f"(2, {', '.join(map(str, shape))}); a defence must return a tensor of the same "
+            "shape as its input"
+        )
+
+
 def position_names(at: object) -> list[str]:
     """``at`` (one module name or a non-empty sequence of names) as a list; :class:`FortifyError`
     else."""
@@ -211,6 +247,8 @@ def attach(
             raise FortifyError("attach(..., input_shape=(C, H, W)) is required with a factory")
         shapes = infer_feature_shapes(model, names, input_shape)
         modules = {n: defence(shapes[n]) for n in names}
+        for name, module in modules.items():
+            _check_block(name, module, shapes[name], model)
     if existing is None:  # created only once every position is valid
         existing = nn.ModuleDict()
         setattr(model, DEFENSES_ATTR, existing)

@@ -96,6 +96,20 @@ class FDOptions:
             raise ConfigError("FD options conv=false and residual=false leave no block; keep one")
 
 
+def _checked_options(options: object) -> FDOptions:
+    """``options`` (None: the defaults) validated; anything but an :class:`FDOptions` is a
+    :class:`ConfigError` naming the class."""
+    if options is None:
+        options = FDOptions()
+    if not isinstance(options, FDOptions):
+        raise ConfigError(
+            f"options must be an FDOptions, got {type(options).__name__}; pass FDOptions(...) "
+            "(or None for the release's defaults)"
+        )
+    options.validate()
+    return options
+
+
 class FDBlock(nn.Module):
     """One denoising block for feature maps with ``channels`` channels (module docstring).
 
@@ -105,8 +119,7 @@ class FDBlock(nn.Module):
     def __init__(self, channels: int, options: FDOptions | None = None):
         super().__init__()
         check_block_sizes("FD", channels)
-        self.opts = options or FDOptions()
-        self.opts.validate()
+        self.opts = _checked_options(options)
         self.channels = channels
         op = self.opts.operation
         self.theta: nn.Conv2d | None = None
@@ -222,8 +235,7 @@ def attach_fd(
         options: :class:`FDOptions`.
     Returns: the defended model.
     """
-    opts = options or FDOptions()
-    opts.validate()
+    opts = _checked_options(options)
     return attach(model, lambda shape: FDBlock(shape[0], opts), at, input_shape)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
-from fortify.defenses.registry import check_choice, options_from_dict
+from fortify.defenses.registry import check_choice, check_number, options_from_dict
 from fortify.errors import ConfigError
 
 Bound = Literal["tanh", "spectral", "none"]
@@ -96,14 +96,45 @@ class FPDOptions:
         """Raise :class:`ConfigError` naming the first bad option and what it allows."""
         for name, allowed in CHOICES.items():
             check_choice("FPD", name, getattr(self, name), allowed)
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"FPD option dropout must be in [0, 1), got {self.dropout}")
-        if int(self.width) < 1:
-            raise ConfigError(f"FPD option width must be >= 1, got {self.width}")
+        width = self.width
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ConfigError(f"FPD option width must be an integer >= 1, got {width!r}")
+        check_number("FPD", "dropout", self.dropout, low=0)
+        if self.dropout >= 1:
+            raise ConfigError(f"FPD option dropout must be in [0, 1), got {self.dropout!r}")
+        check_number("FPD", "restore_weight", self.restore_weight, low=0)
+        if not isinstance(self.lateral_norm, bool):
+            raise ConfigError(
+                f"FPD option lateral_norm must be true or false, got {self.lateral_norm!r}"
+            )
+        for name in ("stages", "denoise_at"):
+            _check_names(name, getattr(self, name))
+        if self.classifier is not None and (
+            not isinstance(self.classifier, str) or not self.classifier
+        ):
+            raise ConfigError(
+                "FPD option classifier must name the backbone's final nn.Linear (a module name) "
+                f"or be null (found by name: linear, fc, classifier), got {self.classifier!r}"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         """``{option: value}`` (values not copied)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _check_names(option: str, value: object) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is None or a list of module names."""
+    if value is None:
+        return
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, Sequence)
+        or not all(isinstance(v, str) and v for v in value)
+    ):
+        raise ConfigError(
+            f"FPD option {option} must be a list of module names (e.g. ['layer1', 'layer2']) "
+            f"or null, got {value!r}"
+        )
 
 
 __all__ = ["CHOICES", "LEGACY_OPTIONS", "FPDOptions"]

@@ -25,7 +25,6 @@ Use it with :func:`attach_fsr` or :func:`fortify.defenses.attach.attach`, or fro
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -36,7 +35,12 @@ from torch import nn
 
 from fortify.defenses.attach import attach, check_block_sizes
 from fortify.defenses.contract import AuxContext, CaptureMixin
-from fortify.defenses.registry import options_from_dict, register_block_defence
+from fortify.defenses.registry import (
+    check_choice,
+    check_number,
+    options_from_dict,
+    register_block_defence,
+)
 from fortify.errors import ConfigError, FortifyError
 
 log = logging.getLogger(__name__)
@@ -102,26 +106,14 @@ class FSROptions:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first option outside its allowed values."""
-        tau = self.tau
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
-            raise ConfigError(f"FSR option tau must be a number > 0, got {tau!r}")
-        if not math.isfinite(float(tau)):
-            raise ConfigError(f"FSR option tau must be finite, got {tau!r}")
-        for name, value in (("lambda_sep", self.lambda_sep), ("lambda_rec", self.lambda_rec)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"FSR option {name} must be a number >= 0, got {value!r}")
+        check_number("FSR", "tau", self.tau, low=0, strict=True)
+        check_number("FSR", "lambda_sep", self.lambda_sep, low=0)
+        check_number("FSR", "lambda_rec", self.lambda_rec, low=0)
         hidden = self.hidden
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise ConfigError(f"FSR option hidden must be a positive integer, got {hidden!r}")
-        if self.ablation not in ABLATIONS:
-            raise ConfigError(
-                f"FSR option ablation={self.ablation!r} is not allowed; choose one of "
-                f"{list(ABLATIONS)}"
-            )
-        if self.mask not in MASKS:
-            raise ConfigError(
-                f"FSR option mask={self.mask!r} is not allowed; choose one of {list(MASKS)}"
-            )
+        check_choice("FSR", "ablation", self.ablation, ABLATIONS)
+        check_choice("FSR", "mask", self.mask, MASKS)
         _eps_value(self.eps_log)
 
 
@@ -286,13 +278,16 @@ class FSRBlock(CaptureMixin, nn.Module):
             return hard + (soft - soft.detach())  # straight-through: exact 0/1 values, soft grads
         return (soft > 0.5).to(soft.dtype)
 
-    def parts(self, f: torch.Tensor) -> FSRParts:
-        """Run the block on ``f`` (N, C, H, W) and return every intermediate."""
+    def _check_input(self, f: torch.Tensor) -> None:
         if f.dim() != 4 or f.shape[1] != self.channels:
             raise FortifyError(
                 f"FSR block built for {self.channels} channels got a tensor of shape "
                 f"{tuple(f.shape)}; it needs (N, {self.channels}, H, W)"
             )
+
+    def parts(self, f: torch.Tensor) -> FSRParts:
+        """Run the block on ``f`` (N, C, H, W) and return every intermediate."""
+        self._check_input(f)
         if self.separation is None:  # ablation: no separation (no mask, R on the whole feature)
             assert self.recalibration is not None
             f_rec = f + self.recalibration(f)
@@ -314,6 +309,7 @@ class FSRBlock(CaptureMixin, nn.Module):
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) → (N, C, H, W); records the auxiliary predictions while capturing."""
+        self._check_input(f)
         if (
             not self.capturing
             and self.output_part == "out"
@@ -397,7 +393,7 @@ def attach_fsr(
     opts = _check_options(options)
     # A throwaway block checks the options against the block itself before the model is touched.
     # Its parameter init draws from the global RNG: keep it, or every seeded FSR run changes.
-    FSRBlock(1, max(num_classes, 2), **opts)
+    FSRBlock(1, num_classes, **opts)
     return attach(model, lambda shape: FSRBlock(shape[0], num_classes, **opts), at, input_shape)
 
 

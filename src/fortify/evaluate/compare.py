@@ -205,6 +205,13 @@ def compare_reports(
             f"evaluation seeds differ ({a.settings.get('seed')} vs {b.settings.get('seed')}): "
             "random starts and AutoAttack/Square randomness differ between A and B"
         )
+    if columns is not None and (
+        isinstance(columns, str) or not columns or not all(isinstance(c, str) for c in columns)
+    ):
+        raise ComparisonError(
+            f"columns must be a non-empty list of column names (or None: every common column), "
+            f"got {columns!r}; common columns: {[c for c in a.columns if c in b.columns]}"
+        )
     wanted = columns if columns is not None else [c for c in a.columns if c in b.columns]
     missing = [c for c in wanted if c not in a.columns or c not in b.columns]
     if missing:

@@ -14,19 +14,40 @@ from typing import Any
 import torch
 from torch import nn
 
-from fortify.errors import ConfigError, DataError, FortifyError
+from fortify.attacks.inputs import first_forward
+from fortify.errors import ConfigError
 from fortify.evaluate import checks as honesty
 from fortify.evaluate import validation
 from fortify.evaluate.context import SuiteContext
 from fortify.evaluate.outcome import MODE_FREE, Outcome
 from fortify.evaluate.registry import describe_option, get_suite, suites_with
 from fortify.evaluate.report import NATURAL, EvalReport
-from fortify.evaluate.shard import Shard, complete, model_digest, points_fingerprint
-from fortify.utils.runtime import compute_record
+from fortify.evaluate.shard import (
+    MUST_MATCH,
+    PER_SLICE,
+    Shard,
+    complete,
+    model_digest,
+    points_fingerprint,
+)
+from fortify.utils.runtime import compute_record, resolve_device
 
 log = logging.getLogger(__name__)
 
 EVAL_MODES = ("final", "best", "both")
+
+#: Report settings that :func:`evaluate` (with its suites and sharding) records itself;
+#: ``settings=`` may add other entries, never replace these.
+RESERVED_SETTINGS = (
+    *MUST_MATCH,  # what every slice of one evaluation shares
+    *PER_SLICE,  # what a slice records about itself
+    "model",
+    "precision",
+    "autoattack_points",
+    "autoattack_scope",
+    "slices",
+    "seconds_total",
+)
 
 
 def _versions() -> dict[str, str]:
@@ -45,21 +66,6 @@ def _versions() -> dict[str, str]:
         except Exception:  # noqa: BLE001 - a missing optional package is simply not listed
             pass
     return out
-
-
-def _first_forward(model: nn.Module, xb: torch.Tensor) -> Any:
-    """The first forward pass; a shape error of a third-party model becomes a clear DataError."""
-    try:
-        return model(xb)
-    except FortifyError:
-        raise
-    except RuntimeError as exc:
-        if not any(w in str(exc) for w in ("shape", "size", "channels")):
-            raise
-        raise DataError(
-            f"the model cannot take images of shape (N, C, H, W) = {tuple(xb.shape)}: {exc}. "
-            "Give it images with the channel count and size it was built for"
-        ) from exc
 
 
 @contextlib.contextmanager
@@ -119,10 +125,13 @@ def evaluate(
             (both rows from the same runs).
         checks: run the gradient-masking checks (on the first ``check_points`` points). The
             ε-ball / [0, 1] verification of every adversarial example always runs.
-        device: where to run (the model is moved there); None: the model's device.
-        square_queries: query budget of the black-box Square check.
+        device: where to run (the model is moved there): ``auto | cpu | cuda | cuda:N | mps``
+            or a ``torch.device``; None: the model's device.
+        seed: an integer in [0, 2**63 - 1]. check_points: an integer >= 1 (when ``checks``).
+        square_queries: query budget of the black-box Square check, an integer >= 1.
         progress: tqdm bars (None: only when stderr is a TTY).
-        settings: extra entries recorded in the report's settings.
+        settings: extra entries recorded in the report's settings (a dict with str keys other
+            than :data:`RESERVED_SETTINGS`, which the evaluation records itself).
         suite_options: options of the suite, e.g. ``{"autoattack_points": 500}`` for
             ``autoattack`` / ``full`` or the :class:`~fortify.evaluate.adaptive.AdaptiveOptions`
             fields for ``adaptive``; names the suite does not accept raise
@@ -141,11 +150,18 @@ def evaluate(
         :class:`EvalReport` (table, per-sample outcomes, checks, settings).
     """
     validation.check_images_labels(x, y)
+    validation.check_model(model, x)
     if mode not in EVAL_MODES:
         raise ConfigError(f"unknown evaluation mode {mode!r}; allowed: {', '.join(EVAL_MODES)}")
     validation.check_eps(eps, norm, tuple(x.shape[1:]))
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    validation.check_run_options(
+        batch_size=batch_size,
+        seed=seed,
+        checks=checks,
+        check_points=check_points,
+        square_queries=square_queries,
+    )
+    extra_settings = validation.check_extra_settings(settings, RESERVED_SETTINGS)
     spec = get_suite(suite)
     options = spec.check_options(suite_options)
     part = _resolve_shard(shard, distributed)
@@ -155,7 +171,7 @@ def evaluate(
             f"evaluation suite {suite!r} cannot be sharded (it does not split its work into "
             f"chunks of points); run it in one process. Shardable suites: {', '.join(shardable)}"
         )
-    dev = torch.device(device) if device is not None else model_device(model)
+    dev = resolve_device(device) if device is not None else model_device(model)
     if device is not None:
         model.to(dev)
     y = y.long()
@@ -168,7 +184,7 @@ def evaluate(
         for i in range(0, len(x), batch_size):
             xb = x[i : i + batch_size].to(dev)
             with torch.no_grad():
-                out = model(xb) if i else _first_forward(model, xb)
+                out = model(xb) if i else first_forward(model, xb)
             if i == 0:
                 logits = validation.check_logits(out, len(xb))
                 num_classes = logits.shape[1]
@@ -233,7 +249,7 @@ def evaluate(
         "versions": _versions(),
     }
     report_settings.update(ctx.settings)
-    report_settings.update(settings or {})
+    report_settings.update(extra_settings)
     if part.count > 1:
         report_settings["shard"] = str(part)
     report = EvalReport(report_settings, ctx.outcomes, ctx.checks, ctx.extras)

@@ -9,6 +9,7 @@ No column counts an unattacked point as robust.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -299,40 +300,47 @@ class EvalReport:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalReport:
         """Rebuild a report from :meth:`to_dict` output (``fortify-eval/1`` with per-sample
-        lists is read too)."""
+        lists is read too); :class:`DataError` names what is missing or malformed."""
+        if not isinstance(d, dict):
+            raise DataError(
+                f"an evaluation report is a JSON object (as `fortify eval` writes), got "
+                f"{_json_type(d)}"
+            )
         fmt = d.get("format")
         if fmt not in READABLE_FORMATS:
             raise DataError(
-                f"not a fortify eval.json (format {fmt!r}, expected one of "
-                f"{', '.join(READABLE_FORMATS)})"
+                f"the report's format is {fmt!r}, expected one of {', '.join(READABLE_FORMATS)}"
             )
-        outcomes = []
-        for o in d["outcomes"]:
-            if fmt == FORMAT:
-                n = int(o["points"])
-                correct = unpack_bits(o["correct"], n)
-                ran = None if o.get("ran") is None else unpack_bits(o["ran"], n)
-            else:
-                correct = torch.tensor(o["correct"], dtype=torch.bool)
-                ran = _legacy_ran(o["name"], d.get("settings", {}), len(correct))
-            outcomes.append(
-                Outcome(
-                    o["name"],
-                    correct,
-                    o["mode"],
-                    o["ensemble"],
-                    o.get("seconds", 0.0),
-                    o.get("note", ""),
-                    ran,
-                    o.get("computed", True),
-                )
+        settings = d.get("settings")
+        if not isinstance(settings, dict):
+            raise DataError(
+                "the report has no 'settings' object (suite, eps, norm, points, ...), got "
+                f"{_json_type(settings)}"
             )
-        checks = []
-        for c in d.get("checks", []):
-            c = dict(c)
-            c.setdefault("masking", c.get("name") in LEGACY_MASKING_CHECKS)
-            checks.append(Check(**c))
-        return cls(d["settings"], outcomes, checks, d.get("extras", {}))
+        _check_settings(settings)
+        raw = d.get("outcomes")
+        if not isinstance(raw, list) or not raw:
+            raise DataError(
+                "the report has no 'outcomes' (a non-empty list with one entry per column and "
+                f"row), got {_json_type(raw)}; there is no column to show"
+            )
+        try:
+            outcomes = [_outcome_from_dict(o, fmt, settings) for o in raw]
+            checks = []
+            for c in d.get("checks", []):
+                c = dict(c)
+                c.setdefault("masking", c.get("name") in LEGACY_MASKING_CHECKS)
+                checks.append(Check(**c))
+        except KeyError as exc:
+            raise DataError(f"an entry of the report lacks the key {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, DataError):
+                raise
+            raise DataError(f"an entry of the report is malformed: {exc}") from exc
+        extras = d.get("extras", {})
+        if not isinstance(extras, dict):
+            raise DataError(f"the report's 'extras' must be an object, got {_json_type(extras)}")
+        return cls(settings, outcomes, checks, extras)
 
     @classmethod
     def load(cls, path: str | Path) -> EvalReport:
@@ -344,9 +352,7 @@ class EvalReport:
             raise DataError(f"no evaluation report at {p} (run `fortify eval` first)")
         try:
             return cls.from_dict(json.loads(p.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, DataError):
-                raise
+        except (json.JSONDecodeError, UnicodeDecodeError, DataError) as exc:
             raise DataError(f"{p} is not a valid fortify eval.json: {exc}") from exc
 
     def save(self, directory: str | Path, stem: str = "eval") -> tuple[Path, Path]:
@@ -356,6 +362,52 @@ class EvalReport:
         atomic_write_text(js, self.to_json())
         atomic_write_text(md, self.to_markdown())
         return md, js
+
+
+def _json_type(value: object) -> str:
+    """How a JSON value reads in an error message (``null``, ``a list``, ...)."""
+    if value is None:
+        return "nothing (null or missing)"
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    return next((v for k, v in names.items() if isinstance(value, k)), "a number")
+
+
+def _check_settings(s: dict[str, Any]) -> None:
+    """Refuse recorded settings that would be shown or compared as nonsense."""
+    eps = s.get("eps")
+    if "eps" in s and not (
+        isinstance(eps, (int, float))
+        and not isinstance(eps, bool)
+        and math.isfinite(eps)
+        and eps > 0
+    ):
+        raise DataError(f"the report's settings have eps {eps!r}; expected a number > 0")
+    n = s.get("n_points")
+    if "n_points" in s and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise DataError(f"the report's settings have n_points {n!r}; expected an integer >= 1")
+
+
+def _outcome_from_dict(o: Any, fmt: str, settings: dict[str, Any]) -> Outcome:
+    """One outcome of a stored report (KeyError for a missing key, named by the caller)."""
+    if not isinstance(o, dict):
+        raise DataError(f"each of the report's outcomes must be an object, got {_json_type(o)}")
+    if fmt == FORMAT:
+        n = int(o["points"])
+        correct = unpack_bits(o["correct"], n)
+        ran = None if o.get("ran") is None else unpack_bits(o["ran"], n)
+    else:
+        correct = torch.tensor(o["correct"], dtype=torch.bool)
+        ran = _legacy_ran(o["name"], settings, len(correct))
+    return Outcome(
+        o["name"],
+        correct,
+        o["mode"],
+        o["ensemble"],
+        o.get("seconds", 0.0),
+        o.get("note", ""),
+        ran,
+        o.get("computed", True),
+    )
 
 
 def _fmt_eps(eps: Any) -> str:

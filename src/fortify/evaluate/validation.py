@@ -8,9 +8,66 @@ import math
 import torch
 from torch import nn
 
+from fortify.attacks.inputs import check_dtype
 from fortify.errors import ConfigError, DataError, EvaluationError
+from fortify.utils.runtime import check_seed
 
 log = logging.getLogger(__name__)
+
+
+def check_model(model: object, x: torch.Tensor) -> None:
+    """Raise :class:`ConfigError` unless ``model`` is an ``nn.Module``, and :class:`DataError`
+    when the dtype of ``x`` differs from its parameters' (as the attacks do)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model must be an nn.Module mapping images (N, C, H, W) to logits, got "
+            f"{type(model).__name__}"
+        )
+    check_dtype(model, x)
+
+
+def _count(value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
+
+
+def check_run_options(
+    *,
+    batch_size: object,
+    seed: object,
+    checks: object,
+    check_points: object,
+    square_queries: object,
+) -> None:
+    """Raise :class:`ConfigError` for a batch size, ``check_points`` (when the checks run) or
+    ``square_queries`` that is not an integer >= 1, a seed outside [0, 2**63 - 1] or a
+    ``checks`` flag that is not a bool."""
+    _count(batch_size, "batch_size")
+    check_seed(seed)
+    if not isinstance(checks, bool):
+        raise ConfigError(f"checks must be True or False, got {checks!r}")
+    if checks:
+        _count(check_points, "check_points (points the gradient-masking checks run on)")
+    _count(square_queries, "square_queries (query budget of the Square check)")
+
+
+def check_extra_settings(settings: object, reserved: tuple[str, ...]) -> dict[str, object]:
+    """``settings`` (None or a dict of extra report entries with str keys) as a dict; a key
+    the evaluation records itself (``reserved``) is a :class:`ConfigError`."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
+        raise ConfigError(
+            f"settings must be a dict of extra report entries with str keys (e.g. "
+            f"{{'dataset': 'cifar10'}}), got {settings!r}"
+        )
+    taken = sorted(k for k in settings if k in reserved)
+    if taken:
+        raise ConfigError(
+            f"settings may not replace what the evaluation records itself: {taken}; reserved "
+            f"keys: {', '.join(reserved)}"
+        )
+    return dict(settings)
 
 
 def check_images_labels(x: torch.Tensor, y: torch.Tensor) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 NAME = "robustbench"
 HELP = "weights + model_info JSON in RobustBench's layout (models/…/<name>.pt, model_info/…)"
@@ -26,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report", default=None, help="evaluation report JSON for the accuracies (default: found)"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export of the same --name (refused without it)",
+    )
 
 
 def _find_report(run: Path) -> Path | None:
@@ -36,17 +42,53 @@ def _find_report(run: Path) -> Path | None:
     return None
 
 
+def _existing_export(args: argparse.Namespace) -> list[Path]:
+    """The files an export of ``args`` would replace (the dataset is read from the
+    checkpoint's sidecar, without loading the weights)."""
+    from fortify.interop.robustbench import paths
+    from fortify.runs.checkpoint import read_sidecar, resolve_checkpoint
+
+    meta = read_sidecar(resolve_checkpoint(args.run, args.tag))
+    dataset = ((meta.get("config") or {}).get("data") or {}).get("name")
+    if not isinstance(dataset, str):
+        return []  # the export itself reports the incomplete checkpoint
+    return [p for p in paths(args.out, dataset, args.threat, args.name) if p.exists()]
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    """An evaluation report as a dict with a ``table`` of accuracies; ConfigError otherwise."""
+    from fortify.errors import ConfigError
+
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the report {path}: {exc}") from exc
+    table = report.get("table") if isinstance(report, dict) else None
+    if not isinstance(table, dict) or not table:
+        got = (
+            "an object without a 'table'"
+            if isinstance(report, dict)
+            else ("null" if report is None else f"a JSON {type(report).__name__}")
+        )
+        raise ConfigError(
+            f"the report {path} is not an evaluation report with accuracies (it holds {got}); give "
+            "the eval-<suite>.json that `fortify eval` wrote (a JSON object with a 'table')"
+        )
+    return report
+
+
 def run(args: argparse.Namespace) -> int:
     from fortify.errors import ConfigError
     from fortify.interop.robustbench import export_robustbench
 
     report_path = Path(args.report) if args.report else _find_report(Path(args.run))
-    report = None
-    if report_path is not None:
-        try:
-            report = json.loads(report_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read the report {report_path}: {exc}") from exc
+    report = _read_report(report_path) if report_path is not None else None
+    existing = _existing_export(args)
+    if existing and not args.overwrite:
+        raise ConfigError(
+            f"{existing[0]} already exists (an earlier export named {args.name!r}); pass "
+            "--overwrite to replace it, or choose another --name or --out"
+        )
     weights, info = export_robustbench(
         args.run, args.out, name=args.name, threat=args.threat, tag=args.tag, report=report
     )

@@ -34,7 +34,7 @@ from fortify.replicate import fsr_table1 as t1
 from fortify.replicate._feature_table_page import write_page
 from fortify.replicate._feature_table_results import RULES, committed, compare, evaluate_row
 from fortify.replicate._feature_table_rows import Row, _expand, row_config
-from fortify.replicate.common import parse_seeds, train_or_reuse
+from fortify.replicate.common import check_outputs, parse_seeds, train_or_reuse
 from fortify.stats import BootstrapOptions
 
 log = logging.getLogger(__name__)
@@ -196,9 +196,14 @@ def run_table(
     seeds = parse_seeds(args.seeds)
     if args.estimate:
         return estimate(rows, chosen, args)
+    json_dir = Path(args.json_dir) if args.json_dir else Path(args.doc).with_suffix("")
+    json_what = "--json-dir" if args.json_dir else "per-seed (--doc without .md)"
+    check_outputs(
+        files={"--doc": args.doc},
+        folders={"--out folder": args.out, f"{json_what} folder": json_dir},
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    json_dir = Path(args.json_dir) if args.json_dir else Path(args.doc).with_suffix("")
     splits = load_dataset("fashion-mnist", val_size=1000)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     for row in chosen:

@@ -9,6 +9,7 @@ reports into a page. This module holds the parts every command shares:
   resumes an interrupted one; :func:`cached` (and :func:`cached_report` for reports), the one
   cache of the replicate commands, keeps finished work whose key (settings and checkpoint
   hashes, :func:`checkpoint_key` / :func:`file_sha256`) is unchanged;
+* outputs — :func:`check_outputs` checks every output file and folder before any work;
 * several evaluations of one model — :func:`extend_with_prefix` adds the columns of a report
   computed on the first k points (e.g. AutoAttack) to the main report, as columns that ran on
   those k points (one rule for subsets, docs/evaluation.md);
@@ -24,12 +25,12 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from fortify.errors import ComparisonError, ConfigError, DataError
+from fortify.errors import ComparisonError, ConfigError, DataError, RunDirError
 from fortify.utils.atomic import atomic_write_text
 
 if TYPE_CHECKING:  # torch and the evaluator are imported where used: `fortify --help` stays fast
@@ -63,14 +64,35 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+class _SeedsAction(argparse.Action):
+    """Stores ``--seeds`` and notes that it was on the command line (:func:`seeds_given`)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.seeds_given = True
+
+
 def add_seed_arguments(parser: argparse.ArgumentParser, default: str | None = "0") -> None:
     """Add ``--seeds`` (comma-separated training seeds, one run per row and seed)."""
     parser.add_argument(
         "--seeds",
         default=default,
+        action=_SeedsAction,
         help="comma-separated training seeds; each row is trained and evaluated once per seed "
         "(finished (row, seed) jobs are reused)",
     )
+
+
+def seeds_given(args: argparse.Namespace) -> bool:
+    """Whether ``--seeds`` was on the command line, not just its default (a command with a
+    single-seed option as well refuses both)."""
+    return bool(getattr(args, "seeds_given", False))
 
 
 def seeds_from_args(args: argparse.Namespace) -> list[int]:
@@ -97,6 +119,40 @@ def per_seed_args(args: argparse.Namespace) -> list[argparse.Namespace]:
 def job_dir(out: str | Path, row: str, seed: int) -> Path:
     """The run directory of one (row, seed) job: ``<out>/<row>/seed-<seed>``."""
     return Path(out) / row / f"seed-{seed}"
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def check_outputs(
+    *,
+    files: Mapping[str, str | Path | None] | None = None,
+    folders: Mapping[str, str | Path | None] | None = None,
+) -> None:
+    """Check, before any training or evaluation and without creating anything, that every
+    output can be written: each of ``folders`` (what → path, e.g. ``{"--out folder": ...}``) is
+    or can become a writable folder, and each of ``files`` (option → path, e.g.
+    ``{"--doc": ...}``) is not a folder and its folder can be created and written. None paths
+    are skipped.
+
+    Raises:
+        RunDirError: naming the option, the path and why it cannot be used.
+    """
+    from fortify.utils.atomic import check_writable_dir
+
+    for what, path in (folders or {}).items():
+        if path is not None:
+            check_writable_dir(path, what)
+    for option, path in (files or {}).items():
+        if path is None:
+            continue
+        p = Path(path).expanduser()
+        if p.is_dir():
+            raise RunDirError(
+                f"{option} {str(p)!r} is a folder; give the path of a file to write, e.g. "
+                f"{str(p / 'page.md')!r}"
+            )
+        check_writable_dir(p.parent, f"folder of {option}")
 
 
 # --------------------------------------------------------------------------- reuse

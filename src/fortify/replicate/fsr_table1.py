@@ -43,9 +43,11 @@ from fortify.replicate._fsr_recipe import (
 from fortify.replicate.common import (
     add_seed_arguments,
     cached_report,
+    check_outputs,
     extend_with_prefix,
     file_sha256,
     job_dir,
+    seeds_given,
     train_or_reuse,
 )
 from fortify.replicate.seed_grid import SeedGrid
@@ -109,7 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_seed_arguments(parser)
     parser.add_argument(
-        "--seed", type=int, default=None, help="a single training seed (same as --seeds N)"
+        "--seed",
+        type=int,
+        default=None,
+        help="a single training seed (same as --seeds N; not together with --seeds)",
     )
     parser.add_argument(
         "--per-seed-dir",
@@ -136,8 +141,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--assume-robust",
         type=float,
         default=0.7,
-        help="--estimate: robust fraction for AutoAttack's cost",
+        help="--estimate: robust fraction in [0, 1] for AutoAttack's cost",
     )
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    """Every option checked before any work (training, evaluation, the estimate's probes or
+    worker jobs); returns the chosen rows."""
+    import math
+
+    from fortify.errors import ConfigError
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise ConfigError(f"unknown row(s) {bad}; choose from {list(ROWS)}")
+    if not rows:
+        raise ConfigError(f"--rows names no row (got {args.rows!r}); choose from {list(ROWS)}")
+    for name in (
+        "epochs", "train_subset", "width", "test_points", "batch_size", "attack_steps", "val_points"
+    ):  # fmt: skip
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.aa_points < 0:
+        raise ConfigError(f"--aa-points must be >= 0, got {args.aa_points}")
+    if getattr(args, "seed", None) is not None and seeds_given(args):
+        raise ConfigError(
+            f"give the training seeds either with --seeds (got {args.seeds!r}) or one with "
+            f"--seed (got {args.seed}), not both"
+        )
+    _seeds(args)  # ConfigError for bad --seeds / a negative --seed
+    if getattr(args, "seed", None) is not None and args.seed < 0:
+        raise ConfigError(f"--seed must be an integer >= 0, got {args.seed}")
+    BootstrapOptions(resamples=args.resamples).validate()
+    r = args.assume_robust
+    if not (math.isfinite(r) and 0.0 <= r <= 1.0):
+        raise ConfigError(f"--assume-robust must be a fraction in [0, 1] such as 0.7, got {r!r}")
+    _check_appendix(args)
+    if not args.estimate:  # the estimate writes nothing but temporary files
+        doc = args.doc or Path(args.out) / "fsr_table1.md"
+        per_seed = "--per-seed-dir" if args.per_seed_dir else "per-seed (--doc without .md)"
+        check_outputs(
+            files={"--doc": doc},
+            folders={"--out folder": args.out, f"{per_seed} folder": _per_seed_dir(args)},
+        )
+    return rows
 
 
 # --------------------------------------------------------------------------- one row
@@ -307,14 +355,9 @@ def jobs(args: argparse.Namespace) -> list[Any]:
     (per-seed JSON of the same training config and evaluation settings, no run directory) is
     not a job.
     """
-    from fortify.errors import ConfigError
     from fortify.replicate.workers import Job
 
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    bad = [r for r in rows if r not in ROWS]
-    if bad:
-        raise ConfigError(f"unknown row(s) {bad}; choose from {list(ROWS)}")
-    _check_appendix(args)  # before hours of jobs, not after
+    rows = _check_args(args)  # before hours of jobs, not after
     out = Path(args.out) / "jobs"
     seeds = _seeds(args)
     per_seed_dir = _per_seed_dir(args)
@@ -341,24 +384,11 @@ def jobs(args: argparse.Namespace) -> list[Any]:
 
 def run(args: argparse.Namespace) -> int:
     from fortify.data import load_from_config
-    from fortify.errors import ConfigError
 
+    rows = _check_args(args)
     if args.doc is None:
         args.doc = str(Path(args.out) / "fsr_table1.md")
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    bad = [r for r in rows if r not in ROWS]
-    if bad:
-        raise ConfigError(f"unknown row(s) {bad}; choose from {list(ROWS)}")
-    for name in (
-        "epochs", "train_subset", "width", "test_points", "batch_size", "attack_steps", "val_points"
-    ):  # fmt: skip
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.aa_points < 0:
-        raise ConfigError(f"--aa-points must be >= 0, got {args.aa_points}")
     seeds = _seeds(args)
-    BootstrapOptions(resamples=args.resamples).validate()
-    _check_appendix(args)
     if args.estimate:
         from fortify.replicate._fsr_table1_page import estimate
 

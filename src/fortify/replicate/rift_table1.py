@@ -28,15 +28,19 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fortify.replicate.common import (
     add_seed_arguments,
+    check_outputs,
     extend_with_prefix,
     per_seed_args,
     train_or_reuse,
 )
 from fortify.replicate.seed_grid import SeedGrid
+
+if TYPE_CHECKING:  # for annotations only
+    from fortify.rift.config import RiftConfig
 
 NAME = "rift-table1"
 HELP = "RiFT Table 1 at CPU scale: AT vs AT+RiFT (Std, OOD, PGD-10, AutoAttack) on Fashion-MNIST"
@@ -138,6 +142,15 @@ def run(args: argparse.Namespace) -> int:
     if args.doc is None:
         args.doc = str(Path(args.out) / "rift_table1.md")
     bns = _bns(args)
+    check_outputs(
+        files={"--doc": args.doc},
+        folders={
+            "--out folder": args.out,
+            "per-seed (--doc without .md) folder": Path(args.doc).with_suffix(""),
+        },
+    )
+    for bn in bns:  # a bad --rift-config / --set fails now, not after the AT training
+        _rift_config(args, bn)
     grid = SeedGrid(labels={"AT": "AT", **{_row(b): f"AT + RiFT (BN {b})" for b in bns}})
     results: dict[int, list[BNResult]] = {}
     for a_s in per_seed_args(args):
@@ -230,10 +243,19 @@ def add_eval_reports(grid: SeedGrid, seed: int, eval_dir: Path, rift_row: str = 
             grid.add(name if name == "AT" else rift_row, seed, main)
 
 
+def _rift_config(args: argparse.Namespace, bn: str) -> RiftConfig:
+    """The RiFT options of one seed and BN setting (validated: bad options fail here)."""
+    from fortify.rift.config import load_rift_config
+
+    return load_rift_config(
+        args.rift_config,
+        [f"seed={args.seed}", f"device={args.device}", *args.overrides, f"finetune.bn={bn}"],
+    )
+
+
 def _run_seed(args: argparse.Namespace, bns: list[str]) -> list[BNResult]:
     """Train (or reuse) the AT run of ``args.seed`` and run RiFT once per BN setting on it (the
     later settings reuse the first one's MRC step and AT-model reports)."""
-    from fortify.rift.config import load_rift_config
     from fortify.rift.evaluation import summary_markdown
     from fortify.rift.pipeline import RiftRun
     from fortify.utils.atomic import atomic_write_text
@@ -246,10 +268,7 @@ def _run_seed(args: argparse.Namespace, bns: list[str]) -> list[BNResult]:
     results: list[BNResult] = []
     for bn in bns:
         t_bn = time.perf_counter()
-        cfg = load_rift_config(
-            args.rift_config,
-            [f"seed={args.seed}", f"device={args.device}", *args.overrides, f"finetune.bn={bn}"],
-        )
+        cfg = _rift_config(args, bn)
         rift_out = out / f"rift-{bn}"
         if results:
             _share_at_work(out / f"rift-{results[0].bn}", rift_out)

@@ -28,7 +28,7 @@ from torch import nn
 from fortify.config.loader import from_dict, to_dict
 from fortify.config.schema import ExperimentConfig
 from fortify.data.base import DataSplits
-from fortify.errors import ConfigError
+from fortify.errors import ConfigError, check_point_count
 from fortify.rift.mrc import get_weight
 from fortify.runs.rundir import Mode
 
@@ -53,13 +53,25 @@ class FinetuneOptions:
 
     def validate(self) -> None:
         if self.bn not in BN_MODES:
-            raise ConfigError(f"finetune bn must be one of {list(BN_MODES)}, got {self.bn!r}")
+            raise ConfigError(
+                f"--bn (finetune.bn) must be one of {list(BN_MODES)}, got {self.bn!r}"
+            )
         if self.epochs < 1:
-            raise ConfigError(f"finetune epochs must be >= 1, got {self.epochs}")
+            raise ConfigError(f"--epochs (finetune.epochs) must be >= 1, got {self.epochs}")
         if self.lr <= 0:
-            raise ConfigError(f"finetune lr must be > 0, got {self.lr}")
+            raise ConfigError(f"--ft-lr (finetune.lr) must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(
+                f"--ft-batch-size (finetune.batch_size) must be >= 1, got {self.batch_size}"
+            )
         if self.milestone is not None and not 0 <= self.milestone:
-            raise ConfigError(f"finetune milestone must be >= 0, got {self.milestone}")
+            raise ConfigError(f"finetune.milestone must be >= 0, got {self.milestone}")
+        for name in ("momentum", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"finetune.{name} must be >= 0, got {getattr(self, name)}")
+        if self.gamma <= 0:
+            raise ConfigError(f"finetune.gamma must be > 0, got {self.gamma}")
+        check_point_count(self.val_points, "finetune.val_points")
 
 
 def finetune_config(

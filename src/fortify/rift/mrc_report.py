@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fortify.errors import ConfigError, FortifyError
+from fortify.errors import ConfigError, DataError, FortifyError
 from fortify.utils.atomic import atomic_write_text, atomic_write_with
 
 
@@ -114,7 +114,17 @@ class MRCReport:
         path = Path(out_dir) / "mrc.json"
         if not path.is_file():
             raise FortifyError(f"no MRC report at {str(path)!r}; run `fortify rift mrc` first")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON {type(data).__name__}, not an object")
+            return cls.from_dict(data)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise DataError(
+                f"the MRC report {str(path)!r} is unreadable ({what}); compute it again with "
+                "`fortify rift mrc RUN --force`"
+            ) from None
 
 
 def plot_mrc(report: MRCReport, path: str | Path, chosen: str | None = None) -> None:

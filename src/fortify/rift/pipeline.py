@@ -1,7 +1,10 @@
 """The RiFT workflow on a run directory, step by step and resumable.
 
 ``RUN/rift/<step>/`` holds each step's output and a ``done.json`` marker written last; a rerun
-skips finished steps (``force=True`` redoes them). Steps:
+skips finished steps (``force=True`` redoes them). A marker or stored result that cannot be read
+counts as unfinished: the step is computed again with a warning naming the file, and its new
+output replaces the unreadable file (the fine-tuning folder is moved aside, as for changed
+options). Steps:
 
 1. ``mrc``: fixed PGD-10 set from the VALIDATION split → MRC of every Conv2d/Linear weight.
 2. ``finetune``: the chosen module's weight on clean training data (a fit run in the folder).
@@ -18,9 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -37,6 +41,9 @@ from fortify.utils.atomic import atomic_write_text
 log = logging.getLogger(__name__)
 
 STEPS = ("mrc", "finetune", "interpolate", "evaluate")
+T = TypeVar("T")
+# what reading a stored step file may raise when it is truncated, garbage or of another shape
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError, FortifyError)
 
 
 def _adversarial_objective(exp: ExperimentConfig) -> bool:
@@ -64,7 +71,7 @@ class RiftRun:
         from fortify.utils.runtime import resolve_device
 
         self.run = Path(run)
-        self.cfg = cfg or RiftConfig()
+        self.cfg = (cfg or RiftConfig()).validate()  # every step's options, before any step
         self.out = Path(out) if out is not None else self.run / "rift"
         self.device = resolve_device(self.cfg.device)
         self.model, self.meta = load_model(self.run, tag=self.cfg.tag, device=self.device)
@@ -120,13 +127,33 @@ class RiftRun:
             out = {"evaluate": asdict(c.evaluate), "after": self.settings("interpolate")}
         return json.loads(json.dumps(out, default=str))
 
+    def _marker(self, step: str) -> dict[str, Any] | None:
+        """``step``'s ``done.json``; None (with a warning) when it cannot be read."""
+        path = self.step_dir(step) / "done.json"
+        try:
+            marker = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            marker, why = None, f"{type(exc).__name__}: {exc}"
+        else:
+            why = f"a JSON {type(marker).__name__}, not an object"
+        if isinstance(marker, dict):
+            return marker
+        log.warning("%s: the done-marker %s is unreadable (%s); the step counts as unfinished and "
+                    "is computed again (the marker is replaced when it finishes)", step, path,
+                    why)  # fmt: skip
+        return None
+
     def _reuse(self, step: str, force: bool) -> bool:
-        """Whether ``step``'s stored result can be reused; says why not when options changed."""
+        """Whether ``step``'s stored result can be reused; says why not when options changed or
+        the done-marker is unreadable."""
         if force or not self.done(step):
             return False
         if step in self._reused:  # already announced in this process
             return True
-        stored = json.loads((self.step_dir(step) / "done.json").read_text()).get("settings")
+        marker = self._marker(step)
+        if marker is None:
+            return False
+        stored = marker.get("settings")
         current = self.settings(step)
         if stored is None:  # written before settings were recorded
             log.info("%s: reusing %s (its options were not recorded; --force redoes it)",
@@ -141,6 +168,21 @@ class RiftRun:
                      step, self.step_dir(step))  # fmt: skip
         self._reused.add(step)
         return True
+
+    def _stored(self, step: str, force: bool, load: Callable[[], T]) -> T | None:
+        """``step``'s finished result read by ``load`` when it can be reused; None when the step
+        must be computed — also when a stored file is unreadable (with a warning naming it;
+        the new result replaces it)."""
+        if not self._reuse(step, force):
+            return None
+        try:
+            return load()
+        except _UNREADABLE as exc:
+            log.warning("%s: the stored result in %s is unreadable (%s: %s); computing the step "
+                        "again (its files are replaced when it finishes)", step,
+                        self.step_dir(step), type(exc).__name__, exc)  # fmt: skip
+            self._reused.discard(step)
+            return None
 
     def _mark_done(self, step: str, info: dict[str, Any]) -> None:
         self._reused.add(step)  # computed now: later calls in this process reuse it quietly
@@ -160,8 +202,9 @@ class RiftRun:
         from fortify.rift.mrc_report import MRCReport, plot_mrc
 
         d = self.step_dir("mrc")
-        if self._reuse("mrc", force):
-            return MRCReport.load(d)
+        stored = self._stored("mrc", force, lambda: MRCReport.load(d))
+        if stored is not None:
+            return stored
         o = self.cfg.mrc
         x, y = self._val(o.n_points)
         if len(x) == 0:
@@ -199,9 +242,17 @@ class RiftRun:
         from fortify.runs import load_model
 
         d = self.step_dir("finetune")
-        if self._reuse("finetune", force):
+
+        def load() -> tuple[nn.Module, dict[str, Any]]:
+            summary = _json_object(d / "finetune.json")
+            if not isinstance(summary.get("module"), str):
+                raise ValueError(f"{d / 'finetune.json'} names no fine-tuned module")
             model, _ = load_model(d, tag="best", device=self.device)
-            return model, json.loads((d / "finetune.json").read_text())
+            return model, summary
+
+        stored = self._stored("finetune", force, load)
+        if stored is not None:
+            return stored
         if self.cfg.module == "auto":
             name, reason = self.choose(self.mrc())
         else:
@@ -210,7 +261,8 @@ class RiftRun:
         mode: Mode = "new"
         if d.is_dir() and any(d.iterdir()):
             last = d / "checkpoints" / "last.safetensors"
-            changed = self.done("finetune")  # finished with other options: start over
+            changed = self.done("finetune")  # finished with other options (or an unreadable
+            # marker): start over, the old folder moved aside
             mode = "resume" if last.is_file() and not force and not changed else "overwrite"
         model, summary = finetune(
             self.model, self.exp, name, d, self.cfg.finetune, splits=self.splits, mode=mode
@@ -232,8 +284,18 @@ class RiftRun:
         from fortify.runs import save_checkpoint
 
         d = self.step_dir("interpolate")
-        if self._reuse("interpolate", force):
-            return json.loads((d / "grid.json").read_text())
+
+        def load() -> dict[str, Any]:
+            grid = _json_object(d / "grid.json")
+            fields = {"alpha", "clean", "robust"}  # what evaluate and the CLI read
+            if not all(fields <= set(p) for p in [grid["chosen"], *grid["points"]]):
+                raise ValueError(f"{d / 'grid.json'} lacks the α, clean or robust of a point")
+            self.rift_module()  # the chosen model's checkpoint is there and names its module
+            return grid
+
+        stored = self._stored("interpolate", force, load)
+        if stored is not None:
+            return stored
         ft_model, summary = self.finetune()
         o = self.cfg.interpolate
         sd_at = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -285,12 +347,27 @@ class RiftRun:
         load_checkpoint(self.step_dir("interpolate") / "rift.safetensors", m)
         return m.eval()
 
+    def rift_module(self) -> str:
+        """The module fine-tuned for the model of step 3 (recorded in its checkpoint)."""
+        from fortify.runs.checkpoint import read_sidecar
+
+        return str(
+            read_sidecar(self.step_dir("interpolate") / "rift.safetensors")["rift"]["module"]
+        )
+
     # -- step 4 ------------------------------------------------------------------------------
     def evaluate(self, force: bool = False) -> dict[str, Any]:
         d = self.step_dir("evaluate")
-        if self._reuse("evaluate", force):
-            return json.loads((d / "summary.json").read_text())
-        self.interpolate()
+
+        def load() -> dict[str, Any]:
+            summary = _json_object(d / "summary.json")
+            summary_markdown(summary)  # what the caller prints: raises if fields are missing
+            return summary
+
+        stored = self._stored("evaluate", force, load)
+        if stored is not None:
+            return stored
+        grid = self.interpolate()
         models = {"AT": self.model, "RiFT": self.rift_model()}
         summary = evaluate_models(
             models,
@@ -302,11 +379,8 @@ class RiftRun:
             data_root=self.exp.data.root,
             reuse=not force,
         )
-        grid = json.loads((self.step_dir("interpolate") / "grid.json").read_text())
         summary["alpha"] = grid["chosen"]["alpha"]
-        summary["module"] = json.loads((self.step_dir("finetune") / "finetune.json").read_text())[
-            "module"
-        ]
+        summary["module"] = self.rift_module()
         atomic_write_text(d / "summary.json", json.dumps(summary, indent=2))
         atomic_write_text(d / "summary.md", summary_markdown(summary))
         self._mark_done("evaluate", {})
@@ -318,6 +392,14 @@ class RiftRun:
         self.finetune(force=force)
         self.interpolate(force=force)
         return self.evaluate(force=force)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object stored at ``path`` (ValueError when it is another JSON value)."""
+    value = json.loads(path.read_text())
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def _changes(old: Any, new: Any, prefix: str = "") -> list[str]:

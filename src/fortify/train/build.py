@@ -66,7 +66,9 @@ def build(
 
     Raises:
         ConfigError: the batch is smaller than the number of processes, there are no
-            training batches, or the model does not map the data's images to (1, K) logits.
+            training batches, ``train.select`` needs validation images and none are scored
+            (:func:`check_selection`), or the model does not map the data's images to (1, K)
+            logits.
     """
     from fortify.data import load_from_config
 
@@ -74,6 +76,7 @@ def build(
     device = info.device
     if splits is None:
         splits = load_from_config(cfg.data)
+    check_selection(tc.select, tc.val_points, len(splits.val))
     if tc.batch_size % info.world_size:
         log.warning(
             "train.batch_size %d is not divisible by %d processes; each uses %d",
@@ -116,6 +119,20 @@ def build(
     schedule = LRSchedule(optimizer, tc, len(loader))
     scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
     return Built(splits, module, params, optimizer, loader, schedule, scaler)
+
+
+def check_selection(select: str, val_points: int, val_images: int) -> None:
+    """Refuse (:class:`ConfigError`) a ``best`` checkpoint selected on validation accuracy
+    (``train.select`` robust / clean) when no validation image is scored: training would
+    write no ``best`` checkpoint, and ``fortify eval RUN`` would fail afterwards."""
+    if select == "last" or min(val_points, val_images) > 0:
+        return
+    raise ConfigError(
+        f"train.select={select!r} picks the 'best' checkpoint by validation accuracy, but no "
+        f"validation image would be scored (train.val_points={val_points}, validation split: "
+        f"{val_images} images, set by data.val_size); set train.select=last (best = the last "
+        "epoch), or give validation points (train.val_points >= 1 and data.val_size >= 1)"
+    )
 
 
 def apply_trainable(
@@ -181,4 +198,4 @@ def probe_model(model: nn.Module, image_shape: Sequence[int], num_classes: int) 
         )
 
 
-__all__ = ["Built", "apply_trainable", "build", "probe_model"]
+__all__ = ["Built", "apply_trainable", "build", "check_selection", "probe_model"]

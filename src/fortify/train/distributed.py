@@ -52,13 +52,13 @@ def check_env() -> tuple[int, int, int]:
     world = env_int("WORLD_SIZE", 1, minimum=1)
     rank = env_int("RANK", 0, minimum=0)
     local = env_int("LOCAL_RANK", rank, minimum=0)
-    if world <= 1:
-        return world, rank, local
     if rank >= world:
         raise ConfigError(
             f"environment variable RANK={rank} must be below WORLD_SIZE={world} "
-            f"(ranks 0..{world - 1})"
+            f"(ranks 0..{world - 1}); fix or unset RANK"
         )
+    if world <= 1:
+        return world, rank, local
     if not dist.is_initialized():
         missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
         if missing:

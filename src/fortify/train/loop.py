@@ -169,6 +169,8 @@ def fit(
         path = Path(run_dir)
         if not info.distributed:  # a refused run directory fails before the data are loaded
             RunDir.check_can_open(path, mode)
+        if mode == "resume":
+            _check_stored_config(path, cfg, force)
         t = _Training(
             cfg, path, mode, info, objective, build(cfg, mode, info, splits, model),
             progress=progress, force=force, callbacks=callbacks,
@@ -197,7 +199,7 @@ def _open_run_dir(t: _Training) -> None:
     paths: tuple[str, str] | None = None
     if info.is_main:
         try:
-            t.run = _open_run(run_dir, t.mode, t.cfg, t.force)
+            t.run = _open_run(run_dir, t.mode, t.cfg)
             t.ckpt = Checkpointer(t.run, t.cfg, t.built.splits, info.world_size, info.device)
             paths = (str(t.ckpt.last), str(t.ckpt.best))
         except FortifyError as exc:
@@ -223,25 +225,39 @@ def _close(t: _Training) -> None:
         t.run = None
 
 
-def _open_run(run_dir: Path, mode: Mode, cfg: ExperimentConfig, force: bool) -> RunDir:
+def _check_stored_config(run_dir: Path, cfg: ExperimentConfig, force: bool) -> None:
+    """Refuse a resume without a stored config, or whose config changes what is trained
+    (unless forced); read only, before the data are loaded."""
+    stored = RunDir(run_dir).read_config() if run_dir.is_dir() else None
+    if stored is None:
+        config = run_dir / "config.yaml"
+        what = "its config.yaml is empty" if config.is_file() else "no config.yaml"
+        raise RunDirError(
+            f"nothing to resume in {str(run_dir)!r}: {what} (no config from an earlier run); "
+            "restore the run's config.yaml, or start over with --overwrite"
+        )
+    check_resume_config(stored, cfg, force)
+
+
+def _open_run(run_dir: Path, mode: Mode, cfg: ExperimentConfig) -> RunDir:
+    """Open (lock) the run directory. ``new`` / ``overwrite`` write ``config.yaml`` now; a
+    resume writes it only in :func:`_resume`, after every resume check passed."""
     if mode == "resume":
-        stored = RunDir(run_dir).read_config() if run_dir.is_dir() else None
-        if stored is None:
-            raise RunDirError(
-                f"nothing to resume in {str(run_dir)!r}: no config.yaml from an earlier run"
-            )
-        check_resume_config(stored, cfg, force)  # before RunDir.open replaces config.yaml
+        return RunDir.open(run_dir, mode=mode)
     return RunDir.open(run_dir, mode=mode, config=to_dict(cfg))
 
 
 def _resume(t: _Training) -> None:
-    """Load the ``last`` checkpoint and training state (see :mod:`fortify.train.resume`)."""
+    """Load the ``last`` checkpoint and training state (see :mod:`fortify.train.resume`), then
+    (rank 0) write the resumed config to ``config.yaml``: a refused resume changes no file."""
     b = t.built
     t.point = resume_point(
         t.run_dir, t.last_path, module=b.module, optimizer=b.optimizer, schedule=b.schedule,
         scaler=b.scaler, cfg=t.cfg, world_size=t.info.world_size, is_main=t.info.is_main,
         steps_per_epoch=len(b.loader), force=t.force, run=t.run,
     )  # fmt: skip
+    if t.run is not None:
+        t.run.write_config(to_dict(t.cfg))
 
 
 def _distribute(t: _Training) -> None:

@@ -83,8 +83,11 @@ def training_fingerprint(cfg: ExperimentConfig) -> str:
 
 def check_resume_config(stored: dict[str, Any], cfg: ExperimentConfig, force: bool) -> None:
     """Refuse (``ConfigError``) a resume whose config changes what is trained, unless forced
-    (then log the differences)."""
+    (then log the differences). Differences that do not change what is trained are logged."""
     diffs = training_changes(stored, cfg)
+    others = [d for d in config_diff(stored, to_dict(cfg)) if d not in diffs]
+    if others:
+        log.info("resuming with a changed config (not what is trained): %s", "; ".join(others))
     if not diffs:
         return
     listing = "; ".join(diffs)

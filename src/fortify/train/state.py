@@ -100,4 +100,9 @@ def load_state(checkpoint: Path, epoch: int) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means a corrupt file
-        raise CheckpointError(f"training state {str(path)!r} is corrupt: {exc}") from exc
+        # torch's own message is many lines and advises weights_only=False (unsafe): not shown
+        raise CheckpointError(
+            f"training state {str(path)!r} is corrupt, truncated or not a fortify training "
+            f"state ({type(exc).__name__} while reading it safely); cannot resume exactly — "
+            "start over with --overwrite"
+        ) from exc

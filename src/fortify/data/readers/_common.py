@@ -39,10 +39,14 @@ IMAGE_EXTENSIONS = (
 def base_roots(root: str | os.PathLike[str] | None) -> list[Path]:
     """The base directories searched for a dataset.
 
-    ``root`` when given; otherwise ``$FORTIFY_DATA`` (if set) and ``./data``.
+    ``root`` when given (a :class:`DataError` if it is a file); otherwise ``$FORTIFY_DATA``
+    (if set) and ``./data``.
     """
     if root is not None:
-        return [Path(root).expanduser()]
+        path = Path(root).expanduser()
+        if path.exists() and not path.is_dir():
+            raise DataError(f"data root {str(path)!r} is a file; give the folder holding the data")
+        return [path]
     roots = []
     if os.environ.get(DATA_ENV):
         roots.append(Path(os.environ[DATA_ENV]).expanduser())
@@ -58,18 +62,28 @@ def download_root(root: str | os.PathLike[str] | None) -> Path:
 def candidate_dirs(
     root: str | os.PathLike[str] | None, subdirs: Sequence[str] = (), extra: Iterable[str] = ()
 ) -> list[Path]:
-    """``base`` and ``base/<sub>`` for every base root, then ``extra`` (system locations)."""
+    """``base`` and ``base/<sub>`` for every base root, then ``extra`` (system locations).
+
+    An explicit ``root`` that does not exist gets no ``extra`` locations: a mistyped root is
+    reported (or downloaded into), never silently replaced by a system copy.
+    """
     out: list[Path] = []
-    for base in base_roots(root):
+    bases = base_roots(root)
+    for base in bases:
         out.append(base)
         out.extend(base / s for s in subdirs)
-    out.extend(Path(e) for e in extra)
+    if root is None or bases[0].is_dir():
+        out.extend(Path(e) for e in extra)
     return list(dict.fromkeys(out))  # first occurrence of each folder, in order
 
 
 def missing(dataset: str, looked: Sequence[Path], need: str, how: str) -> DataError:
     """A DataError for a dataset whose files were not found anywhere."""
-    where = "\n  ".join(str(d.absolute()) for d in looked) if looked else "(nowhere)"
+    where = (
+        "\n  ".join(f"{d.absolute()}{'' if d.exists() else ' (does not exist)'}" for d in looked)
+        if looked
+        else "(nowhere)"
+    )
     return DataError(
         f"{dataset}: could not find {need}. Looked in:\n  {where}\n"
         f"To obtain it: {how} (pass root=... / data.root, or set ${DATA_ENV})."

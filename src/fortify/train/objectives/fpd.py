@@ -89,7 +89,7 @@ class FPDTwoPhase(Objective):
         self.threshold = _positive(merged["threshold"], "threshold", strict=True)
         self.noise = _positive(merged["noise"], "noise", strict=False)
         self.second_weight = _positive(merged["second_weight"], "second_weight", strict=False)
-        self.second_step = bool(merged["second_step"])
+        self.second_step = _flag(merged["second_step"], "second_step")
         self.phase1_params = cast(Phase1Params, str(merged["phase1_params"]))
         if self.phase1_params not in ("front", "decoder"):
             raise ConfigError(
@@ -102,11 +102,15 @@ class FPDTwoPhase(Objective):
                 f"train.options.phase1_optimizer={self.phase1_optimizer!r} is not allowed; choose "
                 "'separate' (the release: phase 1 has its own optimiser) or 'shared'"
             )
-        if not isinstance(merged["clamp"], bool):
-            raise ConfigError(f"train.options.clamp must be true or false, got {merged['clamp']!r}")
-        self.clamp = merged["clamp"]
+        self.clamp = _flag(merged["clamp"], "clamp")
         self._phase1_opt: torch.optim.Optimizer | None = None
-        self.warn_after_epochs = int(merged["warn_after_epochs"])
+        warn_after = merged["warn_after_epochs"]
+        if isinstance(warn_after, bool) or not isinstance(warn_after, int) or warn_after < 0:
+            raise ConfigError(
+                "train.options.warn_after_epochs must be an integer >= 0 (0: never warn), got "
+                f"{warn_after!r}"
+            )
+        self.warn_after_epochs = warn_after
         self.phase2_steps = 0
         self.min_l2 = math.inf
         self._warned = False
@@ -220,11 +224,15 @@ def _mean_over_processes(value: torch.Tensor) -> float:
 
 
 def _positive(value: object, name: str, *, strict: bool) -> float:
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"train.options.{name} must be a number, got {value!r}") from None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    v = float(value) if ok else math.nan  # type: ignore[arg-type]
     if not math.isfinite(v) or (v <= 0 if strict else v < 0):
         bound = "> 0" if strict else ">= 0"
         raise ConfigError(f"train.options.{name} must be a finite number {bound}, got {value!r}")
     return v
+
+
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"train.options.{name} must be true or false, got {value!r}")
+    return value
