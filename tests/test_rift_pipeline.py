@@ -228,6 +228,13 @@ def test_replicate_runs_both_bn_settings_side_by_side(at_run, tmp_path, capsys):
     assert "| AT + RiFT (BN adapt) |" in text and "| AT + RiFT (BN frozen) |" in text
     assert "rift_seed0_adapt.md" in text and (tmp_path / "rift_seed0_frozen.md").is_file()
     assert "| method | seeds | OOD |" in text
+    alpha_rows = [ln for ln in text.splitlines() if ln.startswith("| 0 | ")]
+    assert [ln.split(" | ")[1] for ln in alpha_rows] == ["adapt", "frozen"], alpha_rows
+    assert all(ln.count("[") == 2 for ln in alpha_rows)  # clean and PGD-10 CIs at α = 1
+    adapt_page = (tmp_path / "rift_seed0_adapt.md").read_text()
+    assert "wall time of this call" in adapt_page and "steps reused" not in adapt_page
+    assert main(argv) == 0  # everything reused: the page says that its time is not included
+    assert "finished steps reused" in (tmp_path / "rift_seed0_adapt.md").read_text()
     # the BN setting is chosen with --bn, not with --set
     assert main([*argv, "--set", "finetune.bn=frozen"]) == 2
     assert "--bn" in capsys.readouterr().err

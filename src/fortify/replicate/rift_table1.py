@@ -11,10 +11,9 @@ Every step is resumable: rerunning the command skips finished work. The table go
 and with BN frozen on the same AT model, side by side; the second run reuses the first one's MRC
 step and the AT model's reports.
 
-Budget per seed: one setting took 98.8 min on the shared 2-core machine (2026-11-22; AT training
-10.5 min, the rest MRC, fine-tuning, α grid and the test evaluation of two models, which
-dominates); the second setting adds fine-tuning, α grid and one model's evaluation: ≈ 2.5 h per
-seed for both settings.
+Budget per seed: ≈ 1.4 h wall for both settings with three seeds' processes sharing the 2-core
+machine (2026-11-27): AT training ≈ 7 min CPU, AutoAttack on 500 points ≈ 16–23 min per model
+(the test evaluation dominates); a RiFT model equal to the AT model (α* = 0) takes its reports.
 """
 
 from __future__ import annotations
@@ -115,6 +114,7 @@ class BNResult:
     page: str
     eval_dir: Path
     summary: dict[str, Any]
+    grid: dict[str, Any]  # the α grid on validation (interpolate's grid.json)
 
 
 def _bns(args: argparse.Namespace) -> list[str]:
@@ -211,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
                 "| method | seeds | OOD |",
                 "|---|---|---|",
                 *ood_rows,
+                "",
+                *_alpha_rows(results),
                 *section,
             ]
         )
@@ -218,6 +220,37 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(doc, text)
     print(f"written: {doc}")
     return 0
+
+
+def _diff(point: dict[str, Any], base: dict[str, Any], key: str) -> str:
+    """``point[key] − base[key]`` with the point's paired CI (``<key>_ci``), or "–"."""
+    ci = point.get("robust_ci" if key == "robust" else f"{key}_ci")
+    if key not in point or key not in base or not isinstance(ci, (list, tuple)):
+        return "–"
+    return f"{point[key] - base[key]:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
+
+
+def _alpha_rows(results: dict[int, list[BNResult]]) -> list[str]:
+    """Per seed and BN setting: the chosen α* and what the fine-tuned model (α = 1) did on the
+    validation grid — the numbers the α* rule decided on."""
+    lines = [
+        "α\\* per seed and BN setting, and the fine-tuned model (α = 1) against AT on the "
+        "VALIDATION grid (percentage points, paired 95 % CI):",
+        "",
+        "| seed | BN | module | α* | clean, α = 1 − AT | PGD-10, α = 1 − AT |",
+        "|---|---|---|---|---|---|",
+    ]
+    for seed, per_bn in results.items():
+        for r in per_bn:
+            points: dict[float, dict[str, Any]] = {
+                p.get("alpha"): p for p in r.grid.get("points", [])
+            }
+            one, zero = points.get(1.0, {}), points.get(0.0, {})
+            lines.append(
+                f"| {seed} | {r.bn} | `{r.summary.get('module')}` | {r.summary.get('alpha')} | "
+                f"{_diff(one, zero, 'clean')} | {_diff(one, zero, 'robust')} |"
+            )
+    return lines
 
 
 def _command() -> str:
@@ -286,7 +319,7 @@ def _run_seed(args: argparse.Namespace, bns: list[str]) -> list[BNResult]:
             ),
         )
         print(summary_markdown(summary))
-        results.append(BNResult(bn, text, rr.step_dir("evaluate"), summary))
+        results.append(BNResult(bn, text, rr.step_dir("evaluate"), summary, grid))
     return results
 
 
@@ -303,6 +336,21 @@ def _share_at_work(src: Path, dst: Path) -> None:
         if f.is_file() and not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, target)
+
+
+def _time_text(wall: float, at_run: Path, *, reused: bool) -> str:
+    """This call's wall time (saying when finished steps were reused, whose time it lacks) and
+    the AT run's recorded training time (wall and CPU, summed over its epochs)."""
+    from fortify.runs import RunDir
+
+    records = RunDir(at_run).read_metrics()
+    train_wall = sum(float(r.get("time/train", 0.0)) for r in records)
+    train_cpu = sum(float(r.get("time/train_cpu", 0.0)) for r in records)
+    note = " (finished steps reused; their time is not included)" if reused else ""
+    return (
+        f"wall time of this call {wall / 60:.1f} min{note}; the AT run recorded "
+        f"{train_wall / 60:.1f} min of training wall time ({train_cpu / 60:.1f} min CPU)"
+    )
 
 
 def render(
@@ -367,7 +415,7 @@ def render(
             f"AT run: `{at_run}` (preset `{args.preset}`{' — given' if args.run else ''}); RiFT "
             f"options: `{args.rift_config}` {args.overrides or ''}  ",
             f"Seeds: training/RiFT seed {args.seed}, data split seed from the run's config; "
-            f"wall time {wall / 60:.1f} min (AT training {t_train / 60:.1f} min) on "
+            f"{_time_text(wall, at_run, reused=bool(rr.reused_steps))} on "
             f"{platform.machine()} / {platform.python_version()}.",
             "",
             f"TEST split: {summary['n_points']} points for Std/PGD-10/OOD, AutoAttack on "

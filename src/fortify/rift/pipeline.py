@@ -78,6 +78,8 @@ class RiftRun:
         self.exp = from_dict(ExperimentConfig, self.meta["config"])
         self._splits: DataSplits | None = None
         self._reused: set[str] = set()
+        #: steps whose result was read from an earlier call (not computed in this process)
+        self.reused_steps: set[str] = set()
         self.adversarial = _adversarial_objective(self.exp)
         if not self.adversarial:
             log.warning(
@@ -167,6 +169,7 @@ class RiftRun:
             log.info("%s: reusing the finished result in %s (same options; --force redoes it)",
                      step, self.step_dir(step))  # fmt: skip
         self._reused.add(step)
+        self.reused_steps.add(step)
         return True
 
     def _stored(self, step: str, force: bool, load: Callable[[], T]) -> T | None:
@@ -182,6 +185,7 @@ class RiftRun:
                         "again (its files are replaced when it finishes)", step,
                         self.step_dir(step), type(exc).__name__, exc)  # fmt: skip
             self._reused.discard(step)
+            self.reused_steps.discard(step)
             return None
 
     def _mark_done(self, step: str, info: dict[str, Any]) -> None:
