@@ -42,6 +42,13 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> FortifyError:
     return FortifyError(f"unknown {kind} {name!r}.{hint} Known {kind}s: {', '.join(known)}.")
 
 
+def check_positive_int(value: object, what: str) -> int:
+    """Return ``value`` if it is an int >= 1, else raise :class:`ConfigError` naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def check_point_count(value: object, what: str) -> None:
     """Raise :class:`ConfigError` unless ``value`` is None (every point) or an integer >= 1."""
     if value is None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
 from fortify.defenses.registry import check_choice, check_number, options_from_dict
-from fortify.errors import ConfigError
+from fortify.errors import ConfigError, check_positive_int
 
 Bound = Literal["tanh", "spectral", "none"]
 MiddleGram = Literal["input", "restored"]
@@ -96,9 +96,7 @@ class FPDOptions:
         """Raise :class:`ConfigError` naming the first bad option and what it allows."""
         for name, allowed in CHOICES.items():
             check_choice("FPD", name, getattr(self, name), allowed)
-        width = self.width
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ConfigError(f"FPD option width must be an integer >= 1, got {width!r}")
+        check_positive_int(self.width, "FPD option width")
         check_number("FPD", "dropout", self.dropout, low=0)
         if self.dropout >= 1:
             raise ConfigError(f"FPD option dropout must be in [0, 1), got {self.dropout!r}")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fortify.attacks.inputs import check_dtype
-from fortify.errors import ConfigError, DataError, EvaluationError
+from fortify.errors import ConfigError, DataError, EvaluationError, check_positive_int
 from fortify.utils.runtime import check_seed
 
 log = logging.getLogger(__name__)
@@ -26,11 +26,6 @@ def check_model(model: object, x: torch.Tensor) -> None:
     check_dtype(model, x)
 
 
-def _count(value: object, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
-
-
 def check_run_options(
     *,
     batch_size: object,
@@ -42,13 +37,13 @@ def check_run_options(
     """Raise :class:`ConfigError` for a batch size, ``check_points`` (when the checks run) or
     ``square_queries`` that is not an integer >= 1, a seed outside [0, 2**63 - 1] or a
     ``checks`` flag that is not a bool."""
-    _count(batch_size, "batch_size")
+    check_positive_int(batch_size, "batch_size")
     check_seed(seed)
     if not isinstance(checks, bool):
         raise ConfigError(f"checks must be True or False, got {checks!r}")
     if checks:
-        _count(check_points, "check_points (points the gradient-masking checks run on)")
-    _count(square_queries, "square_queries (query budget of the Square check)")
+        check_positive_int(check_points, "check_points (points the gradient-masking checks run on)")
+    check_positive_int(square_queries, "square_queries (query budget of the Square check)")
 
 
 def check_extra_settings(settings: object, reserved: tuple[str, ...]) -> dict[str, object]:

@@ -19,13 +19,6 @@ def make_activation(name: str) -> nn.Module:
     raise ConfigError(f"unknown activation {name!r}; allowed: {', '.join(ACTIVATIONS)}")
 
 
-def check_positive_int(value: object, what: str) -> int:
-    """Return ``value`` if it is an int >= 1, else raise :class:`ConfigError` naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def check_input(x: torch.Tensor, in_channels: int, model_name: str) -> None:
     """Raise :class:`DataError` unless ``x`` is an (N, in_channels, H, W) tensor.
 

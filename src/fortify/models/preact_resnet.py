@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fortify.models._common import check_input, check_positive_int, init_conv_bn_linear
+from fortify.errors import check_positive_int
+from fortify.models._common import check_input, init_conv_bn_linear
 from fortify.models.registry import register
 
 

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from fortify.errors import ConfigError
-from fortify.models._common import check_input, check_positive_int, init_conv_bn_linear
+from fortify.errors import ConfigError, check_positive_int
+from fortify.models._common import check_input, init_conv_bn_linear
 from fortify.models._common import make_activation as _act
 from fortify.models.registry import register
 

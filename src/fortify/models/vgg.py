@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fortify.models._common import check_input, check_positive_int, init_conv_bn_linear
+from fortify.errors import check_positive_int
+from fortify.models._common import check_input, init_conv_bn_linear
 from fortify.models.registry import register
 
 VGG16_CFG = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))

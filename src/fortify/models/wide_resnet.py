@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fortify.errors import ConfigError
-from fortify.models._common import check_input, check_positive_int
+from fortify.errors import ConfigError, check_positive_int
+from fortify.models._common import check_input
 from fortify.models.registry import register
 
 
