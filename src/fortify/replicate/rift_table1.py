@@ -5,7 +5,14 @@ Takes an adversarially trained run (``--run``) or trains one with the CPU preset
 AT at L∞ 0.1), runs the whole RiFT workflow on it (MRC on validation → fine-tune the chosen
 module → α on validation) and reports, for AT and AT+RiFT on the TEST split: Std (clean), OOD
 (mean accuracy over generated corruptions, 5 severities), PGD-10 and AutoAttack (standard).
-Every step is resumable: rerunning the command skips finished work. The table goes to ``--doc``.
+Every step is resumable: rerunning the command skips finished work. The table goes to ``--doc``,
+one JSON per (row, seed) with the per-point outcomes to ``--doc`` without ``.md``; a seed's RiFT
+rows also record its RiFT summary (module, α*, OOD means), the α validation grid and what its page
+needs. A seed whose AT run folder holds no finished run (e.g. a fresh clone) but whose per-seed
+JSON records the same AT training fingerprint, RiFT options and evaluation settings is taken from
+the JSON, without training or attacks, and the page says so; a JSON of other settings is ignored
+(the seed is computed as before). The pages are rendered by
+:mod:`fortify.replicate._rift_table1_page`.
 
 ``--bn adapt,frozen`` (default) runs the fine-tuning with BN statistics adapting (the release)
 and with BN frozen on the same AT model, side by side; the second run reuses the first one's MRC
@@ -19,13 +26,12 @@ machine (2026-11-27): AT training ≈ 7 min CPU, AutoAttack on 500 points ≈ 16
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import platform
-import shlex
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +45,8 @@ from fortify.replicate.common import (
 from fortify.replicate.seed_grid import SeedGrid
 
 if TYPE_CHECKING:  # for annotations only
+    from fortify.config import ExperimentConfig
+    from fortify.evaluate import EvalReport
     from fortify.rift.config import RiftConfig
 
 NAME = "rift-table1"
@@ -87,18 +95,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
 
 
-def _train_at(args: argparse.Namespace, out: Path) -> Path:
+def _at_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The training config of the seed's AT run (preset + seed, device, ``--train-set``)."""
     from fortify.config import ExperimentConfig
     from fortify.config.loader import load_config
 
-    run = out / "at"
-    cfg = load_config(
+    return load_config(
         ExperimentConfig,
         args.preset,
         [f"seed={args.seed}", f"device={args.device}", *args.train_overrides],
     )
+
+
+def _train_at(args: argparse.Namespace, out: Path) -> Path:
+    run = out / "at"
     # a finished run of the same training config is reused, an interrupted one resumed
-    trained = train_or_reuse(cfg, run)
+    trained = train_or_reuse(_at_config(args), run)
     log.info("AT model (%s) in %s: %s", args.preset, run, trained.how)
     return run
 
@@ -112,9 +124,11 @@ class BNResult:
 
     bn: str
     page: str
-    eval_dir: Path
     summary: dict[str, Any]
     grid: dict[str, Any]  # the α grid on validation (interpolate's grid.json)
+    #: job facts saved with the per-seed JSON, per grid row ("AT" and this setting's RiFT row)
+    facts: dict[str, dict[str, Any]]
+    eval_dir: Path | None = None  # None: taken from the committed per-seed JSON
 
 
 def _bns(args: argparse.Namespace) -> list[str]:
@@ -136,7 +150,7 @@ def _row(bn: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """One AT run + RiFT per seed and BN setting (``--seeds``: one folder per seed); the page."""
-    from fortify.stats import mean_sd
+    from fortify.replicate._rift_table1_page import main_page
     from fortify.utils.atomic import atomic_write_text
 
     if args.doc is None:
@@ -153,116 +167,48 @@ def run(args: argparse.Namespace) -> int:
         _rift_config(args, bn)
     grid = SeedGrid(labels={"AT": "AT", **{_row(b): f"AT + RiFT (BN {b})" for b in bns}})
     results: dict[int, list[BNResult]] = {}
+    per_seed_dir = Path(args.doc).with_suffix("")
+    from_json: list[int] = []
     for a_s in per_seed_args(args):
+        committed = _committed(a_s, bns, per_seed_dir)
+        if committed is not None:
+            from_json.append(a_s.seed)
+            for row, (report, stored) in committed.items():
+                grid.add(row, a_s.seed, report, stored)
+            results[a_s.seed] = [_committed_result(a_s, b, committed, per_seed_dir) for b in bns]
+            continue
         results[a_s.seed] = _run_seed(a_s, bns)
         for r in results[a_s.seed]:
-            add_eval_reports(grid, a_s.seed, r.eval_dir, rift_row=_row(r.bn))
-    seeds = list(results)
-    pairs = [("AT", _row(b)) for b in bns]
-    if len(bns) == 2:
-        pairs.append((_row("frozen"), _row("adapt")))
-    readings = grid.readings(pairs, READING_COLUMNS)
+            assert r.eval_dir is not None
+            add_eval_reports(grid, a_s.seed, r.eval_dir, rift_row=_row(r.bn), facts=r.facts)
+    if from_json:
+        log.info("seed(s) %s taken from the committed per-seed JSON in %s (nothing trained or "
+                 "evaluated for them)", ", ".join(map(str, from_json)), per_seed_dir)  # fmt: skip
     doc = Path(args.doc)
-    section = [
-        "",
-        "## Differences (generated from the intervals)",
-        "",
-        *grid.readings_markdown(readings),
-        "",
-    ]
-    if len(seeds) == 1 and len(bns) == 1:
-        text = results[seeds[0]][0].page + "\n".join(section)
-    else:
-        names = []
+    seed_pages: list[str] = []
+    if len(results) > 1 or len(bns) > 1:  # one page per seed and BN setting, linked
         for seed, per_bn in results.items():
             for r in per_bn:
                 name = f"{doc.stem}_seed{seed}_{r.bn}.md"
                 atomic_write_text(doc.with_name(name), r.page)
-                names.append(f"[{name}]({name})")
-        ood_rows = []
-        for row, label in grid.labels.items():
-            if row == "AT":  # one AT model per seed, the same for every BN setting
-                picked = [(per_bn[0], "AT") for per_bn in results.values()]
-            else:
-                picked = [(r, "RiFT") for per_bn in results.values() for r in per_bn
-                          if _row(r.bn) == row]  # fmt: skip
-            vals = [r.summary["models"][name].get("ood_mean") for r, name in picked]
-            vals = [v for v in vals if isinstance(v, (int, float))]
-            if vals:
-                ood_rows.append(f"| {label} | {len(vals)} | {mean_sd(vals).format(2)} |")
-        text = "\n".join(
-            [
-                "# RiFT Table 1 — CPU-scale replication, BN settings side by side",
-                "",
-                f"Command: `{_command()}`",
-                "",
-                f"Seeds {', '.join(str(s) for s in seeds)}; fine-tuning BN "
-                f"{' and '.join(bns)} on the same AT model of each seed (adapt = the release). "
-                "Accuracy (%) mean ± sd over seeds on the TEST split (a column on fewer points "
-                "gives its n). Per-seed, per-setting pages (fine-tuned module, α grid, checks): "
-                + ", ".join(names)
-                + ".",
-                "",
-                *grid.table(READING_COLUMNS),
-                "",
-                "OOD (mean accuracy over the generated corruptions; mean ± sd over seeds — no "
-                "per-point interval, the OOD score is a mean over corruption sets):",
-                "",
-                "| method | seeds | OOD |",
-                "|---|---|---|",
-                *ood_rows,
-                "",
-                *_alpha_rows(results),
-                *section,
-            ]
-        )
-    grid.save_per_seed(doc.with_suffix(""))
+                seed_pages.append(name)
+    text = main_page(grid, results, bns, seed_pages, from_json, per_seed_dir)
+    grid.save_per_seed(per_seed_dir)
     atomic_write_text(doc, text)
     print(f"written: {doc}")
     return 0
 
 
-def _diff(point: dict[str, Any], base: dict[str, Any], key: str) -> str:
-    """``point[key] − base[key]`` with the point's paired CI (``<key>_ci``), or "–"."""
-    ci = point.get("robust_ci" if key == "robust" else f"{key}_ci")
-    if key not in point or key not in base or not isinstance(ci, (list, tuple)):
-        return "–"
-    return f"{point[key] - base[key]:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
-
-
-def _alpha_rows(results: dict[int, list[BNResult]]) -> list[str]:
-    """Per seed and BN setting: the chosen α* and what the fine-tuned model (α = 1) did on the
-    validation grid — the numbers the α* rule decided on."""
-    lines = [
-        "α\\* per seed and BN setting, and the fine-tuned model (α = 1) against AT on the "
-        "VALIDATION grid (percentage points, paired 95 % CI):",
-        "",
-        "| seed | BN | module | α* | clean, α = 1 − AT | PGD-10, α = 1 − AT |",
-        "|---|---|---|---|---|---|",
-    ]
-    for seed, per_bn in results.items():
-        for r in per_bn:
-            points: dict[float, dict[str, Any]] = {
-                p.get("alpha"): p for p in r.grid.get("points", [])
-            }
-            one, zero = points.get(1.0, {}), points.get(0.0, {})
-            lines.append(
-                f"| {seed} | {r.bn} | `{r.summary.get('module')}` | {r.summary.get('alpha')} | "
-                f"{_diff(one, zero, 'clean')} | {_diff(one, zero, 'robust')} |"
-            )
-    return lines
-
-
-def _command() -> str:
-    if not sys.argv[1:]:
-        return "fortify replicate rift-table1"
-    return "fortify " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
-def add_eval_reports(grid: SeedGrid, seed: int, eval_dir: Path, rift_row: str = "RiFT") -> None:
+def add_eval_reports(
+    grid: SeedGrid,
+    seed: int,
+    eval_dir: Path,
+    rift_row: str = "RiFT",
+    facts: dict[str, dict[str, Any]] | None = None,
+) -> None:
     """Add the AT and RiFT reports of one seed (``<model>-<suite>.json`` of the pipeline's
     evaluate step: PGD-10 and paper on the test points, AutoAttack on a prefix) to ``grid``, the
-    RiFT model's as row ``rift_row``."""
+    RiFT model's as row ``rift_row``, with ``facts[row]`` (if given) as the row's job facts."""
     from fortify.evaluate import EvalReport
 
     for name in ("AT", "RiFT"):
@@ -273,7 +219,8 @@ def add_eval_reports(grid: SeedGrid, seed: int, eval_dir: Path, rift_row: str = 
                 rep = EvalReport.load(p)
                 main = rep if main is None else extend_with_prefix(main, rep)
         if main is not None:
-            grid.add(name if name == "AT" else rift_row, seed, main)
+            row = name if name == "AT" else rift_row
+            grid.add(row, seed, main, (facts or {}).get(row))
 
 
 def _rift_config(args: argparse.Namespace, bn: str) -> RiftConfig:
@@ -286,9 +233,83 @@ def _rift_config(args: argparse.Namespace, bn: str) -> RiftConfig:
     )
 
 
+def _seed_facts(
+    args: argparse.Namespace, bns: list[str], at_cfg: ExperimentConfig
+) -> dict[str, dict[str, Any]]:
+    """Per grid row of one seed, what a committed result must match to stand for it: the AT
+    training fingerprint and the evaluation settings, and for a RiFT row the fingerprint of all
+    its RiFT options (the device aside)."""
+    from fortify.train.resume import training_fingerprint
+
+    cfgs = {bn: _rift_config(args, bn) for bn in bns}
+    c = cfgs[bns[0]]  # the evaluation does not depend on the BN setting
+    evaluation = {"evaluate": asdict(c.evaluate), "tag": c.tag, "seed": c.seed,
+                  "attack_eps": c.mrc.attack_eps}  # fmt: skip
+    common = {"training_sha256": training_fingerprint(at_cfg), "evaluation": evaluation}
+    facts = {"AT": common}
+    for bn, cfg in cfgs.items():
+        options = {k: v for k, v in asdict(cfg).items() if k != "device"}
+        blob = json.dumps(options, sort_keys=True, default=str).encode()
+        facts[_row(bn)] = {**common, "rift_sha256": hashlib.sha256(blob).hexdigest()}
+    return json.loads(json.dumps(facts, default=str))  # as read back from the JSON
+
+
+PAGE_KEYS = ("summary", "grid", "page")  # what a RiFT row's committed result must hold
+
+
+def _committed(
+    args: argparse.Namespace, bns: list[str], per_seed_dir: Path
+) -> dict[str, tuple[EvalReport, dict[str, Any]]] | None:
+    """The committed results of seed ``args.seed`` (grid row → report and job facts) when its AT
+    run folder holds no finished run (an unfinished one is not resumed then) and every row's
+    per-seed JSON records the same AT training config, RiFT options and evaluation settings (a
+    later session re-aggregates the page without training); else None. Not with ``--run``."""
+    from fortify.runs import RunDir
+
+    if args.run or RunDir(Path(args.out) / "at").state == "finished":
+        return None
+    found = {}
+    for row, want in _seed_facts(args, bns, _at_config(args)).items():
+        loaded = SeedGrid.load_one(per_seed_dir / f"{row}-seed{args.seed}.json")
+        if loaded is None:
+            return None
+        report, stored = loaded
+        changed = [k for k, v in want.items() if stored.get(k) != v]
+        if changed:
+            log.info("seed %d: the committed %s result was computed with other settings (%s); "
+                     "computing the seed", args.seed, row, ", ".join(changed))  # fmt: skip
+            return None
+        if row != "AT" and not set(PAGE_KEYS) <= set(stored):
+            log.warning("seed %d: the committed %s result lacks its RiFT summary; computing the "
+                        "seed", args.seed, row)  # fmt: skip
+            return None
+        found[row] = (report, stored)
+    log.info("seed %d: committed results reused (%s; no finished AT run in %s)",
+             args.seed, per_seed_dir, Path(args.out) / "at")  # fmt: skip
+    return found
+
+
+def _committed_result(
+    args: argparse.Namespace,
+    bn: str,
+    committed: dict[str, tuple[EvalReport, dict[str, Any]]],
+    per_seed_dir: Path,
+) -> BNResult:
+    """The :class:`BNResult` of one BN setting rebuilt from the committed job facts."""
+    from fortify.replicate._rift_table1_page import render
+
+    row = _row(bn)
+    stored = committed[row][1]
+    source = per_seed_dir / f"{row}-seed{args.seed}.json"
+    page = render(stored["summary"], stored["grid"], stored["page"], args, committed=source)
+    facts = {"AT": committed["AT"][1], row: stored}
+    return BNResult(bn, page, stored["summary"], stored["grid"], facts)
+
+
 def _run_seed(args: argparse.Namespace, bns: list[str]) -> list[BNResult]:
     """Train (or reuse) the AT run of ``args.seed`` and run RiFT once per BN setting on it (the
     later settings reuse the first one's MRC step and AT-model reports)."""
+    from fortify.replicate._rift_table1_page import render
     from fortify.rift.evaluation import summary_markdown
     from fortify.rift.pipeline import RiftRun
     from fortify.utils.atomic import atomic_write_text
@@ -310,7 +331,8 @@ def _run_seed(args: argparse.Namespace, bns: list[str]) -> list[BNResult]:
         grid = json.loads((rr.step_dir("interpolate") / "grid.json").read_text())
         ft = json.loads((rr.step_dir("finetune") / "finetune.json").read_text())
         wall = time.perf_counter() - t_bn + (t_train if not results else 0.0)
-        text = render(summary, grid, ft, args, at_run, wall, t_train, rr)
+        page = _page_facts(ft, rr, at_run, args, wall)
+        text = render(summary, grid, page, args)
         atomic_write_text(
             out / f"rift_table1_{bn}.json",
             json.dumps(
@@ -319,7 +341,9 @@ def _run_seed(args: argparse.Namespace, bns: list[str]) -> list[BNResult]:
             ),
         )
         print(summary_markdown(summary))
-        results.append(BNResult(bn, text, rr.step_dir("evaluate"), summary, grid))
+        facts = _seed_facts(args, bns, rr.exp)  # the AT run's own training config
+        facts[_row(bn)].update(summary=summary, grid=grid, page=page)
+        results.append(BNResult(bn, text, summary, grid, facts, rr.step_dir("evaluate")))
     return results
 
 
@@ -338,119 +362,29 @@ def _share_at_work(src: Path, dst: Path) -> None:
             shutil.copy2(f, target)
 
 
-def _time_text(wall: float, at_run: Path, *, reused: bool) -> str:
-    """This call's wall time (saying when finished steps were reused, whose time it lacks) and
-    the AT run's recorded training time (wall and CPU, summed over its epochs)."""
+def _page_facts(
+    ft: dict[str, Any], rr: Any, at_run: Path, args: argparse.Namespace, wall: float
+) -> dict[str, Any]:
+    """What a seed's page needs besides the RiFT summary and the α grid (saved with the per-seed
+    JSON, so the page can be regenerated without the run folders): the fine-tuning summary, the
+    AT run, this call's wall time and whether it reused finished steps, the AT run's recorded
+    training time (wall and CPU, summed over its epochs) and the machine."""
     from fortify.runs import RunDir
 
     records = RunDir(at_run).read_metrics()
     train_wall = sum(float(r.get("time/train", 0.0)) for r in records)
     train_cpu = sum(float(r.get("time/train_cpu", 0.0)) for r in records)
-    note = " (finished steps reused; their time is not included)" if reused else ""
-    return (
-        f"wall time of this call {wall / 60:.1f} min{note}; the AT run recorded "
-        f"{train_wall / 60:.1f} min of training wall time ({train_cpu / 60:.1f} min CPU)"
-    )
-
-
-def render(
-    summary: dict[str, Any],
-    grid: dict[str, Any],
-    ft: dict[str, Any],
-    args: argparse.Namespace,
-    at_run: Path,
-    wall: float,
-    t_train: float,
-    rr: Any,
-) -> str:
-    """The Markdown results page."""
-    from fortify.evaluate.corruptions import FAMILIES
-
-    m = summary["models"]
-
-    def cell(r: dict[str, Any], key: str) -> str:
-        if key == "std":
-            v = r.get("std")
-        elif key == "ood":
-            v = r.get("ood_mean")
-        elif key == "pgd10":
-            v = r.get("pgd10", {}).get("PGD-10")
-        else:
-            aa = r.get("autoattack", {})
-            v = next((x for k, x in aa.items() if k.lower().startswith("autoattack")), None)
-        return f"{v:.2f}" if isinstance(v, (int, float)) else "–"
-
-    rows = [
-        "| method | Std | OOD | PGD-10 | AutoAttack |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name in ("AT", "RiFT"):
-        if name in m:
-            label = "AT" if name == "AT" else "AT + RiFT"
-            rows.append(
-                f"| {label} | "
-                + " | ".join(cell(m[name], k) for k in ("std", "ood", "pgd10", "aa"))
-                + " |"
-            )
-    cmd = _command()
-    grid_rows = [
-        "| α | clean (val) | PGD-10 (val) | clean − AT [95 % CI] | PGD-10 − AT [95 % CI] |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-
-    def ci(v: Any) -> str:
-        return f"[{v[0]:+.2f}, {v[1]:+.2f}]" if v else "–"
-
-    for p in grid["points"]:
-        mark = " (α*)" if p["alpha"] == grid["chosen"]["alpha"] else ""
-        grid_rows.append(
-            f"| {p['alpha']:.1f}{mark} | {p['clean']:.2f} | {p['robust']:.2f} | "
-            f"{ci(p.get('clean_ci'))} | {ci(p.get('robust_ci'))} |"
-        )
-    return "\n".join(
-        [
-            f"# RiFT Table 1 — CPU-scale replication ({rr.exp.data.name})",
-            "",
-            f"Command: `{cmd}`  ",
-            f"AT run: `{at_run}` (preset `{args.preset}`{' — given' if args.run else ''}); RiFT "
-            f"options: `{args.rift_config}` {args.overrides or ''}  ",
-            f"Seeds: training/RiFT seed {args.seed}, data split seed from the run's config; "
-            f"{_time_text(wall, at_run, reused=bool(rr.reused_steps))} on "
-            f"{platform.machine()} / {platform.python_version()}.",
-            "",
-            f"TEST split: {summary['n_points']} points for Std/PGD-10/OOD, AutoAttack on "
-            f"{rr.cfg.evaluate.autoattack_points or summary['n_points']}; "
-            f"L∞ ε = {summary['eps']:.4g}. "
-            f"OOD = mean accuracy over generated corruptions ({', '.join(FAMILIES)} families × "
-            "5 severities; fortify.evaluate.corruptions, no frost), not a published set.",
-            "",
-            *rows,
-            "",
-            "Checks (gradient masking): "
-            + "; ".join(
-                f"{name}: "
-                + ", ".join(
-                    f"{k.removeprefix('checks_')} {v}"
-                    for k, v in r.items()
-                    if k.startswith("checks_")
-                )
-                for name, r in m.items()
-            )
-            + ".",
-            "",
-            f"Fine-tuned module: `{ft['module']}` — {ft.get('reason', '')}. "
-            f"BN {ft['options']['bn']}, "
-            f"lr {ft['options']['lr']}, {ft['options']['epochs']} epochs, best epoch "
-            f"{ft['best_epoch']} by validation clean accuracy.",
-            "",
-            "α grid on the VALIDATION split (the selection never sees the test split):",
-            "",
-            *grid_rows,
-            "",
-            grid["reason"],
-            "",
-            "Paper (ResNet-18, CIFAR-10): AT 81.46 / 73.56 / 53.63 → RiFT 83.44 / 75.69 / 53.65 "
-            "(Std / OOD / PGD-10).",
-            "",
-        ]
-    )
+    return {
+        "data": rr.exp.data.name,
+        "at_run": str(at_run),
+        "given_run": bool(args.run),
+        "seed": args.seed,
+        "autoattack_points": rr.cfg.evaluate.autoattack_points,
+        "wall_seconds": round(wall, 1),
+        "steps_reused": sorted(rr.reused_steps),
+        "at_train_wall_seconds": round(train_wall, 1),
+        "at_train_cpu_seconds": round(train_cpu, 1),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "finetune": {k: ft[k] for k in ("module", "reason", "options", "best_epoch") if k in ft},
+    }
