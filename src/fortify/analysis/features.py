@@ -50,6 +50,7 @@ __all__ = [
     "VARIANTS",
     "FeatureReport",
     "block_features",
+    "check_feature_analysis",
     "feature_analysis",
     "pgd_batches",
     "pick_block",
@@ -274,6 +275,24 @@ def _attacked_accuracy(
     return {c: row[c] for c in columns}
 
 
+def check_feature_analysis(
+    model: nn.Module, *, num_classes: int, attack: str = "paper", block: str | None = None
+) -> tuple[str, FSRBlock]:
+    """The input checks of :func:`feature_analysis`, without any work: the FSR block it would
+    analyse (see :func:`pick_block`), or :class:`FortifyError` for an unknown ``attack``, no
+    such FSR block, or AutoAttack on fewer than 4 classes."""
+    if attack not in ATTACKS:
+        raise FortifyError(
+            f"unknown feature-analysis attack {attack!r}; allowed: {', '.join(ATTACKS)}"
+        )
+    if attack in ("paper", "autoattack") and num_classes < 4:
+        raise FortifyError(
+            f"attack {attack!r} includes AutoAttack, whose standard version needs >= 4 classes "
+            f"(the model has {num_classes}); use attack='ensemble' or 'pgd'"
+        )
+    return pick_block(model, block)
+
+
 def feature_analysis(
     model: nn.Module,
     x_test: torch.Tensor,
@@ -303,16 +322,7 @@ def feature_analysis(
     Raises:
         FortifyError: unknown ``attack``; no FSR block; AutoAttack on fewer than 4 classes.
     """
-    if attack not in ATTACKS:
-        raise FortifyError(
-            f"unknown feature-analysis attack {attack!r}; allowed: {', '.join(ATTACKS)}"
-        )
-    if attack in ("paper", "autoattack") and num_classes < 4:
-        raise FortifyError(
-            f"attack {attack!r} includes AutoAttack, whose standard version needs >= 4 classes "
-            f"(the model has {num_classes}); use attack='ensemble' or 'pgd'"
-        )
-    name, blk = pick_block(model, block)
+    name, blk = check_feature_analysis(model, num_classes=num_classes, attack=attack, block=block)
     was = model.training
     model.eval()
     columns = [f"PGD-{steps}"] if attack == "pgd" else list(_SUITE_COLUMNS[attack][1])

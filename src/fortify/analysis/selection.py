@@ -35,7 +35,12 @@ from fortify.errors import ConfigError, FortifyError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SelectionCheckOptions", "selection_check", "selection_variant"]
+__all__ = [
+    "SelectionCheckOptions",
+    "check_selection_model",
+    "selection_check",
+    "selection_variant",
+]
 
 VARIANTS = ("label", "differentiable")
 
@@ -66,6 +71,16 @@ class SelectionCheckOptions:
 
 def _blocks(model: nn.Module) -> list[CASBlock | CIFSBlock]:
     return [m for m in model.modules() if isinstance(m, (CASBlock, CIFSBlock))]
+
+
+def check_selection_model(model: nn.Module) -> None:
+    """Raise :class:`FortifyError` unless ``model`` has a CAS or CIFS block (what
+    :func:`selection_check` needs), before any work."""
+    if not _blocks(model):
+        raise FortifyError(
+            "the model has no CAS or CIFS block; the selection check applies to defences with a "
+            "data-dependent selection"
+        )
 
 
 def selection_variant(model: nn.Module, variant: str) -> nn.Module:
@@ -137,6 +152,7 @@ def selection_check(
 
     o = options or SelectionCheckOptions()
     o.validate()
+    check_selection_model(model)
     was_training = model.training
     model.eval()
     try:

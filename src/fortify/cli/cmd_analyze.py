@@ -149,9 +149,10 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else (path / "reports" if path.is_dir() else path.parent)
     # a layer listing of a model that is not a run is only printed, unless --out is given
     write = bool(whats) or args.model is None or args.out is not None
-    if write:
-        out.mkdir(parents=True, exist_ok=True)
+    # No mkdir here: each report writer creates the folder when it has a file to write, and the
+    # inputs are checked first, so a command that fails validation leaves nothing on disk.
     shape = tuple(meta["image_shape"])
+    splits, eps = _checked_data_inputs(args, whats, model, meta, cfg)
     results: dict[str, Any] = {}
     if args.layers:
         from fortify.analysis.layers import layers_table, list_layers
@@ -172,16 +173,7 @@ def run(args: argparse.Namespace) -> int:
         print(cost.table())
         write_text_atomic(out / "cost.md", cost.table() + "\n")
 
-    if "features" in whats or "masks" in whats or "selection" in whats:
-        from fortify.data import load_dataset
-
-        splits = load_dataset(
-            cfg.data.name,
-            args.data_root or cfg.data.root,
-            val_size=cfg.data.val_size,
-            split_seed=cfg.data.split_seed,
-        )
-        eps = args.eps if args.eps is not None else (cfg.eval.eps or splits.default_eps)
+    if splits is not None:
         if "features" in whats:
             from fortify.analysis.features import feature_analysis
 
@@ -218,8 +210,6 @@ def run(args: argparse.Namespace) -> int:
             from fortify.analysis.features import pgd_batches
             from fortify.analysis.masks import plot_masks
 
-            if args.images < 1:
-                raise FortifyError(f"--images must be >= 1, got {args.images}")
             x, y = splits.test.head(args.images).floats()
             x_adv = pgd_batches(model, x, y, eps, args.steps, 256, cfg.eval.seed)
             png = out / "fsr_masks.png"
@@ -233,6 +223,41 @@ def run(args: argparse.Namespace) -> int:
     if write:
         write_json_atomic(out / "analysis.json", results)
     return 0
+
+
+def _checked_data_inputs(
+    args: argparse.Namespace, whats: list[str], model: Any, meta: dict[str, Any], cfg: Any
+) -> tuple[Any, float]:
+    """For the analyses on data (features, masks, selection): the dataset and ε, after every
+    check of their inputs (data root, FSR / CAS / CIFS block, attack, options) passed — before
+    any work is done or any file written. ``(None, 0.0)`` when no such analysis is asked for."""
+    if not any(w in whats for w in ("features", "masks", "selection")):
+        return None, 0.0
+    from fortify.data import load_dataset
+
+    splits = load_dataset(
+        cfg.data.name,
+        args.data_root or cfg.data.root,
+        val_size=cfg.data.val_size,
+        split_seed=cfg.data.split_seed,
+    )
+    eps = args.eps if args.eps is not None else (cfg.eval.eps or splits.default_eps)
+    if "features" in whats:
+        from fortify.analysis.features import check_feature_analysis
+
+        check_feature_analysis(
+            model, num_classes=int(meta["num_classes"]), attack=args.attack, block=args.block
+        )
+    if "masks" in whats:
+        from fortify.analysis.features import pick_block
+
+        pick_block(model, args.block)
+    if "selection" in whats:
+        from fortify.analysis.selection import SelectionCheckOptions, check_selection_model
+
+        SelectionCheckOptions(eps=eps, steps=args.steps, seed=cfg.eval.seed).validate()
+        check_selection_model(model)
+    return splits, eps
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ installed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -99,20 +100,28 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _pick_dataset(choice: str) -> str:
+def _pick_dataset(choice: str, root: str | None = None) -> str:
+    """``choice``, or for ``auto`` Fashion-MNIST when it is found (under ``root`` when given),
+    else the bundled digits. An explicit ``root`` means Fashion-MNIST: if it is not there that
+    is an error, not a fallback (digits take no data root)."""
     from fortify.data import load_dataset
     from fortify.errors import DataError
 
     if choice != "auto":
         return choice
     try:
-        load_dataset("fashion-mnist", val_size=0)
+        load_dataset("fashion-mnist", root, val_size=0)
         return "fashion-mnist"
     except DataError as exc:
+        if root is not None:
+            raise DataError(
+                f"{exc}\n(the demo falls back to the bundled digits only without a data root; "
+                "fix data.root, or drop it)"
+            ) from exc
         print(
             "Fashion-MNIST is not installed here, so the demo uses scikit-learn's bundled 8×8 "
             "digits instead.\n  (install it with `apt-get install dataset-fashion-mnist`, or "
-            f"pass --data-root)\n  reason: {str(exc).splitlines()[0]}"
+            f"pass --set data.root=DIR)\n  reason: {str(exc).splitlines()[0]}"
         )
         return "digits"
 
@@ -224,9 +233,11 @@ def run(args: argparse.Namespace) -> int:
     from fortify.utils.runtime import seed_everything
 
     t0 = time.perf_counter()
-    dataset = _pick_dataset(args.dataset)
-    data = _merge(DEMO_CONFIG, DIGITS_OVERRIDES) if dataset == "digits" else dict(DEMO_CONFIG)
-    data = apply_overrides(_merge(data, {}), list(args.overrides))
+    given = apply_overrides(copy.deepcopy(DEMO_CONFIG), list(args.overrides)).get("data")
+    root = given.get("root") if isinstance(given, dict) else None
+    dataset = _pick_dataset(args.dataset, root if isinstance(root, str) else None)
+    data = _merge(DEMO_CONFIG, DIGITS_OVERRIDES) if dataset == "digits" else DEMO_CONFIG
+    data = apply_overrides(copy.deepcopy(data), list(args.overrides))
     base = from_dict(ExperimentConfig, data)
     splits = load_dataset(
         base.data.name,

@@ -16,6 +16,7 @@ A resume with a different number of processes continues the same run (see
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -33,12 +34,18 @@ from torch import nn
 from fortify.config.loader import to_dict
 from fortify.config.schema import ExperimentConfig
 from fortify.data.base import DataSplits
-from fortify.errors import FortifyError, RunDirError
+from fortify.errors import EvaluationError, FortifyError, RunDirError
 from fortify.runs.rundir import Mode, RunDir
 from fortify.train import distributed as D
 from fortify.train.build import Built, apply_trainable, build, probe_model
 from fortify.train.checkpointer import Checkpointer
-from fortify.train.objectives.base import Objective, StepContext, get_objective, set_train_mode
+from fortify.train.objectives.base import (
+    NonFiniteLossError,
+    Objective,
+    StepContext,
+    get_objective,
+    set_train_mode,
+)
 from fortify.train.resume import (
     EPOCH_BASE,
     ResumePoint,
@@ -158,7 +165,9 @@ def fit(
         :class:`FitResult`.
     Raises:
         ConfigError: bad or changed (on resume) configuration.
-        NonFiniteLossError: the loss became NaN/Inf (checkpoints keep the last good epoch).
+        NonFiniteLossError: training diverged — the loss, the weights or the model's outputs
+            became NaN/Inf (checkpoints keep the last good epoch; the message names the
+            epoch, the step and what to change).
         RunDirError / CheckpointError: unusable run directory or checkpoint.
     """
     if mode not in ("new", "resume", "overwrite"):
@@ -305,16 +314,19 @@ def _epoch_loop(t: _Training) -> None:
             D.broadcast_buffers(info, b.module)
             if epoch % tc.val_every == 0 or epoch == tc.epochs:
                 v0 = time.perf_counter()
-                record.update(
-                    validate(
-                        b.module,
-                        b.splits.val,
-                        tc,
-                        info,
-                        batch_size=max(tc.batch_size // info.world_size, 64),
+                val_batch = max(tc.batch_size // info.world_size, 64)
+                try:
+                    scores = validate(
+                        b.module, b.splits.val, tc, info, batch_size=val_batch,
                         channels_last=tc.channels_last,
                     )  # fmt: skip
-                )
+                except EvaluationError as exc:  # its attack met non-finite logits?
+                    x_val = b.splits.val.head(val_batch).floats(info.device)[0]
+                    what = _non_finite(b.module, x_val, "validation")
+                    if what is None:
+                        raise
+                    raise _diverged(t, index, "while validating it", record["lr"], what) from exc
+                record.update(scores)
                 record["time/val"] = time.perf_counter() - v0
             sel = _selection_metric(tc.select, record)
             b.schedule.end_epoch(sel)
@@ -405,18 +417,33 @@ def _train_epoch(t: _Training, ctx: StepContext, epoch: int) -> dict[str, Any]:
     t0, c0 = time.perf_counter(), time.process_time()
     lr = b.schedule.apply(epoch, 0)
     desc = f"epoch {epoch + 1}/{tc.epochs}"
-    batches = _progress(b.loader, t.progress and info.is_main, desc, len(b.loader))
+    steps = len(b.loader)
+    batches = _progress(b.loader, t.progress and info.is_main, desc, steps)
+    x: torch.Tensor | None = None
     for i, (x, y) in enumerate(batches):
         if tc.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         lr = b.schedule.apply(epoch, i)
-        metrics = t.objective.train_step(t.net, x, y, ctx)
+        try:
+            metrics = t.objective.train_step(t.net, x, y, ctx)
+        except NonFiniteLossError as exc:
+            loss = exc.what or "the training loss is NaN/Inf"
+            first = ctx.global_step == 0
+            raise _diverged(t, epoch, f"step {i + 1}/{steps}", lr, loss, first=first) from exc
+        except EvaluationError as exc:  # e.g. the inner attack refusing NaN/Inf logits
+            # the first step of a run has not updated anything: the attack's error stands
+            found = None if ctx.global_step == 0 else _non_finite(b.module, x, "training")
+            if found is None:
+                raise
+            raise _diverged(t, epoch, f"step {i + 1}/{steps}", lr, found) from exc
         ctx.global_step += 1
         n = len(y)
         seen += n
         for k, v in metrics.items():
             v = v.detach().double() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
             sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v.cpu() * n
+    if x is not None:  # the epoch's last update may have blown up what is about to be saved
+        _check_finite_after_epoch(t, x, epoch, f"after its last step ({steps}/{steps})", lr)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     keys = sorted(sums)
     flat = torch.stack([sums[k] for k in keys] + [torch.tensor(float(seen), dtype=torch.float64)])
@@ -432,6 +459,90 @@ def _train_epoch(t: _Training, ctx: StepContext, epoch: int) -> dict[str, Any]:
     record["time/train_cpu"] = cpu  # this process's CPU seconds (all its threads)
     record["train/images_per_s"] = total / max(elapsed, 1e-9)
     return record
+
+
+def _non_finite(module: nn.Module, x: torch.Tensor, images: str) -> str | None:
+    """What of ``module`` is NaN/Inf: its parameters or buffers, else its outputs on ``x`` in
+    eval mode (no gradient, the modules' train/eval flags and the CPU RNG restored afterwards);
+    None when everything is finite, or when the forward itself fails (nothing to diagnose)."""
+    named = itertools.chain(module.named_parameters(), module.named_buffers())
+    bad = [n for n, v in named if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        return f"the weights are NaN/Inf ({', '.join(bad[:3])}{more})"
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            module.eval()
+            out = module(x)
+    except Exception:  # noqa: BLE001 - only a diagnosis: the caller's own error stands
+        log.debug("forward for the non-finite check failed", exc_info=True)
+        return None
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if isinstance(out, torch.Tensor) and out.is_floating_point():
+        if not bool(torch.isfinite(out).all()):
+            return f"the model's outputs on the {images} images are NaN/Inf"
+    return None
+
+
+def _check_finite_after_epoch(
+    t: _Training, x: torch.Tensor, epoch: int, where: str, lr: float
+) -> None:
+    """Raise the divergence error (on every rank) if the weights, or the outputs on the last
+    training batch ``x``, became NaN/Inf: checked before the epoch is validated and saved, so
+    diverged weights never replace the ``last`` / ``best`` checkpoints."""
+    what = _non_finite(t.built.module, x, "training")
+    flag = torch.tensor([0.0 if what is None else 1.0], dtype=torch.float64, device=x.device)
+    if float(D.all_reduce_sum(t.info, flag)[0]) > 0:
+        what = what or "the model's outputs are NaN/Inf on another process"
+        raise _diverged(t, epoch, where, lr, what)
+
+
+def _diverged(
+    t: _Training, epoch: int, where: str, lr: float, what: str, *, first: bool = False
+) -> NonFiniteLossError:
+    """The one error for a run whose loss, weights or outputs became NaN/Inf at 0-based
+    ``epoch`` (``where`` in it): what happened, what is kept on disk and what to do.
+    ``first``: at the run's very first step, before any update — not a divergence."""
+    tc = t.cfg.train
+    fp32 = f"train.precision=fp32 (now {tc.precision})" if tc.precision != "fp32" else None
+    if first:
+        hint = "; or " + fp32 if fp32 else ""
+        return NonFiniteLossError(
+            f"training cannot start: {what} at epoch {epoch + 1}/{tc.epochs}, {where}, before "
+            "any parameter update, so the model or its inputs give non-finite values from the "
+            f"outset: check the model's initialisation and the data{hint}. No checkpoint was "
+            "written",
+            what,
+        )
+    fixes = [f"a lower train.lr ({lr:.3g} at that step)"]
+    if tc.grad_clip is None:
+        fixes.append("train.grad_clip (e.g. 1.0)")
+    else:
+        fixes.append(f"a smaller train.grad_clip (now {tc.grad_clip:g})")
+    if fp32:
+        fixes.append(fp32)
+    if tc.warmup_epochs == 0 and tc.epochs > 1:
+        fixes.append("a warm-up (train.warmup_epochs=1)")
+    if epoch == 0:
+        kept = "no checkpoint had been written yet"
+        then = "then start over (fortify train --overwrite, fit(mode='overwrite'))"
+    else:
+        kept = (
+            f"the last good checkpoint is kept ('last' and its state stay at epoch {epoch}; "
+            f"nothing of epoch {epoch + 1} was saved)"
+        )
+        then = (
+            f"then continue from epoch {epoch} (fortify train --resume {t.run_dir} --force "
+            "--set train.lr=..., fit(mode='resume', force=True)) or start over (--overwrite)"
+        )
+    return NonFiniteLossError(
+        f"training diverged at epoch {epoch + 1}/{tc.epochs}, {where}: {what}; {kept}. "
+        f"Try {', '.join(fixes[:-1])} or {fixes[-1]}; {then}",
+        what,
+    )
 
 
 def _selection_metric(select: str, record: dict[str, Any]) -> float | None:

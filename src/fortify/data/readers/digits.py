@@ -7,11 +7,23 @@ import torch
 
 from fortify.data.base import ImageSet
 from fortify.data.registry import ReaderResult, register_reader
+from fortify.errors import DataError
 
 
 @register_reader("digits")
 def read_digits(root: str | None = None, download: bool = False) -> ReaderResult:
-    """1,797 grey 8×8 images (values 0–16 scaled to 0–255); a fixed 80/20 train/test split."""
+    """1,797 grey 8×8 images (values 0–16 scaled to 0–255); a fixed 80/20 train/test split.
+
+    The images are read from the installed scikit-learn package, never from a folder: an
+    explicit ``root`` (``data.root`` / ``--data-root``) raises :class:`DataError` rather than
+    being ignored. ``$FORTIFY_DATA`` (a search path for every dataset) does not apply.
+    """
+    if root is not None:
+        raise DataError(
+            f"digits: the 8×8 digits ship with scikit-learn and are read from the installed "
+            f"package, so they take no data root; got {root!r} (from root= / data.root / "
+            "--data-root). Leave it unset (root=None, data.root: null, no --data-root)"
+        )
     from sklearn.datasets import load_digits
 
     bunch = load_digits()

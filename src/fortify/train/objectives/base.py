@@ -40,7 +40,16 @@ class AdvBatch(NamedTuple):
 
 
 class NonFiniteLossError(FortifyError, RuntimeError):
-    """The training loss became NaN or infinite; training stops, checkpoints stay as they were."""
+    """Training diverged: the loss (or the model's outputs or weights) became NaN or infinite;
+    training stops, checkpoints stay as they were.
+
+    ``what`` is the finding without context (e.g. ``"the training loss is nan"``), for a caller
+    that words the message itself (:func:`fortify.train.fit` adds the epoch, step and advice).
+    """
+
+    def __init__(self, message: str, what: str | None = None) -> None:
+        super().__init__(message)
+        self.what = what
 
 
 def set_train_mode(model: nn.Module, freeze_bn: bool = False) -> None:
@@ -165,11 +174,17 @@ class StepContext:
 
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:
+            value = float(loss.detach().float().mean())
+            what = (
+                f"the training loss is {value}"
+                if not math.isfinite(value)
+                else "the training loss is NaN/Inf on another process"
+            )
             raise NonFiniteLossError(
-                f"training loss is {float(loss.detach().float().mean())} at epoch "
-                f"{self.epoch + 1}, step {self.global_step}; stopping (the last good checkpoint "
-                "is kept). Try a "
-                "lower train.lr, train.grad_clip, or train.precision=fp32."
+                f"training diverged: {what} at epoch {self.epoch + 1}, step {self.global_step}; "
+                "stopping (the last good checkpoint is kept). Try a lower train.lr, "
+                "train.grad_clip, or train.precision=fp32.",
+                what,
             )
 
     def step(
