@@ -4,7 +4,8 @@ Functional API: ``pgd(model, x, y, eps=..., steps=...)``, ``fgsm(model, x, y, ep
 with per-sample success masks for evaluators: ``pgd_attack`` / ``fgsm_attack`` returning
 :class:`AttackResult`. torchattacks-style classes: ``PGD(model, eps=..., steps=...)(x, y)``,
 ``FGSM(model, eps=...)(x, y)``. ε and step sizes are in [0, 1] pixel units. Attacks never
-change the model's mode nor its parameters' ``.grad``.
+change the model's mode nor its parameters' ``.grad``, and their examples lie in the ε-ball
+exactly (no tolerance needed when checking ``(x_adv - x).abs().max() <= eps``).
 """
 
 from fortify.attacks.classes import FGSM, PGD, Attack

@@ -134,10 +134,12 @@ class PGDOptions(AttackOptions):
     REQUIRED: ClassVar[tuple[str, ...]] = ("eps", "steps")
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first bad field and what it allows (the upper
-        bound of ``eps`` depends on the images and is checked by the attack)."""
+        """Raise :class:`ConfigError` naming the first bad field and what it allows (``eps``
+        is at most 1 for L∞; for L2 its upper bound depends on the images and is checked by the
+        attack)."""
         check_norm(self.norm)
-        check_number(self.eps, f"eps ({self.norm}, pixel units)", 0.0, math.inf, open_low=True)
+        top = 1.0 if self.norm == "linf" else math.inf
+        check_number(self.eps, f"eps ({self.norm}, pixel units)", 0.0, top, open_low=True)
         check_loss(self.loss, self.kappa)
         check_flag(self.random_start, "random_start")
         check_flag(self.targeted, "targeted")

@@ -2,8 +2,15 @@
 
 All budgets (``eps``, ``step_size``) are in [0, 1] pixel units. Attacks never change the
 model's train/eval mode and never touch parameters' ``.grad``: gradients are taken with
-``torch.autograd.grad`` w.r.t. the input only. They do not enter or leave autocast and keep the
-input's memory format (channels-last stays channels-last).
+``torch.autograd.grad`` w.r.t. the input only (a model in train mode stays in train mode, so
+its BatchNorm running statistics are updated by the attack's forward passes; ``evaluate`` runs in
+eval mode). They do not enter or leave autocast and keep the input's memory format
+(channels-last stays channels-last).
+
+Every example evaluated or returned lies in the ε-ball exactly: ``|x_adv − x| <= eps`` (L∞) or
+``‖x_adv − x‖₂ <= eps`` (L2) without tolerance, computed in the images' dtype or in float64 (a
+pixel that ``x + eps`` rounded to one unit in the last place outside is set to the nearest value
+inside); apart from such pixels the arithmetic is torchattacks' (docs/evaluation.md, "Attacks").
 
 Two semantics for iterative attacks:
 
@@ -107,18 +114,67 @@ def _per_sample_norm(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (v.dim() - 1)))
 
 
-def _project_(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Project ``x_adv`` in place onto the ε-ball around ``x`` intersected with [0, 1]."""
+def _budget(eps: float, dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` not above ``eps``."""
+    e = torch.tensor(eps, dtype=torch.float64).to(dtype)
+    while float(e) > eps:
+        e = torch.nextafter(e, torch.zeros_like(e))
+    return float(e)
+
+
+_Box = tuple[torch.Tensor, torch.Tensor]
+
+
+def _linf_box(x: torch.Tensor, eps: float) -> _Box:
+    """Per pixel, the bounds ``(lo, hi)`` in [0, 1] of the L∞ ball around ``x``, exactly: the
+    values ``v`` of ``x``'s dtype with ``|v − x| <= e`` in float64, ``e`` the largest value of
+    the dtype not above ``eps``. So ``|v − x|`` passes ``<= eps`` however it is computed (in
+    ``x``'s dtype or in float64) and compared (in the dtype or as a Python float); ``x ± eps``
+    rounded to the nearest pixel value can lie one unit in the last place outside."""
+    lim = _budget(eps, x.dtype)
+    xw = x.double()
+    hi, lo = x + lim, x - lim
+    while True:  # a bound rounded outwards steps back once; a bound at x would be inside
+        up, down = hi.double() - xw > lim, xw - lo.double() > lim
+        if not bool(up.any() or down.any()):
+            return lo.clamp_(min=0.0), hi.clamp_(max=1.0)
+        hi = torch.where(up, torch.nextafter(hi, x), hi)
+        lo = torch.where(down, torch.nextafter(lo, x), lo)
+
+
+def _fit_l2_(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Shrink in place towards ``x`` the points whose L2 distance to ``x``, computed in ``x``'s
+    dtype or in float64, exceeds ``eps`` by rounding (the pixels are rounded after the
+    projection scales the perturbation); they end a few units in the last place inside."""
+    tiny = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    cap = eps * (1.0 - 8 * tiny)
+    for k in range(64):  # the factor reaches 0 (x_adv = x) long before the last round
+        delta = x_adv.double() - x.double()
+        dist = _per_sample_norm(delta).flatten()
+        over = (dist > cap) | (_per_sample_norm(x_adv - x).flatten().double() > cap)
+        if not bool(over.any()):
+            break
+        scale = cap / dist[over] * max(0.0, 1.0 - 8 * tiny * 2**k)
+        fitted = x[over].double() + delta[over] * scale.view(-1, *([1] * (x.dim() - 1)))
+        x_adv[over] = fitted.to(x.dtype).clamp_(0.0, 1.0)
+    return x_adv
+
+
+def _project_(
+    x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, box: _Box | None
+) -> torch.Tensor:
+    """Project ``x_adv`` in place onto the ε-ball around ``x`` intersected with [0, 1]
+    (``box``: :func:`_linf_box` of ``x``, for L∞)."""
     delta = x_adv.sub_(x)  # x_adv now holds the perturbation
     if norm == "linf":
-        delta.clamp_(-eps, eps)
-    else:
-        delta.mul_(torch.clamp(eps / (_per_sample_norm(delta) + _TINY), max=1.0))
-    return delta.add_(x).clamp_(0.0, 1.0)
+        assert box is not None
+        return delta.clamp_(-eps, eps).add_(x).clamp_(min=box[0], max=box[1])
+    delta.mul_(torch.clamp(eps / (_per_sample_norm(delta) + _TINY), max=1.0))
+    return _fit_l2_(delta.add_(x).clamp_(0.0, 1.0), x, eps)
 
 
 def _random_start(
-    x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None
+    x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None, box: _Box | None
 ) -> torch.Tensor:
     gen_device = generator.device if generator is not None else x.device
     if norm == "linf":
@@ -136,7 +192,9 @@ def _random_start(
         noise = noise / (_per_sample_norm(noise) + _TINY) * radius * eps
     noise = noise.to(x.device)
     x_adv = torch.empty_like(x).copy_(x).add_(noise)
-    return x_adv.clamp_(0.0, 1.0)
+    if box is not None:
+        return x_adv.clamp_(min=box[0], max=box[1])
+    return _fit_l2_(x_adv.clamp_(0.0, 1.0), x, eps)
 
 
 def _grad_step_(x_adv: torch.Tensor, grad: torch.Tensor, step: float, norm: str) -> None:
@@ -192,8 +250,9 @@ def _pgd_run(
     step_size, targeted, kappa = opts.resolved_step_size(), opts.targeted, float(opts.kappa)
     mode, generator = opts.mode, opts.generator
     x = x.detach()
+    box = _linf_box(x, eps) if norm == "linf" else None
     x_adv = (
-        _random_start(x, eps, norm, generator)
+        _random_start(x, eps, norm, generator, box)
         if opts.random_start
         else torch.empty_like(x).copy_(x)
     )
@@ -221,10 +280,11 @@ def _pgd_run(
                     xa_y[keep],
                 )
                 xa_t = xa_t[keep] if xa_t is not None else None
+                box = (box[0][keep], box[1][keep]) if box is not None else None
                 if len(idx) == 0:
                     return AttackResult(out, success)
             _grad_step_(x_adv, grad, step_size, norm)
-            _project_(x_adv, xa_x, eps, norm)
+            _project_(x_adv, xa_x, eps, norm, box)
         # Verify the last iterate of the survivors (it was never evaluated).
         with torch.no_grad():
             fooled = _fooled(_logits(model, x_adv), xa_y, xa_t, targeted)
@@ -246,7 +306,7 @@ def _pgd_run(
                 x_best[new] = x_adv[new]
                 success_best |= new
         _grad_step_(x_adv, grad, step_size, norm)
-        _project_(x_adv, x, eps, norm)
+        _project_(x_adv, x, eps, norm, box)
     if not need_success and not track:
         return AttackResult(x_adv, torch.zeros(len(x), dtype=torch.bool, device=x.device))
     with torch.no_grad():
@@ -372,8 +432,9 @@ def _fgsm_run(
 ) -> AttackResult:
     targeted, kappa = opts.targeted, opts.kappa
     _, grad = _input_grad(model, x, y, target, opts.loss, targeted, kappa, max_label, True)
+    lo, hi = _linf_box(x, float(opts.eps))
     x_adv = torch.empty_like(x).copy_(x)
-    x_adv.add_(grad.sign_(), alpha=float(opts.eps)).clamp_(0.0, 1.0)
+    x_adv.add_(grad.sign_(), alpha=float(opts.eps)).clamp_(min=lo, max=hi)
     if not need_success:
         return AttackResult(x_adv, torch.zeros(len(x), dtype=torch.bool, device=x.device))
     with torch.no_grad():
