@@ -48,8 +48,8 @@ def add_source_arguments(parser: argparse.ArgumentParser, need_dataset: bool = T
 
 def parse_model_args(items: list[str]) -> dict[str, Any]:
     """``["k=v", ...]`` → ``{k: yaml(v)}`` (ConfigError on a malformed item or a value that is
-    not valid YAML, parsed as ``fortify train``'s overrides are)."""
-    from fortify.config.loader import _parse_scalar
+    not valid YAML, parsed as ``fortify train``'s overrides are: ``lr=5e-4`` is a number)."""
+    from fortify.config.loader import _parse_scalar, plain
     from fortify.errors import ConfigError
 
     out: dict[str, Any] = {}
@@ -57,7 +57,7 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--model-arg {item!r} must look like KEY=VALUE")
-        out[key.strip()] = _parse_scalar(value, f"--model-arg {item}") if value else None
+        out[key.strip()] = plain(_parse_scalar(value, f"--model-arg {item}")) if value else None
     return out
 
 
@@ -79,26 +79,34 @@ def build_source_model(
     )
 
 
-def load_source_target(
-    args: argparse.Namespace, device: torch.device
-) -> tuple[nn.Module, dict[str, Any], Path]:
-    """For ``fortify eval --model``: (model, checkpoint-style meta, report target).
+def source_target(args: argparse.Namespace) -> Path:
+    """What ``fortify eval --model`` names as its target: ``--weights``, else ``runs/<model>``
+    (reports go to ``<target>/reports``). Only a path: nothing is created here, the report
+    writer makes the folder when it writes, so a refused or failed evaluation leaves none."""
+    if args.weights is not None:
+        return Path(args.weights)
+    return Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "-", args.model)
 
-    Reports go next to ``--weights`` (``<folder>/reports``) or to ``runs/<model>/reports``.
-    """
-    from fortify.data import load_from_config
+
+def check_source_args(args: argparse.Namespace) -> None:
+    """Refuse ``fortify eval --model`` options that cannot work, before anything is loaded."""
     from fortify.errors import ConfigError
 
     if args.target is not None:
         raise ConfigError("give either TARGET or --model, not both")
     if not args.dataset:
         raise ConfigError("--model needs --dataset NAME (the data the model classifies)")
+
+
+def load_source_target(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[nn.Module, dict[str, Any], Path]:
+    """For ``fortify eval --model``: (model, checkpoint-style meta, :func:`source_target`).
+    Reads files, writes none."""
+    from fortify.data import load_from_config
+
+    check_source_args(args)
     data = {"name": args.dataset, "root": args.data_root}
     splits = load_from_config(data, subsets=False)
     model, meta = build_source_model(args, splits.num_classes, tuple(splits.image_shape), data)
-    if args.weights is not None:
-        target = Path(args.weights)
-    else:
-        target = Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "-", args.model)
-        target.mkdir(parents=True, exist_ok=True)
-    return model.to(device), meta, target
+    return model.to(device), meta, source_target(args)

@@ -135,6 +135,7 @@ def check_data_matches_checkpoint(meta: dict[str, Any], splits: DataSplits, targ
 
 
 def run(args: argparse.Namespace) -> int:
+    from fortify.cli._source import check_source_args, source_target
     from fortify.errors import ConfigError, RunDirError
     from fortify.evaluate.shard import Shard
     from fortify.train import distributed
@@ -149,17 +150,22 @@ def run(args: argparse.Namespace) -> int:
             raise RunDirError(
                 f"{target} does not exist; TARGET must be a run directory or a checkpoint file"
             )
+    else:
+        check_source_args(args)
     check_eval_args(args)
     shard = Shard.parse(args.shard) if args.shard is not None else None
     if shard is not None and args.plot:
         raise ConfigError("--plot cannot be combined with --shard (plot from the merged report)")
-    # The report folder is checked (and a run directory locked) before anything is computed.
-    out_dir, lock = None, None
+    # The report folder is checked (and a run directory locked) before anything is computed;
+    # it is created only when the report is written.
+    lock = None
     if target is not None:
         out_dir = check_writable_dir(_report_dir(target, args.out), "report folder (--out)")
         lock = _lock_run_for_reports(target, out_dir)
-    elif args.out:
-        out_dir = check_writable_dir(args.out, "report folder (--out)")
+    else:  # --model: next to --weights, else runs/<model>/reports
+        source = source_target(args)
+        default = _report_dir(source, None) if args.weights is not None else source / "reports"
+        out_dir = check_writable_dir(args.out or default, "report folder (--out)")
     info = distributed.setup(args.device)
     try:
         if info.distributed and shard is not None:
@@ -191,6 +197,8 @@ def check_eval_args(args: argparse.Namespace) -> None:
     get_suite(args.suite)  # an unknown suite fails before the model and data are loaded
     if args.eps is not None and not (math.isfinite(args.eps) and args.eps > 0):
         raise ConfigError(f"--eps must be a positive number in pixel units, got {args.eps}")
+    if args.eps is None and args.norm == "l2":
+        raise ConfigError("--norm l2 needs an explicit --eps (the dataset default is an L∞ budget)")
 
 
 def _lock_run_for_reports(target: Path, out_dir: Path) -> Any:
@@ -210,7 +218,7 @@ def _lock_run_for_reports(target: Path, out_dir: Path) -> Any:
 
 
 def _evaluate(
-    args: argparse.Namespace, target: Path | None, info: Any, out_dir: Path | None, shard: Any
+    args: argparse.Namespace, target: Path | None, info: Any, out_dir: Path, shard: Any
 ) -> int:
     from fortify.cli._source import load_source_target
     from fortify.data import load_from_config
@@ -223,9 +231,8 @@ def _evaluate(
     device = info.device
     if args.model is not None:  # a model that is not a fortify run
         model, meta, target = load_source_target(args, device)
-        out_dir = out_dir or _report_dir(target, args.out)
     else:
-        assert target is not None and out_dir is not None
+        assert target is not None
         model, meta = load_model(target, tag=args.tag, device=device)
     data_cfg = (meta.get("config") or {}).get("data") or {}
     name = data_cfg.get("name")
@@ -237,8 +244,6 @@ def _evaluate(
     check_data_matches_checkpoint(meta, splits, target)
     imageset = splits.test if args.split == "test" else splits.val
     eps = args.eps if args.eps is not None else splits.default_eps
-    if args.eps is None and args.norm == "l2":
-        raise ConfigError("--norm l2 needs an explicit --eps (the dataset default is an L∞ budget)")
     x, y = imageset.head(args.n_points).floats()
     suite_options: dict[str, Any] = {}
     if args.aa_points is not None:

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 from fortify import __version__
 from fortify.cli._help import HelpFormatter
@@ -90,6 +91,34 @@ def _quiet_file_size_signal() -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's stop, ``docker stop``) as an exception: the command
+    stops as after Ctrl-C — a training run is marked failed, its lock released, no temporary
+    file left — and exits with 143 (128 + SIGTERM)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _stop_gracefully_on_sigterm() -> Any:
+    """Install the SIGTERM handler when SIGTERM has its default action; return what to put
+    back afterwards (None: nothing was changed).
+
+    Not under ``torchrun``: its agent stops the other workers with SIGTERM when one fails, and
+    a worker waiting in a collective for the failed one would only see the exception when the
+    collective times out."""
+    sig = getattr(signal, "SIGTERM", None)
+    if sig is None or signal.getsignal(sig) is not signal.SIG_DFL:
+        return None
+    if "TORCHELASTIC_RUN_ID" in os.environ or os.environ.get("WORLD_SIZE", "1") != "1":
+        return None
+    try:
+        return signal.signal(sig, _raise_terminated)
+    except (ValueError, OSError):  # not the main thread
+        return None
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
@@ -108,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     mod = importlib.import_module(args._module)
+    previous = _stop_gracefully_on_sigterm()
+    try:
+        return _run(args, mod)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, mod: Any) -> int:
     try:
         from fortify.utils.runtime import configure_threads
 
@@ -116,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     except FortifyError as exc:
         print(f"fortify {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,10 +1,13 @@
 """Typed experiment configuration: dataclass schema, YAML files, ``a.b=value`` overrides."""
 
 from fortify.config.loader import (
+    ConfigDumper,
+    ConfigLoader,
     apply_overrides,
     describe_fields,
     from_dict,
     load_config,
+    parse_yaml,
     to_dict,
 )
 from fortify.config.schema import (
@@ -18,6 +21,8 @@ from fortify.config.schema import (
 )
 
 __all__ = [
+    "ConfigDumper",
+    "ConfigLoader",
     "DataConfig",
     "DefenseConfig",
     "EvalConfig",
@@ -29,5 +34,6 @@ __all__ = [
     "describe_fields",
     "from_dict",
     "load_config",
+    "parse_yaml",
     "to_dict",
 ]

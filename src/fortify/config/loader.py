@@ -1,14 +1,25 @@
 """Generic dataclass <-> dict/YAML conversion with strict validation.
 
 Errors always name the dotted field path, the offending value, and what is allowed.
+
+Config files and ``section.field=value`` overrides are read by one YAML loader,
+:class:`ConfigLoader`: PyYAML's safe loader (plain data only) whose numbers follow YAML 1.2 and
+Python rather than YAML 1.1, so ``5e-4``, ``1E6``, ``+1e3``, ``+.5`` are numbers (YAML 1.1 reads
+exponents only with a dot and a signed exponent, ``5.0e-4``, and everything else as a string).
+A number of that kind keeps the text it was written as: a ``str`` field given ``1e3`` gets the
+string ``"1e3"``, as it always did, so nothing that was a string becomes a number where the
+schema asks for text. ``nan``, ``inf`` stay strings, and ``.nan`` / ``.inf`` are refused by
+every number field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -17,6 +28,104 @@ import yaml
 from fortify.errors import ConfigError
 
 T = TypeVar("T")
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_DIGITS = r"[0-9](?:_?[0-9])*"  # underscores only between digits, as in Python
+#: A decimal number with a point or an exponent (YAML 1.2 core schema, plus Python's digit
+#: underscores): ``5e-4``, ``1E6``, ``+1e3``, ``.5``, ``+.5``, ``5.``, ``1_000.5``, ``2.5e3``.
+#: Not ``nan``, ``inf`` (strings) or ``.nan``, ``.inf`` (YAML's own spellings, read as before).
+_EXPONENT = rf"[eE][-+]?{_DIGITS}"
+_DECIMAL = re.compile(  # a point or an exponent: 10, 010, 0x1F stay integers as before
+    rf"^[-+]?(?:{_DIGITS}\.(?:{_DIGITS})?(?:{_EXPONENT})?|\.{_DIGITS}(?:{_EXPONENT})?"
+    rf"|{_DIGITS}{_EXPONENT})$"
+)
+#: PyYAML's YAML 1.1 float pattern: what it already read as a number.
+_YAML11_FLOAT = next(
+    rx for tag, rx in yaml.SafeLoader.yaml_implicit_resolvers["1"] if tag == _FLOAT_TAG
+)
+
+
+class _Number(float):
+    """A float read from a decimal spelling in YAML, with the ``text`` it was written as.
+
+    Only :func:`_coerce` sees it: a ``str`` field gets the text back where YAML 1.1 read it as a
+    string, an ``int`` field takes a whole number written with an exponent (``5e4``); every
+    value leaving :func:`from_dict` (or :func:`plain`) is a plain ``float``.
+    """
+
+    text: str
+
+    def __new__(cls, text: str) -> _Number:
+        obj = super().__new__(cls, text.replace("_", ""))
+        obj.text = text
+        return obj
+
+    def __repr__(self) -> str:  # error messages quote the value as written
+        return self.text
+
+    @property
+    def was_string(self) -> bool:
+        """True where YAML 1.1 (plain ``yaml.safe_load``) reads the text as a string."""
+        return _YAML11_FLOAT.match(self.text) is None
+
+    @property
+    def exponent(self) -> bool:
+        return "e" in self.text.lower()
+
+
+def _use_decimal_floats(cls: Any) -> None:
+    """Make ``cls`` (a loader or dumper) read :data:`_DECIMAL` spellings as floats, before any
+    other implicit tag (the YAML 1.1 float pattern stays for ``.inf``, ``.nan``, ``1:30.5``)."""
+    table = {k: list(v) for k, v in cls.yaml_implicit_resolvers.items()}
+    for first in "-+0123456789.":
+        table.setdefault(first, []).insert(0, (_FLOAT_TAG, _DECIMAL))
+    cls.yaml_implicit_resolvers = table
+
+
+class ConfigLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML is untyped
+    """PyYAML's safe loader (plain data, no Python objects) reading numbers as YAML 1.2 does:
+    the loader of config files, ``section.field=value`` overrides and ``--model-arg`` values."""
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    text = loader.construct_scalar(node)
+    if isinstance(text, str) and _DECIMAL.match(text):
+        return _Number(text)
+    return loader.construct_yaml_float(node)  # .inf, .nan, 1:30.5, 1__0.0
+
+
+_use_decimal_floats(ConfigLoader)
+ConfigLoader.add_constructor(_FLOAT_TAG, _construct_float)
+
+
+class ConfigDumper(yaml.SafeDumper):  # type: ignore[misc]
+    """PyYAML's safe dumper quoting what :class:`ConfigLoader` would read back as another type
+    (the string ``"1e3"`` is written ``'1e3'``), so a dumped config reads back equal."""
+
+
+_use_decimal_floats(ConfigDumper)
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` read by :class:`ConfigLoader`; raises ``yaml.YAMLError`` as ``yaml.safe_load``.
+
+    Numbers written in decimal spellings are ``float`` subclasses that remember their text
+    until :func:`from_dict` types them; :func:`plain` turns them into ``float`` where no schema
+    applies.
+    """
+    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: plain data only
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every number read by :func:`parse_yaml` as a plain ``float`` (in nested
+    dicts and lists too): for values that no schema field types, e.g. ``--model-arg``."""
+    if isinstance(value, _Number):
+        return float(value)
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
 
 
 def to_dict(cfg: Any) -> Any:
@@ -44,7 +153,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
-        return value
+        return plain(value)
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
@@ -83,12 +192,14 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         bad = [k for k in value if not isinstance(k, str)]
         if bad:
             raise ConfigError(f"{path}: option names must be strings, got {bad[0]!r}")
-        return dict(value)
+        return plain(dict(value))
     if tp is bool:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{path}: expected true/false, got {value!r}")
     if tp is int:
+        if isinstance(value, _Number) and value.exponent:
+            return _whole_number(value, path)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
@@ -100,20 +211,34 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         except OverflowError:  # an integer beyond the float range
             out = math.inf
         if not math.isfinite(out):
-            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+            beyond = f" (beyond the float range: {out})" if isinstance(value, _Number) else ""
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}{beyond}")
         return out
     if tp is str:
+        if isinstance(value, _Number) and value.was_string:
+            return value.text  # a string to YAML 1.1, and so to every earlier version of fortify
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
-    return value
+    return plain(value)
+
+
+def _whole_number(value: _Number, path: str) -> int:
+    """An integer field given ``5e4``: the exact integer, or a ConfigError when it has a
+    fraction (``1e-3``, ``2.55e1``) or overflows a float (``1e400``)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{path}: expected an integer, got {value!r} (beyond the float range)")
+    exact = Decimal(value.text.replace("_", ""))
+    if exact != exact.to_integral_value():
+        raise ConfigError(f"{path}: expected an integer, got {value!r} (not a whole number)")
+    return int(exact)
 
 
 def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     """Build dataclass ``cls`` from ``data``, rejecting unknown fields and wrong types."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         where = f"section {path!r}" if path else "the top level"
         raise ConfigError(
@@ -133,7 +258,7 @@ def _parse_scalar(text: str, item: str) -> Any:
     if text == "":
         return ""
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
@@ -165,7 +290,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; an empty file is an empty mapping.
 
-    Only plain YAML is read (``yaml.safe_load``: no Python objects, no code).
+    Only plain YAML is read (:class:`ConfigLoader`, a ``yaml.SafeLoader``: no Python objects,
+    no code); numbers as YAML 1.2 reads them (``5e-4`` is a number).
     """
     path = Path(path)
     if not path.is_file():
@@ -181,7 +307,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from exc
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
     except RecursionError as exc:
@@ -262,6 +388,8 @@ def _load_with_base(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
+    if isinstance(base, _Number) and base.was_string:  # a file named like a number
+        base = base.text
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(
             f"config {str(path)!r}: base must be the file name of another preset (a string, "

@@ -80,7 +80,9 @@ def _read_report(path: Path) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from fortify.errors import ConfigError
     from fortify.interop.robustbench import export_robustbench
+    from fortify.utils.atomic import check_writable_dir
 
+    check_writable_dir(args.out, "export folder (--out)")
     report_path = Path(args.report) if args.report else _find_report(Path(args.run))
     report = _read_report(report_path) if report_path is not None else None
     existing = _existing_export(args)

@@ -10,12 +10,15 @@ dict its loader reads into a plain ``nn.Module``) and a metadata file
 dict (backbone, ``normalize.*`` and attached defences; the model takes [0, 1] images and returns
 logits, as RobustBench expects) and the metadata, plus a ``fortify`` block (config, classes,
 image shape, the weights' SHA-256) from which :func:`load_robustbench_export` rebuilds the same
-model. Accuracies come from an evaluation report when one is given. Both files are written
-atomically; the weights are read back with ``torch.load(weights_only=True)``.
+model. Accuracies come from an evaluation report when one is given. Both files are written in
+full to temporary files first and only then renamed into place (weights, then metadata; SIGINT
+and SIGTERM wait for both), so a failed write (a full disk) leaves an earlier export intact;
+the weights are read back with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -99,8 +102,7 @@ def export_robustbench(
         (weights path, metadata path).
     """
     from fortify.runs import load_model
-    from fortify.runs.checkpoint import file_sha256
-    from fortify.utils.atomic import atomic_write_bytes, atomic_write_text
+    from fortify.utils.atomic import atomic_path, deferred_signals
 
     if threat not in THREATS:
         raise ConfigError(f"threat model {threat!r} is not one of {list(THREATS)}")
@@ -115,8 +117,7 @@ def export_robustbench(
     weights, info_path = paths(root, dataset, threat, name)
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buf)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(weights, buf.getvalue())
+    data = buf.getvalue()
     clean, aa = _accuracies(report)
     eps = (report or {}).get("settings", {}).get("eps")
     if eps is None:
@@ -143,12 +144,15 @@ def export_robustbench(
             "config": cfg,
             "num_classes": meta["num_classes"],
             "image_shape": meta["image_shape"],
-            "weights_sha256": file_sha256(weights),
+            "weights_sha256": hashlib.sha256(data).hexdigest(),
             "evaluated_points": (report or {}).get("settings", {}).get("n_points"),
         },
     }
-    info_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(info_path, json.dumps(record, indent=2) + "\n")
+    # both files in full before either replaces an earlier export; weights renamed first
+    with deferred_signals(), atomic_path(info_path) as tmp_info:
+        tmp_info.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        with atomic_path(weights) as tmp_weights:
+            tmp_weights.write_bytes(data)
     log.info("exported %s as %s/%s/%s -> %s", checkpoint, dataset, threat, name, weights)
     return weights, info_path
 

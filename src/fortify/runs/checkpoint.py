@@ -17,7 +17,15 @@ the first rename leaves the previous pair untouched (and no temporary files); th
 window is between the two renames, which leaves new weights next to the old sidecar. That
 mismatch is detected on load because the sidecar records the SHA-256 of the weights it
 describes: :func:`load_checkpoint` refuses (``CheckpointError``) any weights file whose hash or
-size differs from its sidecar, which also catches truncated and corrupted files.
+size differs from its sidecar, which also catches truncated and corrupted files. SIGINT and
+SIGTERM are held back while a checkpoint is written (it completes, then the signal acts); a
+SIGKILL in that window leaves the new sidecar in its temporary file, and
+:func:`complete_interrupted_saves` (run by :meth:`RunDir.open <fortify.runs.RunDir.open>`)
+renames it into place when it describes the weights on disk.
+
+The weights file's bytes depend only on the tensors (safetensors writes its metadata map in
+hash order; :func:`save_checkpoint` puts it in sorted order), so identical weights give
+identical files and SHA-256s.
 
 Loading never unpickles: tensors are read with ``safetensors``.
 """
@@ -43,8 +51,8 @@ import fortify
 from fortify.errors import CheckpointError, FortifyError, RunDirError
 from fortify.runs.jsonio import dumps
 from fortify.runs.rundir import CHECKPOINT_SUFFIX, RunDir, check_tag
+from fortify.utils.atomic import TEMP_RE, atomic_path, deferred_signals
 from fortify.utils.clock import utc_now
-from fortify.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +181,14 @@ def save_checkpoint(
     # Nested so the inner (weights) rename happens first, then the outer (sidecar) rename.
     weights_replaced = False
     try:
-        with atomic_path(sidecar) as tmp_sidecar:
+        with deferred_signals(), atomic_path(sidecar) as tmp_sidecar:
             with atomic_path(path) as tmp_weights:
                 st_save_file(
                     tensors,
                     str(tmp_weights),
                     metadata={"format": "pt", "fortify_format_version": str(FORMAT_VERSION)},
                 )
+                _sort_metadata(tmp_weights)
                 record = {
                     **dict(meta),
                     "format_version": FORMAT_VERSION,
@@ -190,7 +199,12 @@ def save_checkpoint(
                     "package_versions": package_versions(),
                     "extra_keys": sorted(extra),
                 }
-                tmp_sidecar.write_text(dumps(record, "meta"), encoding="utf-8")
+                try:
+                    tmp_sidecar.write_text(dumps(record, "meta"), encoding="utf-8")
+                except OSError as exc:  # name the sidecar, not the weights of this block
+                    if exc.errno is None:
+                        raise
+                    raise OSError(exc.errno, exc.strerror, str(sidecar)) from exc
             weights_replaced = True
     except FortifyError:
         raise
@@ -207,6 +221,77 @@ def save_checkpoint(
         ) from exc
     log.debug("saved checkpoint %s (%d tensors)", path, len(tensors))
     return path
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the ``__metadata__`` map of the safetensors file ``path`` in sorted key order,
+    in place (safetensors writes it in hash order, which differs from process to process).
+    Any valid JSON of at most the header's length, padded with spaces, is a valid header."""
+    with open(path, "r+b") as fh:
+        head = fh.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else 0
+        raw = fh.read(size) if 0 < size <= 100_000_000 else b""
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            return  # not written by safetensors (a test double); nothing to do
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        if not isinstance(meta, dict):
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) <= size:
+            fh.seek(8)
+            fh.write(text + b" " * (size - len(text)))
+
+
+def complete_interrupted_saves(folder: str | os.PathLike[str]) -> list[Path]:
+    """Finish checkpoint saves in ``folder`` that a killed process left between its two renames.
+
+    Such a save left ``<tag>.safetensors`` new, ``<tag>.json`` old (or missing) and the new
+    sidecar in its temporary file ``.<tag>.json.<random>.tmp``; the temporary sidecar is
+    renamed into place when its size and SHA-256 are those of the weights file (otherwise it is
+    left for the caller to remove). Call only while holding the run directory's lock.
+    Returns the sidecars completed.
+    """
+    done: list[Path] = []
+    folder = Path(folder)
+    for tmp in sorted(folder.glob(".*.json.*.tmp")):
+        m = TEMP_RE.match(tmp.name)
+        if m is None or not m["target"].endswith(".json"):
+            continue
+        side = folder / m["target"]
+        weights = side.with_suffix(CHECKPOINT_SUFFIX)
+        try:
+            record = json.loads(tmp.read_text(encoding="utf-8"))
+            if not (isinstance(record, dict) and weights.is_file()):
+                continue
+            if record.get("weights_file") != weights.name:
+                continue
+            if record.get("size_bytes") != weights.stat().st_size:
+                continue
+            actual = file_sha256(weights)
+            if record.get("sha256") != actual or _recorded_sha256(weights) == actual:
+                continue  # not these weights' sidecar, or the one in place describes them
+            os.replace(tmp, side)
+        except (OSError, ValueError, CheckpointError):
+            continue
+        log.warning(
+            "completed the checkpoint save of %s that an interrupted process left half-done "
+            "(its weights were in place, its sidecar %s still in a temporary file)",
+            weights, side.name,
+        )  # fmt: skip
+        done.append(side)
+    return done
+
+
+def _recorded_sha256(weights: Path) -> str | None:
+    """The SHA-256 the sidecar of ``weights`` records (None: no usable sidecar)."""
+    try:
+        value = read_sidecar(weights).get("sha256")
+    except CheckpointError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -137,7 +137,6 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock or raise :class:`RunDirError` naming the process that holds it."""
-        import fcntl
 
         if self.key is not None:
             return self
@@ -177,10 +176,12 @@ class RunLock:
             previous = _lock_info(fd)
             pid = previous.get("pid")
             if isinstance(pid, int) and pid != os.getpid():
+                host = previous.get("host")
+                where = f" on host {host}" if host and host != socket.gethostname() else ""
                 log.warning(
-                    "stale lock in %s: process %s (%s) died without releasing it (killed?); "
-                    "taking the run directory over",
-                    self.path.parent, pid, previous.get("command", "?"),
+                    "stale lock in %s: process %s%s (%s) took it and ended without releasing "
+                    "it (killed?); nobody holds it now, taking the run directory over",
+                    self.path.parent, pid, where, previous.get("command", "?"),
                 )  # fmt: skip
             record = {
                 "pid": os.getpid(),
@@ -200,7 +201,6 @@ class RunLock:
     def holder(self) -> str | None:
         """The :class:`RunDirError` message if another process holds this lock now, else None
         (creates nothing: a folder without a lock file is not locked)."""
-        import fcntl
 
         with GUARD:
             try:

@@ -37,10 +37,11 @@ from typing import Any, Literal
 
 import yaml
 
+from fortify.config.loader import ConfigDumper, parse_yaml, plain
 from fortify.errors import RunDirError
 from fortify.runs.jsonio import dumps, write_json_atomic
 from fortify.runs.lock import GUARD, LOCK_NAME, RunLock
-from fortify.utils.atomic import atomic_write_text, check_writable_dir
+from fortify.utils.atomic import TEMP_RE, atomic_write_text, check_writable_dir
 from fortify.utils.clock import utc_now, utc_stamp
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 # transient file a writer creates and removes at once to test a folder; never run contents
 WRITE_PROBE_PREFIX = ".write-probe."
+# files of the run folder itself that are written atomically (through a temporary file)
+_RUN_FILES = ("config.yaml", "status.json", "metrics.jsonl")
+# the temporary file safetensors writes next to its target (Rust ``tempfile``: ".tmp" + 6)
+_ST_TEMP_RE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 
 Mode = Literal["new", "resume", "overwrite"]
 State = Literal["running", "finished", "failed"]
@@ -109,6 +114,39 @@ def _writing(path: Path) -> Iterator[None]:
             f"cannot write {path} ({exc.strerror or exc}); the previous version of the file is "
             "intact — free disk space / fix permissions and retry"
         ) from exc
+
+
+def _leftover(name: str, checkpoints: bool = False) -> bool:
+    """Whether ``name`` is the temporary file of an atomic write to a run file (in the run
+    folder, or any file in its ``checkpoints/`` folder) — left behind only by a killed writer."""
+    m = TEMP_RE.match(name)
+    if m is not None:
+        return checkpoints or m["target"] in _RUN_FILES
+    return checkpoints and _ST_TEMP_RE.match(name) is not None
+
+
+def _clean_leftovers(path: Path) -> None:
+    """Under the run directory's lock: finish checkpoint saves a killed process left between
+    their two renames, then remove the temporary files killed writers left behind."""
+    from fortify.runs.checkpoint import complete_interrupted_saves
+
+    ckpt = path / "checkpoints"
+    if ckpt.is_dir():
+        complete_interrupted_saves(ckpt)
+    removed = []
+    for folder, in_ckpt in ((path, False), (ckpt, True)):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if _leftover(p.name, in_ckpt) and p.is_file():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p.name)
+    if removed:
+        log.warning(
+            "removed %d temporary file(s) an interrupted process left in %s: %s",
+            len(removed), path, ", ".join(sorted(removed)),
+        )  # fmt: skip
 
 
 def check_tag(tag: object) -> str:
@@ -207,6 +245,7 @@ class RunDir:
                 )
                 cls._make_writable_dir(path)
                 lock = RunLock(path).acquire()
+            _clean_leftovers(path)
             run = cls(path)
             run._lock = lock
             if new_cfg is not None:
@@ -231,7 +270,9 @@ class RunDir:
             return sorted(
                 p.name
                 for p in path.iterdir()
-                if p.name != LOCK_NAME and not p.name.startswith(WRITE_PROBE_PREFIX)
+                if p.name != LOCK_NAME
+                and not p.name.startswith(WRITE_PROBE_PREFIX)
+                and not _leftover(p.name)
             )
         except OSError as exc:
             raise RunDirError(
@@ -356,7 +397,8 @@ class RunDir:
         """Atomically write ``config.yaml`` (keys in the given order)."""
         data = _config_to_dict(config)
         try:
-            text = yaml.safe_dump(json.loads(dumps(data, "config", indent=None)), sort_keys=False)
+            plain_data = json.loads(dumps(data, "config", indent=None))
+            text = yaml.dump(plain_data, Dumper=ConfigDumper, sort_keys=False)
         except (TypeError, ValueError) as exc:
             raise RunDirError(f"cannot write the run config: {exc}") from exc
         with _writing(self.config_path):
@@ -367,7 +409,7 @@ class RunDir:
         if not self.config_path.is_file():
             return None
         try:
-            data = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+            data = plain(parse_yaml(self.config_path.read_text(encoding="utf-8")))
         except (OSError, yaml.YAMLError) as exc:
             raise RunDirError(f"cannot read {self.config_path}: {exc}") from exc
         if data is not None and not isinstance(data, dict):
@@ -400,15 +442,24 @@ class RunDir:
         path = self.metrics_path
         prefix = ""
         with _writing(path):
-            if path.exists() and path.stat().st_size > 0:
+            size = path.stat().st_size if path.exists() else None
+            if size:
                 with open(path, "rb") as fh:
                     fh.seek(-1, os.SEEK_END)
                     if fh.read(1) != b"\n":
                         prefix = "\n"
-            with open(path, "a", encoding="utf-8") as fh:
-                fh.write(prefix + line + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                with open(path, "a", encoding="utf-8") as fh:
+                    fh.write(prefix + line + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError:  # e.g. a full disk part-way: take the partial line back out
+                with contextlib.suppress(OSError):
+                    if size is None:
+                        path.unlink()
+                    else:
+                        os.truncate(path, size)
+                raise
 
     def write_metrics(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Atomically replace ``metrics.jsonl`` with ``records``, one JSON line each (a resumed

@@ -1,6 +1,12 @@
-"""The rank-0 writer of a training run's checkpoints: ``last`` (model + training state, written
-first so a crash never leaves a checkpoint without its state), ``best``, with the run's
-metadata (config, compute record, data, world size) in every sidecar."""
+"""The rank-0 writer of a training run's checkpoints: the training state, then ``best`` (when
+the epoch improved), then ``last`` (model + training state), with the run's metadata (config,
+compute record, data, world size) in every sidecar.
+
+The order makes every crash recoverable: the state is written first, so ``last`` never lacks
+its state; ``best`` is written before ``last``, so a crash between them leaves ``last`` at the
+previous epoch and a resume retrains the epoch and writes the same ``best`` again (written
+after ``last``, a crash in between would leave ``best`` stale or missing for good, since the
+resumed state already counts the epoch as saved)."""
 
 from __future__ import annotations
 
@@ -68,11 +74,11 @@ class Checkpointer:
         written = None
         try:
             written = save_state(self.last, epoch, state)
+            if best:  # before 'last': see the module doc
+                save_checkpoint(self.best, module, self.meta(epoch, metrics, "best"))
             save_checkpoint(self.last, module, self.meta(epoch, metrics, "last"))
             written = None  # now part of the 'last' checkpoint
             prune_states(self.last, epoch)
-            if best:
-                save_checkpoint(self.best, module, self.meta(epoch, metrics, "best"))
         except (RunDirError, OSError, RuntimeError) as exc:
             if written is not None:  # a state file of an epoch 'last' never reached
                 written.unlink(missing_ok=True)

@@ -148,8 +148,9 @@ def fit(
 
     Args:
         cfg: the experiment (``data``, ``model``, ``defenses``, ``train`` sections are used).
-        run_dir: run directory (created for ``new``; must hold a ``last`` checkpoint for
-            ``resume``; wiped for ``overwrite``).
+        run_dir: run directory (created for ``new``; ``resume`` continues from its ``last``
+            checkpoint, or from the first epoch if it stopped before saving one; moved aside
+            for ``overwrite``).
         mode: ``new``, ``resume`` or ``overwrite``.
         splits: data to use instead of ``fortify.data.load_dataset(cfg.data...)``.
         model: a model to train instead of ``fortify.factory.build_model(...)`` (its checkpoint
@@ -180,8 +181,11 @@ def fit(
             RunDir.check_can_open(path, mode)
         if mode == "resume":
             _check_stored_config(path, cfg, force)
+        # a resume that finds no 'last' checkpoint starts over: build the model as a new run
+        last = path / "checkpoints" / "last.safetensors"
+        build_mode: Mode = "new" if mode == "resume" and not last.is_file() else mode
         t = _Training(
-            cfg, path, mode, info, objective, build(cfg, mode, info, splits, model),
+            cfg, path, mode, info, objective, build(cfg, build_mode, info, splits, model),
             progress=progress, force=force, callbacks=callbacks,
         )  # fmt: skip
         _open_run_dir(t)

@@ -21,12 +21,14 @@ from torch import nn
 
 from fortify.config.loader import to_dict
 from fortify.config.schema import ExperimentConfig
-from fortify.errors import CheckpointError, ConfigError, RunDirError
+from fortify.errors import CheckpointError, ConfigError
 from fortify.runs.rundir import RunDir
 from fortify.train.optim import LRSchedule
 from fortify.train.state import load_state, restore_rng
 
 log = logging.getLogger(__name__)
+
+_ABSENT = object()  # RESUME_LOCATIONS: a field left out of the fingerprint
 
 #: Epochs are numbered from 1 wherever people see them (metrics.jsonl, checkpoint metadata,
 #: training-state file names, logs, :class:`~fortify.train.loop.FitResult`); checkpoints
@@ -36,6 +38,15 @@ EPOCH_BASE = 1
 # Config fields that may differ on resume without --force (they do not change the result; the
 # experiment's ``name`` is a label that nothing in training reads).
 RESUME_IGNORED = ("name", "device", "train.tensorboard", "eval")
+#: Where and how the data are found, not which data: the data folder, permission to download
+#: a missing dataset (the canonical, checksummed files) and the folder of the decoded-image
+#: cache (hash-checked, so a hit equals decoding again). They may differ on resume too; the
+#: training fingerprint sees them at their defaults, so fingerprints stay as they were.
+RESUME_LOCATIONS: dict[str, Any] = {
+    "data.root": None,
+    "data.download": False,
+    "data.options.cache_dir": _ABSENT,
+}
 
 
 def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -52,13 +63,14 @@ def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
-def _ignored(path: str) -> bool:
-    return any(path == f or path.startswith(f + ".") for f in RESUME_IGNORED)
+def _ignored(path: str, fields: tuple[str, ...] = (*RESUME_IGNORED, *RESUME_LOCATIONS)) -> bool:
+    return any(path == f or path.startswith(f + ".") for f in fields)
 
 
 def training_changes(stored: Any, cfg: ExperimentConfig) -> list[str]:
     """Differences (``path: old -> new``) between a stored config dict and ``cfg`` that change
-    what is trained (the name, device, TensorBoard and the ``eval`` section do not)."""
+    what is trained (the name, device, TensorBoard, the ``eval`` section and where the data
+    are found, :data:`RESUME_LOCATIONS`, do not)."""
     return [d for d in config_diff(stored, to_dict(cfg)) if not _ignored(d.split(":")[0])]
 
 
@@ -68,8 +80,13 @@ def _trained_part(data: Any, prefix: str = "") -> Any:
     out = {}
     for k, v in data.items():
         path = f"{prefix}.{k}" if prefix else str(k)
-        if not _ignored(path):
-            out[str(k)] = _trained_part(v, path)
+        if _ignored(path, RESUME_IGNORED):
+            continue
+        if path in RESUME_LOCATIONS:  # at its default: the same hash as before it was ignored
+            if RESUME_LOCATIONS[path] is not _ABSENT:
+                out[str(k)] = RESUME_LOCATIONS[path]
+            continue
+        out[str(k)] = _trained_part(v, path)
     return out
 
 
@@ -274,20 +291,31 @@ def resume_point(
     On rank 0 (``run`` given) ``metrics.jsonl`` is made to list exactly the checkpointed
     epochs (:func:`_reconcile_metrics`).
 
+    A run without a ``last`` checkpoint (stopped before its first epoch was saved) starts
+    from the first epoch, as a new run would.
+
     Raises:
-        RunDirError: no ``last`` checkpoint.
         CheckpointError: a sidecar or training state a resume cannot use.
         ConfigError: another number of processes changes the global batch (without ``force``).
     """
     from fortify.runs import load_checkpoint
 
     tc = cfg.train
-    if not last_path.is_file():
-        raise RunDirError(
-            f"nothing to resume in {str(run_dir)!r}: no 'last' checkpoint ({last_path.name}; "
-            "the run stopped before its first epoch ended) — start over with --overwrite"
-        )
-    meta = load_checkpoint(last_path, module)
+    if not last_path.is_file():  # stopped before its first epoch was saved: nothing to load
+        if is_main:
+            log.warning(
+                "%s holds no 'last' checkpoint (the run stopped before its first epoch was "
+                "saved); training it from the first epoch",
+                run_dir,
+            )
+        return ResumePoint()
+    try:
+        meta = load_checkpoint(last_path, module)
+    except CheckpointError as exc:  # corrupt, truncated, or another architecture
+        raise CheckpointError(
+            f"{exc}; cannot resume from it — restore the file, or start over with --overwrite "
+            "(the run is moved aside, not deleted)"
+        ) from exc
     stored = meta.get("epoch") if isinstance(meta, dict) else None
     if isinstance(stored, bool) or not isinstance(stored, int) or stored < 0:
         raise CheckpointError(

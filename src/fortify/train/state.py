@@ -70,12 +70,22 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save_state(checkpoint: Path, epoch: int, state: dict[str, Any]) -> Path:
     """Atomically write ``state`` for ``epoch`` next to ``checkpoint``; return its path."""
     path = state_path(checkpoint, epoch)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: a failed write stays an OSError in the chain
+            torch.save(state, fh)
+
     try:
-        atomic_write_with(path, lambda tmp: torch.save(state, tmp))
+        atomic_write_with(path, write)
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
+        reason = f"{type(exc).__name__}: {exc}"
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, OSError) and cause.strerror:
+            reason = cause.strerror  # "No space left on device", not torch's "unexpected pos"
         raise RunDirError(
-            f"cannot write the training state {str(path)!r} ({type(exc).__name__}: {exc}); "
-            "no file was replaced"
+            f"cannot write the training state {str(path)!r} ({reason}); no file was replaced"
         ) from exc
     return path
 

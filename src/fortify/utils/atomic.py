@@ -1,35 +1,57 @@
 """Atomic file writes: write to a temporary file in the same folder, fsync, then rename.
 
 A process killed at any moment leaves either the previous file or the new one, never a
-truncated mix.
+truncated mix. A write that fails (a full disk, ``ulimit -f``, permissions) raises an
+``OSError`` whose ``filename`` is the file that was to be written, not the temporary one, and
+leaves no temporary file behind. A process killed by SIGKILL can leave its temporary file
+(``.<name>.<8 random characters>.tmp``, see :data:`TEMP_RE`); the next writer of a run directory
+removes such leftovers (:meth:`fortify.runs.RunDir.open`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+#: Names of the temporary files :func:`atomic_path` creates (``mkstemp``'s eight random
+#: characters); group ``target`` is the name of the file being written.
+TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed over ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file is removed and ``path`` is left untouched; an
+    ``OSError`` (raised by the body or by the final fsync / rename) is re-raised naming
+    ``path`` (its ``errno`` and ``strerror`` kept), so that messages say which file could not
+    be written rather than naming the temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            # mkstemp makes 0600 files, and some writers (safetensors) replace the file with
+            # their own 0600 one: give the result the usual permissions
+            os.chmod(tmp_path, 0o666 & ~_umask())
+            with open(tmp_path, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, path)
+        except OSError as exc:
+            if exc.errno is None or exc.filename not in (None, str(tmp_path), tmp_path):
+                raise
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         with contextlib.suppress(OSError):  # make the rename durable where supported
             dir_fd = os.open(path.parent, os.O_RDONLY)
             try:
@@ -39,6 +61,35 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back until the block ends, then deliver them.
+
+    For writes that must not stop half-way (the two files of a checkpoint): Ctrl-C or a
+    ``kill`` during the block takes effect right after it. Only the main thread can install
+    signal handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is None:  # installed outside Python: it could not be put back
+            continue
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(sig, lambda signum, frame: pending.append(signum))
+            previous[sig] = handler
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 def _umask() -> int:
