@@ -535,3 +535,20 @@ def test_truncated_reports_are_named_by_report_and_compare(tmp_path: Path, capsy
         rc, err = cli_err(capsys, *argv, "--out", str(out))
         assert rc == 2 and "bad.json is not a valid fortify eval.json" in err, err
         assert out.read_text() == "earlier output\n"
+
+
+def test_a_run_whose_last_checkpoint_was_deleted_is_not_restarted(
+    reference: Path, tmp_path: Path, capsys
+) -> None:
+    """Only a run that stopped during its first epoch's save starts over on resume; a run
+    with later epochs whose ``last`` is gone (deleted, not copied) is refused, nothing changed."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    for p in (run / "checkpoints").glob("last.*"):
+        if p.suffix in (".safetensors", ".json"):
+            p.unlink()
+    before = snapshot(run)
+    rc, err = cli_err(capsys, "train", "--resume", str(run), "--no-progress")
+    assert rc != 0
+    assert "last" in err and "missing" in err and "--overwrite" in err, err
+    assert snapshot(run) == before

@@ -15,7 +15,7 @@ from fortify.config import ExperimentConfig, load_config
 from fortify.runs import RunDir
 from fortify.train import NonFiniteLossError, fit
 
-HUGE_LR = "train.lr=1000000"  # (YAML reads 1e6 as a string)
+HUGE_LR = "train.lr=1e6"
 ADVICE = r"train\.lr.*train\.grad_clip"
 
 

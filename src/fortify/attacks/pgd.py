@@ -24,6 +24,7 @@ Two semantics for iterative attacks:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic
@@ -125,27 +126,49 @@ def _budget(eps: float, dtype: torch.dtype) -> float:
 _Box = tuple[torch.Tensor, torch.Tensor]
 
 
+def _float64_device(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or a CPU copy on a device without float64 (Apple MPS)."""
+    return x.cpu() if x.device.type == "mps" else x
+
+
 def _linf_box(x: torch.Tensor, eps: float) -> _Box:
     """Per pixel, the bounds ``(lo, hi)`` in [0, 1] of the L∞ ball around ``x``, exactly: the
     values ``v`` of ``x``'s dtype with ``|v − x| <= e`` in float64, ``e`` the largest value of
     the dtype not above ``eps``. So ``|v − x|`` passes ``<= eps`` however it is computed (in
     ``x``'s dtype or in float64) and compared (in the dtype or as a Python float); ``x ± eps``
-    rounded to the nearest pixel value can lie one unit in the last place outside."""
+    rounded to the nearest pixel value can lie one unit in the last place outside. Computed
+    once per attack call (on the CPU for a device without float64)."""
+    xs = _float64_device(x)
     lim = _budget(eps, x.dtype)
-    xw = x.double()
-    hi, lo = x + lim, x - lim
+    xw = xs.double()
+    hi, lo = xs + lim, xs - lim
     while True:  # a bound rounded outwards steps back once; a bound at x would be inside
         up, down = hi.double() - xw > lim, xw - lo.double() > lim
         if not bool(up.any() or down.any()):
-            return lo.clamp_(min=0.0), hi.clamp_(max=1.0)
-        hi = torch.where(up, torch.nextafter(hi, x), hi)
-        lo = torch.where(down, torch.nextafter(lo, x), lo)
+            return lo.clamp_(min=0.0).to(x.device), hi.clamp_(max=1.0).to(x.device)
+        hi = torch.where(up, torch.nextafter(hi, xs), hi)
+        lo = torch.where(down, torch.nextafter(lo, xs), lo)
+
+
+def _l2_radius(eps: float, x: torch.Tensor) -> float | None:
+    """The radius a float32/float64 L2 projection scales to so that the rounded pixels stay in
+    the ε-ball without a check: ``eps`` less the rounding of the norm (relative, ≤ (log₂ d + 8)
+    units) and of the d pixel sums ``x + δ`` (absolute, ≤ √d units; pixels ≤ 1), both doubled
+    (≈ 1e-5 of ε for 3×32×32 float32 images). None for half precisions: their unit is too
+    coarse, :func:`_fit_l2_` checks those after every projection."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return None
+    u = torch.finfo(x.dtype).eps / 2
+    d = max(1, x[0].numel()) if len(x) else 1
+    return eps * (1.0 - 2 * (math.log2(d) + 8) * u) - 2 * math.sqrt(d) * u
 
 
 def _fit_l2_(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     """Shrink in place towards ``x`` the points whose L2 distance to ``x``, computed in ``x``'s
     dtype or in float64, exceeds ``eps`` by rounding (the pixels are rounded after the
     projection scales the perturbation); they end a few units in the last place inside."""
+    if x_adv.device.type == "mps":  # no float64 there: fit a CPU copy, write it back
+        return x_adv.copy_(_fit_l2_(x_adv.cpu(), x.cpu(), eps))
     tiny = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     cap = eps * (1.0 - 8 * tiny)
     for k in range(64):  # the factor reaches 0 (x_adv = x) long before the last round
@@ -169,8 +192,10 @@ def _project_(
     if norm == "linf":
         assert box is not None
         return delta.clamp_(-eps, eps).add_(x).clamp_(min=box[0], max=box[1])
-    delta.mul_(torch.clamp(eps / (_per_sample_norm(delta) + _TINY), max=1.0))
-    return _fit_l2_(delta.add_(x).clamp_(0.0, 1.0), x, eps)
+    radius = _l2_radius(eps, x)
+    delta.mul_(torch.clamp((radius or eps) / (_per_sample_norm(delta) + _TINY), max=1.0))
+    x_adv = delta.add_(x).clamp_(0.0, 1.0)
+    return x_adv if radius is not None else _fit_l2_(x_adv, x, eps)  # no sync per step
 
 
 def _random_start(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch import nn
 
 from fortify.config.loader import to_dict
 from fortify.config.schema import ExperimentConfig
-from fortify.errors import CheckpointError, ConfigError
+from fortify.errors import CheckpointError, ConfigError, RunDirError
 from fortify.runs.rundir import RunDir
 from fortify.train.optim import LRSchedule
 from fortify.train.state import load_state, restore_rng
@@ -270,6 +271,37 @@ class ResumePoint:
     global_step: int = 0
 
 
+def _progress_without_last(run_dir: Path, last_path: Path) -> list[str]:
+    """What shows that a run without ``last_path`` finished more than its first epoch: a
+    training state, a ``best`` sidecar or a ``metrics.jsonl`` record of epoch 2 or later. (A
+    kill during the first epoch's save can leave epoch 1's state, ``best`` and record behind;
+    training from the first epoch rewrites them.)"""
+    found = []
+    folder = last_path.parent
+    states = folder.glob("*.state-*.pt") if folder.is_dir() else []
+    for p in sorted(states):
+        m = re.search(r"\.state-(\d+)\.pt$", p.name)
+        if m and int(m.group(1)) >= 2:
+            found.append(f"checkpoints/{p.name}")
+    records: list[Any] = []
+    for path, per_line in ((folder / "best.json", False), (run_dir / "metrics.jsonl", True)):
+        try:
+            text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        except OSError:
+            continue
+        for chunk in text.splitlines() if per_line else [text]:
+            try:
+                records.append((path.name, json.loads(chunk)))
+            except ValueError:
+                continue
+    for name, rec in records:
+        epoch = rec.get("epoch") if isinstance(rec, dict) else None
+        if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 2:
+            found.append(f"{name} (epoch {epoch})")
+            break
+    return found
+
+
 def resume_point(
     run_dir: Path,
     last_path: Path,
@@ -291,10 +323,12 @@ def resume_point(
     On rank 0 (``run`` given) ``metrics.jsonl`` is made to list exactly the checkpointed
     epochs (:func:`_reconcile_metrics`).
 
-    A run without a ``last`` checkpoint (stopped before its first epoch was saved) starts
+    A run without a ``last`` checkpoint that shows no progress either (no other checkpoint
+    file, no epoch in ``metrics.jsonl``: it stopped before its first epoch was saved) starts
     from the first epoch, as a new run would.
 
     Raises:
+        RunDirError: no ``last`` checkpoint in a run that has progress (it was deleted).
         CheckpointError: a sidecar or training state a resume cannot use.
         ConfigError: another number of processes changes the global batch (without ``force``).
     """
@@ -302,6 +336,14 @@ def resume_point(
 
     tc = cfg.train
     if not last_path.is_file():  # stopped before its first epoch was saved: nothing to load
+        progress = _progress_without_last(run_dir, last_path)
+        if progress:
+            raise RunDirError(
+                f"cannot resume {str(run_dir)!r}: its 'last' checkpoint ({last_path.name}) is "
+                f"missing but the run has progress ({', '.join(progress)}), so it was deleted "
+                "or not copied; restore it, or start over with --overwrite (the run is moved "
+                "aside, not deleted)"
+            )
         if is_main:
             log.warning(
                 "%s holds no 'last' checkpoint (the run stopped before its first epoch was "

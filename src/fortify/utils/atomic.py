@@ -86,8 +86,18 @@ def deferred_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        # block both while the handlers go back, so a signal arriving in between cannot stop
+        # the loop half-way (leaving the other signal collected here for good); the OS
+        # delivers it to the restored handler when unblocked
+        block = getattr(signal, "pthread_sigmask", None)
+        if block is not None and previous:
+            block(signal.SIG_BLOCK, set(previous))
+        try:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        finally:
+            if block is not None and previous:
+                block(signal.SIG_UNBLOCK, set(previous))
         for signum in dict.fromkeys(pending):
             signal.raise_signal(signum)
 
