@@ -23,6 +23,7 @@ from torch import nn
 from fortify.config.loader import to_dict
 from fortify.config.schema import ExperimentConfig
 from fortify.errors import CheckpointError, ConfigError, RunDirError
+from fortify.runs.checkpoint import read_sidecar
 from fortify.runs.rundir import RunDir
 from fortify.train.optim import LRSchedule
 from fortify.train.state import load_state, restore_rng
@@ -283,22 +284,14 @@ def _progress_without_last(run_dir: Path, last_path: Path) -> list[str]:
         m = re.search(r"\.state-(\d+)\.pt$", p.name)
         if m and int(m.group(1)) >= 2:
             found.append(f"checkpoints/{p.name}")
-    records: list[Any] = []
-    for path, per_line in ((folder / "best.json", False), (run_dir / "metrics.jsonl", True)):
-        try:
-            text = path.read_text(encoding="utf-8") if path.is_file() else ""
-        except OSError:
-            continue
-        for chunk in text.splitlines() if per_line else [text]:
-            try:
-                records.append((path.name, json.loads(chunk)))
-            except ValueError:
-                continue
-    for name, rec in records:
-        epoch = rec.get("epoch") if isinstance(rec, dict) else None
-        if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 2:
-            found.append(f"{name} (epoch {epoch})")
-            break
+    epochs = [r.get("epoch") for r in RunDir(run_dir).read_metrics()]
+    try:
+        epochs.append(read_sidecar(folder / "best.safetensors").get("epoch"))
+    except (CheckpointError, OSError):  # no or unreadable 'best': nothing shown by it
+        pass
+    later = [e for e in epochs if isinstance(e, int) and not isinstance(e, bool) and e >= 2]
+    if later:
+        found.append(f"epoch {max(later)} recorded")
     return found
 
 
