@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _former_compute(self: Any, model: Any, x: Any, y: Any, x_adv: Any, ctx: Any) -> Any:
+def _former_compute(self: Any, model: Any, b: Any, ctx: Any) -> Any:
     """fortify's former MART loss: boosted term −log(1 − max wrong p + 1e-12)."""
-    from fortify.train.objectives.base import accuracy, forward_aux, kl_clean_adv, with_aux
+    from fortify.train.objectives.base import accuracy, clean_and_adv, kl_clean_adv, with_aux
 
-    logits_clean = model(x)
-    logits_adv, terms = forward_aux(model, x_adv, y, x_clean=x)
+    logits_clean, logits_adv, terms = clean_and_adv(model, b)
+    y = b.y
     p_adv = F.softmax(logits_adv.float(), dim=1)
     ce = F.cross_entropy(logits_adv.float(), y)
     wrong = p_adv.scatter(1, y[:, None], -1.0).amax(1)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import tiny_cnn
 from torch import nn
 
 from fortify import stats
@@ -27,10 +28,7 @@ EPS = 0.1
 
 
 def _cnn(k: int = 3) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, k)
-    ).eval()
+    return tiny_cnn(k)
 
 
 @pytest.fixture()

@@ -13,6 +13,7 @@ import pytest
 
 # the tiny AT run (digits 8×8, small-cnn width 4) and the fast RiFT options of the pipeline tests
 from test_rift_pipeline import _opts, at_run  # noqa: F401 - at_run is a fixture
+from tiny_runs import forbid_work
 
 from fortify.errors import ConfigError, RunDirError
 
@@ -165,17 +166,7 @@ def _t1_args(*argv: str) -> argparse.Namespace:
 
 
 def _no_work(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make any training or data loading fail the test: the checks must come first."""
-    import fortify.data
-    from fortify.replicate import _feature_table, fsr_table1, rift_table1
-
-    def boom(*a: object, **k: object) -> None:
-        raise AssertionError("work started before the output paths were checked")
-
-    monkeypatch.setattr(fortify.data, "load_from_config", boom)
-    monkeypatch.setattr(fortify.data, "load_dataset", boom)
-    for module in (_feature_table, fsr_table1, rift_table1):
-        monkeypatch.setattr(module, "train_or_reuse", boom)
+    forbid_work(monkeypatch, "the output paths")
 
 
 @pytest.mark.parametrize("option", ["--doc", "--per-seed-dir", "--out"])

@@ -92,7 +92,7 @@ def test_resume_with_an_empty_config_says_so(run_copy: Path, capsys: pytest.Capt
     (run_copy / "config.yaml").write_text("")
     before = snapshot(run_copy)
     rc, err = _cli(capsys, "train", "--resume", str(run_copy))
-    assert rc == 2 and "config.yaml is empty" in err, err
+    assert rc == 2 and "config.yaml' is empty" in err, err
     assert "no config.yaml" not in err
     assert snapshot(run_copy) == before
 

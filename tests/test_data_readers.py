@@ -153,7 +153,7 @@ def test_validation_split_rules(tmp_path):
     assert len(load_dataset("mnist", str(tmp_path), val_size=1000).val) == 10
     with pytest.raises(DataError, match="val_size"):
         load_dataset("mnist", str(tmp_path), val_size=-1)
-    full = ImageSet(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.zeros(10))
+    full = ImageSet(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
     with pytest.raises(DataError, match=r"val_size must be in \[0, 9\]"):
         split_validation(full, 10, 0)
     sub = load_dataset("mnist", str(tmp_path), val_size=8, train_subset=5, test_subset=3)

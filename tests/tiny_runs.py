@@ -1,4 +1,5 @@
-"""Shared by the bad-input tests: a tiny training config and a byte snapshot of a run folder."""
+"""Shared by the bad-input tests: a tiny training config, a byte snapshot of a run folder, a tiny
+CNN and a guard that fails a test if a replicate command starts work before checking its options."""
 
 from __future__ import annotations
 
@@ -42,3 +43,30 @@ def cli_err(capsys: Any, *argv: str) -> tuple[int, str]:
 
     rc = main(list(argv))
     return rc, capsys.readouterr().err
+
+
+def tiny_cnn(k: int = 3) -> Any:
+    """A seeded 1×8×8 → ``k``-logit CNN in eval mode."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, k)
+    ).eval()
+
+
+def forbid_work(monkeypatch: Any, what: str) -> None:
+    """Make any training, data loading or estimate fail the test with "work started before
+    ``what`` were checked": the replicate commands must check their options first."""
+    import fortify.data
+    from fortify.replicate import _feature_table, fsr_table1, rift_table1
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError(f"work started before {what} were checked")
+
+    monkeypatch.setattr(fortify.data, "load_from_config", boom)
+    monkeypatch.setattr(fortify.data, "load_dataset", boom)
+    for module in (_feature_table, fsr_table1, rift_table1):
+        monkeypatch.setattr(module, "train_or_reuse", boom)
+    monkeypatch.setattr(_feature_table, "estimate", boom)

@@ -114,7 +114,10 @@ def as_outcomes(x: Any, what: str = "outcomes") -> np.ndarray:
         x = x.detach().cpu().numpy()
     arr = np.asarray(x)
     if arr.ndim != 1:
-        raise DataError(f"{what} must be a 1-D array of per-point outcomes, got shape {arr.shape}")
+        raise DataError(
+            f"{what} must be a 1-D array of per-point outcomes, got {type(x).__name__} of shape "
+            f"{arr.shape}"
+        )
     if arr.size == 0:
         raise DataError(f"{what} is empty; at least one point is needed")
     if arr.dtype == np.bool_:
@@ -128,8 +131,8 @@ def as_outcomes(x: Any, what: str = "outcomes") -> np.ndarray:
     return arr.astype(np.int8)
 
 
-def _pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
-    a_, b_ = as_outcomes(a, "a"), as_outcomes(b, "b")
+def _pair(a: Any, b: Any, names: tuple[str, str] = ("a", "b")) -> tuple[np.ndarray, np.ndarray]:
+    a_, b_ = as_outcomes(a, names[0]), as_outcomes(b, names[1])
     if a_.shape != b_.shape:
         raise ComparisonError(
             f"a and b must be outcomes on the same points; got {a_.size} and {b_.size} points"
@@ -248,7 +251,7 @@ def seed_point_bootstrap(
         raise ComparisonError("no seeds given; at least one (A, B) pair of outcomes is needed")
     rows: list[Any] = []
     for s, (a, b) in enumerate(zip(a_per_seed, b_per_seed)):
-        a_, b_ = _pair(a, b)
+        a_, b_ = _pair(a, b, (f"a_per_seed[{s}]", f"b_per_seed[{s}]"))
         if rows and a_.size != rows[0].size:
             raise ComparisonError(
                 f"seed index {s} has {a_.size} points but seed index 0 has {rows[0].size}; "
@@ -311,8 +314,15 @@ class MeanSd:
 def mean_sd(values: Sequence[float]) -> MeanSd:
     """Mean ± sample sd over seeds (e.g. accuracies in %). Raises :class:`DataError` if
     ``values`` is not a sequence of numbers, or is empty or non-finite."""
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise DataError(f"mean_sd needs a list of numbers, got {type(values).__name__}")
+    if (
+        isinstance(values, (str, bytes, dict))
+        or not hasattr(values, "__iter__")
+        or getattr(values, "ndim", 1) != 1
+    ):
+        shape = f" of shape {tuple(values.shape)}" if hasattr(values, "shape") else ""
+        raise DataError(
+            f"mean_sd needs a list of numbers (or a 1-D array), got {type(values).__name__}{shape}"
+        )
     items = list(values)
     floats = []
     for v in items:

@@ -10,12 +10,14 @@ from torch import nn
 
 from fortify.attacks.options import AttackOptions, FGSMOptions, PGDOptions
 from fortify.attacks.pgd import fgsm, pgd
+from fortify.errors import ConfigError
 
 
 class Attack:
     """Base class: holds the model and its :attr:`options` (an
     :class:`~fortify.attacks.options.AttackOptions`, whose fields read and write as attributes:
-    ``atk.eps``); ``attack(x, y)`` returns adversarial images."""
+    ``atk.eps``, validated when set: a bad value raises
+    :class:`~fortify.errors.ConfigError` there); ``attack(x, y)`` returns adversarial images."""
 
     options: AttackOptions
 
@@ -45,6 +47,13 @@ class Attack:
         if name in self._option_names():
             value = dataclasses.replace(self.__dict__["options"], **{name: value})
             name = "options"
+        if name == "options":  # a bad setting is refused where it is set, not at the next call
+            if not isinstance(value, AttackOptions):
+                raise ConfigError(
+                    f"options must be an AttackOptions (PGDOptions, FGSMOptions), got "
+                    f"{type(value).__name__}"
+                )
+            value.validate()
         super().__setattr__(name, value)
 
     def __repr__(self) -> str:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch
 
 from fortify.attacks.losses import LOSSES
@@ -21,6 +22,22 @@ from fortify.errors import ConfigError
 
 NORMS = ("linf", "l2")
 MODES = ("final", "best", "both")
+
+
+def plain_scalar(value: object) -> object:
+    """A NumPy scalar (``np.float32(0.03)``, ``np.int64(10)``) or a one-element 0-d tensor
+    without gradient as the Python number it holds; anything else unchanged (to be checked)."""
+    if isinstance(value, np.generic) and isinstance(value.item(), (bool, int, float)):
+        return value.item()
+    if (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 0
+        and not value.requires_grad
+        and not value.is_complex()
+        and value.device.type != "meta"
+    ):
+        return value.item()
+    return value
 
 
 def check_number(value: object, what: str, low: float, high: float, *, open_low: bool) -> float:
@@ -61,6 +78,10 @@ def check_loss(loss: object, kappa: object) -> None:
 _O = TypeVar("_O", bound="AttackOptions")
 
 
+def _plain(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: plain_scalar(v) for k, v in settings.items()}
+
+
 @dataclass(frozen=True)
 class AttackOptions:
     """Base of the attacks' options: :meth:`build` from keyword arguments, :meth:`validate`."""
@@ -87,11 +108,11 @@ class AttackOptions:
                     f"options must be a {cls.__name__} for {cls.KIND}, got "
                     f"{type(options).__name__}; pass {cls.__name__}(...) or keyword settings"
                 )
-            return dataclasses.replace(options, **settings)
+            return dataclasses.replace(options, **_plain(settings))
         missing = [n for n in cls.REQUIRED if n not in settings]
         if missing:
             raise TypeError(f"{cls.KIND} needs the keyword argument(s) {', '.join(missing)}")
-        return cls(**settings)
+        return cls(**_plain(settings))
 
     def validate(self) -> None:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
@@ -198,4 +219,5 @@ __all__ = [
     "check_loss",
     "check_norm",
     "check_number",
+    "plain_scalar",
 ]

@@ -34,7 +34,7 @@ from torch import nn
 
 from fortify.attacks.inputs import Opts, first_forward, prepared
 from fortify.attacks.losses import attack_loss
-from fortify.attacks.options import FGSMOptions, PGDOptions
+from fortify.attacks.options import FGSMOptions, PGDOptions, check_flag
 from fortify.errors import ConfigError, DataError, EvaluationError
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,8 @@ def _logits(
     model: nn.Module, x: torch.Tensor, max_label: int = -1, first: bool = False
 ) -> torch.Tensor:
     """``model(x)`` checked to be logits (N, K); on the ``first`` pass of an attack model errors
-    are explained (:func:`~fortify.attacks.inputs.first_forward`) and the logits must be float
-    and finite (one cheap check per attack, not per step)."""
+    are explained (:func:`~fortify.attacks.inputs.first_forward`) and the logits must be float,
+    finite, on ``x``'s device and of K >= 2 classes (one cheap check per attack, not per step)."""
     out = first_forward(model, x) if first else model(x)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
@@ -82,6 +82,16 @@ def _logits(
             "wrap the model so that forward(x) returns logits only"
         )
     if first:
+        if out.device != x.device:
+            raise EvaluationError(
+                f"the model returned logits on device {out.device} for images on {x.device}; "
+                "move the model and the images to the same device"
+            )
+        if out.shape[1] < 2:
+            raise EvaluationError(
+                f"the model returned {out.shape[1]} logit(s) per image; attacks need logits "
+                "(N, K) with K >= 2 classes"
+            )
         if not out.is_floating_point():
             raise EvaluationError(
                 f"the model returned logits of dtype {out.dtype}; attacks need float logits "
@@ -382,6 +392,7 @@ class AttackFunction(Generic[Opts]):
         options: Opts | None = None,
         **settings: Any,
     ) -> AttackResult:
+        check_flag(need_success, "need_success")
         opts, y, target, max_label = prepared(
             self.options_cls, model, options, settings, x, y, target
         )

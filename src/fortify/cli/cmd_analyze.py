@@ -127,6 +127,12 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in counts:
         if value < 1:
             raise ConfigError(f"{flag} must be an integer >= 1, got {value}")
+    bad_k = [k for k in args.k or [] if not 1 <= k <= args.memory]
+    if bad_k:
+        raise ConfigError(
+            f"--k must be an integer in [1, --memory={args.memory}] (neighbours among the "
+            f"memory images), got {bad_k[0]}"
+        )
     if args.eps is not None and not (math.isfinite(args.eps) and 0 < args.eps <= 1):
         raise ConfigError(
             f"--eps must be a number in (0, 1] (L∞ radius in pixel units), got {args.eps}"

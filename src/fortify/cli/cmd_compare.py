@@ -79,13 +79,13 @@ def compare_paths(a: Path, b: Path, args: argparse.Namespace, labels: tuple[str,
 
 
 def run(args: argparse.Namespace) -> int:
-    from fortify.cli.cmd_report import check_output_file, run_label
+    from fortify.cli.cmd_report import check_output_file, input_reports, run_label
     from fortify.utils.atomic import atomic_write_text
 
     compare_columns(args)
     for flag, path in (("--out", args.out), ("--json", args.json)):
         if path:
-            check_output_file(path, flag)
+            check_output_file(path, flag, input_reports([args.a, args.b], args.suite))
     a, b = Path(args.a), Path(args.b)
     la, lb = run_label(a), run_label(b)
     if la == lb:

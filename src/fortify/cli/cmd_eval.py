@@ -197,6 +197,11 @@ def check_eval_args(args: argparse.Namespace) -> None:
     get_suite(args.suite)  # an unknown suite fails before the model and data are loaded
     if args.eps is not None and not (math.isfinite(args.eps) and args.eps > 0):
         raise ConfigError(f"--eps must be a positive number in pixel units, got {args.eps}")
+    if args.eps is not None and args.norm == "linf" and args.eps > 1:
+        raise ConfigError(
+            f"--eps must be in (0, 1] for --norm linf (pixel units: 8/255 is 0.0314), got "
+            f"{args.eps}"
+        )
     if args.eps is None and args.norm == "l2":
         raise ConfigError("--norm l2 needs an explicit --eps (the dataset default is an L∞ budget)")
 

@@ -61,14 +61,34 @@ def find_report(run: Path, suite: str | None) -> Path:
     raise RunDirError(f"no {name} in {run}/reports or {run}; run `fortify eval {run}` first")
 
 
-def check_output_file(path: str, flag: str) -> None:
+def input_reports(runs: list[str], suite: str | None) -> list[Path]:
+    """The report files that ``runs`` name (:func:`find_report`), those that exist."""
+    from fortify.errors import RunDirError
+
+    found = []
+    for run in runs:
+        try:
+            found.append(find_report(Path(run), suite))
+        except RunDirError:
+            continue  # reported when the reports are read
+    return found
+
+
+def check_output_file(path: str, flag: str, reads: list[Path] | None = None) -> None:
     """Before any work: ``path`` must name a file (not a folder) whose folder exists or can be
-    created and is writable (RunDirError naming ``flag`` otherwise)."""
+    created and is writable, and not one of the files ``reads`` that the command reads
+    (RunDirError naming ``flag`` otherwise)."""
     from fortify.errors import RunDirError
     from fortify.utils.atomic import check_writable_dir
 
     if Path(path).is_dir():
         raise RunDirError(f"{flag} {path!r} is a folder; give a file name (e.g. report.md)")
+    target = Path(path).expanduser().resolve()
+    if any(target == p.resolve() for p in reads or []):
+        raise RunDirError(
+            f"{flag} {path!r} is one of the reports this command reads; writing there would "
+            "replace it: give another file name (e.g. comparison.md)"
+        )
     check_writable_dir(Path(path).expanduser().parent, f"folder of {flag}")
 
 
@@ -110,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     columns = compare_columns(args)  # checked with or without --compare
     if args.out:
-        check_output_file(args.out, "--out")
+        check_output_file(args.out, "--out", input_reports(args.runs, args.suite))
     if args.compare and len(args.runs) < 2:
         raise ConfigError("--compare needs at least two runs (the first is the baseline)")
     reports = {}

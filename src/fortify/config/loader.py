@@ -15,6 +15,7 @@ every number field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -82,9 +83,57 @@ def _use_decimal_floats(cls: Any) -> None:
     cls.yaml_implicit_resolvers = table
 
 
+#: The most values (scalars, lists, mappings) a config may hold once aliases are expanded: far
+#: above any real config, far below what ``a: &a [..]`` nested ten times (10⁹ values) makes.
+MAX_VALUES = 100_000
+
+
 class ConfigLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML is untyped
     """PyYAML's safe loader (plain data, no Python objects) reading numbers as YAML 1.2 does:
-    the loader of config files, ``section.field=value`` overrides and ``--model-arg`` values."""
+    the loader of config files, ``section.field=value`` overrides and ``--model-arg`` values.
+
+    A document whose aliases (``*a``) make it refer to itself or expand to more than
+    :data:`MAX_VALUES` values is refused (``yaml.YAMLError``): copying it would never end.
+    """
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Raise ``yaml.YAMLError`` when ``root`` contains itself or expands past MAX_VALUES."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise yaml.YAMLError(
+                f"an alias refers to a collection that contains it ({node.start_mark}); a "
+                "config must be a finite tree of values"
+            )
+        open_nodes.add(key)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        total = 1 + sum(size(child) for child in children)
+        open_nodes.discard(key)
+        if total > MAX_VALUES:
+            raise yaml.YAMLError(
+                f"the document expands to more than {MAX_VALUES} values (aliases * repeating "
+                "anchored collections &); a config is small: write the values out"
+            )
+        sizes[key] = total
+        return total
+
+    size(root)
 
 
 def _construct_float(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
@@ -241,8 +290,15 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         where = f"section {path!r}" if path else "the top level"
+        close = {
+            u: difflib.get_close_matches(u, list(fields), n=1, cutoff=0.6)
+            for u in unknown
+            if isinstance(u, str)
+        }
+        guesses = [f"{m[0]!r} for {u!r}" for u, m in close.items() if m]
+        hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
         raise ConfigError(
-            f"unknown field(s) {unknown} in {where}; allowed fields: {sorted(fields)}"
+            f"unknown field(s) {unknown} in {where}{hint}; allowed fields: {sorted(fields)}"
         )
     kwargs = {}
     for name, value in data.items():
@@ -259,6 +315,10 @@ def _parse_scalar(text: str, item: str) -> Any:
         return ""
     try:
         return parse_yaml(text)
+    except RecursionError:
+        raise ConfigError(
+            f"override {item!r}: the value is nested too deeply to be a config value"
+        ) from None
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
@@ -288,7 +348,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; an empty file is an empty mapping.
+    """Read a non-empty YAML mapping (an empty file is a :class:`ConfigError`).
 
     Only plain YAML is read (:class:`ConfigLoader`, a ``yaml.SafeLoader``: no Python objects,
     no code); numbers as YAML 1.2 reads them (``5e-4`` is a number).
@@ -313,7 +373,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except RecursionError as exc:
         raise ConfigError(f"config file {str(path)!r} is nested too deeply") from exc
     if data is None:
-        data = {}
+        raise ConfigError(
+            f"config file {str(path)!r} is empty (or holds only comments): a config sets at "
+            "least one field (without --config the built-in defaults apply)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     bad = [k for k in data if not isinstance(k, str)]

@@ -18,6 +18,9 @@ class ImageSet:
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
+        for what, t in (("images", self.images), ("labels", self.labels)):
+            if not isinstance(t, torch.Tensor):
+                raise DataError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise DataError(
                 f"images must be a uint8 tensor (N, C, H, W); got {self.images.dtype} "
@@ -28,7 +31,12 @@ class ImageSet:
                 f"labels must be 1-D with one entry per image ({len(self.images)}), "
                 f"got shape {tuple(self.labels.shape)}"
             )
-        self.labels = self.labels.long()
+        lab = self.labels
+        if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+            raise DataError(f"labels must hold integer class indices (int64), got {lab.dtype}")
+        if len(lab) and int(lab.min()) < 0:
+            raise DataError(f"labels must be class indices >= 0, got {int(lab.min())}")
+        self.labels = lab.long()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -38,7 +46,10 @@ class ImageSet:
         return ImageSet(self.images[index], self.labels[index])
 
     def head(self, n: int | None) -> ImageSet:
-        """The first ``n`` items (all when ``n`` is None)."""
+        """The first ``n`` items (all when ``n`` is None); :class:`DataError` unless ``n`` is
+        None or an integer >= 0."""
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise DataError(f"the number of items must be None (all) or an integer >= 0, got {n!r}")
         return self if n is None or n >= len(self) else self.subset(slice(0, n))
 
     def floats(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

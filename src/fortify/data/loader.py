@@ -34,6 +34,7 @@ from fortify.data.augment import (
 )
 from fortify.data.base import ImageSet
 from fortify.errors import DataError
+from fortify.utils.runtime import resolve_device
 from fortify.utils.shapes import as_hw
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     """A CPU generator seeded by a well-mixed hash of ``(seed, epoch, stream)``."""
     state = np.random.SeedSequence([seed % 2**63, epoch % 2**63, stream]).generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _not_int(value: object) -> bool:
+    """True unless ``value`` is an int (a bool is not a count)."""
+    return isinstance(value, bool) or not isinstance(value, int)
 
 
 class TensorLoader:
@@ -83,12 +89,17 @@ class TensorLoader:
     ) -> None:
         if not isinstance(data, ImageSet):
             raise DataError(f"TensorLoader needs an ImageSet, got {type(data).__name__}")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if _not_int(batch_size) or batch_size < 1:
             raise DataError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if not isinstance(world_size, int) or world_size < 1:
+        if _not_int(world_size) or world_size < 1:
             raise DataError(f"world_size must be an integer >= 1, got {world_size!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise DataError(f"rank must be in [0, {world_size - 1}], got {rank!r}")
+        if _not_int(rank) or not 0 <= rank < world_size:
+            raise DataError(f"rank must be an integer in [0, {world_size - 1}], got {rank!r}")
+        for what, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
+            if not isinstance(flag, bool):
+                raise DataError(f"{what} must be True or False, got {flag!r}")
+        if _not_int(seed):
+            raise DataError(f"seed must be an integer, got {seed!r}")
         if len(data) == 0:
             raise DataError("TensorLoader got an empty ImageSet (0 images)")
         check_augment(augment, crop_padding, pad_mode, as_hw(data.images.shape[2:]))
@@ -101,7 +112,7 @@ class TensorLoader:
         self.seed = int(seed)
         self.rank = rank
         self.world_size = world_size
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = resolve_device(device) if device is not None else torch.device("cpu")
         self.epoch = 0
         # The one device copy (uint8, 4x smaller than float); batches are gathered from it.
         self.images = data.images.to(self.device).contiguous()
@@ -117,7 +128,7 @@ class TensorLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose permutation and augmentation draws the next iteration uses."""
-        if not isinstance(epoch, int) or epoch < 0:
+        if _not_int(epoch) or epoch < 0:
             raise DataError(f"epoch must be an integer >= 0, got {epoch!r}")
         self.epoch = epoch
 

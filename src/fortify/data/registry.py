@@ -10,6 +10,7 @@ from typing import Any
 from fortify.data.base import DataSplits, ImageSet, check_labels, split_validation
 from fortify.errors import ConfigError, DataError
 from fortify.registry import Registry
+from fortify.utils.runtime import check_seed
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,14 @@ def load_dataset(
     :class:`~fortify.errors.DataError`.
     """
     reader = READERS.get(name)
-    if val_size < 0:
-        raise DataError(f"val_size must be >= 0, got {val_size}")
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
+        raise DataError(f"val_size must be an integer >= 0, got {val_size!r}")
     for what, n in (("train_subset", train_subset), ("test_subset", test_subset)):
-        if n is not None and n < 1:
-            raise DataError(f"{what} must be None (all) or >= 1, got {n}")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise DataError(f"{what} must be None (all) or an integer >= 1, got {n!r}")
+    check_seed(split_seed, "split_seed")
+    if not isinstance(download, bool):
+        raise DataError(f"download must be True or False, got {download!r}")
     allowed = reader_options(name)
     unknown = sorted(set(options) - set(allowed))
     if unknown:

@@ -25,7 +25,7 @@ from torch import nn
 
 from fortify.errors import ConfigError, FortifyError
 from fortify.utils.probe import dry_forward_observed
-from fortify.utils.shapes import as_chw
+from fortify.utils.shapes import as_chw, check_chw
 
 DEFENSES_ATTR = "fortify_defenses"
 
@@ -216,14 +216,8 @@ def attach(
             f"{type(defence).__name__}"
         )
     names = position_names(at)
-    if input_shape is not None and not (
-        isinstance(input_shape, (tuple, list))
-        and len(input_shape) == 3
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in input_shape)
-    ):
-        raise FortifyError(
-            f"input_shape must be (C, H, W) with three integers >= 1, got {input_shape!r}"
-        )
+    if input_shape is not None:
+        input_shape = check_chw(input_shape)
     if len(set(names)) != len(names):
         raise FortifyError(f"the same position is listed twice in at={names}")
     if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):

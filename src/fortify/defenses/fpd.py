@@ -52,7 +52,7 @@ from fortify.defenses.fpd_parts import (
 )
 from fortify.defenses.registry import DefenceSpec, register_defence
 from fortify.errors import ConfigError, DataError, FortifyError
-from fortify.utils.shapes import as_chw
+from fortify.utils.shapes import as_chw, check_chw
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,26 @@ class FPD(nn.Module):
         **settings: Any,
     ):
         super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise ConfigError(
+                f"FPD needs the backbone as an nn.Module, got {type(backbone).__name__}"
+            )
+        if (
+            isinstance(stages, str)
+            or not isinstance(stages, Sequence)
+            or not all(isinstance(n, str) for n in stages)
+        ):
+            raise ConfigError(
+                f"FPD stages must be a list of module names (shallow to deep), got {stages!r}"
+            )
+        check_chw(image_shape, "FPD image_shape")
         if options is None:
             opts = FPDOptions.from_dict(settings)
+        elif not isinstance(options, FPDOptions):
+            raise ConfigError(
+                f"options must be an FPDOptions, got {type(options).__name__}; pass "
+                "FPDOptions(...) or the options as keyword arguments"
+            )
         else:
             opts = dataclasses.replace(options, **settings)
             opts.validate()
@@ -132,8 +150,6 @@ class FPD(nn.Module):
         bn_stats, decoder, lateral_norm = opts.bn_stats, opts.decoder, opts.lateral_norm
         self.denoise_scale: DenoiseScale = opts.denoise_scale
         self.pyramid: str = opts.pyramid
-        if len(image_shape) != 3:
-            raise ConfigError(f"FPD needs image_shape=(C, H, W), got {image_shape}")
         stages = list(stages)
         if not stages:
             raise ConfigError(

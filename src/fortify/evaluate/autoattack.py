@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fortify.errors import ConfigError, EvaluationError
+from fortify.attacks.inputs import check_images, check_labels
+from fortify.attacks.options import check_flag, check_norm, check_number
+from fortify.errors import ConfigError, DataError, EvaluationError, check_positive_int
+from fortify.utils.runtime import check_seed
 
 if TYPE_CHECKING:  # for annotations only
     from fortify.evaluate.context import SuiteContext
@@ -55,6 +59,27 @@ def _pyautoattack() -> Any:
     return pyautoattack
 
 
+def _check_threat(net: object, norm: object, eps: object, seed: object) -> None:
+    """Raise :class:`ConfigError` for a ``net`` that cannot be called, a norm other than
+    ``linf`` / ``l2``, an ε outside (0, 1] (L∞) or (0, ∞) (L2; pixel units) or a bad seed."""
+    if not callable(net):
+        raise ConfigError(
+            f"net must be an nn.Module mapping images to logits, got {type(net).__name__}"
+        )
+    check_norm(norm)
+    top = 1.0 if norm == "linf" else math.inf
+    check_number(eps, f"eps ({norm}, pixel units)", 0.0, top, open_low=True)
+    check_seed(seed)
+
+
+def _checked_batch(x: object, y: object) -> int:
+    """Check a batch (:func:`~fortify.attacks.inputs.check_images`, labels int (N,) >= 0) as
+    the attacks do; return the largest label."""
+    check_images(x)
+    assert isinstance(x, torch.Tensor)
+    return check_labels(y, x.shape[0], "y")[1]
+
+
 def _rng_devices(device: torch.device | str) -> list[torch.device]:
     dev = torch.device(device)
     return [dev] if dev.type == "cuda" else []
@@ -66,6 +91,7 @@ def check_classes(num_classes: int, *, instead: str) -> None:
     Args:
         instead: what the user can do instead (ends the message), e.g. "use suite 'paper'".
     """
+    check_positive_int(num_classes, "num_classes (K, the model's number of logits)")
     if num_classes < MIN_CLASSES:
         raise ConfigError(
             f"AutoAttack's standard version needs at least {MIN_CLASSES} classes (targeted "
@@ -96,6 +122,7 @@ class StandardAutoAttack:
         instead: str = "use suite 'paper' or 'quick'",
     ) -> None:
         check_classes(num_classes, instead=instead)
+        _check_threat(net, norm, eps, seed)
         pyautoattack = _pyautoattack()
         self.num_classes = num_classes
         self.device = device
@@ -127,7 +154,13 @@ class StandardAutoAttack:
         return f"APGD-T/FAB-T with {self.targets} target classes (model has {self.num_classes})"
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Adversarial examples of the batch ``x`` (N, C, H, W) with labels ``y`` (N,)."""
+        """Adversarial examples of the batch ``x`` (N, C, H, W) in [0, 1] with labels ``y``
+        (N,) in [0, K)."""
+        top = _checked_batch(x, y)
+        if top >= self.num_classes:
+            raise DataError(
+                f"labels must be class indices in [0, K) = [0, {self.num_classes}), got {top}"
+            )
         with torch.random.fork_rng(devices=_rng_devices(x.device)):
             out = self.adversary.run_standard_evaluation(x, y, batch_size=len(x))
         return (out[0] if isinstance(out, tuple) else out).detach()
@@ -155,6 +188,9 @@ class Square:
         device: torch.device | str,
         rescale_schedule: bool,
     ) -> None:
+        _check_threat(net, norm, eps, seed)
+        check_positive_int(queries, "queries (Square's query budget)")
+        check_flag(rescale_schedule, "rescale_schedule")
         pyautoattack = _pyautoattack()
         self.attack = pyautoattack.square.SquareAttack(
             net,
@@ -170,7 +206,9 @@ class Square:
         )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Adversarial examples of the batch ``x`` (N, C, H, W) with labels ``y`` (N,)."""
+        """Adversarial examples of the batch ``x`` (N, C, H, W) in [0, 1] with labels ``y``
+        (N,)."""
+        _checked_batch(x, y)
         with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(x.device)):
             return self.attack.perturb(x, y).detach()
 

@@ -130,9 +130,25 @@ def _fmt_p(p: float) -> str:
 
 
 def check_comparable(a: EvalReport, b: EvalReport, labels: tuple[str, str] = ("A", "B")) -> None:
-    """Raise :class:`ComparisonError` unless ``a`` and ``b`` were evaluated on the same points
-    with the same ε, norm, suite and mode."""
+    """Raise :class:`ComparisonError` unless ``a`` and ``b`` are :class:`EvalReport` s evaluated
+    on the same points with the same ε, norm, suite and mode, and ``labels`` two different
+    names."""
+    if not (
+        isinstance(labels, (tuple, list))
+        and len(labels) == 2
+        and all(isinstance(v, str) and v for v in labels)
+        and labels[0] != labels[1]
+    ):
+        raise ComparisonError(
+            f"labels must be two different non-empty names (A, B), got {labels!r}"
+        )
     la, lb = labels
+    for label, rep in ((la, a), (lb, b)):
+        if not isinstance(rep, EvalReport):
+            raise ComparisonError(
+                f"{label} must be an EvalReport (from evaluate() or EvalReport.load), got "
+                f"{type(rep).__name__}"
+            )
     sa, sb = a.settings, b.settings
     ea, eb = sa.get("eps"), sb.get("eps")
     if not (

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from fortify.attacks.inputs import first_forward
-from fortify.errors import ConfigError
+from fortify.attacks.options import plain_scalar
+from fortify.errors import ConfigError, check_point_count
 from fortify.evaluate import checks as honesty
 from fortify.evaluate import validation
 from fortify.evaluate.context import SuiteContext
@@ -150,9 +151,11 @@ def evaluate(
         :class:`EvalReport` (table, per-sample outcomes, checks, settings).
     """
     validation.check_images_labels(x, y)
+    x = x.detach()  # the points are only read: never a graph back to the caller's tensor
     validation.check_model(model, x)
     if mode not in EVAL_MODES:
         raise ConfigError(f"unknown evaluation mode {mode!r}; allowed: {', '.join(EVAL_MODES)}")
+    eps = plain_scalar(eps)  # type: ignore[assignment]  # np.float32(8/255) is a number too
     validation.check_eps(eps, norm, tuple(x.shape[1:]))
     validation.check_run_options(
         batch_size=batch_size,
@@ -186,11 +189,11 @@ def evaluate(
             with torch.no_grad():
                 out = model(xb) if i else first_forward(model, xb)
             if i == 0:
-                logits = validation.check_logits(out, len(xb))
+                logits = validation.check_logits(out, len(xb), device=xb.device)
                 num_classes = logits.shape[1]
                 validation.check_deterministic(model, xb, logits)
             else:
-                validation.check_logits(out, len(xb))
+                validation.check_logits(out, len(xb), device=xb.device)
             correct[i : i + len(xb)] = out.argmax(1).cpu() == y[i : i + len(xb)].cpu()
         validation.check_labels_range(y, num_classes)
 
@@ -294,7 +297,6 @@ def evaluate_split(
         raise ConfigError(
             f"imageset must be a fortify.data.ImageSet, got {type(imageset).__name__}"
         )
-    if n_points is not None and n_points < 1:
-        raise ConfigError(f"n_points must be >= 1, got {n_points}")
+    check_point_count(n_points, "n_points")
     x, y = imageset.head(n_points).floats()
     return evaluate(model, x, y, eps=eps, **kwargs)

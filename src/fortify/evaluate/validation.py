@@ -16,12 +16,18 @@ log = logging.getLogger(__name__)
 
 
 def check_model(model: object, x: torch.Tensor) -> None:
-    """Raise :class:`ConfigError` unless ``model`` is an ``nn.Module``, and :class:`DataError`
-    when the dtype of ``x`` differs from its parameters' (as the attacks do)."""
+    """Raise :class:`ConfigError` unless ``model`` is an ``nn.Module`` with real tensors (not on
+    the ``meta`` device), and :class:`DataError` when the dtype of ``x`` differs from its
+    parameters' (as the attacks do)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model must be an nn.Module mapping images (N, C, H, W) to logits, got "
             f"{type(model).__name__}"
+        )
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ConfigError(
+            "the model has tensors on the 'meta' device (no data); load its weights, e.g. "
+            "model.to_empty(device='cpu') then load_state_dict(...), before evaluating it"
         )
     check_dtype(model, x)
 
@@ -82,8 +88,11 @@ def check_images_labels(x: torch.Tensor, y: torch.Tensor) -> None:
             f"x must be a float tensor in [0, 1], got dtype {x.dtype}; convert uint8 images with "
             "x.float() / 255"
         )
-    if len(x) == 0:
-        raise DataError("x is empty: need at least one image")
+    if x.numel() == 0:
+        raise DataError(
+            f"x is empty (shape {tuple(x.shape)}): need at least one image with C, H, W >= 1"
+        )
+    x = x.detach()  # only read here; a tensor that requires grad is fine
     if not bool(torch.isfinite(x).all()):
         n = int((~torch.isfinite(x)).flatten(1).any(1).sum())
         raise DataError(
@@ -98,7 +107,7 @@ def check_images_labels(x: torch.Tensor, y: torch.Tensor) -> None:
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or len(y) != len(x):
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise DataError(f"y must be a 1-D tensor of {len(x)} integer labels, got {shape}")
-    if torch.is_floating_point(y) or y.dtype == torch.bool:
+    if torch.is_floating_point(y) or y.is_complex() or y.dtype == torch.bool:
         raise DataError(f"y must hold integer class labels (int64), got dtype {y.dtype}")
 
 
@@ -129,8 +138,11 @@ def check_eps(eps: float, norm: str, image_shape: tuple[int, ...]) -> None:
         )
 
 
-def check_logits(out: object, n: int, what: str = "the model") -> torch.Tensor:
-    """Raise :class:`EvaluationError` unless ``out`` is finite logits (n, K), not probabilities."""
+def check_logits(
+    out: object, n: int, what: str = "the model", device: torch.device | None = None
+) -> torch.Tensor:
+    """Raise :class:`EvaluationError` unless ``out`` is finite float logits (n, K), K >= 2, not
+    probabilities (and on ``device`` when given)."""
     if isinstance(out, (tuple, list, dict)):
         raise EvaluationError(
             f"{what} returned a {type(out).__name__}; fortify evaluates models whose forward(x) "
@@ -140,6 +152,16 @@ def check_logits(out: object, n: int, what: str = "the model") -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise EvaluationError(
             f"{what} returned {type(out).__name__}; expected a logits tensor (N, K)"
+        )
+    if device is not None and out.device != device:
+        raise EvaluationError(
+            f"{what} returned logits on device {out.device} for images on {device}; move the "
+            "model and the images to the same device"
+        )
+    if not out.is_floating_point():
+        raise EvaluationError(
+            f"{what} returned logits of dtype {out.dtype}; attacks need float logits (N, K) to "
+            "take gradients (do not round or argmax inside forward)"
         )
     if out.dim() != 2 or out.shape[0] != n:
         raise EvaluationError(f"{what} returned shape {tuple(out.shape)}; expected logits ({n}, K)")

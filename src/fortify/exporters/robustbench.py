@@ -49,7 +49,9 @@ def _existing_export(args: argparse.Namespace) -> list[Path]:
     from fortify.runs.checkpoint import read_sidecar, resolve_checkpoint
 
     meta = read_sidecar(resolve_checkpoint(args.run, args.tag))
-    dataset = ((meta.get("config") or {}).get("data") or {}).get("name")
+    config = meta.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    dataset = data.get("name") if isinstance(data, dict) else None
     if not isinstance(dataset, str):
         return []  # the export itself reports the incomplete checkpoint
     return [p for p in paths(args.out, dataset, args.threat, args.name) if p.exists()]

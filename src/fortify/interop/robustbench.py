@@ -166,11 +166,9 @@ def load_robustbench_export(
         CheckpointError: missing files, metadata without the ``fortify`` block, a weights file
             whose SHA-256 differs from the metadata's, or weights that do not fit.
     """
-    from fortify.config import ExperimentConfig, from_dict
-    from fortify.factory import build_model
     from fortify.importers._release import read_release_state_dict
     from fortify.runs import apply_state
-    from fortify.runs.checkpoint import file_sha256
+    from fortify.runs.checkpoint import file_sha256, rebuild_model
 
     weights, info_path = paths(root, dataset, threat, name)
     for p in (weights, info_path):
@@ -189,14 +187,7 @@ def load_robustbench_export(
         )
     if block.get("weights_sha256") and file_sha256(weights) != block["weights_sha256"]:
         raise CheckpointError(f"{weights} does not match the SHA-256 recorded in {info_path}")
-    cfg = from_dict(ExperimentConfig, block["config"])
-    model = build_model(
-        cfg.model,
-        cfg.defenses,
-        int(block["num_classes"]),
-        tuple(block["image_shape"]),
-        load_weights=False,
-    )
+    model = rebuild_model(block, str(info_path))
     state = read_release_state_dict(weights, "expected the state dict written by fortify")
     apply_state(model, state, strict=True, source=f"RobustBench-style weights {weights.name}")
     return model.eval(), record

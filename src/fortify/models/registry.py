@@ -96,6 +96,10 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def create(
     name: str,
     num_classes: int = 10,
@@ -127,16 +131,26 @@ def create(
     for what, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"model {name!r}: {what} must be an integer >= 1, got {value!r}")
+    if not isinstance(load_weights, bool):
+        raise ConfigError(f"load_weights must be True or False, got {load_weights!r}")
     if (mean is None) != (std is None):
         raise ConfigError("give both mean and std for in-model normalisation, or neither")
     if mean is not None and std is not None:
+        for what, values in (("mean", mean), ("std", std)):
+            if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+                raise ConfigError(
+                    f"{what} must be a list of {in_channels} number(s), one per input channel "
+                    f"(pixel units in [0, 1]), got {values!r}"
+                )
         if len(mean) != in_channels or len(std) != in_channels:
             raise ConfigError(
                 f"mean/std need {in_channels} values each (one per input channel), got "
                 f"mean={list(mean)} std={list(std)}"
             )
-        if not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in std):
+        if not all(_number(s) and math.isfinite(s) and s > 0 for s in std):
             raise ConfigError(f"std values must be finite and > 0, got {list(std)}")
+        if not all(_number(m) and math.isfinite(m) for m in mean):
+            raise ConfigError(f"mean values must be finite numbers, got {list(mean)}")
     if is_source(name):
         return build_source(name, num_classes, in_channels, mean, std, dict(kwargs), load_weights)
     entry = spec(name)

@@ -34,7 +34,7 @@ from fortify.replicate import fsr_table1 as t1
 from fortify.replicate._feature_table_page import write_page
 from fortify.replicate._feature_table_results import RULES, committed, compare, evaluate_row
 from fortify.replicate._feature_table_rows import Row, _expand, row_config
-from fortify.replicate.common import check_outputs, parse_seeds, train_or_reuse
+from fortify.replicate.common import check_outputs, parse_rows, parse_seeds, train_or_reuse
 from fortify.stats import BootstrapOptions
 
 log = logging.getLogger(__name__)
@@ -117,10 +117,7 @@ def add_common_arguments(
 def _check_args(args: argparse.Namespace, rows: dict[str, Row], baseline: str) -> list[str]:
     from fortify.errors import ConfigError
 
-    chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
-    bad = [r for r in chosen if r not in rows]
-    if bad or not chosen:
-        raise ConfigError(f"unknown or no row(s) {bad}; choose from {list(rows)}")
+    chosen = parse_rows(args.rows, list(rows))
     for name in ("epochs", "train_subset", "width", "test_points", "batch_size", "attack_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

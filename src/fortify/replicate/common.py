@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from fortify.errors import ComparisonError, ConfigError, DataError, RunDirError
+from fortify.errors import ComparisonError, ConfigError, DataError, RunDirError, unknown_name
 from fortify.utils.atomic import atomic_write_text
 
 if TYPE_CHECKING:  # torch and the evaluator are imported where used: `fortify --help` stays fast
@@ -47,21 +47,47 @@ CACHE_FORMAT = "fortify-replicate-eval/1"
 # --------------------------------------------------------------------------- seeds
 
 
+def _comma_items(text: str, flag: str, what: str, example: str) -> list[str]:
+    """The stripped items of the comma-separated ``text``; ConfigError for none or an empty
+    one (``0,,1``, ``0,``: a typo, never silently skipped)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise ConfigError(
+            f"{flag} names no {what} (got {text!r}); give a comma list such as {example}"
+        )
+    if not all(parts):
+        raise ConfigError(
+            f"{flag} {text!r} has an empty item; give a comma list without empty items such as "
+            f"{example}"
+        )
+    return parts
+
+
 def parse_seeds(text: str) -> list[int]:
     """``"0,1,2"`` → ``[0, 1, 2]``; raises :class:`ConfigError` for anything but distinct
-    integers >= 0."""
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    integers in [0, 2**63 - 1]."""
+    allowed = "distinct comma-separated integers in [0, 2**63 - 1] such as 0,1,2"
+    items = _comma_items(text, "--seeds", "seed", "0,1,2")
     try:
-        seeds = [int(p) for p in parts]
+        seeds = [int(p) for p in items]
     except ValueError:
-        raise ConfigError(
-            f"--seeds must be comma-separated integers >= 0 such as 0,1,2; got {text!r}"
-        ) from None
-    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ConfigError(
-            f"--seeds must be distinct comma-separated integers >= 0 such as 0,1,2; got {text!r}"
-        )
+        raise ConfigError(f"--seeds must be {allowed}; got {text!r}") from None
+    if any(not 0 <= s <= 2**63 - 1 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds must be {allowed}; got {text!r}")
     return seeds
+
+
+def parse_rows(text: str, rows: Sequence[str]) -> list[str]:
+    """``--rows "a,b"`` → ``["a", "b"]``: distinct names out of ``rows`` (ConfigError naming an
+    unknown row with close matches, a repeated one, or an empty item)."""
+    chosen = _comma_items(text, "--rows", "row", ",".join(rows))
+    for name in chosen:
+        if name not in rows:
+            raise ConfigError(f"--rows: {unknown_name('row', name, rows)}")
+    repeated = sorted({r for r in chosen if chosen.count(r) > 1})
+    if repeated:
+        raise ConfigError(f"--rows names {repeated} more than once; give each row once")
+    return chosen
 
 
 class _SeedsAction(argparse.Action):

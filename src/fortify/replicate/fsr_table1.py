@@ -47,6 +47,7 @@ from fortify.replicate.common import (
     extend_with_prefix,
     file_sha256,
     job_dir,
+    parse_rows,
     seeds_given,
     train_or_reuse,
 )
@@ -152,12 +153,7 @@ def _check_args(args: argparse.Namespace) -> list[str]:
 
     from fortify.errors import ConfigError
 
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    bad = [r for r in rows if r not in ROWS]
-    if bad:
-        raise ConfigError(f"unknown row(s) {bad}; choose from {list(ROWS)}")
-    if not rows:
-        raise ConfigError(f"--rows names no row (got {args.rows!r}); choose from {list(ROWS)}")
+    rows = parse_rows(args.rows, list(ROWS))
     for name in (
         "epochs", "train_subset", "width", "test_points", "batch_size", "attack_steps", "val_points"
     ):  # fmt: skip

@@ -469,6 +469,34 @@ def resolve_checkpoint(path_or_run_dir: str | os.PathLike[str] | RunDir, tag: st
     return target
 
 
+def rebuild_model(meta: Mapping[str, Any], where: str) -> nn.Module:
+    """The model (without its weights) that a record with ``config`` (an ``ExperimentConfig``
+    as a dict), ``num_classes`` and ``image_shape`` ([C, H, W]) describes: a checkpoint's
+    sidecar or an export's metadata. CheckpointError naming ``where`` for a malformed field."""
+    from fortify.config import ExperimentConfig, from_dict
+    from fortify.factory import build_model
+
+    shape = meta["image_shape"]
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+    ):
+        raise CheckpointError(f"{where}: image_shape must be [C, H, W], got {shape!r}")
+    k = meta["num_classes"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise CheckpointError(f"{where}: num_classes must be an integer >= 1, got {k!r}")
+    if not isinstance(meta["config"], dict):
+        raise CheckpointError(
+            f"{where}: config must be a mapping, got {type(meta['config']).__name__}"
+        )
+    try:
+        cfg = from_dict(ExperimentConfig, meta["config"])
+        return build_model(cfg.model, cfg.defenses, k, tuple(shape), load_weights=False)
+    except FortifyError as exc:
+        raise CheckpointError(f"{where}: cannot rebuild the model from its config: {exc}") from exc
+
+
 def load_model(
     path_or_run_dir: str | os.PathLike[str] | RunDir,
     tag: str = "best",
@@ -483,8 +511,6 @@ def load_model(
     Returns:
         ``(model, meta)`` with the model on ``device`` and in eval mode.
     """
-    from fortify.config import ExperimentConfig, from_dict
-    from fortify.factory import build_model
     from fortify.utils.runtime import resolve_device
 
     dev = resolve_device(device)  # an unusable device fails before anything is read
@@ -498,30 +524,7 @@ def load_model(
             "'image_shape': [C, H, W]}); "
             "load it into a model you build yourself with load_checkpoint instead"
         )
-    shape = meta["image_shape"]
-    if not (
-        isinstance(shape, list)
-        and len(shape) == 3
-        and all(isinstance(s, int) and s > 0 for s in shape)
-    ):
-        raise CheckpointError(f"checkpoint {path}: image_shape must be [C, H, W], got {shape!r}")
-    if not isinstance(meta["num_classes"], int) or meta["num_classes"] < 1:
-        raise CheckpointError(
-            f"checkpoint {path}: num_classes must be an integer >= 1, got {meta['num_classes']!r}"
-        )
-    if not isinstance(meta["config"], dict):
-        raise CheckpointError(
-            f"checkpoint {path}: config must be a mapping, got {type(meta['config']).__name__}"
-        )
-    try:
-        cfg = from_dict(ExperimentConfig, meta["config"])
-        model = build_model(
-            cfg.model, cfg.defenses, meta["num_classes"], tuple(shape), load_weights=False
-        )
-    except FortifyError as exc:
-        raise CheckpointError(
-            f"checkpoint {path}: cannot rebuild the model from its config: {exc}"
-        ) from exc
+    model = rebuild_model(meta, f"checkpoint {path}")
     apply_state(model, state, strict=True, source=f"checkpoint {path.name}")
     model.to(dev).eval()
     return model, meta

@@ -410,7 +410,7 @@ class RunDir:
             return None
         try:
             data = plain(parse_yaml(self.config_path.read_text(encoding="utf-8")))
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as exc:
             raise RunDirError(f"cannot read {self.config_path}: {exc}") from exc
         if data is not None and not isinstance(data, dict):
             raise RunDirError(f"{self.config_path} does not hold a mapping")
