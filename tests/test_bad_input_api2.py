@@ -496,3 +496,41 @@ def test_numpy_and_zero_d_tensor_budgets_are_numbers_not_errors() -> None:
         pgd(net, x, y, eps=np.float32("nan"), steps=3)
     with pytest.raises(ConfigError, match="eps"):
         pgd(net, x, y, eps=torch.tensor(0.25, requires_grad=True), steps=3)
+
+
+# ------------------------------------------------------------ hand-edited report JSON
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda d: d["outcomes"][0].update(correct=5), "packed bits"),
+        (lambda d: d["outcomes"][0].update(ran=[1, 0]), "packed bits"),
+        (lambda d: d["outcomes"][0].update(mode=["final"]), "'mode' must be a string"),
+        (lambda d: d["outcomes"][0].update(name={"a": 1}), "'name' must be a string"),
+        (lambda d: d["outcomes"][0].update(ensemble="yes"), "'ensemble' must be a boolean"),
+    ],
+    ids=["correct-number", "ran-list", "mode-list", "name-object", "ensemble-string"],
+)
+def test_hand_edited_report_fields_are_named(tmp_path, edit, words) -> None:
+    import json
+
+    from fortify.evaluate import EvalReport
+
+    net = _cnn()
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    _, path = evaluate(net, x, y, eps=EPS, suite="quick", checks=False).save(tmp_path)
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+    with pytest.raises(DataError, match=words):
+        EvalReport.load(path)
+
+
+def test_a_report_nested_too_deeply_is_a_data_error(tmp_path) -> None:
+    from fortify.evaluate import EvalReport
+
+    path = tmp_path / "eval.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="nested too deeply"):
+        EvalReport.load(path)

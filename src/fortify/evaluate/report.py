@@ -354,6 +354,8 @@ class EvalReport:
             return cls.from_dict(json.loads(p.read_text()))
         except (json.JSONDecodeError, UnicodeDecodeError, DataError) as exc:
             raise DataError(f"{p} is not a valid fortify eval.json: {exc}") from exc
+        except RecursionError as exc:
+            raise DataError(f"{p} is not a valid fortify eval.json: nested too deeply") from exc
 
     def save(self, directory: str | Path, stem: str = "eval") -> tuple[Path, Path]:
         """Atomically write ``<stem>.md`` and ``<stem>.json`` into ``directory``."""
@@ -391,7 +393,19 @@ def _outcome_from_dict(o: Any, fmt: str, settings: dict[str, Any]) -> Outcome:
     """One outcome of a stored report (KeyError for a missing key, named by the caller)."""
     if not isinstance(o, dict):
         raise DataError(f"each of the report's outcomes must be an object, got {_json_type(o)}")
+    kinds = {"name": str, "mode": str, "ensemble": bool, "note": str, "computed": bool}
+    for key, kind in kinds.items():
+        if key in o and not isinstance(o[key], kind):
+            raise DataError(
+                f"outcome field {key!r} must be {_json_type(kind())}, got {_json_type(o[key])}"
+            )
     if fmt == FORMAT:
+        for key in ("correct", "ran"):
+            if o.get(key) is not None and not isinstance(o[key], str):
+                raise DataError(
+                    f"outcome {o.get('name')!r}: {key!r} must be a string of packed bits, got "
+                    f"{_json_type(o[key])}"
+                )
         n = int(o["points"])
         correct = unpack_bits(o["correct"], n)
         ran = None if o.get("ran") is None else unpack_bits(o["ran"], n)
