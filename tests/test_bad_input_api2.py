@@ -534,3 +534,10 @@ def test_a_report_nested_too_deeply_is_a_data_error(tmp_path) -> None:
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DataError, match="nested too deeply"):
         EvalReport.load(path)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "no"])
+def test_evaluate_progress_is_a_flag(value) -> None:
+    x, y = torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    with pytest.raises(ConfigError, match="progress must be True, False or None"):
+        evaluate(_cnn(), x, y, eps=EPS, suite="quick", checks=False, progress=value)

@@ -245,6 +245,9 @@ def _no_work(monkeypatch: pytest.MonkeyPatch) -> None:
         ("fsr-ablations", ["--seeds", "0,,1"], "--seeds '0,,1' has an empty item"),
         ("bf16-parity", ["--seeds", "2,,3"], "--seeds '2,,3' has an empty item"),
         ("rift-table1", ["--seeds", "0,,1"], "--seeds '0,,1' has an empty item"),
+        ("rift-table1", ["--bn", "adapt,,frozen"], "--bn 'adapt,,frozen' has an empty item"),
+        ("rift-table1", ["--bn", "adapt,adapt"], "--bn names ['adapt'] more than once"),
+        ("rift-table1", ["--bn", "frozn"], "unknown BN setting 'frozn'. Did you mean: frozen"),
     ],
 )
 def test_replicate_seed_and_row_lists_are_exact(

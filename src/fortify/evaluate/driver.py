@@ -164,6 +164,8 @@ def evaluate(
         check_points=check_points,
         square_queries=square_queries,
     )
+    if progress is not None and not isinstance(progress, bool):
+        raise ConfigError(f"progress must be True, False or None (auto), got {progress!r}")
     extra_settings = validation.check_extra_settings(settings, RESERVED_SETTINGS)
     spec = get_suite(suite)
     options = spec.check_options(suite_options)

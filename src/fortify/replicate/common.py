@@ -77,16 +77,19 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def parse_rows(text: str, rows: Sequence[str]) -> list[str]:
+def parse_rows(
+    text: str, rows: Sequence[str], flag: str = "--rows", what: str = "row"
+) -> list[str]:
     """``--rows "a,b"`` → ``["a", "b"]``: distinct names out of ``rows`` (ConfigError naming an
-    unknown row with close matches, a repeated one, or an empty item)."""
-    chosen = _comma_items(text, "--rows", "row", ",".join(rows))
+    unknown one with close matches, a repeated one, or an empty item); ``flag`` / ``what`` name
+    another comma-list option of names the same way (e.g. ``--bn``, "BN setting")."""
+    chosen = _comma_items(text, flag, what, ",".join(rows))
     for name in chosen:
         if name not in rows:
-            raise ConfigError(f"--rows: {unknown_name('row', name, rows)}")
+            raise ConfigError(f"{flag}: {unknown_name(what, name, rows)}")
     repeated = sorted({r for r in chosen if chosen.count(r) > 1})
     if repeated:
-        raise ConfigError(f"--rows names {repeated} more than once; give each row once")
+        raise ConfigError(f"{flag} names {repeated} more than once; give each {what} once")
     return chosen
 
 

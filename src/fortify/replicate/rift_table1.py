@@ -39,6 +39,7 @@ from fortify.replicate.common import (
     add_seed_arguments,
     check_outputs,
     extend_with_prefix,
+    parse_rows,
     per_seed_args,
     train_or_reuse,
 )
@@ -134,11 +135,7 @@ class BNResult:
 def _bns(args: argparse.Namespace) -> list[str]:
     from fortify.errors import ConfigError
 
-    bns = [b.strip() for b in str(args.bn).split(",") if b.strip()]
-    if not bns or any(b not in BN_SETTINGS for b in bns) or len(set(bns)) != len(bns):
-        raise ConfigError(
-            f"--bn must name distinct settings from {', '.join(BN_SETTINGS)}, got {args.bn!r}"
-        )
+    bns = parse_rows(str(args.bn), BN_SETTINGS, "--bn", "BN setting")
     if any(o.split("=")[0].strip() == "finetune.bn" for o in args.overrides):
         raise ConfigError("choose the BN setting with --bn, not --set finetune.bn=...")
     return bns
