@@ -50,9 +50,7 @@ def _evaluate(run: Path, points: int) -> dict[str, Any]:
     from fortify.data import load_from_config
     from fortify.evaluate.outcome import pack_bits
     from fortify.runs import load_model
-    from fortify.runs.checkpoint import file_sha256, resolve_checkpoint
 
-    weights = resolve_checkpoint(run, tag="last")
     model, meta = load_model(run, tag="last")
     x, y = load_from_config(meta["config"]["data"]).val.head(points).floats()
     with torch.no_grad():
@@ -65,7 +63,6 @@ def _evaluate(run: Path, points: int) -> dict[str, Any]:
         with torch.no_grad():
             robust.append(model(xa).argmax(1) == yb)
     return {
-        "checkpoint_sha256": file_sha256(weights),
         "data": meta["config"]["data"],
         "n": len(y),
         "clean": pack_bits(clean),
@@ -80,6 +77,8 @@ def _outcomes(entry: dict[str, Any], column: str) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fortify.runs import RunDir
+    from fortify.runs.checkpoint import file_sha256, resolve_checkpoint
     from fortify.stats import mean_sd, seed_point_bootstrap, verdict
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -104,15 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             if cached is None:
                 raise SystemExit(f"{run} does not exist and {a.json} has no result for {key}")
             continue
-        from fortify.runs import RunDir
-        from fortify.runs.checkpoint import file_sha256, resolve_checkpoint
-
-        if RunDir(run).state != "finished":
-            raise SystemExit(f"{run} has not finished training (state {RunDir(run).state!r})")
+        state = RunDir(run).state
+        if state != "finished":
+            raise SystemExit(f"{run} has not finished training (state {state!r})")
         sha = file_sha256(resolve_checkpoint(run, tag="last"))
         if cached is None or cached["checkpoint_sha256"] != sha:
             print(f"evaluating {key} ({run})", file=sys.stderr)
-            record["runs"][key] = {"run": str(run), **_evaluate(run, a.points)}
+            entry = {"run": str(run), "checkpoint_sha256": sha, **_evaluate(run, a.points)}
+            record["runs"][key] = entry
     datas = {json.dumps(e["data"], sort_keys=True) for e in record["runs"].values()}
     if len(datas) > 1:
         raise SystemExit("the runs use different data settings, so different validation points")

@@ -32,6 +32,38 @@ def check_labels(t: object, n: int, what: str) -> tuple[torch.Tensor, int]:
     return t.long(), hi
 
 
+def check_logit_values(
+    out: torch.Tensor,
+    device: torch.device | None,
+    what: str = "the model",
+    use: str = "an attack",
+) -> None:
+    """For logits ``out`` (N, K) of images on ``device``: raise :class:`EvaluationError` unless
+    they are on ``device`` (when given), have K >= 2 classes, are float and are finite — what
+    the attacks and the evaluation both need; ``use`` names what non-finite logits would spoil."""
+    if device is not None and out.device != device:
+        raise EvaluationError(
+            f"{what} returned logits on device {out.device} for images on {device}; move the "
+            "model and the images to the same device"
+        )
+    if out.shape[1] < 2:
+        raise EvaluationError(
+            f"{what} returned {out.shape[1]} logit(s) per image; attacks need logits (N, K) "
+            "with K >= 2 classes"
+        )
+    if not out.is_floating_point():
+        raise EvaluationError(
+            f"{what} returned logits of dtype {out.dtype}; attacks need float logits (N, K) to "
+            "take gradients (do not round or argmax inside forward)"
+        )
+    bad = int((~torch.isfinite(out.detach())).any(1).sum())
+    if bad:
+        raise EvaluationError(
+            f"{what} returned NaN or Inf logits for {bad} of {len(out)} images; {use} on "
+            "non-finite outputs is meaningless"
+        )
+
+
 _CONVERT = {
     torch.float32: "x.float()",
     torch.float64: "x.double()",

@@ -32,7 +32,7 @@ from typing import Any, Generic
 import torch
 from torch import nn
 
-from fortify.attacks.inputs import Opts, first_forward, prepared
+from fortify.attacks.inputs import Opts, check_logit_values, first_forward, prepared
 from fortify.attacks.losses import attack_loss
 from fortify.attacks.options import FGSMOptions, PGDOptions, check_flag
 from fortify.errors import ConfigError, DataError, EvaluationError
@@ -82,27 +82,7 @@ def _logits(
             "wrap the model so that forward(x) returns logits only"
         )
     if first:
-        if out.device != x.device:
-            raise EvaluationError(
-                f"the model returned logits on device {out.device} for images on {x.device}; "
-                "move the model and the images to the same device"
-            )
-        if out.shape[1] < 2:
-            raise EvaluationError(
-                f"the model returned {out.shape[1]} logit(s) per image; attacks need logits "
-                "(N, K) with K >= 2 classes"
-            )
-        if not out.is_floating_point():
-            raise EvaluationError(
-                f"the model returned logits of dtype {out.dtype}; attacks need float logits "
-                "(N, K) to take gradients (do not round or argmax inside forward)"
-            )
-        bad = int((~torch.isfinite(out.detach())).any(1).sum())
-        if bad:
-            raise EvaluationError(
-                f"the model returned NaN or Inf logits for {bad} of {len(out)} images; an "
-                "attack on non-finite outputs is meaningless"
-            )
+        check_logit_values(out, x.device)
     if max_label >= out.shape[1]:
         raise DataError(
             f"labels must be class indices in [0, K) = [0, {out.shape[1]}) for this model's "

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from fortify.attacks.inputs import check_dtype
+from fortify.attacks.inputs import check_dtype, check_logit_values
 from fortify.errors import ConfigError, DataError, EvaluationError, check_positive_int
 from fortify.utils.runtime import check_seed
 
@@ -153,28 +153,9 @@ def check_logits(
         raise EvaluationError(
             f"{what} returned {type(out).__name__}; expected a logits tensor (N, K)"
         )
-    if device is not None and out.device != device:
-        raise EvaluationError(
-            f"{what} returned logits on device {out.device} for images on {device}; move the "
-            "model and the images to the same device"
-        )
-    if not out.is_floating_point():
-        raise EvaluationError(
-            f"{what} returned logits of dtype {out.dtype}; attacks need float logits (N, K) to "
-            "take gradients (do not round or argmax inside forward)"
-        )
     if out.dim() != 2 or out.shape[0] != n:
         raise EvaluationError(f"{what} returned shape {tuple(out.shape)}; expected logits ({n}, K)")
-    if out.shape[1] < 2:
-        raise EvaluationError(
-            f"{what} returned {out.shape[1]} logit per image; need K >= 2 classes"
-        )
-    if not bool(torch.isfinite(out).all()):
-        raise EvaluationError(
-            f"{what} returned NaN or Inf logits for {int((~torch.isfinite(out)).any(1).sum())} "
-            f"of {n} "
-            "images; an evaluation on non-finite outputs is meaningless"
-        )
+    check_logit_values(out, device, what, "an evaluation")
     o = out.detach().float()
     if bool((o >= 0).all()) and bool(((o.sum(1) - 1).abs() < 1e-4).all()):
         raise EvaluationError(
